@@ -1,0 +1,64 @@
+"""ForwardContext: what one forward pass needs to know besides the token ids.
+
+The runner builds it from a StepPlan; layers read it. A batch is a flat list of T new tokens
+belonging to N sequences laid out one after another (varlen, no padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttentionCache:
+    """Paged KV cache of one full-attention layer: [num_blocks, block_size, n_kv_heads, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return int(self.k.shape[1])
+
+
+@dataclass
+class LinearStateCache:
+    """State slots of one Gated DeltaNet layer.
+
+    conv: [num_slots, conv_dim, kernel-1]  (model dtype: it holds raw projected inputs)
+    ssm:  [num_slots, n_v_heads, k_dim, v_dim]  float32 (recurrent state)
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # [T] int64, absolute position of every new token
+    query_lens: list[int]  # [N] new tokens per sequence (sum == T)
+    context_lens: list[int]  # [N] tokens in the sequence's cache after this step (>= query_lens)
+    # KV addressing (full-attention layers); flat slot = block_id * block_size + offset
+    slot_mapping: torch.Tensor | None = None  # [T] int64 where each new token's K/V is written
+    kv_indices: list[torch.Tensor] = field(default_factory=list)  # [N] each [context_len] int64 flat slots
+    block_tables: torch.Tensor | None = None  # [N, max_blocks] int32 (-1 padded), for GPU kernels
+    state_slots: list[int] = field(default_factory=list)  # [N] linear-attention state slot per sequence
+    kv_caches: dict[int, AttentionCache] = field(default_factory=dict)  # layer index -> cache
+    state_caches: dict[int, LinearStateCache] = field(default_factory=dict)  # layer index -> slots
+    # Rows of the hidden state whose logits are needed (last token of each sequence by default).
+    logits_indices: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def cached_lens(self) -> list[int]:
+        """Tokens already in the cache before this step, per sequence."""
+        return [c - q for c, q in zip(self.context_lens, self.query_lens, strict=True)]
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
