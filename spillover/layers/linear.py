@@ -1,0 +1,52 @@
+"""Linear layer whose weight format is injected.
+
+A `Linear` starts as a plain dense weight [out, in]. The quantization package may replace it with
+a `WeightFormat` object (`linear.set_format(fmt)`), which then owns the packed tensors and the
+matmul; model files never know which format runs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@runtime_checkable
+class WeightFormat(Protocol):
+    """What a packed weight must offer to stand in for a dense [out, in] matrix."""
+
+    name: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        ...
+
+    def dequantize(self) -> torch.Tensor:  # [out, in] in the activation dtype
+        ...
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.fmt: WeightFormat | None = None
+
+    def set_format(self, fmt: WeightFormat) -> None:
+        """Swap the dense weight for a packed one; the dense tensor is released."""
+        self.fmt = fmt
+        self.weight = nn.Parameter(torch.empty(0, device=self.weight.device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt is not None:
+            y = self.fmt.forward(x)
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        fmt = self.fmt.name if self.fmt is not None else "dense"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, fmt={fmt}"
