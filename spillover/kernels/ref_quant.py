@@ -1,0 +1,70 @@
+"""PyTorch references for the weight-only quantized matmuls (ground truth for every fast path).
+
+Shared signature (the Triton launchers in kernels/triton/quant_*.py take exactly the same):
+
+    quant_matmul_ref(x [T, K], qweight [E, N, K/2 | K], scales [E, N, K/G], mins [E, N, K/G] | None,
+                     expert_ids [T] | None, *, bits, group_size) -> y [T, N] in x.dtype
+
+Row t of x is multiplied by expert `expert_ids[t]` (expert 0 for every row when None, i.e. a dense
+layer is E = 1). Weight w[n, k] = (q - offset) * scale[n, k // G] (+ mins[n, k // G]) with
+offset = 8 for symmetric int4 (no mins) and 0 otherwise; accumulation in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spillover.quant.packing import unpack_int4
+
+
+def code_offset(bits: int, has_mins: bool) -> int:
+    return 8 if bits == 4 and not has_mins else 0
+
+
+def dequant_int_ref(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """[..., N, K/2 | K] codes -> float32 [..., N, K]."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    q = q.float() - code_offset(bits, mins is not None)
+    k = q.shape[-1]
+    g = q.reshape(*q.shape[:-1], k // group_size, group_size) * scales.float().unsqueeze(-1)
+    if mins is not None:
+        g = g + mins.float().unsqueeze(-1)
+    return g.reshape(q.shape)
+
+
+def quant_matmul_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    assert x.dim() == 2 and qweight.dim() == 3 and scales.dim() == 3
+    y = torch.empty(x.shape[0], qweight.shape[1], dtype=torch.float32, device=x.device)
+    if expert_ids is None:
+        w = dequant_int_ref(qweight[0], scales[0], mins[0] if mins is not None else None,
+                            bits=bits, group_size=group_size)
+        return (x.float() @ w.T).to(x.dtype)
+    for e in torch.unique(expert_ids).tolist():
+        rows = (expert_ids == e).nonzero().squeeze(1)
+        w = dequant_int_ref(qweight[e], scales[e], mins[e] if mins is not None else None,
+                            bits=bits, group_size=group_size)
+        y[rows] = x[rows].float() @ w.T
+    return y.to(x.dtype)
+
+
+def dequant_fp8_block_ref(weight: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """FP8 e4m3 [..., N, K] with float32 block scales [..., ceil(N/B), ceil(K/B)] -> float32."""
+    n, k = weight.shape[-2:]
+    s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+    return weight.float() * s[..., :n, :k]

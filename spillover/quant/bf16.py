@@ -1,0 +1,48 @@
+"""Unquantized format: the weight kept as a float tensor (bf16 on the GPU, float32 in CPU tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class Bf16Weight:
+    name = "bf16"
+
+    def __init__(self, weight: torch.Tensor, stacked: bool | None = None) -> None:
+        self.weight = weight
+        self.stacked = weight.dim() == 3 if stacked is None else stacked
+        self.act_dtype = weight.dtype
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> Bf16Weight:
+        return cls(weight.to(dtype).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+    def dequantize(self, expert: int | None = None) -> torch.Tensor:
+        return self.weight[expert] if expert is not None else self.weight
+
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.weight.shape[-2], dtype=x.dtype, device=x.device)
+        for e in torch.unique(expert_ids).tolist():
+            rows = (expert_ids == e).nonzero().squeeze(1)
+            y[rows] = F.linear(x[rows].to(self.weight.dtype), self.weight[e]).to(x.dtype)
+        return y
+
+    def expert_forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight[expert]).to(x.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
+    def meta(self) -> dict[str, Any]:
+        return {"format": self.name, "stacked": self.stacked}
+
+    @classmethod
+    def from_tensors(cls, parts: dict[str, torch.Tensor], meta: dict[str, Any],
+                     act_dtype: torch.dtype = torch.bfloat16) -> Bf16Weight:
+        return cls(parts["weight"], stacked=bool(meta.get("stacked", False)))

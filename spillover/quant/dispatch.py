@@ -1,0 +1,84 @@
+"""The one place that picks the kernel for a weight-only quantized matmul, and logs why.
+
+Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_gemm` (CUDA, more rows),
+`cpu_int4pack` / `cpu_int8pack` (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize +
+float matmul: CPU prefill, or no Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family
+(triton on the CPU only works under TRITON_INTERPRET=1; for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from functools import cache
+
+import torch
+
+from spillover.kernels.ref_quant import quant_matmul_ref
+from spillover.quant import cpu_kernels
+from spillover.quant.grouped import GroupedIntWeight
+
+log = logging.getLogger(__name__)
+
+GEMV_MAX_ROWS = 8  # GEMV re-reads weights per row; beyond this a tiled GEMM wins
+CPU_WOQ_MAX_ROWS = 4  # torch's CPU int4/int8 ops scale linearly with M; bf16 GEMM wins from M ~ 16
+
+
+@cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@cache
+def _log_choice(kernel: str, reason: str) -> None:
+    log.info("quant kernel = %s (%s)", kernel, reason)
+
+
+def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int) -> tuple[str, str]:
+    """(kernel name, reason) for `rows` rows per expert on `device`."""
+    forced = os.environ.get("SPILLOVER_QUANT_KERNEL", "")
+    if forced == "ref":
+        return "ref", "forced by SPILLOVER_QUANT_KERNEL"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda" or (forced == "triton" and interpret):
+        if not triton_available():
+            return "ref", "triton not importable"
+        if rows <= GEMV_MAX_ROWS:
+            return "triton_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: bandwidth-bound GEMV"
+        return "triton_gemm", f"{rows} rows > {GEMV_MAX_ROWS}: tiled GEMM reuses weights"
+    if device.type == "cpu" and (rows <= CPU_WOQ_MAX_ROWS or forced == "cpu"):
+        why_not = cpu_kernels.int4_cpu_ok(fmt) if fmt.bits == 4 else cpu_kernels.int8_cpu_ok(fmt)
+        if why_not is None:
+            return f"cpu_int{fmt.bits}pack", f"{rows} rows <= {CPU_WOQ_MAX_ROWS}: torch weight-only op"
+        return "ref", why_not
+    return "ref", f"{rows} rows on {device.type}: dequantize + float matmul"
+
+
+def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tensor | None) -> torch.Tensor:
+    """y [T, N] = x [T, K] @ W[expert_ids[t]].T (W = the only weight when expert_ids is None)."""
+    x = x.to(fmt.act_dtype) if x.dtype != fmt.act_dtype else x
+    if expert_ids is not None and expert_ids.numel() and not fmt.stacked:
+        expert_ids = None
+    rows = x.shape[0] if expert_ids is None else int(torch.bincount(expert_ids).max().item()) if x.shape[0] else 0
+    kernel, reason = choose_kernel(fmt, x.device, rows)
+    _log_choice(kernel, reason)
+    args = (x, fmt.qweight, fmt.scales, fmt.mins, expert_ids)
+    if kernel == "triton_gemv":
+        from spillover.kernels.triton.quant_gemv import quant_gemv
+
+        return quant_gemv(*args, bits=fmt.bits, group_size=fmt.group_size)
+    if kernel == "triton_gemm":
+        from spillover.kernels.triton.quant_gemm import quant_gemm
+
+        return quant_gemm(*args, bits=fmt.bits, group_size=fmt.group_size)
+    if kernel.startswith("cpu_"):
+        op = cpu_kernels.int4_cpu_matmul if fmt.bits == 4 else cpu_kernels.int8_cpu_matmul
+        if expert_ids is None:
+            return op(fmt, x, 0)
+        y = torch.empty(x.shape[0], fmt.out_features, dtype=x.dtype)
+        for e in torch.unique(expert_ids).tolist():
+            sel = (expert_ids == e).nonzero().squeeze(1)
+            y[sel] = op(fmt, x[sel], e)
+        return y
+    return quant_matmul_ref(*args, bits=fmt.bits, group_size=fmt.group_size)

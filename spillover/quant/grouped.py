@@ -1,0 +1,116 @@
+"""Shared body of the integer weight-only formats (int4, int8): storage, dequant, forward.
+
+A weight is either dense [N, K] or a stack of experts [E, N, K]; both are stored with a leading
+expert axis (E = 1 for dense) so that every kernel sees one layout:
+  qweight [E, N, K/2] uint8 (int4) | [E, N, K] int8, scales [E, N, K/G], mins [E, N, K/G] | None.
+The matmul itself is chosen by `spillover.quant.dispatch.quant_matmul` (Triton on CUDA, torch's
+weight-only CPU ops for small batches on the CPU, otherwise the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from spillover.kernels.ref_quant import dequant_int_ref
+
+
+class GroupedIntWeight:
+    name: str = "int"
+    bits: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor | None,
+        *,
+        group_size: int,
+        stacked: bool,
+        act_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        if qweight.dim() == 2:
+            qweight, scales = qweight.unsqueeze(0), scales.unsqueeze(0)
+            mins = mins.unsqueeze(0) if mins is not None else None
+        assert qweight.dim() == 3 and scales.dim() == 3, "expected [E, N, K'] codes and [E, N, K/G] scales"
+        assert stacked or qweight.shape[0] == 1
+        self.qweight = qweight
+        self.scales = scales
+        self.mins = mins
+        self.group_size = group_size
+        self.stacked = stacked
+        self.act_dtype = act_dtype
+        self.num_experts, self.out_features = qweight.shape[0], qweight.shape[1]
+        self.in_features = scales.shape[2] * group_size
+        assert qweight.shape[2] * (8 // self.bits) == self.in_features, "codes and scales disagree on K"
+        # NOTE: torch's CPU weight-only ops need their own opaque packing; built lazily per expert.
+        self.cpu_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def symmetric(self) -> bool:
+        return self.mins is None
+
+    # ---- the WeightFormat protocol ------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] for a dense weight."""
+        assert not self.stacked, "stacked experts: use forward_experts"
+        from spillover.quant.dispatch import quant_matmul
+
+        y = quant_matmul(self, x.reshape(-1, self.in_features), None)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, expert: int | None = None) -> torch.Tensor:
+        """[N, K] (dense, or one expert) or [E, N, K] (all experts) in act_dtype."""
+        sl = slice(None) if expert is None and self.stacked else (expert or 0)
+        mins = self.mins[sl] if self.mins is not None else None
+        w = dequant_int_ref(self.qweight[sl], self.scales[sl], mins, bits=self.bits, group_size=self.group_size)
+        return w.to(self.act_dtype)
+
+    # ---- stacked experts ------------------------------------------------------------------------
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Grouped form: x [T, K], expert_ids [T] -> y [T, N] with y[t] = x[t] @ W[expert_ids[t]].T.
+
+        The MoE bank flattens (token, slot) pairs into rows; one call covers every routed expert.
+        """
+        from spillover.quant.dispatch import quant_matmul
+
+        return quant_matmul(self, x, expert_ids)
+
+    def expert_forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """x [T, K] routed to one expert -> [T, N]."""
+        ids = torch.full((x.shape[0],), expert, dtype=torch.int32, device=x.device)
+        return self.forward_experts(x, ids)
+
+    # ---- storage ----------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The packed tensors, keyed by part name (what the store writes); dense drops the E axis."""
+        sq = (lambda t: t) if self.stacked else (lambda t: t[0])
+        out = {"qweight": sq(self.qweight), "scales": sq(self.scales)}
+        if self.mins is not None:
+            out["mins"] = sq(self.mins)
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"format": self.name, "group_size": self.group_size, "symmetric": self.symmetric,
+                "stacked": self.stacked}
+
+    @classmethod
+    def from_tensors(cls, parts: dict[str, torch.Tensor], meta: dict[str, Any],
+                     act_dtype: torch.dtype = torch.bfloat16) -> GroupedIntWeight:
+        return cls(parts["qweight"], parts["scales"], parts.get("mins"), group_size=int(meta["group_size"]),
+                   stacked=bool(meta["stacked"]), act_dtype=act_dtype)
+
+    def to(self, device: torch.device | str) -> GroupedIntWeight:
+        mins = self.mins.to(device) if self.mins is not None else None
+        return type(self)(self.qweight.to(device), self.scales.to(device), mins, group_size=self.group_size,
+                          stacked=self.stacked, act_dtype=self.act_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def __repr__(self) -> str:
+        shape = [self.num_experts] if self.stacked else []
+        return (f"{type(self).__name__}(shape={shape + [self.out_features, self.in_features]}, "
+                f"group={self.group_size}, sym={self.symmetric})")
