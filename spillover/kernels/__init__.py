@@ -1,0 +1,112 @@
+"""The one kernel dispatch point.
+
+Each op picks an implementation from the tensor's device and what is importable, logs the choice
+and the reason once, and otherwise forwards to it. References live in `ref.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from spillover.kernels import ref
+from spillover.layers.context import AttentionCache, ForwardContext
+
+log = logging.getLogger("spillover.kernels")
+_logged: set[tuple[str, str]] = set()
+
+# SPILLOVER_KERNELS=ref forces the torch references everywhere (debugging, A/B checks).
+_FORCE_REF = os.environ.get("SPILLOVER_KERNELS", "") == "ref"
+
+
+def _choose(op: str, impl: str, reason: str) -> None:
+    if (op, impl) not in _logged:
+        _logged.add((op, impl))
+        log.info("kernel %s -> %s (%s)", op, impl, reason)
+
+
+def has_fla() -> bool:
+    return importlib.util.find_spec("fla") is not None
+
+
+def chosen() -> list[tuple[str, str]]:
+    """Which implementation each op has used so far (for tests and reports)."""
+    return sorted(_logged)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    _choose("rms_norm", "torch", "reference is fused enough by torch for now")
+    return ref.rms_norm(x, weight, eps, offset)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext, scale: float
+) -> torch.Tensor:
+    _choose("paged_attention", "torch-sdpa", "per-sequence SDPA over gathered blocks")
+    return ref.paged_attention(q, k, v, cache, ctx, scale)
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, ctx: ForwardContext
+) -> torch.Tensor:
+    _choose("causal_conv1d", "torch", "depthwise conv1d per sequence")
+    return ref.causal_conv1d(x, weight, conv_state, ctx)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ssm_state: torch.Tensor,
+    ctx: ForwardContext,
+) -> torch.Tensor:
+    if q.is_cuda and not _FORCE_REF and has_fla():
+        _choose("gated_delta_rule", "fla", "flash-linear-attention importable on CUDA")
+        return _fla_gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
+    reason = "forced by SPILLOVER_KERNELS=ref" if _FORCE_REF else (
+        "fla not importable" if q.is_cuda else "CPU tensors"
+    )
+    _choose("gated_delta_rule", "torch-recurrent", reason)
+    return ref.gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
+
+
+def _fla_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ssm_state: torch.Tensor,
+    ctx: ForwardContext,
+) -> torch.Tensor:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+    slots = torch.tensor(ctx.state_slots, device=q.device, dtype=torch.long)
+    fresh = torch.tensor([c == 0 for c in ctx.cached_lens], device=q.device)
+    init = ssm_state.index_select(0, slots)
+    init = torch.where(fresh[:, None, None, None], torch.zeros_like(init), init)
+    cu = [0]
+    for n in ctx.query_lens:
+        cu.append(cu[-1] + n)
+    cu_seqlens = torch.tensor(cu, device=q.device, dtype=torch.long)
+    fn: Callable[..., Any] = fused_recurrent_gated_delta_rule if ctx.is_pure_decode else chunk_gated_delta_rule
+    o, final = fn(
+        q=q.unsqueeze(0),
+        k=k.unsqueeze(0),
+        v=v.unsqueeze(0),
+        g=g.float().unsqueeze(0),
+        beta=beta.unsqueeze(0),
+        initial_state=init,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        cu_seqlens=cu_seqlens,
+    )
+    ssm_state.index_copy_(0, slots, final.to(ssm_state.dtype))
+    return o[0]

@@ -49,6 +49,8 @@ class ForwardContext:
     state_caches: dict[int, LinearStateCache] = field(default_factory=dict)  # layer index -> slots
     # Rows of the hidden state whose logits are needed (last token of each sequence by default).
     logits_indices: torch.Tensor | None = None
+    # Filled by the model at the start of a forward pass: rotary cos/sin rows [T, 1, rotary_dim].
+    rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -28,10 +28,16 @@ class WeightFormat(Protocol):
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, shards: list[int] | None = None
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        # A merged projection (q|k|v, gate|up) lists its parts' output sizes; the loader fills
+        # part i of the checkpoint into rows [sum(shards[:i]), sum(shards[:i+1])).
+        self.shards = shards or [out_features]
+        assert sum(self.shards) == out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.fmt: WeightFormat | None = None

@@ -1,0 +1,125 @@
+"""PyTorch reference implementations. Every fast kernel has one here with the same signature.
+
+They are also the CPU path: written for clarity first, vectorised where it costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spillover.layers.context import AttentionCache, ForwardContext
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        # zero-centred weights: scale in fp32 before the cast (Qwen3-Next / Gemma order)
+        return (xf * (offset + weight.float())).to(dtype)
+    return weight * xf.to(dtype)
+
+
+def write_kv(cache: AttentionCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows [T, Hkv, D] into their paged slots."""
+    hkv, d = cache.k.shape[2], cache.k.shape[3]
+    cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(cache.k.dtype))
+    cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext, scale: float
+) -> torch.Tensor:
+    """Causal attention of the new tokens over each sequence's whole context.
+
+    q [T, Hq, D], k/v [T, Hkv, D] (the new tokens, already rotated) -> [T, Hq, D].
+    """
+    assert ctx.slot_mapping is not None
+    write_kv(cache, k, v, ctx.slot_mapping)
+    hkv, d = cache.k.shape[2], cache.k.shape[3]
+    flat_k = cache.k.view(-1, hkv, d)
+    flat_v = cache.v.view(-1, hkv, d)
+    out = torch.empty_like(q)
+    start = 0
+    for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
+        qi = q[start : start + qlen].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+        if qlen == clen:  # nothing cached before: attend over the new rows directly
+            ki, vi = k[start : start + qlen], v[start : start + qlen]
+        else:
+            idx = ctx.kv_indices[i]
+            ki, vi = flat_k[idx], flat_v[idx]
+        ki = ki.to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, C, D]
+        vi = vi.to(q.dtype).transpose(0, 1).unsqueeze(0)
+        if qlen == 1:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, scale=scale, enable_gqa=True)
+        elif qlen == clen:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(clen - qlen, clen, device=q.device)
+            mask = qpos[:, None] >= torch.arange(clen, device=q.device)[None, :]
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + qlen] = oi[0].transpose(0, 1)
+        start += qlen
+    return out
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, ctx: ForwardContext
+) -> torch.Tensor:
+    """Depthwise causal conv + SiLU per sequence, continuing from / updating each state slot.
+
+    x [T, C], weight [C, K], conv_state [slots, C, K-1] (updated in place) -> [T, C].
+    """
+    kw = weight.shape[1]
+    out = torch.empty_like(x)
+    start = 0
+    for qlen, cached, slot in zip(ctx.query_lens, ctx.cached_lens, ctx.state_slots, strict=True):
+        xi = x[start : start + qlen].t()  # [C, L]
+        prev = conv_state[slot] if cached > 0 else xi.new_zeros(xi.shape[0], kw - 1)
+        full = torch.cat((prev.to(xi.dtype), xi), dim=-1)  # [C, K-1+L]
+        y = F.conv1d(full.unsqueeze(0), weight.unsqueeze(1).to(xi.dtype), groups=xi.shape[0])[0]  # [C, L]
+        out[start : start + qlen] = F.silu(y).t()
+        conv_state[slot] = full[:, -(kw - 1) :].to(conv_state.dtype)
+        start += qlen
+    return out
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ssm_state: torch.Tensor,
+    ctx: ForwardContext,
+) -> torch.Tensor:
+    """Gated delta rule, token by token in fp32, per sequence from / into its state slot.
+
+    q, k [T, Hk, dk]; v [T, Hv, dv]; g (log decay), beta [T, Hv]; ssm_state [slots, Hv, dk, dv] fp32.
+    q and k are L2-normalised here and q scaled by dk^-0.5. Returns o [T, Hv, dv] in v's dtype.
+    """
+    hk, dk = q.shape[1], q.shape[2]
+    hv = v.shape[1]
+    rep = hv // hk
+    scale = dk**-0.5
+    qf = l2norm(q.float()).repeat_interleave(rep, dim=1) * scale
+    kf = l2norm(k.float()).repeat_interleave(rep, dim=1)
+    vf, gf, bf = v.float(), g.float(), beta.float()
+    out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    start = 0
+    for qlen, cached, slot in zip(ctx.query_lens, ctx.cached_lens, ctx.state_slots, strict=True):
+        s = ssm_state[slot].float() if cached > 0 else vf.new_zeros(hv, dk, v.shape[2])
+        for t in range(start, start + qlen):
+            s = s * gf[t].exp()[:, None, None]
+            pred = torch.einsum("hkv,hk->hv", s, kf[t])
+            delta = (vf[t] - pred) * bf[t][:, None]
+            s = s + kf[t][:, :, None] * delta[:, None, :]
+            out[t] = torch.einsum("hkv,hk->hv", s, qf[t])
+        ssm_state[slot] = s.to(ssm_state.dtype)
+        start += qlen
+    return out.to(v.dtype)

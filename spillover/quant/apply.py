@@ -1,0 +1,82 @@
+"""Quantize a built model in place, following a per-component policy, and record what was done.
+
+Walks the module tree: every `spillover.layers.linear.Linear` gets a format through `set_format`;
+every module exposing stacked expert parameters `w13` [E, 2I, H] and `w2` [E, H, I] (duck typing,
+so the MoE layer needs no import from here) gets `module.w13_fmt` / `module.w2_fmt` and its float
+parameters released. Components matched by `keep` patterns stay in float (router, gates, norms,
+embeddings, conv, lm_head by default); `overrides` pick a format per component pattern.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spillover.layers.linear import Linear
+from spillover.quant import pack_weight
+
+# Module-name patterns (fnmatch) kept unquantized unless overridden; quantization.md §4 / §7.
+DEFAULT_KEEP: tuple[str, ...] = (
+    "*mlp.gate", "*shared_expert_gate", "*embed_tokens*", "*lm_head*", "*norm*",
+    "*conv1d*", "*in_proj_ba*", "*in_proj_a", "*in_proj_b", "*mtp*",
+)
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    default: str = "int4"  # format for linears and experts: int4 | int8 | fp8_block | bf16
+    group_size: int = 128  # int4 group size (128 or 32)
+    int8_group_size: int | None = None  # None = per output channel
+    symmetric: bool = True
+    keep: tuple[str, ...] = DEFAULT_KEEP  # kept in float (a "bf16" entry in the record)
+    overrides: dict[str, str] = field(default_factory=dict)  # pattern -> format, checked first
+    act_dtype: torch.dtype = torch.bfloat16  # dtype the formats compute in
+
+    def format_for(self, name: str) -> tuple[str, str]:
+        """(format, reason) for a module name."""
+        for pattern, fmt in self.overrides.items():
+            if fnmatch.fnmatch(name, pattern):
+                return fmt, f"override {pattern!r}"
+        for pattern in self.keep:
+            if fnmatch.fnmatch(name, pattern):
+                return "keep", f"kept by {pattern!r}"
+        return self.default, "policy default"
+
+
+def _group(policy: QuantPolicy, fmt: str) -> int | None:
+    return policy.group_size if fmt == "int4" else policy.int8_group_size
+
+
+def quantize_model(model: nn.Module, policy: QuantPolicy | None = None) -> dict[str, str]:
+    """Replace weights in place; returns {module or param name: "format (reason)"} for every
+    Linear and expert tensor visited (kept ones included), so the choice is auditable."""
+    policy = policy or QuantPolicy()
+    record: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            fmt, why = policy.format_for(name)
+            if fmt == "keep" or module.fmt is not None:
+                record[name] = f"{module.fmt.name if module.fmt else 'dense'} ({why})"
+                continue
+            packed = pack_weight(module.weight.data, fmt, _group(policy, fmt), policy.symmetric,
+                                 policy.act_dtype)
+            module.set_format(packed)
+            record[name] = f"{packed.name} ({why})"
+        elif isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(
+            getattr(module, "w2", None), nn.Parameter
+        ):
+            for attr in ("w13", "w2"):
+                full = f"{name}.{attr}"
+                fmt, why = policy.format_for(full)
+                if fmt == "keep":
+                    record[full] = f"dense ({why})"
+                    continue
+                param: nn.Parameter = getattr(module, attr)
+                packed = pack_weight(param.data, fmt, _group(policy, fmt), policy.symmetric, policy.act_dtype)
+                setattr(module, f"{attr}_fmt", packed)
+                setattr(module, attr, nn.Parameter(torch.empty(0, device=param.device), requires_grad=False))
+                record[full] = f"{packed.name} ({why})"
+    return record
