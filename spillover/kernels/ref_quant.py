@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from spillover.quant.packing import unpack_int4
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] uint8 -> [..., K] codes; even k in the low nibble (kept here so the reference
+    does not depend on the code it checks)."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
 
 
 def code_offset(bits: int, has_mins: bool) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from spillover.layers.linear import Linear
-from spillover.quant import pack_weight
+from spillover.quant import QuantFormat, pack_weight
 
 # Module-name patterns (fnmatch) kept unquantized unless overridden; quantization.md §4 / §7.
 DEFAULT_KEEP: tuple[str, ...] = (
@@ -46,14 +46,23 @@ class QuantPolicy:
         return self.default, "policy default"
 
 
-def _group(policy: QuantPolicy, fmt: str) -> int | None:
-    return policy.group_size if fmt == "int4" else policy.int8_group_size
+def _pack(weight: torch.Tensor, fmt: str, why: str, policy: QuantPolicy) -> tuple[QuantFormat, str]:
+    group = policy.group_size if fmt == "int4" else policy.int8_group_size
+    if group is not None and weight.shape[-1] % group:
+        # NOTE: only tiny test models hit this; int8 per channel is the safe lossless-ish fallback.
+        fmt, group, why = "int8", None, f"in={weight.shape[-1]} not a multiple of group {group}"
+    return pack_weight(weight, fmt, group, policy.symmetric, policy.act_dtype), why
 
 
 def quantize_model(model: nn.Module, policy: QuantPolicy | None = None) -> dict[str, str]:
     """Replace weights in place; returns {module or param name: "format (reason)"} for every
     Linear and expert tensor visited (kept ones included), so the choice is auditable."""
     policy = policy or QuantPolicy()
+    with torch.no_grad():
+        return _quantize(model, policy)
+
+
+def _quantize(model: nn.Module, policy: QuantPolicy) -> dict[str, str]:
     record: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, Linear):
@@ -61,8 +70,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy | None = None) -> dict[
             if fmt == "keep" or module.fmt is not None:
                 record[name] = f"{module.fmt.name if module.fmt else 'dense'} ({why})"
                 continue
-            packed = pack_weight(module.weight.data, fmt, _group(policy, fmt), policy.symmetric,
-                                 policy.act_dtype)
+            packed, why = _pack(module.weight.data, fmt, why, policy)
             module.set_format(packed)
             record[name] = f"{packed.name} ({why})"
         elif isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(
@@ -71,11 +79,15 @@ def quantize_model(model: nn.Module, policy: QuantPolicy | None = None) -> dict[
             for attr in ("w13", "w2"):
                 full = f"{name}.{attr}"
                 fmt, why = policy.format_for(full)
+                done = getattr(module, f"{attr}_fmt", None)
+                if done is not None:
+                    record[full] = f"{done.name} (already quantized)"
+                    continue
                 if fmt == "keep":
                     record[full] = f"dense ({why})"
                     continue
                 param: nn.Parameter = getattr(module, attr)
-                packed = pack_weight(param.data, fmt, _group(policy, fmt), policy.symmetric, policy.act_dtype)
+                packed, why = _pack(param.data, fmt, why, policy)
                 setattr(module, f"{attr}_fmt", packed)
                 setattr(module, attr, nn.Parameter(torch.empty(0, device=param.device), requires_grad=False))
                 record[full] = f"{packed.name} ({why})"

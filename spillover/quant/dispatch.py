@@ -60,7 +60,9 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
     x = x.to(fmt.act_dtype) if x.dtype != fmt.act_dtype else x
     if expert_ids is not None and expert_ids.numel() and not fmt.stacked:
         expert_ids = None
-    rows = x.shape[0] if expert_ids is None else int(torch.bincount(expert_ids).max().item()) if x.shape[0] else 0
+    rows = x.shape[0]
+    if expert_ids is not None and rows:
+        rows = int(torch.bincount(expert_ids).max().item())  # rows of the busiest expert
     kernel, reason = choose_kernel(fmt, x.device, rows)
     _log_choice(kernel, reason)
     args = (x, fmt.qweight, fmt.scales, fmt.mins, expert_ids)

@@ -29,7 +29,8 @@ class Fp8BlockWeight:
         self.act_dtype = act_dtype
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, block: int = 128, act_dtype: torch.dtype = torch.bfloat16) -> Fp8BlockWeight:
+    def pack(cls, weight: torch.Tensor, block: int = 128,
+             act_dtype: torch.dtype = torch.bfloat16) -> Fp8BlockWeight:
         """Quantize a float [.., N, K] with one scale per block x block tile (absmax / 448)."""
         n, k = weight.shape[-2:]
         pn, pk = -n % block, -k % block
@@ -42,9 +43,8 @@ class Fp8BlockWeight:
         return cls(q[..., :n, :k].contiguous(), scale, block, act_dtype)
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
-        if expert is not None:
-            return dequant_fp8_block_ref(self.weight[expert], self.scale[expert], self.block).to(self.act_dtype)
-        return dequant_fp8_block_ref(self.weight, self.scale, self.block).to(self.act_dtype)
+        w, s = (self.weight, self.scale) if expert is None else (self.weight[expert], self.scale[expert])
+        return dequant_fp8_block_ref(w, s, self.block).to(self.act_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype))

@@ -64,7 +64,8 @@ class GroupedIntWeight:
         """[N, K] (dense, or one expert) or [E, N, K] (all experts) in act_dtype."""
         sl = slice(None) if expert is None and self.stacked else (expert or 0)
         mins = self.mins[sl] if self.mins is not None else None
-        w = dequant_int_ref(self.qweight[sl], self.scales[sl], mins, bits=self.bits, group_size=self.group_size)
+        w = dequant_int_ref(self.qweight[sl], self.scales[sl], mins, bits=self.bits,
+                            group_size=self.group_size)
         return w.to(self.act_dtype)
 
     # ---- stacked experts ------------------------------------------------------------------------
