@@ -179,7 +179,9 @@ class BlockManager:
     def can_adopt(self, num_tokens: int) -> bool:
         return num_tokens % self.block_size == 0 or bool(self._free)
 
-    def adopt(self, req: Request, blocks: Sequence[int], num_tokens: int, num_published: int = 0) -> BlockCopy | None:
+    def adopt(
+        self, req: Request, blocks: Sequence[int], num_tokens: int, num_published: int = 0
+    ) -> BlockCopy | None:
         """Starts `req` (with an empty table) from the first `num_tokens` tokens held in `blocks`
         (a fork parent's table, a prompt checkpoint's): full blocks are shared, the partly filled
         last one is copied into a fresh block, since both owners would write their own next

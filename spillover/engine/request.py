@@ -70,6 +70,7 @@ class Request:
     # so they stay valid across preemption). Filled by BlockManager.
     block_hashes: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0  # leading blocks of block_table published to the prefix cache
+    num_prompt_logprobs_done: int = 0  # prompt positions already scored (not redone after preemption)
     text: IncrementalText | None = None  # set by the scheduler when it has a detokenizer
     _generator: torch.Generator | None = field(default=None, repr=False)
 

@@ -136,7 +136,9 @@ class PromptStateCache:
                 self._drop(key)  # the newer copy is as good and more recently used
         keep = self.blocks.blocks_for(n)
         self.blocks.release(reversed(req.block_table[keep:]))
-        self._entries[self._next_key] = Checkpoint(tokens=tokens, slot=req.state_slot, blocks=req.block_table[:keep])
+        self._entries[self._next_key] = Checkpoint(
+            tokens=tokens, slot=req.state_slot, blocks=req.block_table[:keep]
+        )
         self._next_key += 1
         req.block_table = []
         req.num_committed_blocks = 0
