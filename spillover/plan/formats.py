@@ -54,7 +54,7 @@ INT4_ZP = WeightFormat("int4", "int4 group 128, bf16 scale + bf16 zero", 3, zero
 NATIVE = WeightFormat("native", "as stored in the checkpoint", -1)
 
 FORMATS: dict[str, WeightFormat] = {"bf16": BF16, "fp8": FP8, "int8": INT8, "int4": INT4}
-QUANT_CHOICES = ("auto", "bf16", "fp8", "int8", "int4", "native")
+QUANT_CHOICES = ("auto", "bf16", "fp8", "int8", "int4-experts", "int4", "native")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class WeightScheme:
     def name(self) -> str:
         if self.dense == self.experts:
             return self.dense.name
+        if (self.dense.name, self.experts.name) == ("int8", "int4"):
+            return "int4-experts"
         return f"{self.experts.name}-experts/{self.dense.name}-dense"
 
     @property
@@ -88,6 +90,8 @@ class WeightScheme:
 def scheme_for(name: str) -> WeightScheme:
     if name == "native":
         return WeightScheme.uniform(NATIVE)
+    if name == "int4-experts":  # 4-bit routed experts, 8-bit dense layers
+        return WeightScheme(dense=INT8, experts=INT4)
     if name not in FORMATS:
         raise ValueError(f"unknown --quant {name!r}; choose one of {', '.join(QUANT_CHOICES)}")
     return WeightScheme.uniform(FORMATS[name])

@@ -1,0 +1,94 @@
+"""Predicted tokens/s from the bytes each link moves per token (planning_and_hardware.md §5.1).
+
+Decode: t = Σ_links bytes / rate + t_fixed (links do not overlap in a step; validated to a few %).
+Prefill: a chunk of T tokens streams the non-resident weights once while the GPU computes, so the
+GPU and PCIe terms overlap (double-buffered layerwise prefill): t = max(compute, HBM, PCIe) + disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from spillover.hw.info import HardwareInfo
+
+GPU_FLOPS_EFFICIENCY = 0.5  # achieved/peak for bf16 GEMMs of prefill chunk shapes
+CPU_FLOPS_EFFICIENCY = 0.3
+# Launches, sync, sampling and Python per decode step, with CUDA graphs / fused kernels (§5.1:
+# ~3 us per op with graphs, ~10-20 us eager; ~10 ops per layer).
+STEP_OVERHEAD_S = 0.4e-3
+LAYER_OVERHEAD_S = 25e-6
+CPU_LAYER_OVERHEAD_S = 50e-6
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one decode token reads from each place, and what a prefill chunk must move."""
+
+    gpu_bytes: float  # weights + KV + state read from VRAM
+    host_bytes: float  # bytes in RAM touched (CPU computes them or they cross PCIe); all, without GPU
+    disk_bytes: float  # weights only on disk touched
+    host_stream_bytes_per_chunk: float  # host-resident weights a prefill chunk streams to the GPU
+    disk_bytes_per_chunk: float
+    flops_per_token: float  # prefill compute per prompt token
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    decode_tok_s: float
+    prefill_tok_s: float
+    decode_ms_by_link: dict[str, float] = field(default_factory=dict)
+    prefill_ms_by_link: dict[str, float] = field(default_factory=dict)  # per chunk
+    host_path: str = "cpu"  # how host-resident experts are computed at decode: cpu | pcie
+    prefill_chunk_tokens: int = 0
+    notes: tuple[str, ...] = ()
+
+
+def predict(traffic: Traffic, hw: HardwareInfo, chunk_tokens: int) -> Prediction:
+    links = hw.links
+    has_gpu = hw.gpu is not None
+    notes: list[str] = []
+    # Host-resident weights at decode: computed by the CPU (reads DRAM) or copied to a GPU slot
+    # (crosses PCIe), whichever link is faster on this machine (architecture.md, tiered experts).
+    if has_gpu and links.h2d > links.host_mem:
+        host_path, host_rate = "pcie", links.h2d
+    else:
+        host_path, host_rate = "cpu", links.host_mem
+    dec: dict[str, float] = {}
+    if has_gpu:
+        dec["gpu_mem"] = traffic.gpu_bytes / links.gpu_mem * 1e3
+    if traffic.host_bytes:
+        dec["pcie" if host_path == "pcie" else "host_mem"] = traffic.host_bytes / host_rate * 1e3
+    if traffic.disk_bytes:
+        dec["disk"] = traffic.disk_bytes / links.disk * 1e3
+    per_layer = LAYER_OVERHEAD_S if has_gpu else CPU_LAYER_OVERHEAD_S
+    dec["fixed"] = (STEP_OVERHEAD_S + per_layer * traffic.num_layers) * 1e3
+    decode_s = sum(dec.values()) / 1e3
+
+    t = max(1, chunk_tokens)
+    pre: dict[str, float] = {}
+    if has_gpu:
+        gpu = hw.gpus[0]
+        pre["gpu_compute"] = t * traffic.flops_per_token / (gpu.bf16_flops * GPU_FLOPS_EFFICIENCY) * 1e3
+        pre["gpu_mem"] = traffic.gpu_bytes / links.gpu_mem * 1e3
+        if traffic.host_stream_bytes_per_chunk:
+            pre["pcie"] = traffic.host_stream_bytes_per_chunk / links.h2d * 1e3
+        overlapped = max(pre.values())
+    else:
+        pre["cpu_compute"] = t * traffic.flops_per_token / (hw.cpu.fp32_flops * CPU_FLOPS_EFFICIENCY) * 1e3
+        pre["host_mem"] = traffic.host_bytes / links.host_mem * 1e3
+        overlapped = max(pre.values())
+        notes.append("no GPU: prefill is CPU compute bound")
+    if traffic.disk_bytes_per_chunk:
+        pre["disk"] = traffic.disk_bytes_per_chunk / links.disk * 1e3
+    pre["fixed"] = dec["fixed"]
+    chunk_s = (overlapped + pre.get("disk", 0.0) + pre["fixed"]) / 1e3
+    return Prediction(
+        decode_tok_s=1.0 / decode_s if decode_s > 0 else 0.0,
+        prefill_tok_s=t / chunk_s if chunk_s > 0 else 0.0,
+        decode_ms_by_link=dec,
+        prefill_ms_by_link=pre,
+        host_path=host_path,
+        prefill_chunk_tokens=t,
+        notes=tuple(notes),
+    )
