@@ -138,7 +138,8 @@ class ModelConfig:
             layer_types = tuple(lt)
         else:
             layer_types = (FULL_ATTENTION,) * n_layers
-        num_experts = int(cfg.get("num_experts", 0) or 0) if mt in ("qwen3_moe", "qwen3_next") else 0
+        num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if mt in (
+            "qwen3_moe", "qwen3_next") else 0
         moe_layers: tuple[bool, ...] = (False,) * n_layers
         if num_experts:
             step = int(cfg.get("decoder_sparse_step", 1) or 1)

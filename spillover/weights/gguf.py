@@ -7,6 +7,7 @@ model sees Hugging Face's rotate-half layout.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,18 @@ from spillover.weights.names import GGUF_IGNORED, gguf_to_hf
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
 
 
-def open_gguf(path: str | Path) -> Any:
+@functools.lru_cache(maxsize=4)
+def _open(path: Path, mtime_ns: int) -> Any:
     import gguf
 
-    path = Path(path)
+    return gguf.GGUFReader(str(path))
+
+
+def open_gguf(path: str | Path) -> Any:
+    """Parsed header + memory-mapped tensors; cached, since parsing a vocabulary takes seconds."""
+    path = Path(path).resolve()
     try:
-        return gguf.GGUFReader(str(path))
+        return _open(path, path.stat().st_mtime_ns)
     except Exception as e:  # gguf raises ValueError/struct/mmap errors for bad or truncated files
         raise WeightLoadError(f"{path}: not a readable GGUF file ({e})") from e
 
