@@ -1,0 +1,1 @@
+"""Importers: published quantized layouts -> our formats, repacked without a float round trip."""
