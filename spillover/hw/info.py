@@ -86,24 +86,38 @@ class HardwareInfo:
         return {
             "gpus": [
                 {
-                    "index": g.index, "name": g.name, "sm": g.sm, "vram_total": g.vram_total,
-                    "vram_free": g.vram_free, "mem_bw": g.mem_bw, "bf16_tflops": g.bf16_flops / 1e12,
-                    "fp8": g.fp8, "pcie": f"gen{g.pcie_gen} x{g.pcie_width}", "driver": g.driver,
+                    "index": g.index,
+                    "name": g.name,
+                    "sm": g.sm,
+                    "vram_total": g.vram_total,
+                    "vram_free": g.vram_free,
+                    "mem_bw": g.mem_bw,
+                    "bf16_tflops": g.bf16_flops / 1e12,
+                    "fp8": g.fp8,
+                    "pcie": f"gen{g.pcie_gen} x{g.pcie_width}",
+                    "driver": g.driver,
                     "source": g.source,
                 }
                 for g in self.gpus
             ],
             "cpu": {
-                "model": self.cpu.model, "cores": self.cpu.cores, "threads": self.cpu.threads,
-                "avx2": self.cpu.avx2, "avx512": self.cpu.avx512, "amx": self.cpu.amx,
+                "model": self.cpu.model,
+                "cores": self.cpu.cores,
+                "threads": self.cpu.threads,
+                "avx2": self.cpu.avx2,
+                "avx512": self.cpu.avx512,
+                "amx": self.cpu.amx,
             },
             "ram_total": self.ram_total,
             "ram_available": self.ram_available,
             "disk_free": self.disk_free,
             "disk_path": self.disk_path,
             "links_bytes_per_s": {
-                "gpu_mem": self.links.gpu_mem, "host_mem": self.links.host_mem, "h2d": self.links.h2d,
-                "d2h": self.links.d2h, "disk": self.links.disk,
+                "gpu_mem": self.links.gpu_mem,
+                "host_mem": self.links.host_mem,
+                "h2d": self.links.h2d,
+                "d2h": self.links.d2h,
+                "disk": self.links.disk,
             },
             "link_sources": dict(self.links.sources),
             "reasons": list(self.reasons),
@@ -112,8 +126,20 @@ class HardwareInfo:
 
 # ---- units ----------------------------------------------------------------------------------------
 _UNITS = {
-    "": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
 }
 
 
@@ -146,9 +172,17 @@ def fmt_bytes(n: float) -> str:
 def gpu_from_spec(spec: GpuSpec, index: int = 0) -> GpuInfo:
     # drivers report a little less than the label (ECC, reserved pages): e.g. 32 GB -> 31.8 GiB
     return GpuInfo(
-        index=index, name=spec.name, sm=spec.sm, vram_total=int(spec.vram_gb * GiB * 0.985), vram_free=None,
-        mem_bw=spec.mem_bw_gbs * GB, bf16_flops=spec.bf16_tflops * 1e12, fp8=spec.fp8,
-        pcie_gen=spec.pcie_gen, pcie_width=spec.pcie_width, source="table",
+        index=index,
+        name=spec.name,
+        sm=spec.sm,
+        vram_total=int(spec.vram_gb * GiB * 0.985),
+        vram_free=None,
+        mem_bw=spec.mem_bw_gbs * GB,
+        bf16_flops=spec.bf16_tflops * 1e12,
+        fp8=spec.fp8,
+        pcie_gen=spec.pcie_gen,
+        pcie_width=spec.pcie_width,
+        source="table",
     )
 
 
@@ -187,8 +221,19 @@ def with_overrides(
         if gpus:
             gpus[0] = replace(gpus[0], vram_total=size, vram_free=None, source="flags")
         else:
-            generic = GpuInfo(0, "GPU (named by --vram)", "unknown", size, None, 500 * GB, 50e12, False, 4, 16,
-                              source="flags")
+            generic = GpuInfo(
+                0,
+                "GPU (named by --vram)",
+                "unknown",
+                size,
+                None,
+                500 * GB,
+                50e12,
+                False,
+                4,
+                16,
+                source="flags",
+            )
             gpus = [generic]
             links = replace(links, gpu_mem=generic.mem_bw * GPU_BW_EFFICIENCY)
             sources["gpu_mem"] = "assumed 500 GB/s (no --gpu given)"
@@ -215,8 +260,14 @@ def with_overrides(
         sources["disk"] = f"--disk-bw {disk_bw}"
     named = bool(gpu or no_gpu or vram or ram)
     return HardwareInfo(
-        gpus=tuple(gpus), cpu=base.cpu, ram_total=ram_total, ram_available=ram_avail, disk_free=disk_free,
-        disk_path=base.disk_path, links=replace(links, sources=sources), reasons=tuple(reasons),
+        gpus=tuple(gpus),
+        cpu=base.cpu,
+        ram_total=ram_total,
+        ram_available=ram_avail,
+        disk_free=disk_free,
+        disk_path=base.disk_path,
+        links=replace(links, sources=sources),
+        reasons=tuple(reasons),
         probed=base.probed and not named,
     )
 
@@ -224,9 +275,19 @@ def with_overrides(
 def nominal_hardware(gpu: str | None = "rtx5090", ram: str = "64GB", cores: int = 16) -> HardwareInfo:
     """A named machine with default links, for tests, bench dry runs and docs."""
     base = HardwareInfo(
-        gpus=(), cpu=CpuInfo("unknown CPU", cores, cores * 2, True, False, False), ram_total=parse_bytes(ram),
-        ram_available=None, disk_free=None, disk_path=".",
-        links=LinkRates(0.0, DEFAULT_HOST_MEM_BW, 0.0, 0.0, DEFAULT_DISK_BW,
-                        {"host_mem": "assumed 60 GB/s", "disk": "assumed 2 GB/s"}),
+        gpus=(),
+        cpu=CpuInfo("unknown CPU", cores, cores * 2, True, False, False),
+        ram_total=parse_bytes(ram),
+        ram_available=None,
+        disk_free=None,
+        disk_path=".",
+        links=LinkRates(
+            0.0,
+            DEFAULT_HOST_MEM_BW,
+            0.0,
+            0.0,
+            DEFAULT_DISK_BW,
+            {"host_mem": "assumed 60 GB/s", "disk": "assumed 2 GB/s"},
+        ),
     )
     return with_overrides(base, gpu=gpu) if gpu else base

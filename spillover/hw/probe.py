@@ -68,8 +68,20 @@ def probe_gpus() -> tuple[list[GpuInfo], str]:
                 clk = _try(lambda h=h: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM), 7000)
                 bw, flops, fp8 = 2 * clk * 1e6 * bus / 8, 50e12, (major, minor) >= (8, 9)
             gpus.append(
-                GpuInfo(i, name, f"sm_{major}{minor}", int(mem.total), int(mem.free), bw, flops, fp8,
-                        int(gen), int(width), driver, "nvml")
+                GpuInfo(
+                    i,
+                    name,
+                    f"sm_{major}{minor}",
+                    int(mem.total),
+                    int(mem.free),
+                    bw,
+                    flops,
+                    fp8,
+                    int(gen),
+                    int(width),
+                    driver,
+                    "nvml",
+                )
             )
     finally:
         pynvml.nvmlShutdown()
@@ -88,7 +100,8 @@ def _try(fn: Any, default: int) -> int:
 
 
 def probe_cpu() -> CpuInfo:
-    model, flags = platform.processor() or "unknown CPU", set()
+    model = platform.processor() or "unknown CPU"
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, val = line.partition(":")
@@ -101,8 +114,12 @@ def probe_cpu() -> CpuInfo:
     threads = psutil.cpu_count(logical=True) or 1
     cores = psutil.cpu_count(logical=False) or threads
     return CpuInfo(
-        model=model, cores=cores, threads=threads, avx2="avx2" in flags,
-        avx512="avx512f" in flags, amx="amx_tile" in flags,
+        model=model,
+        cores=cores,
+        threads=threads,
+        avx2="avx2" in flags,
+        avx512="avx512f" in flags,
+        amx="amx_tile" in flags,
     )
 
 
@@ -122,12 +139,23 @@ def probe(measure: bool = False, disk_path: str | Path | None = None, use_cache:
         "disk": "assumed 2 GB/s (run `spillover probe --measure`)",
     }
     links = LinkRates(
-        gpu_mem=g.mem_bw * GPU_BW_EFFICIENCY if g else 0.0, host_mem=DEFAULT_HOST_MEM_BW, h2d=rate, d2h=rate,
-        disk=DEFAULT_DISK_BW, sources=sources,
+        gpu_mem=g.mem_bw * GPU_BW_EFFICIENCY if g else 0.0,
+        host_mem=DEFAULT_HOST_MEM_BW,
+        h2d=rate,
+        d2h=rate,
+        disk=DEFAULT_DISK_BW,
+        sources=sources,
     )
     hw = HardwareInfo(
-        gpus=tuple(gpus), cpu=probe_cpu(), ram_total=int(vm.total), ram_available=int(vm.available),
-        disk_free=int(disk_free), disk_path=str(path), links=links, reasons=(gpu_reason,), probed=True,
+        gpus=tuple(gpus),
+        cpu=probe_cpu(),
+        ram_total=int(vm.total),
+        ram_available=int(vm.available),
+        disk_free=int(disk_free),
+        disk_path=str(path),
+        links=links,
+        reasons=(gpu_reason,),
+        probed=True,
     )
     measured = measure_links(hw, path) if measure else (load_measurements(hw) if use_cache else None)
     if measured:
@@ -167,15 +195,32 @@ def save_measurements(hw: HardwareInfo, measured: dict[str, float]) -> Path:
 def apply_measurements(hw: HardwareInfo, m: dict[str, float]) -> HardwareInfo:
     links, sources = hw.links, dict(hw.links.sources)
     when = time.strftime("%Y-%m-%d", time.localtime(m.get("measured_at", time.time())))
-    for key, field_name in (("gpu_copy", "gpu_mem"), ("cpu_read", "host_mem"), ("h2d_pinned", "h2d"),
-                            ("d2h_pinned", "d2h"), ("disk_read", "disk")):
+    for key, field_name in (
+        ("gpu_copy", "gpu_mem"),
+        ("cpu_read", "host_mem"),
+        ("h2d_pinned", "h2d"),
+        ("d2h_pinned", "d2h"),
+        ("disk_read", "disk"),
+    ):
         if m.get(key):
             value = m[key]
             if key == "gpu_copy":
                 value = value / 2 * 0.9  # a copy reads and writes every byte; GEMV reads ~0.9 as fast
-            links = replace(links, **{field_name: value})
+            links = _set_link(links, field_name, value)
             sources[field_name] = f"measured {m[key] / GB:.1f} GB/s ({key}, {when})"
     return replace(hw, links=replace(links, sources=sources))
+
+
+def _set_link(links: LinkRates, name: str, value: float) -> LinkRates:
+    values = {
+        "gpu_mem": links.gpu_mem,
+        "host_mem": links.host_mem,
+        "h2d": links.h2d,
+        "d2h": links.d2h,
+        "disk": links.disk,
+    }
+    values[name] = value
+    return LinkRates(**values, sources=links.sources)
 
 
 def _time_best(fn: Any, repeat: int = 3) -> float:

@@ -14,6 +14,8 @@ from spillover.plan.formats import INT4, WeightScheme, auto_candidates, scheme_f
 from spillover.plan.inventory import Inventory, inventory_from_config
 from spillover.plan.memory import Limits, MemoryPlan, host_budget, plan_memory
 
+USABLE_TOK_S = 10.0  # decode speed below which a suggested model is not worth suggesting first
+
 
 def candidate_schemes(cfg: ModelConfig, inv: Inventory, hw: HardwareInfo, quant: str) -> list[WeightScheme]:
     if inv.is_native_only:
@@ -27,8 +29,15 @@ def candidate_schemes(cfg: ModelConfig, inv: Inventory, hw: HardwareInfo, quant:
     return out
 
 
-def make_plan(model: str, cfg: ModelConfig, inv: Inventory, hw: HardwareInfo, limits: Limits,
-              quant: str = "auto", advise: bool = True) -> MemoryPlan:
+def make_plan(
+    model: str,
+    cfg: ModelConfig,
+    inv: Inventory,
+    hw: HardwareInfo,
+    limits: Limits,
+    quant: str = "auto",
+    advise: bool = True,
+) -> MemoryPlan:
     """The plan for `quant` (for `auto`: the best-quality scheme that fits), with suggestions."""
     schemes = candidate_schemes(cfg, inv, hw, quant)
     plans = []
@@ -64,7 +73,8 @@ def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits) 
                 if p.fits:
                     out.append(
                         f"use --quant {s.name}: weights {fmt_bytes(p.weights_total)}, "
-                        f"{fmt_bytes(p.tier_total('gpu'))} on the GPU, ~{p.predicted.decode_tok_s:.0f} tok/s decode"
+                        f"{fmt_bytes(p.tier_total('gpu'))} on the GPU, "
+                        f"~{p.predicted.decode_tok_s:.0f} tok/s decode"
                     )
                     break
         if 0 < plan.max_context < ctx:
@@ -73,14 +83,18 @@ def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits) 
             out.append("lower --context or --seqs: the caches alone do not fit on the GPU")
         need = _ram_needed(plan, hw)
         if need > hw.ram_total:
-            out.append(f"with {need / 1e9:.0f} GB of RAM (now {hw.ram_total / 1e9:.0f} GB) "
-                       f"{plan.scheme.name} would fit in GPU + RAM")
+            out.append(
+                f"with {need / 1e9:.0f} GB of RAM (now {hw.ram_total / 1e9:.0f} GB) "
+                f"{plan.scheme.name} would fit in GPU + RAM"
+            )
         out.extend(_smaller_models(plan, hw, limits))
     elif plan.verdict == "gpu+ram" and not inv.is_native_only and plan.scheme.experts != INT4:
         p = plan_memory(plan.model, cfg, inv, WeightScheme.uniform(INT4), hw, limits)
         if p.fits and p.predicted.decode_tok_s > 1.2 * plan.predicted.decode_tok_s:
-            out.append(f"--quant int4 keeps more on the GPU: ~{p.predicted.decode_tok_s:.0f} tok/s decode "
-                       f"instead of ~{plan.predicted.decode_tok_s:.0f}")
+            out.append(
+                f"--quant int4 keeps more on the GPU: ~{p.predicted.decode_tok_s:.0f} tok/s decode "
+                f"instead of ~{plan.predicted.decode_tok_s:.0f}"
+            )
     return out
 
 
@@ -106,8 +120,11 @@ def _smaller_models(plan: MemoryPlan, hw: HardwareInfo, limits: Limits) -> list[
         p = make_plan(key, cfg, inv, hw, lim, "auto", advise=False)
         if p.fits:
             fitting.append((inv.total_params, key, p))
-    fitting.sort(reverse=True)
+    # the largest that still decodes at a usable pace; if none does, simply the largest
+    fitting.sort(key=lambda x: x[0], reverse=True)
+    usable = [f for f in fitting if f[2].predicted.decode_tok_s >= USABLE_TOK_S] or fitting
     return [
-        f"a smaller model: {key} ({n / 1e9:.1f}B) fits with {p.scheme.name}, ~{p.predicted.decode_tok_s:.0f} tok/s"
-        for n, key, p in fitting[:2]
+        f"a smaller model: {key} ({n / 1e9:.1f}B) fits with {p.scheme.name}, "
+        f"~{p.predicted.decode_tok_s:.0f} tok/s"
+        for n, key, p in usable[:2]
     ]

@@ -24,7 +24,17 @@ SHARED_EXPERTS = "shared_experts"
 ROUTED_EXPERTS = "routed_experts"
 MLP = "mlp"
 NORMS = "norms"
-COMPONENTS = (EMBEDDINGS, LM_HEAD, ATTENTION, LINEAR_ATTENTION, ROUTER, SHARED_EXPERTS, ROUTED_EXPERTS, MLP, NORMS)
+COMPONENTS = (
+    EMBEDDINGS,
+    LM_HEAD,
+    ATTENTION,
+    LINEAR_ATTENTION,
+    ROUTER,
+    SHARED_EXPERTS,
+    ROUTED_EXPERTS,
+    MLP,
+    NORMS,
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,9 @@ def _gated_deltanet(cfg: ModelConfig, p: str, i: int) -> list[TensorSpec]:
     return [
         TensorSpec(p + "in_proj_qkvz.weight", LINEAR_ATTENTION, (2 * nk * dk + 2 * nv * dv, h), i, True),
         TensorSpec(p + "in_proj_ba.weight", LINEAR_ATTENTION, (2 * nv, h), i, True),
-        TensorSpec(p + "conv1d.weight", LINEAR_ATTENTION, (cfg.linear_conv_dim, 1, cfg.linear_conv_kernel_dim), i),
+        TensorSpec(
+            p + "conv1d.weight", LINEAR_ATTENTION, (cfg.linear_conv_dim, 1, cfg.linear_conv_kernel_dim), i
+        ),
         TensorSpec(p + "dt_bias", LINEAR_ATTENTION, (nv,), i),
         TensorSpec(p + "A_log", LINEAR_ATTENTION, (nv,), i),
         TensorSpec(p + "norm.weight", LINEAR_ATTENTION, (dv,), i),
@@ -216,8 +228,21 @@ def inventory_from_gguf_tensors(tensors: Iterable[Any]) -> Inventory:
     return Inventory(tuple(out), "gguf")
 
 
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_ST_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+}
 
 
 def inventory_from_safetensors_header(header: Mapping[str, Mapping[str, Any]]) -> Inventory:
@@ -229,7 +254,14 @@ def inventory_from_safetensors_header(header: Mapping[str, Mapping[str, Any]]) -
         shape = tuple(int(x) for x in info["shape"])
         dtype = str(info["dtype"])
         out.append(
-            TensorSpec(name, component_of(name), shape, layer_of(name), len(shape) >= 2,
-                       prod(shape) * _ST_BYTES.get(dtype, 2), dtype)
+            TensorSpec(
+                name,
+                component_of(name),
+                shape,
+                layer_of(name),
+                len(shape) >= 2,
+                prod(shape) * _ST_BYTES.get(dtype, 2),
+                dtype,
+            )
         )
     return Inventory(tuple(out), "safetensors")

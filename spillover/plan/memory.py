@@ -23,7 +23,13 @@ CUDA_CONTEXT_BYTES = 800 * MiB  # context + cuBLAS state of a PyTorch process (Â
 STAGING_CAP_BYTES = 2 * GiB
 PREFILL_PROMPT_TOKENS = 8192  # prompt length the prefill speed is quoted at (or the context if shorter)
 # cache / runtime entries of the tier tables, next to the weight components
-KV_CACHE, LINEAR_STATE, ACTIVATIONS, STAGING, RUNTIME = "kv_cache", "linear_state", "activations", "staging", "runtime"
+KV_CACHE, LINEAR_STATE, ACTIVATIONS, STAGING, RUNTIME = (
+    "kv_cache",
+    "linear_state",
+    "activations",
+    "staging",
+    "runtime",
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,9 @@ class _Bill:
         self.weights = inv.bytes_by_component(scheme)
         self.weights_total = sum(self.weights.values())
         self.kv_per_token = cfg.kv_bytes_per_token(limits.kv_dtype_bytes)
-        self.state_per_seq = state_bytes_per_sequence(cfg, limits.model_dtype_bytes, limits.ssm_state_dtype_bytes)
+        self.state_per_seq = state_bytes_per_sequence(
+            cfg, limits.model_dtype_bytes, limits.ssm_state_dtype_bytes
+        )
         routed = inv.layer_bytes(scheme, ROUTED_EXPERTS)
         self.moe_layers = sorted(routed)
         e = max(cfg.num_experts, 1)
@@ -219,15 +227,28 @@ def plan_memory(
     dense_host = min(off_dense, max(host_room, 0))
     host_room -= dense_host
     off_experts = e - slots if n_moe else 0
-    host_experts = min(off_experts, max(host_room, 0) // (bill.expert_bytes * n_moe)) if bill.expert_bytes else 0
+    host_experts = (
+        min(off_experts, max(host_room, 0) // (bill.expert_bytes * n_moe)) if bill.expert_bytes else 0
+    )
     host_room -= host_experts * bill.expert_bytes * n_moe
     emb_host = emb if (not emb_gpu and emb <= host_room) else 0
     disk_experts = off_experts - host_experts
-    tiers = _tiers(bill, layers, slots, host_experts, disk_experts, dense_host, off_dense, emb_gpu, emb_host,
-                   bool(gpu) and room >= 0)
+    tiers = _tiers(
+        bill,
+        layers,
+        slots,
+        host_experts,
+        disk_experts,
+        dense_host,
+        off_dense,
+        emb_gpu,
+        emb_host,
+        bool(gpu) and room >= 0,
+    )
     if gpu:
-        tiers["gpu"].update({KV_CACHE: kv, LINEAR_STATE: state, ACTIVATIONS: act, STAGING: staging,
-                             RUNTIME: runtime})
+        tiers["gpu"].update(
+            {KV_CACHE: kv, LINEAR_STATE: state, ACTIVATIONS: act, STAGING: staging, RUNTIME: runtime}
+        )
     else:
         tiers["host"].update({KV_CACHE: kv, LINEAR_STATE: state, ACTIVATIONS: act})
     tiers = {t: {k: v for k, v in d.items() if v} for t, d in tiers.items()}
@@ -238,18 +259,21 @@ def plan_memory(
         verdict = "no"
     elif on_disk:
         verdict = "disk"
+        vram = f"{fmt_bytes(gpu.vram_total)} VRAM + " if gpu else ""
         reasons.append(
-            f"weights are {fmt_bytes(bill.weights_total)} ({scheme.name}) against "
-            f"{fmt_bytes(gpu_budget)} usable GPU + {fmt_bytes(host)} usable RAM: "
-            f"{fmt_bytes(on_disk)} would be read from disk"
+            f"weights are {fmt_bytes(bill.weights_total)} ({scheme.name}), more than {vram}"
+            f"{fmt_bytes(hw.ram_total)} RAM can hold ({fmt_bytes(gpu_budget)} + {fmt_bytes(host)} usable "
+            f"after the caches, CUDA runtime and OS reserve): {fmt_bytes(on_disk)} would be read from disk"
         )
     elif on_host_w:
         verdict = "gpu+ram" if gpu else "ram"
     else:
         verdict = "gpu" if gpu else "ram"
     if hw.disk_free is not None and hw.disk_free < bill.weights_total:
-        reasons.append(f"the model files ({fmt_bytes(bill.weights_total)}) need more disk than the "
-                       f"{fmt_bytes(hw.disk_free)} free at {hw.disk_path}")
+        reasons.append(
+            f"the model files ({fmt_bytes(bill.weights_total)}) need more disk than the "
+            f"{fmt_bytes(hw.disk_free)} free at {hw.disk_path}"
+        )
     fits = verdict in ("gpu", "gpu+ram", "ram")
 
     def ok(c: int, s: int) -> bool:
@@ -259,23 +283,54 @@ def plan_memory(
     max_context *= limits.block_size
     max_seqs = _search(lambda s: ok(context, s), 4096)
 
-    traffic = _traffic(cfg, bill, inv, scheme, layers, slots, host_experts, disk_experts, dense_host,
-                       off_dense, context, bool(gpu) and room >= 0, limits)
+    traffic = _traffic(
+        cfg,
+        bill,
+        inv,
+        scheme,
+        layers,
+        slots,
+        host_experts,
+        disk_experts,
+        dense_host,
+        off_dense,
+        context,
+        bool(gpu) and room >= 0,
+        limits,
+    )
     chunk = min(limits.token_budget, min(context, PREFILL_PROMPT_TOKENS))
     params = inv.params_by_component()
     return MemoryPlan(
-        model=model, config=cfg, hardware=hw, scheme=scheme, limits=limits,
+        model=model,
+        config=cfg,
+        hardware=hw,
+        scheme=scheme,
+        limits=limits,
         params_total=inv.total_params,
         params_active_per_token=_active_params(cfg, params),
-        params_by_component=params, weights_bytes=bill.weights,
-        kv_bytes_per_token=bill.kv_per_token, state_bytes_per_sequence=bill.state_per_seq,
-        activation_bytes=act, staging_bytes=staging, runtime_bytes=runtime,
-        gpu_budget=gpu_budget, host_budget=host, tiers=tiers, block_size=limits.block_size,
+        params_by_component=params,
+        weights_bytes=bill.weights,
+        kv_bytes_per_token=bill.kv_per_token,
+        state_bytes_per_sequence=bill.state_per_seq,
+        activation_bytes=act,
+        staging_bytes=staging,
+        runtime_bytes=runtime,
+        gpu_budget=gpu_budget,
+        host_budget=host,
+        tiers=tiers,
+        block_size=limits.block_size,
         num_kv_blocks=bill.kv_blocks(context, seqs),
         num_state_slots=(seqs + limits.prompt_cache_slots) if bill.state_per_seq else 0,
-        num_experts=e if n_moe else 0, expert_slots_per_layer=slots, host_experts_per_layer=host_experts,
-        dense_layers_on_gpu=layers, max_context=max_context, max_seqs=max_seqs, fits=fits, verdict=verdict,
-        reasons=tuple(reasons), predicted=predict(traffic, hw, chunk),
+        num_experts=e if n_moe else 0,
+        expert_slots_per_layer=slots,
+        host_experts_per_layer=host_experts,
+        dense_layers_on_gpu=layers,
+        max_context=max_context,
+        max_seqs=max_seqs,
+        fits=fits,
+        verdict=verdict,
+        reasons=tuple(reasons),
+        predicted=predict(traffic, hw, chunk),
         extra={"context": context, "seqs": seqs},
     )
 
@@ -291,12 +346,25 @@ def _search(ok: Any, hi: int) -> int:
     return lo
 
 
-def _tiers(bill: _Bill, layers: int, slots: int, host_e: int, disk_e: int, dense_host: int, off_dense: int,
-           emb_gpu: bool, emb_host: int, gpu_ok: bool) -> dict[str, dict[str, int]]:
+def _tiers(
+    bill: _Bill,
+    layers: int,
+    slots: int,
+    host_e: int,
+    disk_e: int,
+    dense_host: int,
+    off_dense: int,
+    emb_gpu: bool,
+    emb_host: int,
+    gpu_ok: bool,
+) -> dict[str, dict[str, int]]:
     """Split each weight component over the tiers from the unit counts of the placement."""
     n_moe = len(bill.moe_layers)
-    routed = {"gpu": slots * bill.expert_bytes * n_moe, "host": host_e * bill.expert_bytes * n_moe,
-              "disk": disk_e * bill.expert_bytes * n_moe}
+    routed = {
+        "gpu": slots * bill.expert_bytes * n_moe,
+        "host": host_e * bill.expert_bytes * n_moe,
+        "disk": disk_e * bill.expert_bytes * n_moe,
+    }
     tiers: dict[str, dict[str, int]] = {"gpu": {}, "host": {}, "disk": {}}
     dense_total = sum(bill.layer_dense) + bill.global_dense
     dense_gpu = (bill.global_dense + sum(bill.layer_dense[:layers])) if gpu_ok else 0
@@ -324,9 +392,21 @@ def _active_params(cfg: ModelConfig, params: dict[str, int]) -> int:
     return dense + routed
 
 
-def _traffic(cfg: ModelConfig, bill: _Bill, inv: Inventory, scheme: WeightScheme, layers: int, slots: int,
-             host_e: int, disk_e: int, dense_host: int, off_dense: int, context: int, gpu_ok: bool,
-             limits: Limits) -> Traffic:
+def _traffic(
+    cfg: ModelConfig,
+    bill: _Bill,
+    inv: Inventory,
+    scheme: WeightScheme,
+    layers: int,
+    slots: int,
+    host_e: int,
+    disk_e: int,
+    dense_host: int,
+    off_dense: int,
+    context: int,
+    gpu_ok: bool,
+    limits: Limits,
+) -> Traffic:
     n_moe, e, k = len(bill.moe_layers), max(cfg.num_experts, 1), cfg.num_experts_per_tok
     per_expert_all_layers = bill.expert_bytes * n_moe
     touched = k / e if n_moe else 0.0  # uniform routing: each expert is hit with probability k/E
@@ -339,12 +419,17 @@ def _traffic(cfg: ModelConfig, bill: _Bill, inv: Inventory, scheme: WeightScheme
     gpu_b = dense_gpu + slots * per_expert_all_layers * touched + (caches + row if gpu_ok else 0)
     host_b = dense_host + host_e * per_expert_all_layers * touched + (0 if gpu_ok else caches + row)
     disk_b = dense_disk + disk_e * per_expert_all_layers * touched
-    active_no_head = _active_params(cfg, inv.params_by_component()) - inv.params_by_component().get(LM_HEAD, 0)
+    active_no_head = _active_params(cfg, inv.params_by_component()) - inv.params_by_component().get(
+        LM_HEAD, 0
+    )
     p = min(context, PREFILL_PROMPT_TOKENS)
     attn = 4 * len(cfg.attention_layers) * cfg.num_heads * cfg.head_dim * p / 2  # QK^T and PV, mean position
     return Traffic(
-        gpu_bytes=gpu_b, host_bytes=host_b, disk_bytes=disk_b,
+        gpu_bytes=gpu_b,
+        host_bytes=host_b,
+        disk_bytes=disk_b,
         host_stream_bytes_per_chunk=dense_host + host_e * per_expert_all_layers * chunk_hit,
         disk_bytes_per_chunk=dense_disk + disk_e * per_expert_all_layers * chunk_hit,
-        flops_per_token=2 * active_no_head + attn, num_layers=cfg.num_layers,
+        flops_per_token=2 * active_no_head + attn,
+        num_layers=cfg.num_layers,
     )

@@ -79,8 +79,14 @@ def from_gguf(path: Path) -> ModelSource:
     cfg = ModelConfig.from_gguf(meta, names)
     inv = inventory_from_gguf_tensors(reader.tensors)
     types = sorted({t.tensor_type.name for t in reader.tensors})
-    return ModelSource(str(meta.get("general.name") or path.stem), cfg, inv, "gguf", path.stat().st_size,
-                       (f"GGUF tensor types: {', '.join(types)}",))
+    return ModelSource(
+        str(meta.get("general.name") or path.stem),
+        cfg,
+        inv,
+        "gguf",
+        path.stat().st_size,
+        (f"GGUF tensor types: {', '.join(types)}",),
+    )
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -94,12 +100,16 @@ def _checkpoint_notes(raw: dict[str, Any], params_on_disk: int | None, inv: Inve
     notes = []
     q = raw.get("quantization_config")
     if isinstance(q, dict):
-        notes.append(f"checkpoint is pre-quantised ({q.get('quant_method', 'unknown')}); the plan sizes the "
-                     "format you choose with --quant")
+        notes.append(
+            f"checkpoint is pre-quantised ({q.get('quant_method', 'unknown')}); the plan sizes the "
+            "format you choose with --quant"
+        )
     if params_on_disk and params_on_disk != inv.total_params:
         extra = params_on_disk - inv.total_params
-        notes.append(f"files hold {params_on_disk:,} parameters; {extra:,} are not loaded for inference "
-                     "(e.g. MTP layers) or are quantisation scales")
+        notes.append(
+            f"files hold {params_on_disk:,} parameters; {extra:,} are not loaded for inference "
+            "(e.g. MTP layers) or are quantisation scales"
+        )
     return notes
 
 
@@ -117,7 +127,9 @@ def from_folder(path: Path) -> ModelSource:
                     n *= int(d)
                 params += n
     size = sum(f.stat().st_size for f in files) or None
-    return ModelSource(path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv)))
+    return ModelSource(
+        path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv))
+    )
 
 
 def from_hub(repo_id: str) -> ModelSource:
@@ -155,5 +167,17 @@ def from_hub(repo_id: str) -> ModelSource:
     return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes))
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
