@@ -12,6 +12,8 @@ drops to 0 stays findable in the free queue until it is reused for something els
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,11 +21,15 @@ from dataclasses import dataclass
 from spillover.engine.batch import BlockCopy
 from spillover.engine.request import Request
 
-_ROOT_HASH = -1  # parent hash of the first block; an int so hashes are reproducible run to run
+_ROOT_HASH = 0  # parent hash of the first block
 
 
-def chain_hash(parent_hash: int, tokens: tuple[int, ...]) -> int:
-    return hash((parent_hash, tokens))
+def chain_hash(parent_hash: int, tokens: Sequence[int]) -> int:
+    """128-bit hash naming a block *and everything before it*. Python's hash() would be faster,
+    but its collisions can be crafted, and a crafted collision would serve one user's KV to
+    another's prompt; blake2b costs about a microsecond per block."""
+    data = parent_hash.to_bytes(16, "little") + array("q", tokens).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
 
 
 def extend_block_hashes(req: Request, block_size: int, num_tokens: int) -> list[int]:
@@ -34,7 +40,7 @@ def extend_block_hashes(req: Request, block_size: int, num_tokens: int) -> list[
         tokens = req.token_ids_slice(len(hashes) * block_size, n_full * block_size)
         parent = hashes[-1] if hashes else _ROOT_HASH
         for i in range(0, len(tokens), block_size):
-            parent = chain_hash(parent, tuple(tokens[i : i + block_size]))
+            parent = chain_hash(parent, tokens[i : i + block_size])
             hashes.append(parent)
     return hashes
 
@@ -58,9 +64,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._ref = [0] * num_blocks
         self._hash: list[int | None] = [None] * num_blocks
-        # Token ids of each published block: a hash match is confirmed against them, so a hash
-        # collision costs a recompute, never wrong text.
-        self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        # (parent hash, token ids) of each published block: a hit is confirmed against them.
+        self._keys: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
         self._cached: dict[int, int] = {}  # chained hash -> block id
         # Blocks with ref count 0, eviction order first. Never-published blocks go to the front
         # (nothing lost by reusing them), published ones to the back (LRU).
@@ -95,7 +100,7 @@ class BlockManager:
         hit: list[int] = []
         for i, h in enumerate(hashes[: max_tokens // bs]):
             block = self._cached.get(h)
-            if block is None or self._tokens[block] != tuple(req.token_ids_slice(i * bs, (i + 1) * bs)):
+            if block is None or self._keys[block] != self._key(req, hashes, i):
                 break
             hit.append(block)
         return hit
@@ -150,7 +155,7 @@ class BlockManager:
             # published; this one stays private and is reused first when freed.
             if self._hash[block] is None and h not in self._cached:
                 self._hash[block] = h
-                self._tokens[block] = tuple(req.token_ids_slice(i * bs, (i + 1) * bs))
+                self._keys[block] = self._key(req, hashes, i)
                 self._cached[h] = block
         req.num_committed_blocks = n_full
 
@@ -206,8 +211,12 @@ class BlockManager:
         """Forgets every published block (e.g. after weights change)."""
         for b in self._cached.values():
             self._hash[b] = None
-            self._tokens[b] = None
+            self._keys[b] = None
         self._cached.clear()
+
+    def _key(self, req: Request, hashes: list[int], i: int) -> tuple[int, tuple[int, ...]]:
+        bs = self.block_size
+        return (hashes[i - 1] if i else _ROOT_HASH, tuple(req.token_ids_slice(i * bs, (i + 1) * bs)))
 
     def _pop_free(self) -> int:
         block, _ = self._free.popitem(last=False)
@@ -217,6 +226,6 @@ class BlockManager:
             if self._cached.get(h) == block:
                 del self._cached[h]
             self._hash[block] = None
-            self._tokens[block] = None
+            self._keys[block] = None
         self._ref[block] = 1
         return block
