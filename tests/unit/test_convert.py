@@ -46,7 +46,8 @@ def _checkpoint(folder: Path, layers: int = 2) -> dict[str, torch.Tensor]:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    files = [p for p in sorted(folder.iterdir()) if p.is_file()]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def test_convert_int4_store_roundtrip(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def test_crash_anywhere_then_resume_is_byte_identical(tmp_path: Path) -> None:
         out = tmp_path / f"run{crash_at}"
         count = 0
 
-        def boom(name: str) -> None:
+        def boom(name: str, crash_at: int = crash_at) -> None:
             nonlocal count
             count += 1
             if count == crash_at:
@@ -108,7 +109,8 @@ def test_crash_anywhere_then_resume_is_byte_identical(tmp_path: Path) -> None:
 
 def test_sigkill_then_resume(tmp_path: Path) -> None:
     _checkpoint(tmp_path / "src", layers=6)
-    ref = _digest(convert(tmp_path / "src", tmp_path / "ref", "int4", 32, shard_bytes=4000, show_progress=False))
+    ref = _digest(convert(tmp_path / "src", tmp_path / "ref", "int4", 32, shard_bytes=4000,
+                          show_progress=False))
     code = ("import sys, time; from spillover.weights.convert import convert; "
             "convert(sys.argv[1], sys.argv[2], 'int4', 32, shard_bytes=4000, show_progress=False, "
             "on_tensor=lambda n: time.sleep(0.02))")

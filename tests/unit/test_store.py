@@ -21,8 +21,9 @@ from spillover.weights.store import (
 
 
 def _write(path: Path) -> dict[str, torch.Tensor]:
-    tensors = {"a#qweight": torch.randint(0, 255, (3, 5), dtype=torch.uint8), "a#scales": torch.rand(3, 1).half(),
-               "b": torch.rand(7), "c": torch.randint(-5, 5, (2, 3), dtype=torch.int8)}
+    tensors = {"a#qweight": torch.randint(0, 255, (3, 5), dtype=torch.uint8),
+               "a#scales": torch.rand(3, 1).half(), "b": torch.rand(7),
+               "c": torch.randint(-5, 5, (2, 3), dtype=torch.int8)}
     w = ShardWriter(path, [PartSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
     for k in ("c", "a#scales", "b", "a#qweight"):  # any order: offsets are fixed up front
         w.write(k, tensors[k])
