@@ -71,7 +71,7 @@ class FlatInputs:
     query_lens: list[int]  # [N]
     context_lens: list[int]  # [N]
     slot_mapping: list[int]  # [T] flat KV slot = block_id * block_size + offset
-    kv_indices: list[list[int]]  # [N][context_len] flat slots of each sequence's whole context
+    kv_indices: list[list[int]]  # [N][context_len] flat slots of each seq's context (empty if not asked)
     block_tables: list[list[int]]  # [N] ragged; the runner pads with -1 for GPU kernels
     state_slots: list[int]  # [N], -1 for sequences without one
     logits_indices: list[int]  # rows of the hidden state that need logits
@@ -103,7 +103,9 @@ class StepPlan:
     def sample_seqs(self) -> list[ScheduledSeq]:
         return [s for s in self.seqs if s.sample]
 
-    def build_inputs(self) -> FlatInputs:
+    def build_inputs(self, kv_indices: bool = True) -> FlatInputs:
+        """Flat lists for the runner. `kv_indices` costs O(context) Python work per sequence;
+        a runner whose kernels read block_tables + context_lens should pass False."""
         bs = self.block_size
         inp = FlatInputs([], [], [], [], [], [], [], [], [], [], [])
         row = 0
@@ -115,7 +117,8 @@ class StepPlan:
             inp.query_lens.append(seq.num_new_tokens)
             inp.context_lens.append(seq.context_len)
             inp.slot_mapping += [table[p // bs] * bs + p % bs for p in positions]
-            inp.kv_indices.append([table[p // bs] * bs + p % bs for p in range(seq.context_len)])
+            if kv_indices:
+                inp.kv_indices.append([table[p // bs] * bs + p % bs for p in range(seq.context_len)])
             inp.block_tables.append(list(table))
             inp.state_slots.append(-1 if seq.state_slot is None else seq.state_slot)
             if seq.prompt_logprob_positions:

@@ -342,3 +342,29 @@ def test_rejects_what_can_never_run_and_stops_at_cache_limit() -> None:
     sched.add_request(lone)
     run_to_completion(sched, runner)
     assert lone.finish_reason == "length" and lone.num_tokens == 16
+
+
+def test_prompt_logprob_positions_cover_the_prompt_once() -> None:
+    cfg = SchedulerConfig(num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    sched, runner = Scheduler(cfg), FakeRunner(cfg)
+    warm = make("warm", list(range(1, 21)), max_tokens=1)
+    sched.add_request(warm)
+    run_to_completion(sched, runner)
+    lp = make("lp", list(range(1, 21)), max_tokens=2, prompt_logprobs=1)
+    sched.add_request(lp)
+    positions: list[int] = []
+    rows: list[int] = []
+    preempted = False
+    while sched.has_unfinished():
+        plan = sched.schedule()
+        inp = plan.build_inputs()
+        for i, lo, hi in inp.prompt_logprob_spans:
+            positions += plan.seqs[i].prompt_logprob_positions
+            rows += inp.logits_indices[lo:hi]
+        sched.update(plan, runner.run(plan))
+        if not preempted and lp.num_computed_tokens == 8:
+            sched._preempt(lp)  # recomputation must not score the same positions again
+            preempted = True
+    assert lp.num_cached_tokens == 0  # prompt logprobs need every position: no prefix hit
+    assert positions == list(range(19))  # position i scores prompt token i + 1
+    assert len(rows) == 19
