@@ -9,7 +9,7 @@ tokens and the comparison with a plain reference loop fails.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -269,7 +269,7 @@ class CharTokenizer:
 
     pieces = ["<eos>", "a", "b", "c", " ", "ST", "OP", "x", "yz", "\n"]
 
-    def decode(self, ids: list[int] | tuple[int, ...]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.pieces[i] for i in ids)
 
     def encode(self, text: str) -> list[int]:

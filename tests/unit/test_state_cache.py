@@ -37,7 +37,7 @@ def test_store_lookup_restore() -> None:
     cache = PromptStateCache(pool, bm, max_entries=4)
     r = finished(bm, pool, "a", [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11])  # 11 tokens, 10 computed
     slot = r.state_slot
-    assert len(r.block_table) == 3
+    assert slot is not None and len(r.block_table) == 3
     assert cache.store(r)
     assert r.block_table == [] and r.state_slot is None
     assert bm.num_free_blocks == 16 - 3 and pool.num_free == 3  # all 3 blocks cover 10 tokens
@@ -51,7 +51,7 @@ def test_store_lookup_restore() -> None:
 
     new = Request("b", nxt, SamplingParams())
     restored = cache.restore(new, key)
-    assert restored is not None and restored.num_tokens == 10
+    assert restored is not None and restored.num_tokens == 10 and new.state_slot is not None
     assert restored.slot_copy == SlotCopy(src=slot, dst=new.state_slot)
     assert new.block_table[:2] == ck.blocks[:2]
     assert restored.block_copy == BlockCopy(src=ck.blocks[2], dst=new.block_table[2])
