@@ -124,7 +124,6 @@ def _smaller_models(plan: MemoryPlan, hw: HardwareInfo, limits: Limits) -> list[
     fitting.sort(key=lambda x: x[0], reverse=True)
     usable = [f for f in fitting if f[2].predicted.decode_tok_s >= USABLE_TOK_S] or fitting
     return [
-        f"a smaller model: {key} ({n / 1e9:.1f}B) fits with {p.scheme.name}, "
-        f"~{p.predicted.decode_tok_s:.0f} tok/s"
+        f"a smaller model: {key} ({n / 1e9:.1f}B) fits with {p.scheme.name}, ~{p.predicted.decode_tok_s:.0f} tok/s"
         for n, key, p in usable[:2]
     ]

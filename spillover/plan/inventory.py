@@ -167,9 +167,7 @@ def _gated_deltanet(cfg: ModelConfig, p: str, i: int) -> list[TensorSpec]:
     return [
         TensorSpec(p + "in_proj_qkvz.weight", LINEAR_ATTENTION, (2 * nk * dk + 2 * nv * dv, h), i, True),
         TensorSpec(p + "in_proj_ba.weight", LINEAR_ATTENTION, (2 * nv, h), i, True),
-        TensorSpec(
-            p + "conv1d.weight", LINEAR_ATTENTION, (cfg.linear_conv_dim, 1, cfg.linear_conv_kernel_dim), i
-        ),
+        TensorSpec(p + "conv1d.weight", LINEAR_ATTENTION, (cfg.linear_conv_dim, 1, cfg.linear_conv_kernel_dim), i),
         TensorSpec(p + "dt_bias", LINEAR_ATTENTION, (nv,), i),
         TensorSpec(p + "A_log", LINEAR_ATTENTION, (nv,), i),
         TensorSpec(p + "norm.weight", LINEAR_ATTENTION, (dv,), i),

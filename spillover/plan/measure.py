@@ -84,7 +84,7 @@ def measured_bytes_by_component(
 
     def add(tier: str, comp: str, t: torch.Tensor) -> None:
         # storage identity, so that tied weights and views are not counted twice
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset())) if t.device.type != "meta" else (id(t), 0)
         if key in seen:
             return
         seen.add(key)

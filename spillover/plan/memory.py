@@ -13,7 +13,7 @@ from typing import Any
 from spillover.hw.info import HardwareInfo, fmt_bytes
 from spillover.models.config import ModelConfig
 from spillover.plan.formats import WeightScheme
-from spillover.plan.inventory import COMPONENTS, EMBEDDINGS, LM_HEAD, ROUTED_EXPERTS, Inventory
+from spillover.plan.inventory import EMBEDDINGS, LM_HEAD, ROUTED_EXPERTS, Inventory
 from spillover.plan.speed import Prediction, Traffic, predict
 from spillover.plan.workspace import activation_bytes
 
@@ -128,9 +128,7 @@ class _Bill:
         self.weights = inv.bytes_by_component(scheme)
         self.weights_total = sum(self.weights.values())
         self.kv_per_token = cfg.kv_bytes_per_token(limits.kv_dtype_bytes)
-        self.state_per_seq = state_bytes_per_sequence(
-            cfg, limits.model_dtype_bytes, limits.ssm_state_dtype_bytes
-        )
+        self.state_per_seq = state_bytes_per_sequence(cfg, limits.model_dtype_bytes, limits.ssm_state_dtype_bytes)
         routed = inv.layer_bytes(scheme, ROUTED_EXPERTS)
         self.moe_layers = sorted(routed)
         e = max(cfg.num_experts, 1)
@@ -155,14 +153,99 @@ class _Bill:
         act = activation_bytes(self.cfg, self.limits.token_budget, seqs, self.limits.model_dtype_bytes)
         return kv, slots * self.state_per_seq, act
 
-    def fits(self, context: int, seqs: int, gpu_budget: int, host: int, has_gpu: bool) -> bool:
-        kv, state, act = self.caches(context, seqs)
-        fixed = kv + state + act
-        if not has_gpu:
-            return fixed + self.weights_total <= host
-        spills = fixed + self.weights_total > gpu_budget
-        staging = min(2 * self.largest_unit, STAGING_CAP_BYTES) if spills else 0
-        return fixed + staging <= gpu_budget and fixed + staging + self.weights_total <= gpu_budget + host
+
+@dataclass(frozen=True)
+class _Placement:
+    kv: int
+    state: int
+    act: int
+    staging: int
+    caches_fit: bool  # KV + state + activations (+ staging) fit in the GPU budget
+    layers: int  # dense layers on the GPU (in order)
+    slots: int  # GPU expert slots per MoE layer
+    emb_gpu: bool
+    dense_gpu: int
+    dense_host: int
+    dense_disk: int
+    host_experts: int
+    disk_experts: int
+    emb_where: str
+    verdict: str
+
+
+FITS = ("gpu", "gpu+ram", "ram")
+
+
+def _place(bill: _Bill, gpu_budget: int, host: int, has_gpu: bool, context: int, seqs: int) -> _Placement:
+    """Dense and caches on the GPU first, then expert slots, then RAM, then disk (architecture.md)."""
+    kv, state, act = bill.caches(context, seqs)
+    e, n_moe = bill.cfg.num_experts, len(bill.moe_layers)
+    emb = bill.weights.get(EMBEDDINGS, 0)
+    n_layers = len(bill.layer_dense)
+    per = bill.expert_bytes * n_moe
+
+    def fill(room: int) -> tuple[int, int, bool, int]:
+        if bill.global_dense > room:
+            return 0, 0, False, 0
+        used, layers = bill.global_dense, 0
+        for b in bill.layer_dense:
+            if used + b > room:
+                break
+            used, layers = used + b, layers + 1
+        dense = bill.global_dense + sum(bill.layer_dense[:layers])
+        slots = 0
+        if layers == n_layers and n_moe:
+            slots = min(e, (room - dense) // (bill.expert_bytes * n_moe)) if bill.expert_bytes else e
+        all_in = layers == n_layers and slots == (e if n_moe else 0) and dense + slots * per + emb <= room
+        return layers, slots, all_in, dense
+
+    room = gpu_budget - (kv + state + act) if has_gpu else -1
+    staging = 0
+    layers, slots, emb_gpu, dense_gpu = 0, 0, False, 0
+    caches_fit = room >= 0
+    if caches_fit:
+        layers, slots, emb_gpu, dense_gpu = fill(room)
+        if not emb_gpu and bill.weights_total - emb > room:
+            # weights stream to the GPU during prefill: keep a double buffer for them
+            staging = min(2 * bill.largest_unit, STAGING_CAP_BYTES)
+            caches_fit = room - staging >= 0
+            layers, slots, emb_gpu, dense_gpu = fill(room - staging) if caches_fit else (0, 0, False, 0)
+    gpu_ok = has_gpu and caches_fit
+    host_room = host - (0 if has_gpu else kv + state + act)
+    off_dense = sum(bill.layer_dense) + bill.global_dense - dense_gpu
+    dense_host = min(off_dense, max(host_room, 0))
+    host_room -= dense_host
+    off_experts = e - slots if n_moe else 0
+    host_experts = min(off_experts, max(host_room, 0) // per) if per else 0
+    host_room -= host_experts * per
+    emb_where = "gpu" if emb_gpu else ("host" if emb <= host_room else "disk")
+    disk = off_dense - dense_host + (off_experts - host_experts) * per + (emb if emb_where == "disk" else 0)
+    on_host = dense_host + host_experts * per + (emb if emb_where == "host" else 0)
+    if has_gpu and not caches_fit:
+        verdict = "no"
+    elif disk:
+        verdict = "disk"
+    elif on_host or not has_gpu:
+        verdict = "gpu+ram" if has_gpu else "ram"
+    else:
+        verdict = "gpu"
+    return _Placement(
+        kv,
+        state,
+        act,
+        staging if gpu_ok else 0,
+        caches_fit,
+        layers,
+        slots,
+        emb_gpu,
+        dense_gpu,
+        dense_host,
+        off_dense - dense_host,
+        host_experts,
+        off_experts - host_experts,
+        emb_where,
+        verdict,
+    )
 
 
 def plan_memory(
@@ -180,126 +263,51 @@ def plan_memory(
     context, seqs = min(limits.context, cfg.max_position), limits.seqs
     if limits.context > cfg.max_position:
         reasons.append(f"context capped at the model's maximum of {cfg.max_position} tokens")
-    kv, state, act = bill.caches(context, seqs)
-    e = cfg.num_experts
-    n_moe = len(bill.moe_layers)
-    emb = bill.weights.get(EMBEDDINGS, 0)
-
-    def place(room: int) -> tuple[int, int, bool, int]:
-        """(dense layers on GPU, expert slots, embeddings on GPU, bytes used) for `room` bytes."""
-        used = 0
-        if bill.global_dense > room:
-            return 0, 0, False, 0
-        used += bill.global_dense
-        layers = 0
-        for b in bill.layer_dense:
-            if used + b > room:
-                break
-            used += b
-            layers += 1
-        slots = 0
-        if layers == len(bill.layer_dense) and n_moe:
-            slots = min(e, (room - used) // (bill.expert_bytes * n_moe)) if bill.expert_bytes else e
-            used += slots * bill.expert_bytes * n_moe
-        on_gpu = layers == len(bill.layer_dense) and slots == (e if n_moe else 0) and used + emb <= room
-        return layers, slots, on_gpu, used + (emb if on_gpu else 0)
-
-    gpu_fixed = kv + state + act if gpu else 0
-    staging = 0
-    room = gpu_budget - gpu_fixed
-    if gpu and room < 0:
-        reasons.append(
-            f"the KV cache ({fmt_bytes(kv)}), state ({fmt_bytes(state)}) and activations ({fmt_bytes(act)}) "
-            f"for {context} tokens x {seqs} sequence(s) exceed the GPU budget of {fmt_bytes(gpu_budget)}"
-        )
-    layers, slots, emb_gpu, used = place(room) if gpu and room >= 0 else (0, 0, False, 0)
-    spilled = not (layers == len(bill.layer_dense) and slots == (e if n_moe else 0) and emb_gpu)
-    if gpu and room >= 0 and spilled and (bill.weights_total - emb) > room:
-        # something streams to the GPU during prefill: keep a double buffer for it
-        staging = min(2 * bill.largest_unit, STAGING_CAP_BYTES)
-        if room - staging >= 0:
-            layers, slots, emb_gpu, used = place(room - staging)
-        else:
-            staging = 0
-    # ---- host and disk, densest first; embeddings (one row per token) go last --------------------
-    host_room = host - (0 if gpu else kv + state + act)
-    off_dense = sum(bill.layer_dense[layers:]) + (0 if (gpu and room >= 0) else bill.global_dense)
-    dense_host = min(off_dense, max(host_room, 0))
-    host_room -= dense_host
-    off_experts = e - slots if n_moe else 0
-    host_experts = (
-        min(off_experts, max(host_room, 0) // (bill.expert_bytes * n_moe)) if bill.expert_bytes else 0
-    )
-    host_room -= host_experts * bill.expert_bytes * n_moe
-    emb_host = emb if (not emb_gpu and emb <= host_room) else 0
-    disk_experts = off_experts - host_experts
-    tiers = _tiers(
-        bill,
-        layers,
-        slots,
-        host_experts,
-        disk_experts,
-        dense_host,
-        off_dense,
-        emb_gpu,
-        emb_host,
-        bool(gpu) and room >= 0,
-    )
+    pl = _place(bill, gpu_budget, host, gpu is not None, context, seqs)
+    tiers = _tiers(bill, pl)
     if gpu:
         tiers["gpu"].update(
-            {KV_CACHE: kv, LINEAR_STATE: state, ACTIVATIONS: act, STAGING: staging, RUNTIME: runtime}
+            {
+                KV_CACHE: pl.kv,
+                LINEAR_STATE: pl.state,
+                ACTIVATIONS: pl.act,
+                STAGING: pl.staging,
+                RUNTIME: runtime,
+            }
         )
     else:
-        tiers["host"].update({KV_CACHE: kv, LINEAR_STATE: state, ACTIVATIONS: act})
+        tiers["host"].update({KV_CACHE: pl.kv, LINEAR_STATE: pl.state, ACTIVATIONS: pl.act})
     tiers = {t: {k: v for k, v in d.items() if v} for t, d in tiers.items()}
-
-    on_disk = sum(tiers["disk"].values())
-    on_host_w = sum(v for k, v in tiers["host"].items() if k in COMPONENTS)
-    if gpu and room < 0:
-        verdict = "no"
-    elif on_disk:
-        verdict = "disk"
+    if pl.verdict == "no":
+        reasons.append(
+            f"the KV cache ({fmt_bytes(pl.kv)}), state ({fmt_bytes(pl.state)}) and activations "
+            f"({fmt_bytes(pl.act)}) for {context} tokens x {seqs} sequence(s), plus a streaming buffer, "
+            f"exceed the GPU budget of {fmt_bytes(gpu_budget)}"
+        )
+    elif pl.verdict == "disk":
         vram = f"{fmt_bytes(gpu.vram_total)} VRAM + " if gpu else ""
         reasons.append(
             f"weights are {fmt_bytes(bill.weights_total)} ({scheme.name}), more than {vram}"
             f"{fmt_bytes(hw.ram_total)} RAM can hold ({fmt_bytes(gpu_budget)} + {fmt_bytes(host)} usable "
-            f"after the caches, CUDA runtime and OS reserve): {fmt_bytes(on_disk)} would be read from disk"
+            f"after the caches, CUDA runtime and OS reserve): {fmt_bytes(sum(tiers['disk'].values()))} "
+            "would be read from disk"
         )
-    elif on_host_w:
-        verdict = "gpu+ram" if gpu else "ram"
-    else:
-        verdict = "gpu" if gpu else "ram"
     if hw.disk_free is not None and hw.disk_free < bill.weights_total:
         reasons.append(
             f"the model files ({fmt_bytes(bill.weights_total)}) need more disk than the "
             f"{fmt_bytes(hw.disk_free)} free at {hw.disk_path}"
         )
-    fits = verdict in ("gpu", "gpu+ram", "ram")
 
     def ok(c: int, s: int) -> bool:
-        return bill.fits(c, s, gpu_budget, host, gpu is not None)
+        return _place(bill, gpu_budget, host, gpu is not None, c, s).verdict in FITS
 
-    max_context = _search(lambda c: ok(c * limits.block_size, seqs), cfg.max_position // limits.block_size)
-    max_context *= limits.block_size
+    bs = limits.block_size
+    max_context = _search(lambda c: ok(c * bs, seqs), cfg.max_position // bs) * bs
     max_seqs = _search(lambda s: ok(context, s), 4096)
-
-    traffic = _traffic(
-        cfg,
-        bill,
-        inv,
-        scheme,
-        layers,
-        slots,
-        host_experts,
-        disk_experts,
-        dense_host,
-        off_dense,
-        context,
-        bool(gpu) and room >= 0,
-        limits,
-    )
+    traffic = _traffic(cfg, bill, inv, pl, context, gpu is not None and pl.caches_fit, limits)
     chunk = min(limits.token_budget, min(context, PREFILL_PROMPT_TOKENS))
     params = inv.params_by_component()
+    n_moe = len(bill.moe_layers)
     return MemoryPlan(
         model=model,
         config=cfg,
@@ -312,23 +320,23 @@ def plan_memory(
         weights_bytes=bill.weights,
         kv_bytes_per_token=bill.kv_per_token,
         state_bytes_per_sequence=bill.state_per_seq,
-        activation_bytes=act,
-        staging_bytes=staging,
+        activation_bytes=pl.act,
+        staging_bytes=pl.staging,
         runtime_bytes=runtime,
         gpu_budget=gpu_budget,
         host_budget=host,
         tiers=tiers,
-        block_size=limits.block_size,
+        block_size=bs,
         num_kv_blocks=bill.kv_blocks(context, seqs),
         num_state_slots=(seqs + limits.prompt_cache_slots) if bill.state_per_seq else 0,
-        num_experts=e if n_moe else 0,
-        expert_slots_per_layer=slots,
-        host_experts_per_layer=host_experts,
-        dense_layers_on_gpu=layers,
+        num_experts=cfg.num_experts if n_moe else 0,
+        expert_slots_per_layer=pl.slots,
+        host_experts_per_layer=pl.host_experts,
+        dense_layers_on_gpu=pl.layers,
         max_context=max_context,
         max_seqs=max_seqs,
-        fits=fits,
-        verdict=verdict,
+        fits=pl.verdict in FITS,
+        verdict=pl.verdict,
         reasons=tuple(reasons),
         predicted=predict(traffic, hw, chunk),
         extra={"context": context, "seqs": seqs},
@@ -346,40 +354,22 @@ def _search(ok: Any, hi: int) -> int:
     return lo
 
 
-def _tiers(
-    bill: _Bill,
-    layers: int,
-    slots: int,
-    host_e: int,
-    disk_e: int,
-    dense_host: int,
-    off_dense: int,
-    emb_gpu: bool,
-    emb_host: int,
-    gpu_ok: bool,
-) -> dict[str, dict[str, int]]:
+def _tiers(bill: _Bill, pl: _Placement) -> dict[str, dict[str, int]]:
     """Split each weight component over the tiers from the unit counts of the placement."""
-    n_moe = len(bill.moe_layers)
-    routed = {
-        "gpu": slots * bill.expert_bytes * n_moe,
-        "host": host_e * bill.expert_bytes * n_moe,
-        "disk": disk_e * bill.expert_bytes * n_moe,
-    }
+    per = bill.expert_bytes * len(bill.moe_layers)
+    routed = {"gpu": pl.slots * per, "host": pl.host_experts * per, "disk": pl.disk_experts * per}
     tiers: dict[str, dict[str, int]] = {"gpu": {}, "host": {}, "disk": {}}
     dense_total = sum(bill.layer_dense) + bill.global_dense
-    dense_gpu = (bill.global_dense + sum(bill.layer_dense[:layers])) if gpu_ok else 0
-    dense_disk = off_dense - dense_host
     for comp, size in bill.weights.items():
         if comp == ROUTED_EXPERTS:
             total = sum(routed.values())
             for t in routed:  # expert_bytes is rounded up: scale to the exact component total
                 tiers[t][comp] = size * routed[t] // total if total else 0
         elif comp == EMBEDDINGS:
-            where = "gpu" if emb_gpu else ("host" if emb_host else "disk")
-            tiers[where][comp] = size
+            tiers[pl.emb_where][comp] = size
         else:  # dense components spill in proportion to the dense bytes off the GPU
-            g = size * dense_gpu // dense_total if dense_total else 0
-            d = size * dense_disk // dense_total if dense_total else 0
+            g = size * pl.dense_gpu // dense_total if dense_total else 0
+            d = size * pl.dense_disk // dense_total if dense_total else 0
             tiers["gpu"][comp], tiers["disk"][comp], tiers["host"][comp] = g, d, size - g - d
     return tiers
 
@@ -393,43 +383,28 @@ def _active_params(cfg: ModelConfig, params: dict[str, int]) -> int:
 
 
 def _traffic(
-    cfg: ModelConfig,
-    bill: _Bill,
-    inv: Inventory,
-    scheme: WeightScheme,
-    layers: int,
-    slots: int,
-    host_e: int,
-    disk_e: int,
-    dense_host: int,
-    off_dense: int,
-    context: int,
-    gpu_ok: bool,
-    limits: Limits,
+    cfg: ModelConfig, bill: _Bill, inv: Inventory, pl: _Placement, context: int, gpu_ok: bool, limits: Limits
 ) -> Traffic:
     n_moe, e, k = len(bill.moe_layers), max(cfg.num_experts, 1), cfg.num_experts_per_tok
-    per_expert_all_layers = bill.expert_bytes * n_moe
+    per = bill.expert_bytes * n_moe
     touched = k / e if n_moe else 0.0  # uniform routing: each expert is hit with probability k/E
     chunk = min(limits.token_budget, min(context, PREFILL_PROMPT_TOKENS))
-    chunk_hit = 1.0 - (1.0 - touched) ** chunk if n_moe else 0.0
-    dense_gpu = (bill.global_dense + sum(bill.layer_dense[:layers])) if gpu_ok else 0
-    dense_disk = off_dense - dense_host
+    chunk_hit = 1.0 - (1.0 - touched) ** chunk if n_moe else 0.0  # experts a chunk needs at least once
     caches = bill.kv_per_token * context + 2 * bill.state_per_seq  # KV read; state read + written
     row = cfg.hidden_size * limits.model_dtype_bytes  # one embedding row
-    gpu_b = dense_gpu + slots * per_expert_all_layers * touched + (caches + row if gpu_ok else 0)
-    host_b = dense_host + host_e * per_expert_all_layers * touched + (0 if gpu_ok else caches + row)
-    disk_b = dense_disk + disk_e * per_expert_all_layers * touched
-    active_no_head = _active_params(cfg, inv.params_by_component()) - inv.params_by_component().get(
-        LM_HEAD, 0
-    )
+    gpu_b = pl.dense_gpu + pl.slots * per * touched + (caches + row if gpu_ok else 0)
+    host_b = pl.dense_host + pl.host_experts * per * touched + (0 if gpu_ok else caches + row)
+    disk_b = pl.dense_disk + pl.disk_experts * per * touched
+    params = inv.params_by_component()
+    active_no_head = _active_params(cfg, params) - params.get(LM_HEAD, 0)
     p = min(context, PREFILL_PROMPT_TOKENS)
     attn = 4 * len(cfg.attention_layers) * cfg.num_heads * cfg.head_dim * p / 2  # QK^T and PV, mean position
     return Traffic(
         gpu_bytes=gpu_b,
         host_bytes=host_b,
         disk_bytes=disk_b,
-        host_stream_bytes_per_chunk=dense_host + host_e * per_expert_all_layers * chunk_hit,
-        disk_bytes_per_chunk=dense_disk + disk_e * per_expert_all_layers * chunk_hit,
+        host_stream_bytes_per_chunk=pl.dense_host + pl.host_experts * per * chunk_hit,
+        disk_bytes_per_chunk=pl.dense_disk + pl.disk_experts * per * chunk_hit,
         flops_per_token=2 * active_no_head + attn,
         num_layers=cfg.num_layers,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console, Group
@@ -107,9 +108,7 @@ def hardware_table(hw: HardwareInfo) -> Table:
     if not hw.gpus:
         t.add_row("GPU", "none")
     c = hw.cpu
-    isa = (
-        ", ".join(n for n, ok in (("AVX2", c.avx2), ("AVX-512", c.avx512), ("AMX", c.amx)) if ok) or "no AVX2"
-    )
+    isa = ", ".join(n for n, ok in (("AVX2", c.avx2), ("AVX-512", c.avx512), ("AMX", c.amx)) if ok) or "no AVX2"
     t.add_row("CPU", f"{c.model}, {c.cores} cores / {c.threads} threads, {isa}")
     avail = f", {fmt_bytes(hw.ram_available)} available" if hw.ram_available is not None else ""
     t.add_row("RAM", f"{fmt_bytes(hw.ram_total)}{avail}")
@@ -131,7 +130,8 @@ def hardware_table(hw: HardwareInfo) -> Table:
 
 
 def render(plan: MemoryPlan, console: Console | None = None) -> None:
-    console = console or Console()
+    # piped output (files, CI logs) gets a width that keeps the bill on one line per component
+    console = console or (Console() if sys.stdout.isatty() else Console(width=120))
     cfg = plan.config
     ctx, seqs = plan.extra.get("context"), plan.extra.get("seqs")
     head = Text()
@@ -147,7 +147,7 @@ def render(plan: MemoryPlan, console: Console | None = None) -> None:
 
     comps = Table(title="Memory bill and placement")
     for col in ("component", "params", "bytes", *(TIER_LABEL[t] for t in TIERS)):
-        comps.add_column(col, justify="left" if col == "component" else "right")
+        comps.add_column(col, justify="left" if col == "component" else "right", no_wrap=True)
     rows = list(plan.weights_bytes)
     rows += [k for t in TIERS for k in plan.tiers[t] if k not in plan.weights_bytes]
     seen: set[str] = set()
@@ -163,9 +163,7 @@ def render(plan: MemoryPlan, console: Console | None = None) -> None:
             _gib(total),
             *(_gib(plan.tiers[t].get(comp, 0)) for t in TIERS),
         )
-    comps.add_row(
-        "total", f"{plan.params_total:,}", "", *(fmt_bytes(plan.tier_total(t)) for t in TIERS), style="bold"
-    )
+    comps.add_row("total", f"{plan.params_total:,}", "", *(_gib(plan.tier_total(t)) for t in TIERS), style="bold")
     console.print(comps)
     console.print(memory_bar(plan))
 

@@ -127,9 +127,7 @@ def from_folder(path: Path) -> ModelSource:
                     n *= int(d)
                 params += n
     size = sum(f.stat().st_size for f in files) or None
-    return ModelSource(
-        path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv))
-    )
+    return ModelSource(path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv)))
 
 
 def from_hub(repo_id: str) -> ModelSource:

