@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import torch
@@ -24,15 +25,29 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="random weights of the demo model's config (for machines without the GGUF)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(device=args.device, dtype=args.dtype)
-    path = demo_model_path()
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    if args.synthetic:
+        import tempfile
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from synthetic import catalog_folder
+
+        folder = catalog_folder("HuggingFaceTB/SmolLM2-135M-Instruct", Path(tempfile.mkdtemp()))
+        llm = LLM(model=str(folder), device=args.device, dtype=args.dtype)
+        ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        ids = torch.randint(0, llm.config.vocab_size, (39,), generator=torch.Generator().manual_seed(0)).tolist()
+    else:
+        llm = LLM(device=args.device, dtype=args.dtype)
+        path = demo_model_path()
+        ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        ids = llm.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}])
     ref = ref.to(args.device).eval()
-    ids = llm.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}])
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
 

@@ -85,7 +85,7 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> C
         model = CausalLM(cfg)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     return model.eval()
 
 
