@@ -8,14 +8,19 @@ clear message and the catalog is offered instead.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from spillover.catalog import CONFIGS, UnknownModelError, lookup
 from spillover.models.config import ModelConfig
 from spillover.plan.inventory import Inventory, inventory_from_config, inventory_from_gguf_tensors
+
+HUB_TIMEOUT_S = 5.0
 
 
 class ModelSourceError(RuntimeError):
@@ -130,20 +135,44 @@ def from_folder(path: Path) -> ModelSource:
     return ModelSource(path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv)))
 
 
+def _hub_error(repo_id: str, why: str) -> ModelSourceError:
+    from spillover.catalog import catalog_ids
+
+    return ModelSourceError(
+        f"could not read config.json of {repo_id!r} from the Hugging Face hub ({why}). "
+        f"Offline, plan works for local files and the built-in catalog: {', '.join(catalog_ids())}"
+    )
+
+
+def _offline() -> bool:
+    # read at call time: huggingface_hub reads the variable once, at its own import
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_unreachable() -> str | None:
+    """One quick connection attempt, instead of the client's retries with back-off (~25 s offline)."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError as e:
+        return f"no connection to {host}: {e}"
+    return None
+
+
 def from_hub(repo_id: str) -> ModelSource:
+    if _offline():
+        raise _hub_error(repo_id, "HF_HUB_OFFLINE is set")
+    reach = _hub_unreachable()
+    if reach:
+        raise _hub_error(repo_id, reach)
     try:
         from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
-        cfg_path = hf_hub_download(repo_id, "config.json")
+        cfg_path = hf_hub_download(repo_id, "config.json", etag_timeout=HUB_TIMEOUT_S)
         raw = json.loads(Path(cfg_path).read_text())
     except Exception as e:  # offline, unknown repo, gated repo: say which, then offer the catalog
-        from spillover.catalog import catalog_ids
-
-        kind = type(e).__name__
-        raise ModelSourceError(
-            f"could not read config.json of {repo_id!r} from the Hugging Face hub ({kind}: {str(e)[:200]}). "
-            f"Offline, plan works for local files and the built-in catalog: {', '.join(catalog_ids())}"
-        ) from e
+        raise _hub_error(repo_id, f"{type(e).__name__}: {str(e)[:200]}") from e
     cfg = ModelConfig.from_hf(raw)
     inv = inventory_from_config(cfg)
     size: int | None = None
