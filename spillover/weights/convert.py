@@ -147,7 +147,7 @@ def plan_conversion(source: Source, opts: ConvertOptions) -> list[Planned]:
         shards[-1].append(p)
         size += p.nbytes()
     n = len(shards)
-    out = []
+    out: list[Planned] = []
     for i, group in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         out.extend(Planned(**{**p.__dict__, "shard": name}) for p in group)

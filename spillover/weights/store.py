@@ -86,7 +86,7 @@ class ShardWriter:
             raise StoreError(f"{key}: planned {spec.dtype} {spec.shape}, "
                              f"got {tensor.dtype} {tuple(tensor.shape)}")
         self.f.seek(self.data_start + off)
-        self.f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self.pending.discard(key)
 
     def close(self) -> None:
