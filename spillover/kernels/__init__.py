@@ -20,8 +20,10 @@ from spillover.layers.context import AttentionCache, ForwardContext
 log = logging.getLogger("spillover.kernels")
 _logged: set[tuple[str, str]] = set()
 
-# SPILLOVER_KERNELS=ref forces the torch references everywhere (debugging, A/B checks).
-_FORCE_REF = os.environ.get("SPILLOVER_KERNELS", "") == "ref"
+
+def _force_ref() -> bool:
+    """SPILLOVER_KERNELS=ref forces the torch references everywhere (debugging, A/B checks)."""
+    return os.environ.get("SPILLOVER_KERNELS", "") == "ref"
 
 
 def _choose(op: str, impl: str, reason: str) -> None:
@@ -67,10 +69,10 @@ def gated_delta_rule(
     ssm_state: torch.Tensor,
     ctx: ForwardContext,
 ) -> torch.Tensor:
-    if q.is_cuda and not _FORCE_REF and has_fla():
+    if q.is_cuda and not _force_ref() and has_fla():
         _choose("gated_delta_rule", "fla", "flash-linear-attention importable on CUDA")
         return _fla_gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
-    reason = "forced by SPILLOVER_KERNELS=ref" if _FORCE_REF else (
+    reason = "forced by SPILLOVER_KERNELS=ref" if _force_ref() else (
         "fla not importable" if q.is_cuda else "CPU tensors"
     )
     _choose("gated_delta_rule", "torch-recurrent", reason)
