@@ -90,3 +90,23 @@ def test_gguf_file_is_planned_from_its_header(capsys: pytest.CaptureFixture[str]
 def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--list-models"]) == 0
     assert "Qwen/Qwen3-Next-80B-A3B-Thinking" in capsys.readouterr().out
+
+
+def test_local_folder_is_read_from_config_and_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from spillover.catalog import CONFIGS
+    from spillover.models.config import ModelConfig
+    from spillover.plan.inventory import inventory_from_config
+
+    raw = dict(CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"], num_hidden_layers=2, vocab_size=64)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    inv = inventory_from_config(ModelConfig.from_hf(raw))
+    save_file(
+        {t.name: torch.zeros(t.shape, dtype=torch.bfloat16) for t in inv.tensors}, str(tmp_path / "model.safetensors")
+    )
+    out = _json(capsys, str(tmp_path), "--context", "1024", *HW)
+    assert out["params"]["total"] == inv.total_params
+    assert out["checkpoint_bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    assert out["weights_total_bytes"] == 2 * inv.total_params and out["quant"] == "bf16"
