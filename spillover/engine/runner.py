@@ -1,8 +1,11 @@
-"""ModelRunner: owns the cache tensors and turns per-sequence step descriptions into one forward pass.
+"""ModelRunner: owns the cache tensors and turns a StepPlan into one forward pass.
 
 The scheduler decides *what* to compute (which tokens of which sequences, in which KV blocks and
-state slots); the runner builds the flat varlen batch and `ForwardContext`, runs the model and
-returns logits for the rows that need sampling.
+state slots); the runner performs the plan's cache copies, builds the flat varlen batch and the
+`ForwardContext`, runs the model and returns logits for the rows that need them.
+
+`SeqStep` + `run` is the older single-purpose entry (scoring, model tests): same context, no
+scheduler.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spillover.engine.batch import FlatInputs, StepPlan
 from spillover.layers.context import AttentionCache, ForwardContext, LinearStateCache
 from spillover.models.causal_lm import CausalLM
 from spillover.models.config import ModelConfig
@@ -35,6 +39,7 @@ class CacheLayout:
 def allocate_caches(
     cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtype: torch.dtype
 ) -> tuple[dict[int, AttentionCache], dict[int, LinearStateCache]]:
+    # zeros, not empty: padded decode attention reads (and masks) unused slots, and 0 * NaN = NaN.
     kv: dict[int, AttentionCache] = {}
     for i in cfg.attention_layers:
         shape = (layout.num_blocks, layout.block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -50,6 +55,16 @@ def allocate_caches(
     return kv, states
 
 
+def pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """[N, max_blocks] int32, padded with -1 (kernels never read past a sequence's context)."""
+    width = max((len(t) for t in tables), default=0)
+    out = torch.full((len(tables), max(width, 1)), -1, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        if t:
+            out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, layout: CacheLayout, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
@@ -59,54 +74,83 @@ class ModelRunner:
         self.dtype = dtype
         self.kv_caches, self.state_caches = allocate_caches(self.cfg, layout, device, dtype)
 
+    # ---- cache copies ------------------------------------------------------------------------
     def copy_state_slot(self, src: int, dst: int) -> None:
         """Duplicate a linear-attention state (prompt reuse checkpoints, n > 1 forks)."""
         for c in self.state_caches.values():
             c.conv[dst].copy_(c.conv[src])
             c.ssm[dst].copy_(c.ssm[src])
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Duplicate one KV block in every full-attention layer (a shared, partly filled block)."""
+        for c in self.kv_caches.values():
+            c.k[dst].copy_(c.k[src])
+            c.v[dst].copy_(c.v[src])
+
+    def apply_copies(self, plan: StepPlan) -> None:
+        # In list order: a later copy may read a block or slot an earlier one wrote.
+        for b in plan.block_copies:
+            self.copy_block(b.src, b.dst)
+        for s in plan.slot_copies:
+            self.copy_state_slot(s.src, s.dst)
+
+    # ---- StepPlan path (the engine) ------------------------------------------------------------
+    def context_from_inputs(self, inp: FlatInputs) -> tuple[torch.Tensor, ForwardContext]:
+        dev = self.device
+
+        def put(x: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+
+        ctx = ForwardContext(
+            positions=put(inp.positions),
+            query_lens=inp.query_lens,
+            context_lens=inp.context_lens,
+            slot_mapping=put(inp.slot_mapping),
+            kv_indices=[put(ix) for ix in inp.kv_indices],
+            block_tables=pad_block_tables(inp.block_tables).to(dev, non_blocking=True),
+            context_lens_tensor=put(inp.context_lens, torch.int32),
+            # Sequences without a slot (attention-only models) never touch state caches.
+            state_slots=[max(s, 0) for s in inp.state_slots],
+            kv_caches=self.kv_caches,
+            state_caches=self.state_caches,
+            logits_indices=put(inp.logits_indices),
+        )
+        return put(inp.token_ids), ctx
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, FlatInputs]:
+        """Copies, forward, logits: float32 [len(inp.logits_indices), vocab] and the flat inputs."""
+        self.apply_copies(plan)
+        # Attention reads block tables; per-token kv index lists would cost O(context) Python.
+        inp = plan.build_inputs(kv_indices=False)
+        input_ids, ctx = self.context_from_inputs(inp)
+        hidden = self.model(input_ids, ctx)
+        if not inp.logits_indices:
+            return torch.empty(0, self.cfg.vocab_size, device=self.device), inp
+        return self.model.compute_logits(hidden, ctx), inp
+
+    # ---- SeqStep path (scoring, model tests) ---------------------------------------------------
     def build_context(self, steps: list[SeqStep], all_logits: bool = False) -> tuple[torch.Tensor, ForwardContext]:
         bs = self.layout.block_size
-        dev = self.device
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        kv_indices: list[torch.Tensor] = []
-        logits_rows: list[int] = []
-        query_lens, context_lens = [], []
+        inp = FlatInputs([], [], [], [], [], [], [], [], [], [], [])
         for s in steps:
             n, start = len(s.token_ids), s.num_cached
             end = start + n
             if len(s.block_table) * bs < end:
                 raise ValueError(f"block table of {len(s.block_table)} blocks cannot hold {end} tokens")
-            row0 = len(ids)
-            ids.extend(s.token_ids)
-            positions.extend(range(start, end))
-            slot_mapping.extend(s.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            context_lens.append(end)
-            if self.cfg.attention_layers and start > 0:
-                bt = torch.tensor(s.block_table, dtype=torch.long)
-                pos = torch.arange(end)
-                kv_indices.append((bt[pos // bs] * bs + pos % bs).to(dev))
-            else:
-                kv_indices.append(torch.empty(0, dtype=torch.long, device=dev))
+            row0 = len(inp.token_ids)
+            inp.token_ids += s.token_ids
+            inp.positions += range(start, end)
+            inp.slot_mapping += [s.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            inp.query_lens.append(n)
+            inp.context_lens.append(end)
+            inp.block_tables.append(s.block_table[: -(-end // bs)])
+            inp.state_slots.append(s.state_slot)
             if all_logits:
-                logits_rows.extend(range(row0, row0 + n))
+                inp.logits_indices += range(row0, row0 + n)
             elif s.want_logits:
-                logits_rows.append(row0 + n - 1)
-        ctx = ForwardContext(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
-            kv_indices=kv_indices,
-            state_slots=[s.state_slot for s in steps],
-            kv_caches=self.kv_caches,
-            state_caches=self.state_caches,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-        )
-        return torch.tensor(ids, dtype=torch.long, device=dev), ctx
+                inp.logits_indices.append(row0 + n - 1)
+        return self.context_from_inputs(inp)
 
     @torch.inference_mode()
     def run(self, steps: list[SeqStep], all_logits: bool = False) -> torch.Tensor:

@@ -28,18 +28,29 @@ def write_kv(cache: AttentionCache, k: torch.Tensor, v: torch.Tensor, slot_mappi
     cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
 
 
+def _context_kv(cache: AttentionCache, ctx: ForwardContext, i: int, clen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [clen, Hkv, D] of sequence i's whole context, gathered from its blocks."""
+    hkv, d = cache.k.shape[2], cache.k.shape[3]
+    if ctx.kv_indices and ctx.kv_indices[i].numel():
+        idx = ctx.kv_indices[i]
+        return cache.k.view(-1, hkv, d)[idx], cache.v.view(-1, hkv, d)[idx]
+    assert ctx.block_tables is not None, "paged attention needs kv_indices or block_tables"
+    blocks = ctx.block_tables[i, : -(-clen // cache.block_size)].long()
+    return cache.k[blocks].reshape(-1, hkv, d)[:clen], cache.v[blocks].reshape(-1, hkv, d)[:clen]
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext, scale: float
 ) -> torch.Tensor:
     """Causal attention of the new tokens over each sequence's whole context.
 
     q [T, Hq, D], k/v [T, Hkv, D] (the new tokens, already rotated) -> [T, Hq, D].
+    A pure-decode batch with block tables goes through one padded `paged_attention_decode`.
     """
     assert ctx.slot_mapping is not None
     write_kv(cache, k, v, ctx.slot_mapping)
-    hkv, d = cache.k.shape[2], cache.k.shape[3]
-    flat_k = cache.k.view(-1, hkv, d)
-    flat_v = cache.v.view(-1, hkv, d)
+    if ctx.is_pure_decode and ctx.block_tables is not None and ctx.context_lens_tensor is not None:
+        return paged_attention_decode(q, cache.k, cache.v, ctx.block_tables, ctx.context_lens_tensor, scale)
     out = torch.empty_like(q)
     start = 0
     for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
@@ -47,8 +58,7 @@ def paged_attention(
         if qlen == clen:  # nothing cached before: attend over the new rows directly
             ki, vi = k[start : start + qlen], v[start : start + qlen]
         else:
-            idx = ctx.kv_indices[i]
-            ki, vi = flat_k[idx], flat_v[idx]
+            ki, vi = _context_kv(cache, ctx, i, clen)
         ki = ki.to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, C, D]
         vi = vi.to(q.dtype).transpose(0, 1).unsqueeze(0)
         if qlen == 1:
@@ -62,6 +72,34 @@ def paged_attention(
         out[start : start + qlen] = oi[0].transpose(0, 1)
         start += qlen
     return out
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its paged context (the new token's K/V already written).
+
+    q [N, Hq, D]; k/v_cache [blocks, block_size, Hkv, D]; block_tables [N, max_blocks] int32
+    (-1 padded); context_lens [N] int32 -> [N, Hq, D]. Reference of the Triton decode kernel;
+    also the CPU decode path: one padded, masked SDPA for the whole batch instead of N calls.
+    """
+    n, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    # Padding entries (-1) read block 0 and are masked out below; cache tensors start zeroed.
+    tables = block_tables.long().clamp_min(0)
+    width = tables.shape[1] * bs
+    keys = k_cache[tables].reshape(n, width, hkv, d).transpose(1, 2).to(q.dtype)  # [N, Hkv, C, D]
+    values = v_cache[tables].reshape(n, width, hkv, d).transpose(1, 2).to(q.dtype)
+    mask = torch.arange(width, device=q.device)[None, :] < context_lens.to(q.device).long()[:, None]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )  # [N, Hq, 1, D]
+    return o.squeeze(2)
 
 
 def causal_conv1d(

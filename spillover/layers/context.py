@@ -44,6 +44,7 @@ class ForwardContext:
     slot_mapping: torch.Tensor | None = None  # [T] int64 where each new token's K/V is written
     kv_indices: list[torch.Tensor] = field(default_factory=list)  # [N] each [context_len] int64 flat slots
     block_tables: torch.Tensor | None = None  # [N, max_blocks] int32 (-1 padded), for GPU kernels
+    context_lens_tensor: torch.Tensor | None = None  # [N] int32 on the device, for GPU kernels
     state_slots: list[int] = field(default_factory=list)  # [N] linear-attention state slot per sequence
     kv_caches: dict[int, AttentionCache] = field(default_factory=dict)  # layer index -> cache
     state_caches: dict[int, LinearStateCache] = field(default_factory=dict)  # layer index -> slots
