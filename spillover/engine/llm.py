@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
+from spillover.engine.engine import Engine, EngineConfig
+from spillover.engine.outputs import TokenEvent
 from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
 from spillover.engine.sampling import CompletionOutput, RequestOutput, SamplingParams
 from spillover.models.registry import load_config, load_model, load_tokenizer, resolve_model
@@ -43,6 +45,13 @@ class LLM:
         dtype: str = "auto",
         block_size: int = 16,
         max_model_len: int | None = None,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 2048,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        num_state_slots: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_prompt_checkpoints: int = 8,
     ) -> None:
         self.source = resolve_model(model)
         self.config = load_config(self.source)
@@ -51,8 +60,21 @@ class LLM:
         self.model = load_model(self.source, self.config, self.device, self.dtype)
         self.max_model_len = min(max_model_len or self.config.max_position, self.config.max_position)
         self.block_size = block_size
+        self.engine_config = EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            num_state_slots=num_state_slots,
+            max_prompt_checkpoints=max_prompt_checkpoints,
+            enable_prefix_caching=enable_prefix_caching,
+            max_model_len=self.max_model_len,
+        )
         self._tokenizer: Any = None
-        self._runner: ModelRunner | None = None
+        self._runner: ModelRunner | None = None  # scoring only (forward_logits); the engine has its own
+        self._engine: Engine | None = None
+        self._ids = itertools.count()
 
     # ---- tokenizer ---------------------------------------------------------------------------
     @property
@@ -68,6 +90,20 @@ class LLM:
         if tok is not None and tok.eos_token_id is not None:
             ids.add(int(tok.eos_token_id))
         return ids
+
+    def _has_tokenizer(self) -> bool:
+        try:
+            return self.tokenizer is not None
+        except Exception:  # tiny test models ship without tokenizer files
+            return False
+
+    # ---- engine ------------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        """The batching engine (built on first use: it allocates the KV cache and state slots)."""
+        if self._engine is None:
+            self._engine = Engine.from_llm(self, self.engine_config)
+        return self._engine
 
     def _runner_for(self, max_tokens: int) -> ModelRunner:
         blocks = -(-max_tokens // self.block_size)
@@ -88,20 +124,52 @@ class LLM:
     def generate(
         self,
         prompts: Sequence[str] | Sequence[list[int]] | str,
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        params = sampling_params or SamplingParams()
+        """Runs all prompts through the batching engine at once; outputs in prompt order."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        outs = []
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        encoded: list[tuple[list[int], str | None]] = []
         for p in prompts:
             if isinstance(p, str):
-                ids = self.tokenizer(p, add_special_tokens=False).input_ids
-                text: str | None = p
+                encoded.append((self.tokenizer(p, add_special_tokens=False).input_ids, p))
             else:
-                ids, text = list(p), None
-            outs.append(self._generate_one(ids, text, params))
-        return outs
+                encoded.append((list(p), None))
+        eng = self.engine
+        ids = [f"llm-{next(self._ids)}" for _ in encoded]
+        outputs: dict[str, RequestOutput] = {}
+        try:
+            for rid, (tok_ids, text), params in zip(ids, encoded, params_list, strict=True):
+                eng.add_request(rid, tok_ids, params)
+                outputs[rid] = RequestOutput(
+                    request_id=rid, prompt=text, prompt_token_ids=tok_ids, finished=False,
+                    outputs=[CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None)
+                             for i in range(params.n)],
+                )
+            open_count = sum(len(o.outputs) for o in outputs.values())
+            while open_count:
+                for ev in eng.step():
+                    out = outputs.get(ev.request_id)
+                    if out is None:
+                        continue  # an event of a request this call did not add
+                    if _absorb(out, ev):
+                        open_count -= 1
+        finally:
+            for rid, out in outputs.items():
+                if not all(c.finish_reason for c in out.outputs):
+                    eng.abort(rid)  # interrupted (exception, KeyboardInterrupt): free its cache
+        eos = self.eos_token_ids
+        for out in outputs.values():
+            out.finished = True
+            for c in out.outputs:
+                _strip_eos(c, eos)
+        return [outputs[rid] for rid in ids]
 
     def chat(
         self,
@@ -113,72 +181,53 @@ class LLM:
         prompts = [self.apply_chat_template(c, **(chat_template_kwargs or {})) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params)
 
+    def stream_chat(
+        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None, **template_kw: Any
+    ) -> Iterator[str]:
+        """Text deltas of one chat completion (index 0) as the engine produces them."""
+        ids = self.apply_chat_template(messages, **template_kw)
+        eng = self.engine
+        rid = f"llm-{next(self._ids)}"
+        eng.add_request(rid, ids, sampling_params or SamplingParams())
+        done = False
+        try:
+            while not done:
+                for ev in eng.step():
+                    if ev.request_id != rid or ev.index != 0:
+                        continue
+                    if ev.new_text:
+                        yield ev.new_text
+                    done = ev.finished
+        finally:
+            if not done:
+                eng.abort(rid)
+
     def apply_chat_template(self, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
         if isinstance(out, dict) or hasattr(out, "input_ids"):
             out = out["input_ids"]
         return list(out)
 
-    def _generate_one(self, ids: list[int], text: str | None, params: SamplingParams) -> RequestOutput:
-        if not ids:
-            raise ValueError("prompt is empty")
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context of {self.max_model_len} tokens")
-        runner = self._runner_for(total)
-        table = list(range(runner.layout.num_blocks))
-        gen = torch.Generator(device="cpu")
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
-        eos = set() if params.ignore_eos else self.eos_token_ids
-        out: list[int] = []
-        finish = "length"
-        step = SeqStep(ids, 0, table, 0)
-        detok = ""
-        while len(out) < params.max_tokens:
-            logits = runner.run([step])[0]
-            tok = _simple_sample(logits, params, gen)
-            out.append(tok)
-            if len(out) >= params.min_tokens and (tok in eos or tok in params.stop_token_ids):
-                finish = "stop"
-                if tok in eos:
-                    out.pop()
-                break
-            if params.stop and self._tokenizer is not None:
-                detok = self.tokenizer.decode(out, skip_special_tokens=True)
-                hit = min((detok.find(s) for s in params.stop if s in detok), default=-1)
-                if hit >= 0:
-                    finish = "stop"
-                    detok = detok[:hit]
-                    break
-            step = SeqStep([tok], step.num_cached + len(step.token_ids), table, 0)
-        if finish == "stop" and params.stop and detok:
-            out_text = detok
-        else:
-            out_text = self.tokenizer.decode(out, skip_special_tokens=True) if self._has_tokenizer() else ""
-        return RequestOutput(
-            request_id=uuid.uuid4().hex, prompt=text, prompt_token_ids=ids,
-            outputs=[CompletionOutput(0, out_text, out, finish)],
-        )
 
-    def _has_tokenizer(self) -> bool:
-        try:
-            return self.tokenizer is not None
-        except Exception:  # tiny test models ship without tokenizer files
-            return False
+def _absorb(out: RequestOutput, ev: TokenEvent) -> bool:
+    """Adds one event to its RequestOutput; True when it finished a completion."""
+    c = out.outputs[ev.index]
+    c.token_ids.extend(ev.new_token_ids)
+    c.text += ev.new_text
+    if c.logprobs is not None and ev.logprobs is not None:
+        c.logprobs.extend(ev.logprobs)
+    if ev.prompt_logprobs is not None:
+        out.prompt_logprobs = ev.prompt_logprobs
+    if ev.index == 0:
+        out.num_cached_tokens = ev.num_cached_tokens
+    if ev.finished:
+        c.finish_reason, c.stop_reason = ev.finish_reason, ev.stop_reason
+    return ev.finished
 
 
-def _simple_sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    if p.greedy:
-        return int(torch.argmax(logits).item())
-    x = logits.float().cpu() / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, -1)
-    if p.top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        keep = sp.cumsum(0) - sp < p.top_p
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+def _strip_eos(c: CompletionOutput, eos: set[int]) -> None:
+    # The end-of-sequence token ends the completion but is not part of it (stop_token_ids are).
+    if c.finish_reason == "stop" and c.stop_reason is None and c.token_ids and c.token_ids[-1] in eos:
+        c.token_ids.pop()
+        if c.logprobs:
+            c.logprobs.pop()

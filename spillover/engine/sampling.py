@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# (output token ids so far, one row's float32 logits [vocab]) -> logits; e.g. constrained decoding
+LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
 
 
 @dataclass
@@ -24,6 +32,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
     prompt_logprobs: int | None = None
+    # Applied per row after logit_bias / penalties and before temperature, top-k/p and greedy argmax.
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

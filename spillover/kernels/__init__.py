@@ -54,7 +54,7 @@ def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext, scale: float
 ) -> torch.Tensor:
     decode_ready = ctx.is_pure_decode and ctx.block_tables is not None and ctx.context_lens_tensor is not None
-    if q.is_cuda and decode_ready and not _FORCE_REF and has_triton():
+    if q.is_cuda and decode_ready and not _force_ref() and has_triton():
         from spillover.kernels.triton.paged_attention import paged_attention_decode
 
         assert ctx.slot_mapping is not None and ctx.block_tables is not None
@@ -62,7 +62,7 @@ def paged_attention(
         _choose("paged_attention", "triton-decode", "pure-decode step on CUDA, triton importable")
         ref.write_kv(cache, k, v, ctx.slot_mapping)
         return paged_attention_decode(q, cache.k, cache.v, ctx.block_tables, ctx.context_lens_tensor, scale)
-    reason = "forced by SPILLOVER_KERNELS=ref" if _FORCE_REF else (
+    reason = "forced by SPILLOVER_KERNELS=ref" if _force_ref() else (
         "padded SDPA over gathered blocks (pure decode)" if decode_ready else "per-sequence SDPA over gathered blocks"
     )
     _choose("paged_attention", "torch-sdpa", reason)

@@ -1,0 +1,274 @@
+"""Engine: the batching step loop (schedule -> forward -> sample -> update), single-threaded.
+
+The server drives it from one engine thread: `add_request`, `abort`, and `step()` in a loop,
+streaming each `TokenEvent` to the request's client. `LLM.generate` drives the same loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from spillover.engine.outputs import EngineStats, QueueFullError, TokenEvent
+from spillover.engine.request import Request
+from spillover.engine.runner import CacheLayout, ModelRunner
+from spillover.engine.sampler import Sampler, prompt_logprobs
+from spillover.engine.sampling import SamplingParams
+from spillover.engine.scheduler import RequestDelta, Scheduler, SchedulerConfig
+from spillover.engine.step_sampler import sample_rows
+from spillover.models.causal_lm import CausalLM
+from spillover.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from spillover.engine.llm import LLM
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "TokenEvent", "cache_sizes"]
+
+log = logging.getLogger("spillover.engine")
+
+MiB = 1 << 20
+# Default KV budget when none is given: room for max_num_seqs sequences of this many tokens...
+DEFAULT_TOKENS_PER_SEQ = 4096
+# ...bounded on the CPU (RAM is shared with everything else) and by a share of free GPU memory.
+CPU_KV_CAP_BYTES = 1024 * MiB
+GPU_FREE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: derive from a memory budget
+    kv_cache_memory_bytes: int | None = None
+    num_state_slots: int | None = None
+    max_prompt_checkpoints: int = 8
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    max_queue_len: int = 1024  # add_request raises QueueFullError beyond this many waiting
+
+
+def cache_sizes(cfg: ModelConfig, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(num_kv_blocks, num_state_slots). The one place that turns a byte budget into cache sizes
+    until the engine takes them from a MemoryPlan: KV blocks for max_num_seqs sequences of up to
+    DEFAULT_TOKENS_PER_SEQ tokens, within `kv_cache_memory_bytes` (default: 1 GiB on the CPU,
+    half the free memory on a GPU); state slots for every running sequence plus checkpoints."""
+    slots = config.num_state_slots
+    if slots is None:
+        slots = config.max_num_seqs + config.max_prompt_checkpoints + 1 if cfg.linear_layers else 0
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks, slots
+    bs = config.block_size
+    per_block = max(cfg.kv_bytes_per_token(torch.empty(0, dtype=dtype).element_size()), 1) * bs
+    max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+    wanted = config.max_num_seqs * -(-min(max_len, DEFAULT_TOKENS_PER_SEQ) // bs)
+    budget = config.kv_cache_memory_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * GPU_FREE_FRACTION) - slots * cfg.state_bytes_per_sequence()
+        else:
+            budget = CPU_KV_CAP_BYTES
+        blocks = min(wanted, budget // per_block)
+    else:
+        blocks = budget // per_block
+    # At least one full-length sequence, so that a long prompt is never refused for size alone.
+    return max(blocks, -(-max_len // bs) + 1), slots
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of one add_request call (all n completions)."""
+
+    num_prompt_tokens: int
+    n: int
+    prompt_logprobs: list[dict[int, float] | None] | None
+    num_open: int  # completions not finished yet
+    sent_prompt_logprobs: bool = False
+
+
+class Engine:
+    def __init__(
+        self,
+        model: CausalLM,
+        model_config: ModelConfig,
+        tokenizer: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        config: EngineConfig,
+    ) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.config = config
+        num_blocks, num_slots = cache_sizes(model_config, config, device, dtype)
+        hybrid = bool(model_config.linear_layers)
+        self.runner = ModelRunner(
+            model, CacheLayout(num_blocks, config.block_size, max(num_slots, 1)), device, dtype
+        )
+        eos = set(model_config.eos_token_ids)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_token_ids = tuple(sorted(eos))
+        max_len = min(config.max_model_len or model_config.max_position, model_config.max_position)
+        sched_cfg = SchedulerConfig(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=max_len,
+            hybrid=hybrid,
+            num_state_slots=num_slots if hybrid else 0,
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_prompt_checkpoints=config.max_prompt_checkpoints if config.enable_prefix_caching else 0,
+            eos_token_ids=self.eos_token_ids,
+        )
+        detokenize = partial(tokenizer.decode, skip_special_tokens=True) if tokenizer is not None else None
+        self.scheduler = Scheduler(sched_cfg, detokenize)
+        self.max_model_len: int = self.scheduler.max_model_len
+        self.sampler = Sampler()
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending: list[TokenEvent] = []  # abort events, handed out by the next step()
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
+        self._computed_prompt_tokens = 0
+        log.info("engine: %d KV blocks of %d tokens, %d state slots, max_model_len %d, max_num_seqs %d",
+                 num_blocks, config.block_size, num_slots, self.max_model_len, config.max_num_seqs)
+
+    @classmethod
+    def from_llm(cls, llm: LLM, config: EngineConfig | None = None) -> Engine:
+        tokenizer = llm.tokenizer if llm._has_tokenizer() else None
+        return cls(llm.model, llm.config, tokenizer, llm.device, llm.dtype, config or llm.engine_config)
+
+    # ---- intake ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        if request_id in self._tracked:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the model's context length of {self.max_model_len} tokens"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        if len(self.scheduler.waiting) >= self.config.max_queue_len:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting "
+                                 f"(max_queue_len {self.config.max_queue_len})")
+        req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids)
+        self.scheduler.add_request(req)
+        self._tracked[request_id] = _Tracked(
+            num_prompt_tokens=len(prompt_token_ids),
+            n=params.n,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            num_open=params.n,
+        )
+        self._prompt_tokens += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> None:
+        """Frees the request's blocks and slots now; the next step() returns one final event
+        (finish_reason "abort") per completion that was still open. Unknown ids: no-op."""
+        track = self._tracked.pop(request_id, None)
+        for req in self.scheduler.abort(request_id):
+            self._pending.append(TokenEvent(
+                request_id=request_id, index=req.index, new_token_ids=[], new_text="", logprobs=None,
+                finished=True, finish_reason="abort", stop_reason=None,
+                num_prompt_tokens=track.num_prompt_tokens if track else req.num_prompt_tokens,
+                num_cached_tokens=req.num_cached_tokens,
+            ))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return events
+        logits, inp = self.runner.execute(plan)
+        for i, lo, hi in inp.prompt_logprob_spans:
+            seq = plan.seqs[i]
+            req = seq.request
+            track = self._tracked.get(req.parent_id or req.request_id)
+            k = req.sampling_params.prompt_logprobs
+            if track is None or track.prompt_logprobs is None or k is None:
+                continue
+            nxt = [req.prompt_token_ids[p + 1] for p in seq.prompt_logprob_positions]
+            track.prompt_logprobs.extend(prompt_logprobs(logits[lo:hi], nxt, k))
+        sampled: dict[str, int] = {}
+        token_logprobs: dict[str, dict[int, float] | None] = {}
+        seqs = plan.sample_seqs
+        if seqs:
+            rows = logits
+            if len(inp.sample_rows) != logits.shape[0]:
+                rows = logits.index_select(0, torch.tensor(inp.sample_rows, device=logits.device))
+            out = sample_rows(self.sampler, rows, [s.request for s in seqs])
+            for s, tok, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
+                sampled[s.request_id] = tok
+                token_logprobs[s.request_id] = lp
+        for seq in plan.seqs:
+            self._computed_prompt_tokens += max(0, min(seq.end, seq.request.num_prompt_tokens) - seq.start)
+        # The Request objects, since update() retires finished ones from the scheduler's table.
+        requests = {s.request_id: s.request for s in plan.seqs}
+        for delta in self.scheduler.update(plan, sampled):
+            self._generated_tokens += len(delta.new_token_ids)
+            lp = token_logprobs.get(delta.request_id)
+            events.append(self._event(delta, requests[delta.request_id], lp))
+        return events
+
+    def _event(self, delta: RequestDelta, req: Request, lp: dict[int, float] | None) -> TokenEvent:
+        caller_id = delta.parent_id or delta.request_id
+        track = self._tracked.get(caller_id)
+        event = TokenEvent(
+            request_id=caller_id,
+            index=delta.index,
+            new_token_ids=delta.new_token_ids,
+            new_text=delta.new_text,
+            logprobs=[lp] if lp is not None else None,
+            finished=delta.finished,
+            finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason,
+            num_prompt_tokens=track.num_prompt_tokens if track else 0,
+            num_cached_tokens=req.num_cached_tokens,
+        )
+        if track is None:
+            return event
+        if delta.index == 0 and not track.sent_prompt_logprobs:
+            track.sent_prompt_logprobs = True
+            event.prompt_logprobs = track.prompt_logprobs
+        if delta.finished:
+            track.num_open -= 1
+            if track.num_open <= 0:
+                del self._tracked[caller_id]
+        return event
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        bm = s.block_manager
+        prefix = s.prompt_cache.stats if s.config.hybrid else bm.stats
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            kv_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
+            prefix_queries_tokens=prefix.queries,
+            prefix_hit_tokens=prefix.hits,
+            num_preemptions=s.num_preemptions,
+            state_slots_total=s.state_slots.num_slots,
+            state_slots_free=s.state_slots.num_free,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generated_tokens,
+            computed_prompt_tokens_total=self._computed_prompt_tokens,
+        )
