@@ -1,0 +1,205 @@
+"""The FastAPI app: routes, auth, error envelope, readiness, and the engine's start-up.
+
+Bodies are read and validated by hand (not by FastAPI's signature magic) so that every client
+mistake, malformed JSON included, becomes OpenAI's error envelope with a 400 and a `param`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import spillover
+from spillover.server.bridge import EngineBridge
+from spillover.server.chat import render_messages
+from spillover.server.grammar import GrammarCompiler
+from spillover.server.metrics import ServerMetrics
+from spillover.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse,
+)
+from spillover.server.serving import RETRY_AFTER_S, ServerState, new_id, until_disconnect
+from spillover.server.serving_chat import check_tools_supported, create_chat_completion
+from spillover.server.serving_completions import create_completion
+
+log = logging.getLogger("spillover.server")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+# Returns a started-ready engine (Engine API: add_request/abort/step/has_unfinished/stats/tokenizer).
+EngineLoader = Callable[[], Any]
+
+
+def attach_engine(state: ServerState, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
+    state.engine = engine
+    state.tokenizer = engine.tokenizer
+    state.max_model_len = int(engine.max_model_len)
+    mc = getattr(engine, "model_config", None)
+    state.vocab_size = int(getattr(mc, "vocab_size", 0) or len(engine.tokenizer))
+    eos = [int(e) for e in getattr(mc, "eos_token_ids", ())] or [int(engine.tokenizer.eos_token_id)]
+    state.grammar = GrammarCompiler(engine.tokenizer, state.vocab_size, eos)
+    bridge = EngineBridge(engine, loop)
+    state.metrics = ServerMetrics(state.model_name, lambda: bridge.stats)
+    bridge.start()
+    state.bridge = bridge
+
+
+def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        if loader is not None:
+            # Load in the background so /health can say 503 "loading" instead of refusing connections.
+            def load() -> None:
+                try:
+                    engine = loader()
+                    loop.call_soon_threadsafe(attach_engine, state, engine, loop)
+                except Exception as e:
+                    log.exception("model loading failed")
+                    state.load_error = f"{type(e).__name__}: {e}"
+            threading.Thread(target=load, name="spillover-load", daemon=True).start()
+        yield
+        if state.bridge is not None:
+            state.bridge.stop()
+
+    app = FastAPI(title="spillover", version=spillover_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.spillover = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(exc)[:500]).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), type_).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(APIError(500, f"internal server error: {type(exc).__name__}", "server_error").body(),
+                            status_code=500)
+
+    def auth(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
+
+    def need_ready() -> None:
+        if not state.ready:
+            msg = f"model failed to load: {state.load_error}" if state.load_error else "Loading model"
+            raise APIError(503, msg, "unavailable_error", code="model_not_ready",
+                           headers={"Retry-After": RETRY_AFTER_S})
+
+    async def body_json(request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, "request body too large")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}"[:300], code="invalid_json") from None
+
+    def header_id(request: Request) -> str:
+        return request.headers.get("x-request-id") or new_id("req")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ready:
+            return JSONResponse({"status": "ok"})
+        need_ready()
+        return Response(status_code=503)  # unreachable: need_ready raised
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": spillover_version()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.metrics is None:
+            return Response(b"", media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "spillover",
+                "root": name, "parent": None, "max_model_len": state.max_model_len or None}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        auth(request)
+        return {"object": "list", "data": [model_card(state.model_name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        auth(request)
+        state.check_model(model_id)
+        return model_card(state.model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        auth(request)
+        req = parse(await body_json(request), ChatCompletionRequest)
+        need_ready()
+        check_tools_supported(req)
+        work = create_chat_completion(state, req, request, header_id(request))
+        return await work if req.stream else await until_disconnect(request, work)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        auth(request)
+        req = parse(await body_json(request), CompletionRequest)
+        need_ready()
+        work = create_completion(state, req, header_id(request))
+        return await work if req.stream else await until_disconnect(request, work)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        auth(request)
+        req = parse(await body_json(request), TokenizeRequest)
+        need_ready()
+        state.check_model(req.model)
+        if req.messages is not None:
+            text = render_messages(state.tokenizer, req.messages, None, req.chat_template_kwargs or {},
+                                   add_generation_prompt=req.add_generation_prompt)
+            ids = list(state.tokenizer(text, add_special_tokens=False).input_ids)
+        else:
+            ids = list(state.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
+                "token_strs": [state.token_str(t) for t in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        auth(request)
+        req = parse(await body_json(request), DetokenizeRequest)
+        need_ready()
+        state.check_model(req.model)
+        if any(not 0 <= t < state.vocab_size for t in req.tokens):
+            raise APIError(400, "token ids must lie in the vocabulary", param="tokens")
+        return {"prompt": state.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+def spillover_version() -> str:
+    return str(getattr(spillover, "__version__", "0.1.0"))

@@ -1,0 +1,156 @@
+"""asyncio <-> one engine thread.
+
+The engine is single-threaded by design: only the engine thread touches it. The event loop sends
+commands (add, abort) through a thread-safe queue; the engine thread steps and hands each step's
+events back to the loop in one `call_soon_threadsafe`, where they are routed to per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("spillover.server")
+
+
+@dataclass
+class Stream:
+    """What the HTTP layer reads for one request: its events, in order."""
+
+    request_id: str
+    n: int
+    events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    finished_indices: set[int] = field(default_factory=set)
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished_indices) >= self.n
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class EngineBridge:
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop,
+                 on_step: Callable[[Any], None] | None = None) -> None:
+        self.engine = engine
+        self.loop = loop
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, Stream] = {}
+        self._stop = threading.Event()
+        self._on_step = on_step
+        self.stats: Any = engine.stats()  # latest snapshot, replaced (never mutated) by the engine thread
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="spillover-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # ---- event-loop side ---------------------------------------------------------------------------
+    async def submit(self, request_id: str, prompt_ids: list[int], params: Any,
+                     events: asyncio.Queue[Any] | None = None) -> Stream:
+        """Adds a request; engine errors (ValueError, QueueFullError) are raised here, in the caller.
+        Several requests may share one `events` queue (completions with a list of prompts)."""
+        if not self.alive:
+            raise EngineDead("the engine is not running")
+        stream = Stream(request_id, params.n) if events is None else Stream(request_id, params.n, events)
+        self._streams[request_id] = stream
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._commands.put(("add", (request_id, prompt_ids, params, fut)))
+        try:
+            await asyncio.wrap_future(fut)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Frees the request's blocks and slots on the engine's next turn (before its next step)."""
+        if self._streams.pop(request_id, None) is not None:
+            self._commands.put(("abort", request_id))
+
+    def release(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def _deliver(self, events: list[Any]) -> None:
+        for ev in events:
+            s = self._streams.get(ev.request_id)
+            if s is None:
+                continue  # aborted meanwhile
+            if ev.finished:
+                s.finished_indices.add(ev.index)
+            s.events.put_nowait(ev)
+            if s.done:
+                self._streams.pop(ev.request_id, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for s in list(self._streams.values()):
+            s.events.put_nowait(exc)
+        self._streams.clear()
+
+    # ---- engine-thread side ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished()
+                self._drain(block=not busy)
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished():
+                    events = self.engine.step()
+                    self.stats = self.engine.stats()
+                    if events:
+                        self.loop.call_soon_threadsafe(self._deliver, events)
+                    if self._on_step is not None:
+                        self._on_step(self.stats)
+        except BaseException as e:  # a dead engine must be visible: /health turns 503
+            log.exception("engine thread died")
+            self.error = e
+            try:
+                self.loop.call_soon_threadsafe(self._fail_all, EngineDead(f"engine failed: {e}"))
+            except RuntimeError:
+                pass  # loop already closed
+
+    def _drain(self, block: bool) -> None:
+        changed = False
+        while True:
+            try:
+                cmd, arg = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            except queue.Empty:
+                break
+            block = False
+            if cmd == "add":
+                rid, ids, params, fut = arg
+                try:
+                    self.engine.add_request(rid, ids, params)
+                except Exception as e:
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(None)
+                changed = True
+            elif cmd == "abort":
+                try:
+                    self.engine.abort(arg)
+                except KeyError:
+                    pass  # finished in the step that raced with the disconnect
+                changed = True
+        if changed:
+            self.stats = self.engine.stats()
