@@ -177,14 +177,15 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Frees the request's blocks and slots now; the next step() returns one final event
         (finish_reason "abort") per completion that was still open. Unknown ids: no-op."""
-        track = self._tracked.pop(request_id, None)
+        self._tracked.pop(request_id, None)
         for req in self.scheduler.abort(request_id):
-            self._pending.append(TokenEvent(
-                request_id=request_id, index=req.index, new_token_ids=[], new_text="", logprobs=None,
+            # An n > 1 request aborted before its fork still owes all n completions an end.
+            indexes = range(req.sampling_params.n) if req.is_fork_parent else [req.index]
+            self._pending += [TokenEvent(
+                request_id=request_id, index=i, new_token_ids=[], new_text="", logprobs=None,
                 finished=True, finish_reason="abort", stop_reason=None,
-                num_prompt_tokens=track.num_prompt_tokens if track else req.num_prompt_tokens,
-                num_cached_tokens=req.num_cached_tokens,
-            ))
+                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
+            ) for i in indexes]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
