@@ -36,7 +36,8 @@ def _context_kv(cache: AttentionCache, ctx: ForwardContext, i: int, clen: int) -
         return cache.k.view(-1, hkv, d)[idx], cache.v.view(-1, hkv, d)[idx]
     assert ctx.block_tables is not None, "paged attention needs kv_indices or block_tables"
     blocks = ctx.block_tables[i, : -(-clen // cache.block_size)].long()
-    return cache.k[blocks].reshape(-1, hkv, d)[:clen], cache.v[blocks].reshape(-1, hkv, d)[:clen]
+    k = cache.k.index_select(0, blocks).view(-1, hkv, d)[:clen]
+    return k, cache.v.index_select(0, blocks).view(-1, hkv, d)[:clen]
 
 
 def paged_attention(
@@ -88,13 +89,13 @@ def paged_attention_decode(
     (-1 padded); context_lens [N] int32 -> [N, Hq, D]. Reference of the Triton decode kernel;
     also the CPU decode path: one padded, masked SDPA for the whole batch instead of N calls.
     """
-    n, hq, d = q.shape
+    n, d = q.shape[0], q.shape[2]
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     # Padding entries (-1) read block 0 and are masked out below; cache tensors start zeroed.
-    tables = block_tables.long().clamp_min(0)
-    width = tables.shape[1] * bs
-    keys = k_cache[tables].reshape(n, width, hkv, d).transpose(1, 2).to(q.dtype)  # [N, Hkv, C, D]
-    values = v_cache[tables].reshape(n, width, hkv, d).transpose(1, 2).to(q.dtype)
+    tables = block_tables.long().clamp_min(0).view(-1)
+    width = block_tables.shape[1] * bs
+    keys = k_cache.index_select(0, tables).view(n, width, hkv, d).transpose(1, 2).to(q.dtype)  # [N, Hkv, C, D]
+    values = v_cache.index_select(0, tables).view(n, width, hkv, d).transpose(1, 2).to(q.dtype)
     mask = torch.arange(width, device=q.device)[None, :] < context_lens.to(q.device).long()[:, None]
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
