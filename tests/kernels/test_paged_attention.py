@@ -59,3 +59,20 @@ def test_reference_matches_dense_attention() -> None:
     vv = v[[2, 0, 1]].reshape(-1, hkv, d)[:n_ctx].repeat_interleave(hq // hkv, dim=1)
     w = torch.softmax(torch.einsum("hd,chd->hc", q[0], kk) * 0.5, dim=-1)
     assert torch.allclose(got[0], torch.einsum("hc,chd->hd", w, vv), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need a CUDA device")
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(9, 3, 64), (16, 2, 128), (32, 8, 128)])
+def test_decode_kernel_real_shapes_cuda(hq: int, hkv: int, d: int) -> None:
+    g = torch.Generator().manual_seed(hq)
+    bs, n, num_blocks = 16, 24, 2048
+    lens = torch.randint(1, 1500, (n,), generator=g)
+    width = int(-(-lens.max() // bs))
+    bt = torch.randperm(num_blocks, generator=g)[: n * width].view(n, width).to(torch.int32)
+    k = torch.randn(num_blocks, bs, hkv, d, generator=g).to("cuda", torch.bfloat16)
+    v = torch.randn(num_blocks, bs, hkv, d, generator=g).to("cuda", torch.bfloat16)
+    q = torch.randn(n, hq, d, generator=g).to("cuda", torch.bfloat16)
+    args = (bt.cuda(), lens.to(torch.int32).cuda(), d**-0.5)
+    expected = reference(q.float(), k.float(), v.float(), *args)
+    got = paged_attention_decode(q, k, v, *args)
+    assert (got.float() - expected).abs().max().item() <= 2e-2
