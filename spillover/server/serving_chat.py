@@ -48,7 +48,9 @@ def _logprob_entries(state: ServerState, ev: Any, k: int) -> list[dict[str, Any]
     return out
 
 
-async def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, bool, bool]:
+def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, bool, bool]:
+    """Template, tokenization and grammar compilation: CPU work, run in a worker thread so the event
+    loop keeps answering /health and streaming other requests meanwhile."""
     state.check_model(req.model)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.reasoning_effort == "none":
@@ -63,10 +65,10 @@ async def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, 
     if parse_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
         only = req.tool_choice.function["name"] if isinstance(req.tool_choice, NamedToolChoice) else None
         assert req.tools is not None
-        grammar = await asyncio.to_thread(state.grammar.for_tools, req.tools, only, req.parallel_tool_calls)
+        grammar = state.grammar.for_tools(req.tools, only, req.parallel_tool_calls)
     elif req.response_format is not None:
-        grammar = await asyncio.to_thread(state.grammar.for_response_format, req.response_format)
-    processors = [await asyncio.to_thread(state.grammar.processor, grammar)] if grammar else []
+        grammar = state.grammar.for_response_format(req.response_format)
+    processors = [state.grammar.processor(grammar)] if grammar else []
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(state, req, max_tokens, logprobs, processors=processors)
     run = Run(state, [Sub(new_id("chatcmpl"), prompt_ids, params)])
@@ -76,7 +78,7 @@ async def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, request: Request,
                                  header_id: str) -> Any:
-    run, parse_tools, starts_thinking = await prepare(state, req)
+    run, parse_tools, starts_thinking = await asyncio.to_thread(prepare, state, req)
     thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False \
         and req.reasoning_effort != "none"
     choices = [Choice(OutputParser(parse_tools, thinking, starts_thinking)) for _ in range(req.n)]

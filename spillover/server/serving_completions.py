@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ def _prepare(state: ServerState, req: CompletionRequest) -> tuple[Run, list[str]
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, header_id: str) -> Any:
-    run, prompt_texts = _prepare(state, req)
+    run, prompt_texts = await asyncio.to_thread(_prepare, state, req)  # tokenizing off the event loop
     request_id = run.subs[0].request_id
     meta = {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": state.model_name, "system_fingerprint": None}

@@ -80,7 +80,8 @@ class ScriptedEngine:
                 r.pos[i] += 1
                 eos = p >= len(r.script)
                 length = not eos and r.pos[i] >= r.params.max_tokens
-                text = "" if eos else self.tokenizer.decode(r.script[: p + 1])[len(self.tokenizer.decode(r.script[:p])):]
+                dec = self.tokenizer.decode
+                text = "" if eos else dec(r.script[: p + 1])[len(dec(r.script[:p])):]
                 lp = [{tok: -0.5, (tok + 1) % 100: -1.5}] if r.params.logprobs is not None else None
                 r.done[i] = eos or length
                 events.append(TokenEvent(r.rid, i, [tok], text, lp, r.done[i],

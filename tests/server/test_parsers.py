@@ -12,7 +12,8 @@ from spillover.server.protocol import APIError, ChatCompletionRequest, Completio
 
 CASES = [
     # (text, parse_tools, content, reasoning, [(name, args)])
-    ("<think>\nplan\n</think>\n\nHello <tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": {\"b\": 1}}}\n</tool_call>",
+    ("<think>\nplan\n</think>\n\nHello <tool_call>\n"
+     "{\"name\": \"f\", \"arguments\": {\"a\": {\"b\": 1}}}\n</tool_call>",
      True, "Hello ", "\nplan\n", [("f", {"a": {"b": 1}})]),
     ("plain <tool answer < > </tool", True, "plain <tool answer < > </tool", "", []),
     ("x <tool_call>{\"name\": \"g\", \"arguments\": {\"q\": \"}\"}", True, "x ", "", [("g", {"q": "}"})]),

@@ -112,7 +112,8 @@ def test_tool_call_back_in_history(served: Served) -> None:
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
         {"role": "user", "content": [{"type": "text", "text": "SCRIPT:"}, {"type": "text", "text": "Sunny."}]},
     ]
@@ -138,7 +139,8 @@ def test_reasoning_then_tool_call_streaming(served: Served) -> None:
     chunks = stream_chat(served, f"<think>need weather</think>{CALL}", tools=TOOLS)
     reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    args = "".join(tc.function.arguments or "" for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or [])
+    args = "".join(tc.function.arguments or "" for c in chunks if c.choices
+                   for tc in c.choices[0].delta.tool_calls or [])
     assert reasoning == "need weather" and content == ""
     assert json.loads(args)["city"] == "Paris"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
