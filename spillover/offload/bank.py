@@ -6,11 +6,14 @@ experts live; tiered (GPU slots + pinned host + disk) banks implement the same p
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from spillover.quant import QuantFormat
 
 
 class ExpertBank(Protocol):
@@ -42,8 +45,14 @@ class ResidentExpertBank(nn.Module):
         self.num_experts = num_experts
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+        # Packed stacked formats (spillover.quant), installed by quantize_model or the loader; when
+        # set, the matching float parameter is released and forward takes the grouped path.
+        self.w13_fmt: QuantFormat | None = None
+        self.w2_fmt: QuantFormat | None = None
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.w13_fmt is not None or self.w2_fmt is not None:
+            return self._forward_formats(hidden, topk_ids, topk_weights)
         t, k = topk_ids.shape
         order, counts = group_by_expert(topk_ids, self.num_experts)
         token_of = order // k  # which token each sorted pair belongs to
@@ -57,4 +66,24 @@ class ResidentExpertBank(nn.Module):
             y = expert_ffn(hidden[rows], self.w13[e], self.w2[e]) * weights[start : start + n, None]
             out.index_add_(0, rows, y.to(out.dtype))
             start += n
+        return out
+
+    def _forward_formats(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                         topk_weights: torch.Tensor) -> torch.Tensor:
+        """Grouped path: every (token, slot) pair is one row, sorted by expert, and each projection
+        is one `forward_experts` call (the format's kernel handles all routed experts at once)."""
+        from spillover.quant.bf16 import Bf16Weight
+
+        k = topk_ids.shape[1]
+        flat = topk_ids.flatten()
+        order = torch.argsort(flat, stable=True)  # sorted rows keep each expert's rows contiguous
+        ids = flat[order]
+        token_of = order // k
+        # A policy may keep one of the two matrices in float: wrap it (no copy) to share the path.
+        w13 = self.w13_fmt if self.w13_fmt is not None else Bf16Weight(self.w13.data, stacked=True)
+        w2 = self.w2_fmt if self.w2_fmt is not None else Bf16Weight(self.w2.data, stacked=True)
+        gate, up = w13.forward_experts(hidden[token_of], ids).chunk(2, dim=-1)
+        y = w2.forward_experts(F.silu(gate) * up, ids) * topk_weights.flatten()[order, None]
+        out = torch.zeros_like(hidden)
+        out.index_add_(0, token_of, y.to(out.dtype))
         return out

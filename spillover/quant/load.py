@@ -1,0 +1,116 @@
+"""Model-side entry points of the quant package: quantize a loaded model, or load a converted store.
+
+`quantize_for_load(model, quant)` is what `LLM(quant=...)` calls right after `load_model`: it maps
+the user-facing choice (none | int8 | int4 | fp8) onto a `QuantPolicy` and quantizes in place
+(linears through `Linear.set_format`, MoE experts through the bank's `w13_fmt` / `w2_fmt`).
+`load_from_store(path, cfg, device, dtype)` builds the model and fills it from a store written by
+`spillover convert`, handing packed tensors to the loader as format objects (no dequantization).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from spillover.models.causal_lm import CausalLM
+from spillover.models.config import ModelConfig
+from spillover.quant.apply import QuantPolicy, quantize_model
+
+log = logging.getLogger(__name__)
+
+QUANT_CHOICES = ("none", "int8", "int4", "fp8")
+_FORMAT = {"int8": "int8", "int4": "int4", "fp8": "fp8_block"}
+
+
+def load_policy(quant: str, group_size: int, act_dtype: torch.dtype) -> QuantPolicy:
+    """The policy behind a `--quant` choice.
+
+    int4 is asymmetric RTN (float min per group): quantization.md §7 names it the robust data-free
+    default, and it is what every int4 kernel (Triton, CPU int4pack via zero = min + 8 scale) takes.
+    int8 is symmetric per output channel, the layout torch's CPU int8 op needs.
+    """
+    if quant not in _FORMAT:
+        raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    if quant == "int4" and group_size not in (32, 64, 128):
+        raise ValueError(f"int4 group size must be 32, 64 or 128, got {group_size}")
+    return QuantPolicy(default=_FORMAT[quant], group_size=group_size, symmetric=quant != "int4",
+                       act_dtype=act_dtype)
+
+
+def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128) -> dict[str, str]:
+    """Quantize `model` in place; returns {module/param name: "format (reason)"} ({} for none).
+
+    Formats compute in the model's dtype (float32 in CPU tests, bf16 on the GPU). Router, norms,
+    embeddings, lm_head and the linear-attention conv/gate scalars stay in float (DEFAULT_KEEP).
+    """
+    if quant is None or quant == "none":
+        return {}
+    if quant not in _FORMAT:  # checked before touching the model
+        raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    policy = load_policy(quant, group_size, model.model.embed_tokens.weight.dtype)
+    record = quantize_model(model, policy)
+    fallback = [n for n, r in record.items() if "not a multiple" in r]
+    if fallback:
+        log.info("quant %s: %d tensors fell back to int8 per channel (in_features not a multiple of %d)",
+                 quant, len(fallback), group_size)
+    return record
+
+
+def iter_store(store_path: str | Path, cfg: ModelConfig, act_dtype: torch.dtype
+               ) -> Iterator[tuple[str, object, str]]:
+    """(Hugging Face name, tensor or format object, file) for every tensor of a store.
+
+    Stores converted from GGUF keep llama.cpp names and its q/k row order; both are mapped here the
+    way `iter_gguf` maps them, so the loader sees one naming whatever the source was.
+    """
+    from spillover.weights.gguf import gguf_rows_fix
+    from spillover.weights.names import GGUF_IGNORED, gguf_to_hf
+    from spillover.weights.store import open_store
+
+    store = open_store(store_path)
+    from_gguf = store.manifest["source"]["kind"] == "gguf"
+    for name in store.names():
+        if from_gguf and name in GGUF_IGNORED:
+            continue
+        hf = gguf_to_hf(name) if from_gguf else name
+        if hf is None:
+            raise ValueError(f"{store.path}: tensor {name} has no mapping for this architecture")
+        item = store.weight(name, act_dtype)
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
+            item = item.to(act_dtype)
+        if from_gguf:
+            item = gguf_rows_fix(name, item, cfg)
+        yield hf, item, str(store.path / store.entry(name)["shard"])
+
+
+def load_from_store(store_path: str | Path, cfg: ModelConfig, device: torch.device | str,
+                    dtype: torch.dtype) -> CausalLM:
+    """Build the model and load a converted store; packed tensors stay packed (`set_format`).
+
+    NOTE: the model is materialised dense first (as `build_model` does), so peak RAM is the float
+    model until the loader swaps packed formats in; building packed targets on meta is future work.
+    """
+    from spillover.models.registry import build_model
+    from spillover.weights.loader import load_weights
+
+    model = build_model(cfg, torch.device("cpu"), dtype)
+    with torch.no_grad():
+        n = load_weights(model, iter_store(store_path, cfg, dtype), tied_lm_head=cfg.tie_word_embeddings)
+    log.info("loaded %d tensors from store %s", n, store_path)
+    return move_model(model, torch.device(device))
+
+
+def move_model(model: CausalLM, device: torch.device) -> CausalLM:
+    """Move a model and the packed formats nn.Module.to does not know about."""
+    if device.type == "cpu":
+        return model
+    model.to(device)
+    for mod in model.modules():
+        for attr in ("fmt", "w13_fmt", "w2_fmt"):
+            fmt = getattr(mod, attr, None)
+            if fmt is not None and hasattr(fmt, "to"):
+                setattr(mod, attr, fmt.to(device))
+    return model
