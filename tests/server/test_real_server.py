@@ -78,17 +78,17 @@ def test_sampling_fields(real_server: Served) -> None:
     kw: dict[str, Any] = {"model": real_server.model, "messages": MSG}
     r = c.chat.completions.create(max_completion_tokens=2, temperature=0, **kw)
     assert r.usage is not None and r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
-    a = c.chat.completions.create(max_tokens=5, temperature=1.0, seed=7, top_p=0.9, **kw).choices[0].message.content
-    b = c.chat.completions.create(max_tokens=5, temperature=1.0, seed=7, top_p=0.9, **kw).choices[0].message.content
+    a = c.chat.completions.create(max_tokens=3, temperature=1.0, seed=7, top_p=0.9, **kw).choices[0].message.content
+    b = c.chat.completions.create(max_tokens=3, temperature=1.0, seed=7, top_p=0.9, **kw).choices[0].message.content
     assert a == b
-    r = c.chat.completions.create(max_tokens=4, n=2, temperature=1.0, presence_penalty=0.5, frequency_penalty=0.5,
+    r = c.chat.completions.create(max_tokens=3, n=2, temperature=1.0, presence_penalty=0.5, frequency_penalty=0.5,
                                   extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
                                               "min_tokens": 1},
                                   **kw)
     assert [x.index for x in r.choices] == [0, 1]
-    greedy = c.chat.completions.create(max_tokens=8, temperature=0, **kw).choices[0].message.content or ""
+    greedy = c.chat.completions.create(max_tokens=5, temperature=0, **kw).choices[0].message.content or ""
     word = greedy.split()[1] if len(greedy.split()) > 1 else greedy[:3]
-    r = c.chat.completions.create(max_tokens=8, temperature=0, stop=[word], **kw)
+    r = c.chat.completions.create(max_tokens=5, temperature=0, stop=[word], **kw)
     assert r.choices[0].finish_reason == "stop" and word not in (r.choices[0].message.content or "")
     # logit_bias can force a token: 100 on one id makes greedy pick it.
     tok = httpx.post(f"{real_server.base}/tokenize", json={"prompt": " banana", "add_special_tokens": False}).json()
@@ -127,16 +127,15 @@ def _valid(obj: Any, schema: dict[str, Any]) -> bool:
     return True
 
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "pet"],
-          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"},
-                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pet"],
+          "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "maximum": 999},
                          "pet": {"type": "string", "enum": ["cat", "dog"]}}}
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_output_validates(real_server: Served, stream: bool) -> None:
     c = real_server.client()
-    kw: dict[str, Any] = {"model": real_server.model, "max_tokens": 60, "temperature": 0,
+    kw: dict[str, Any] = {"model": real_server.model, "max_tokens": 30, "temperature": 0,
                           "messages": [{"role": "user", "content": "Describe a person as JSON."}],
                           "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}
     if stream:
@@ -147,6 +146,8 @@ def test_json_schema_output_validates(real_server: Served, stream: bool) -> None
         assert r.choices[0].finish_reason == "stop"
         text = r.choices[0].message.content or ""
     assert _valid(json.loads(text), SCHEMA), text
+    if stream:
+        return
     r = c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=40, temperature=0,
                                   response_format={"type": "json_object"})
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
@@ -154,12 +155,12 @@ def test_json_schema_output_validates(real_server: Served, stream: bool) -> None
 
 def test_forced_tool_call_on_real_model(real_server: Served) -> None:
     tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
         "additionalProperties": False}}}]
     r = real_server.client().chat.completions.create(
         model=real_server.model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False,
-        max_tokens=40, temperature=0)
+        max_tokens=48, temperature=0)  # the tags alone take ~12 tokens with this tokenizer
     call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     assert isinstance(json.loads(call.function.arguments)["city"], str)
