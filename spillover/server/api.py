@@ -108,7 +108,12 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
 
     def need_ready() -> None:
         if not state.ready:
-            msg = f"model failed to load: {state.load_error}" if state.load_error else "Loading model"
+            if state.bridge is not None and state.bridge.error is not None:
+                msg = f"engine failed: {state.bridge.error}"
+            elif state.load_error:
+                msg = f"model failed to load: {state.load_error}"
+            else:
+                msg = "Loading model"
             raise APIError(503, msg, "unavailable_error", code="model_not_ready",
                            headers={"Retry-After": RETRY_AFTER_S})
 
