@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128)
 
 
 def iter_store(store_path: str | Path, cfg: ModelConfig, act_dtype: torch.dtype
-               ) -> Iterator[tuple[str, object, str]]:
+               ) -> Iterator[tuple[str, Any, str]]:
     """(Hugging Face name, tensor or format object, file) for every tensor of a store.
 
     Stores converted from GGUF keep llama.cpp names and its q/k row order; both are mapped here the

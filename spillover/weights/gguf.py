@@ -1,8 +1,10 @@
 """GGUF files: metadata -> ModelConfig, tensors -> (HF name, dequantised tensor) one at a time.
 
-Quantised types are dequantised at load for now (the quant package repacks them natively).
-llama.cpp's converter permutes Llama's q/k rows for its interleaved RoPE; we undo that so the
-model sees Hugging Face's rotate-half layout.
+Quantised types are dequantised at load by default; `iter_gguf(..., native=True)` instead yields
+matrices as packed formats (spillover.quant.importers.gguf: lossless int4/int8 repacking), which the
+loader installs with `set_format`. llama.cpp's converter permutes Llama's q/k rows for its
+interleaved RoPE; we undo that (on dense rows, or on packed rows and their scales) so the model sees
+Hugging Face's rotate-half layout.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from spillover.models.config import ModelConfig
-from spillover.weights.loader import WeightItem, WeightLoadError
+from spillover.weights.loader import WeightLoadError
 from spillover.weights.names import GGUF_IGNORED, gguf_to_hf
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
@@ -63,12 +65,43 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def iter_gguf(path: str | Path, cfg: ModelConfig) -> Iterator[WeightItem]:
+def _unpermute_packed(fmt: Any, n_heads: int) -> Any:
+    """The same row permutation on a packed [1, N, ...] format: codes, scales and mins move with
+    their row, so the packed weight dequantizes to `_unpermute` of the dense one."""
+    perm = _unpermute(torch.arange(fmt.out_features), n_heads)
+    mins = fmt.mins[:, perm] if fmt.mins is not None else None
+    return type(fmt)(fmt.qweight[:, perm], fmt.scales[:, perm], mins, group_size=fmt.group_size,
+                     stacked=fmt.stacked, act_dtype=fmt.act_dtype)
+
+
+def gguf_rows_fix(gguf_name: str, item: Any, cfg: ModelConfig) -> Any:
+    """Undo llama.cpp's q/k row permutation (Llama only) on a dense tensor or a packed format."""
+    if cfg.extra.get("gguf_architecture") != "llama":
+        return item
+    if gguf_name.endswith("attn_q.weight"):
+        heads = cfg.num_heads
+    elif gguf_name.endswith("attn_k.weight"):
+        heads = cfg.num_kv_heads
+    else:
+        return item
+    if isinstance(item, torch.Tensor):
+        return _unpermute(item, heads)
+    if not hasattr(item, "qweight"):  # e.g. FP8 blocks span rows: permute the dequantized weight
+        return _unpermute(item.dequantize(), heads)
+    return _unpermute_packed(item, heads)
+
+
+def iter_gguf(path: str | Path, cfg: ModelConfig, native: bool = False,
+              act_dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Any, str]]:
+    """(HF name, tensor, file) per tensor; with `native`, quantized matrices come as packed
+    formats computing in `act_dtype` instead of float32 tensors."""
     import gguf
+
+    from spillover.quant.importers.gguf import SUPPORTED as NATIVE_TYPES
+    from spillover.quant.importers.gguf import import_gguf
 
     path = Path(path)
     reader = open_gguf(path)
-    is_llama = cfg.extra.get("gguf_architecture") == "llama"
     for t in reader.tensors:
         if t.name in GGUF_IGNORED:
             continue
@@ -79,6 +112,13 @@ def iter_gguf(path: str | Path, cfg: ModelConfig) -> Iterator[WeightItem]:
         if qtype not in SUPPORTED_TYPES:
             raise WeightLoadError(f"{path}: tensor {t.name} has unsupported type {qtype}")
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims fastest-first
+        if native and t.tensor_type in NATIVE_TYPES and len(shape) in (2, 3):
+            try:  # copy: the reader's blocks are a read-only view of the file
+                fmt = import_gguf(np.array(t.data), t.tensor_type, shape[-1], act_dtype)
+            except Exception as e:
+                raise WeightLoadError(f"{path}: tensor {t.name} cannot be repacked ({e})") from e
+            yield name, gguf_rows_fix(t.name, fmt, cfg), str(path)
+            continue
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
             arr = np.asarray(arr, dtype=np.float32).reshape(shape)
@@ -86,9 +126,4 @@ def iter_gguf(path: str | Path, cfg: ModelConfig) -> Iterator[WeightItem]:
             raise WeightLoadError(f"{path}: tensor {t.name} cannot be decoded ({e})") from e
         if not arr.flags.writeable:  # F32/F16 tensors come straight from the read-only mmap
             arr = arr.copy()
-        w = torch.from_numpy(arr)
-        if is_llama and t.name.endswith("attn_q.weight"):
-            w = _unpermute(w, cfg.num_heads)
-        elif is_llama and t.name.endswith("attn_k.weight"):
-            w = _unpermute(w, cfg.num_kv_heads)
-        yield name, w, str(path)
+        yield name, gguf_rows_fix(t.name, torch.from_numpy(arr), cfg), str(path)

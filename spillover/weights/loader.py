@@ -5,6 +5,12 @@ GGUF dequantised tensor by tensor), so the model (built on `meta`, then material
 only full copy in RAM. `load_weights` maps checkpoint names onto our parameters (merged q|k|v and
 gate|up projections, stacked experts) and fails loudly, naming tensor and file, on anything missing,
 unexpected, mis-shaped or loaded twice.
+
+A source may also yield a packed weight format (spillover.quant: native GGUF blocks, a converted
+store) instead of a tensor. Packed parts of one `Linear` or expert bank are collected and, once all
+arrived, concatenated along the output rows (merged q|k|v, gate|up) and the expert axis, then
+installed with `set_format` / `w13_fmt`; parts whose layouts differ are dequantized into the dense
+parameter instead. Packed tensors aimed at anything else (embeddings, norms) are dequantized.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +28,9 @@ from spillover.layers.linear import Linear
 from spillover.weights.names import IGNORED_PREFIXES, IGNORED_SUFFIXES
 
 WeightItem = tuple[str, torch.Tensor, str]
+# A packed weight format (spillover.quant.QuantFormat); duck-typed so the loader stays import-light.
+PackedOrTensor = Any
+Piece = tuple[tuple[slice | int, ...], Any]  # (index into the dense parameter, packed format)
 
 
 class WeightLoadError(ValueError):
@@ -94,13 +104,15 @@ def _target(name: str, params: dict[str, nn.Parameter], modules: dict[str, nn.Mo
     return None
 
 
-def load_weights(model: nn.Module, weights: Iterable[WeightItem], tied_lm_head: bool = False) -> int:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, PackedOrTensor, str]],
+                 tied_lm_head: bool = False) -> int:
     """Copy every checkpoint tensor into `model` (already materialised). Returns tensors loaded."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     filled = {n: 0 for n in params}
+    pending: dict[str, list[Piece]] = {}
     count = 0
-    for name, tensor, src in weights:
+    for name, item, src in weights:
         if name.startswith(IGNORED_PREFIXES) or name.endswith(IGNORED_SUFFIXES):
             continue
         if tied_lm_head and name == "lm_head.weight":
@@ -110,13 +122,19 @@ def load_weights(model: nn.Module, weights: Iterable[WeightItem], tied_lm_head: 
             raise WeightLoadError(f"{src}: unexpected tensor {name} (no matching parameter in the model)")
         pname, index = target
         dst = params[pname].data[index] if index else params[pname].data
-        if tuple(dst.shape) != tuple(tensor.shape):
+        packed = not isinstance(item, torch.Tensor)
+        shape = packed_shape(item) if packed else tuple(item.shape)
+        if tuple(dst.shape) != shape:
             raise WeightLoadError(
-                f"{src}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)} ({pname})"
+                f"{src}: tensor {name} has shape {shape}, expected {tuple(dst.shape)} ({pname})"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise WeightLoadError(f"{src}: tensor {name} contains NaN or Inf values")
-        dst.copy_(tensor)
+        if packed and _packable(pname, modules):
+            pending.setdefault(pname, []).append((index, item))
+        else:
+            tensor = item.dequantize() if packed else item
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise WeightLoadError(f"{src}: tensor {name} contains NaN or Inf values")
+            dst.copy_(tensor)
         filled[pname] += dst.numel()
         if filled[pname] > params[pname].numel():
             raise WeightLoadError(f"{src}: tensor {name} loaded twice ({pname})")
@@ -125,4 +143,70 @@ def load_weights(model: nn.Module, weights: Iterable[WeightItem], tied_lm_head: 
     if missing:
         shown = ", ".join(missing[:8]) + (f" … and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise WeightLoadError(f"checkpoint is missing tensors for: {shown}")
+    for pname, pieces in pending.items():
+        _install(pname, pieces, params[pname], modules)
     return count
+
+
+def packed_shape(fmt: Any) -> tuple[int, ...]:
+    """Logical [N, K] / [E, N, K] shape of a packed format."""
+    if hasattr(fmt, "out_features"):
+        lead = (fmt.num_experts,) if fmt.stacked else ()
+        return (*lead, fmt.out_features, fmt.in_features)
+    return tuple(fmt.tensors()["weight"].shape)
+
+
+def _packable(pname: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether a packed format can stand in for this parameter (else it is dequantized)."""
+    mod_name, _, attr = pname.rpartition(".")
+    mod = modules.get(mod_name)
+    if isinstance(mod, Linear):
+        return attr == "weight"
+    return attr in ("w13", "w2") and hasattr(mod, f"{attr}_fmt")
+
+
+def _concat(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
+    """One grouped-int format from parts along `dim` (1: output rows, 0: experts), or None when
+    their layouts differ (format, group, mins, dtypes) and the parts cannot share one kernel call."""
+    f0 = fmts[0]
+    if not hasattr(f0, "qweight"):
+        return f0 if len(fmts) == 1 and f0.stacked == stacked else None
+
+    def layout(f: Any) -> tuple[Any, ...]:
+        mins = None if f.mins is None else f.mins.dtype
+        return type(f), f.group_size, f.qweight.dtype, f.scales.dtype, mins, f.act_dtype
+
+    if any(not hasattr(f, "qweight") or layout(f) != layout(f0) for f in fmts):
+        return None
+    mins = torch.cat([f.mins for f in fmts], dim) if f0.mins is not None else None
+    return type(f0)(torch.cat([f.qweight for f in fmts], dim), torch.cat([f.scales for f in fmts], dim), mins,
+                    group_size=f0.group_size, stacked=stacked, act_dtype=f0.act_dtype)
+
+
+def _row_start(index: tuple[slice | int, ...]) -> tuple[int, int]:
+    """(expert, first output row) that a piece's index addresses (-1: all experts)."""
+    expert = index[0] if index and isinstance(index[0], int) else -1
+    rows = [i for i in index if isinstance(i, slice) and i != slice(None)]
+    return expert, (rows[0].start or 0) if rows else 0
+
+
+def _install(pname: str, pieces: list[Piece], param: nn.Parameter, modules: dict[str, nn.Module]) -> None:
+    mod_name, _, attr = pname.rpartition(".")
+    mod = modules[mod_name]
+    pieces = sorted(pieces, key=lambda p: _row_start(p[0]))
+    experts = sorted({_row_start(ix)[0] for ix, _ in pieces})
+    fmt: Any = None
+    if experts == [-1]:  # dense Linear parts, or stacked expert tensors split by rows
+        fmt = _concat([f for _, f in pieces], 1, param.dim() == 3)
+    else:  # per-expert checkpoint tensors: rows within each expert, then stack the experts
+        per = [_concat([f for ix, f in pieces if _row_start(ix)[0] == e], 1, False) for e in experts]
+        fmt = None if any(p is None for p in per) else _concat(per, 0, True)
+    if fmt is None:  # layouts disagree: keep this parameter dense (still exact)
+        for index, f in pieces:
+            (param.data[index] if index else param.data).copy_(f.dequantize())
+        return
+    if isinstance(mod, Linear):
+        mod.set_format(fmt)
+    else:
+        setattr(mod, f"{attr}_fmt", fmt)
+        setattr(mod, attr, nn.Parameter(torch.empty(0, device=param.device), requires_grad=False))
