@@ -5,6 +5,10 @@ each expert's segment padded to BLOCK_M (`align_rows`), so every M-block belongs
 program gathers its BLOCK_M rows of x, dequantizes a [BLOCK_K, BLOCK_N] weight tile in registers
 and accumulates with tl.dot in float32. int4 uses two dots (even k from low nibbles, odd k from high
 nibbles) instead of interleaving. A dense layer is the E = 1, unsorted special case.
+
+float32 activations: tl.dot defaults to TF32 on NVIDIA (10-bit mantissa inputs), which made the CUDA
+run miss the float32 reference by ~1e-2 at K = 256 (GEMV, using tl.sum, passed); so float32 inputs
+ask for `ieee` precision. bf16/fp16 activations (the production path) are unaffected.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ def _quant_gemm_kernel(
     N, K, num_rows,
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_yt,
     BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,8 +53,8 @@ def _quant_gemm_kernel(
                 hi += m[None, :]
             xe = tl.load(x_rows + (k0 + 2 * half)[None, :], mask=mask_m[:, None], other=0)
             xo = tl.load(x_rows + (k0 + 2 * half + 1)[None, :], mask=mask_m[:, None], other=0)
-            acc += tl.dot(xe, lo.to(xe.dtype))
-            acc += tl.dot(xo, hi.to(xo.dtype))
+            acc += tl.dot(xe, lo.to(xe.dtype), input_precision=DOT_PRECISION)
+            acc += tl.dot(xo, hi.to(xo.dtype), input_precision=DOT_PRECISION)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             q = tl.load(w_cols + offs_k[:, None], mask=mask_n[None, :], other=0).to(tl.float32)
@@ -58,7 +62,7 @@ def _quant_gemm_kernel(
             if HAS_MINS:
                 w += m[None, :]
             xv = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None], other=0)
-            acc += tl.dot(xv, w.to(xv.dtype))
+            acc += tl.dot(xv, w.to(xv.dtype), input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yt + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -105,6 +109,8 @@ def quant_gemm(
     if mins is not None:
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
     bk = block_k or pick_block_k(k, group_size, limit=64)
+    # int4 splits a K tile into even/odd halves; tl.dot needs K >= 16 on GPUs (the interpreter doesn't).
+    assert bits != 4 or bk >= 32, f"int4 GEMM needs BLOCK_K >= 32 (group {group_size}, K {k})"
     rows, block_eids = align_rows(expert_ids, t, block_m, x.device)
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     grid = (block_eids.numel(), triton.cdiv(n, block_n))
@@ -114,5 +120,6 @@ def quant_gemm(
         x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
         BITS=bits, GROUP=group_size, OFFSET=8 if bits == 4 and mins is None else 0,
         HAS_MINS=mins is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32: Triton's default
     )
     return y
