@@ -12,17 +12,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
 from spillover.models.config import ModelConfig
 from spillover.quant.apply import QuantPolicy, quantize_model
 
+if TYPE_CHECKING:
+    from spillover.models.registry import ModelSource
+
 log = logging.getLogger(__name__)
 
-QUANT_CHOICES = ("none", "int8", "int4", "fp8")
+QUANT_CHOICES = ("none", "int8", "int4", "fp8", "native")  # native: a GGUF's own blocks, packed
 _FORMAT = {"int8": "int8", "int4": "int4", "fp8": "fp8_block"}
 
 
@@ -34,7 +38,7 @@ def load_policy(quant: str, group_size: int, act_dtype: torch.dtype) -> QuantPol
     int8 is symmetric per output channel, the layout torch's CPU int8 op needs.
     """
     if quant not in _FORMAT:
-        raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
+        raise ValueError(f"quant must be one of {QUANT_CHOICES[:-1]}, got {quant!r}")
     if quant == "int4" and group_size not in (32, 64, 128):
         raise ValueError(f"int4 group size must be 32, 64 or 128, got {group_size}")
     return QuantPolicy(default=_FORMAT[quant], group_size=group_size, symmetric=quant != "int4",
@@ -50,7 +54,7 @@ def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128)
     if quant is None or quant == "none":
         return {}
     if quant not in _FORMAT:  # checked before touching the model
-        raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
+        raise ValueError(f"quant must be one of {QUANT_CHOICES[:-1]}, got {quant!r}")
     policy = load_policy(quant, group_size, model.model.embed_tokens.weight.dtype)
     record = quantize_model(model, policy)
     fallback = [n for n, r in record.items() if "not a multiple" in r]
@@ -58,6 +62,33 @@ def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128)
         log.info("quant %s: %d tensors fell back to int8 per channel (in_features not a multiple of %d)",
                  quant, len(fallback), group_size)
     return record
+
+
+def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 quant: str | None = None, group_size: int = 128) -> tuple[CausalLM, dict[str, str]]:
+    """What `LLM.__init__` calls: (model, per-tensor format record).
+
+    quant "native" keeps a GGUF's quantized matrices in their own blocks (lossless int4/int8 repack,
+    computed by our kernels); otherwise the model is loaded in `dtype` and quantized at load.
+    """
+    if quant == "native":
+        if source.kind != "gguf":
+            raise ValueError("quant='native' needs a .gguf model (it keeps the file's own blocks)")
+        from spillover.models.registry import build_model
+        from spillover.weights.gguf import iter_gguf
+        from spillover.weights.loader import load_weights
+
+        model = build_model(cfg, torch.device("cpu"), dtype)  # packed on the CPU, then moved
+        with torch.no_grad():
+            load_weights(model, iter_gguf(source.path, cfg, native=True, act_dtype=dtype),
+                         tied_lm_head=cfg.tie_word_embeddings)
+        model = move_model(model, device)
+        return model, {n: f"{m.fmt.name} (native {source.path.name})" for n, m in model.named_modules()
+                       if isinstance(m, Linear) and m.fmt is not None}
+    from spillover.models.registry import load_model
+
+    model = load_model(source, cfg, device, dtype)
+    return model, quantize_for_load(model, quant, group_size)
 
 
 def iter_store(store_path: str | Path, cfg: ModelConfig, act_dtype: torch.dtype

@@ -23,7 +23,7 @@ from spillover.models.config import ModelConfig
 from spillover.models.registry import build_model, load_config, resolve_model
 from spillover.offload.bank import ResidentExpertBank
 from spillover.quant.grouped import GroupedIntWeight
-from spillover.quant.load import iter_store, load_from_store
+from spillover.quant.load import iter_store, load_for_llm, load_from_store
 from spillover.weights.gguf import iter_gguf
 from spillover.weights.loader import load_weights
 from tests.models.tiny import save_hf
@@ -74,7 +74,8 @@ def test_demo_gguf_native_equals_dequantized() -> None:
     src = resolve_model(None)
     cfg = load_config(src)
     dense = _load(cfg, iter_gguf(src.path, cfg))
-    native = _load(cfg, iter_gguf(src.path, cfg, native=True, act_dtype=torch.float32))
+    native, record = load_for_llm(src, cfg, CPU, torch.float32, "native")
+    assert len(record) == 120 and all(r.startswith("int4 (native") for r in record.values())
 
     linears = {n: m for n, m in native.named_modules() if isinstance(m, Linear)}
     packed = {n: m.fmt for n, m in linears.items() if m.fmt is not None}
