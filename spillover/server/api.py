@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import spillover
-from spillover.server.bridge import EngineBridge
+from spillover.server.bridge import EngineBridge, EngineDead
 from spillover.server.chat import render_messages
 from spillover.server.grammar import GrammarCompiler
 from spillover.server.metrics import ServerMetrics
@@ -82,6 +82,11 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(EngineDead)
+    async def _engine_dead(request: Request, exc: EngineDead) -> JSONResponse:
+        err = APIError(503, str(exc), "unavailable_error", code="engine_unavailable")
+        return JSONResponse(err.body(), status_code=503, headers={"Retry-After": RETRY_AFTER_S})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
