@@ -17,6 +17,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face model folder or .gguf file (default: the built-in demo model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quant", default=None, choices=["int8", "int4", "fp8", "native"],
+                   help="quantize weights at load (native: keep a GGUF file's own 4/8-bit blocks)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -37,7 +39,7 @@ def _params(args: argparse.Namespace) -> Any:
 def _load(args: argparse.Namespace) -> Any:
     from spillover import LLM
 
-    return LLM(model=args.model, device=args.device, dtype=args.dtype)
+    return LLM(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from spillover.engine.engine import Engine, EngineConfig
 from spillover.engine.outputs import TokenEvent
 from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
 from spillover.engine.sampling import CompletionOutput, RequestOutput, SamplingParams
-from spillover.models.registry import load_config, load_model, load_tokenizer, resolve_model
+from spillover.models.registry import load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger("spillover.llm")
 
@@ -52,12 +52,20 @@ class LLM:
         num_state_slots: int | None = None,
         enable_prefix_caching: bool = True,
         max_prompt_checkpoints: int = 8,
+        quant: str | None = None,
+        quant_group_size: int = 128,
     ) -> None:
+        from spillover.quant.load import load_for_llm
+
         self.source = resolve_model(model)
         self.config = load_config(self.source)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = load_model(self.source, self.config, self.device, self.dtype)
+        # quant: None keeps the checkpoint's dtype; int8 / int4 / fp8 quantize at load; "native" keeps a
+        # GGUF file's own blocks packed. The record says which format each tensor got and why.
+        self.model, self.quant_record = load_for_llm(
+            self.source, self.config, self.device, self.dtype, quant, quant_group_size
+        )
         self.max_model_len = min(max_model_len or self.config.max_position, self.config.max_position)
         self.block_size = block_size
         self.engine_config = EngineConfig(
