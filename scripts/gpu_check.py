@@ -121,7 +121,26 @@ def check_models() -> int:
     return fails
 
 
+def check_hf_bf16(names: list[str]) -> None:
+    """How far transformers' own bf16 run lands from the fp32 reference: the bf16 noise floor of a model."""
+    g = torch.Generator().manual_seed(1)
+    for name in names:
+        with tempfile.TemporaryDirectory() as d:
+            hf = save_hf(name, Path(d))
+            ids = torch.randint(0, 128, (48,), generator=g).tolist()
+            with torch.no_grad():
+                expected = hf(torch.tensor([ids])).logits[0].float()
+                hf_bf16 = hf.to("cuda", torch.bfloat16)(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
+            ours = run(LLM(model=d, device="cuda", dtype="bfloat16"), [ids])
+            print(f"{name:24s} bf16 noise floor: transformers-bf16 vs fp32 rel {rel(hf_bf16, expected):.2e} | "
+                  f"spillover-bf16 vs fp32 rel {rel(ours, expected):.2e} | spillover-bf16 vs transformers-bf16 "
+                  f"rel {rel(ours, hf_bf16):.2e}")
+
+
 def main() -> int:
+    if "--hf-bf16" in sys.argv:
+        check_hf_bf16(["qwen3_next-allexperts", "qwen3_next", "qwen3_next-dense-layer", "qwen3_moe-norm", "qwen3"])
+        return 0
     assert torch.cuda.is_available(), "needs a CUDA device"
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} fla={kernels.has_fla()}")
     torch.manual_seed(0)
