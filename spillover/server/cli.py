@@ -21,6 +21,8 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quant", default=None, choices=["int8", "int4", "fp8", "native"],
+                   help="quantize weights at load (native: keep a GGUF file's own 4/8-bit blocks)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -44,7 +46,8 @@ def make_loader(args: argparse.Namespace) -> Any:
         from spillover import LLM
         from spillover.engine.engine import Engine, EngineConfig
 
-        llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+        llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                  quant=args.quant)
         config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
                               max_model_len=args.max_model_len, max_queue_len=args.max_queue_len)
