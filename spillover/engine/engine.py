@@ -7,8 +7,9 @@ streaming each `TokenEvent` to the request's client. `LLM.generate` drives the s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
+from functools import lru_cache, partial
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,8 +21,21 @@ from spillover.engine.sampler import Sampler, prompt_logprobs
 from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import RequestDelta, Scheduler, SchedulerConfig
 from spillover.engine.step_sampler import sample_rows
+from spillover.hw.info import HardwareInfo, with_overrides
+from spillover.hw.probe import probe
 from spillover.models.causal_lm import CausalLM
 from spillover.models.config import ModelConfig
+from spillover.plan.measure import PeakComparison, compare_peaks, measured_bytes_by_component
+from spillover.plan.memory import (
+    ENGINE_CPU_KV_CAP_BYTES,
+    ENGINE_GPU_FREE_FRACTION,
+    ENGINE_TOKENS_PER_SEQ,
+    KV_CACHE,
+    LINEAR_STATE,
+    MemoryPlan,
+    cache_plan_for_engine,
+    engine_limits,
+)
 
 if TYPE_CHECKING:
     from spillover.engine.llm import LLM
@@ -30,12 +44,11 @@ __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "TokenEven
 
 log = logging.getLogger("spillover.engine")
 
-MiB = 1 << 20
-# Default KV budget when none is given: room for max_num_seqs sequences of this many tokens...
-DEFAULT_TOKENS_PER_SEQ = 4096
-# ...bounded on the CPU (RAM is shared with everything else) and by a share of free GPU memory.
-CPU_KV_CAP_BYTES = 1024 * MiB
-GPU_FREE_FRACTION = 0.5
+# Budget defaults (DEFAULT_TOKENS_PER_SEQ tokens per sequence, 1 GiB on the CPU, half the free GPU
+# memory) live with the planner, which sizes the caches: spillover.plan.memory.cache_plan_for_engine.
+DEFAULT_TOKENS_PER_SEQ = ENGINE_TOKENS_PER_SEQ
+CPU_KV_CAP_BYTES = ENGINE_CPU_KV_CAP_BYTES
+GPU_FREE_FRACTION = ENGINE_GPU_FREE_FRACTION
 
 
 @dataclass(frozen=True)
@@ -52,32 +65,67 @@ class EngineConfig:
     max_queue_len: int = 1024  # add_request raises QueueFullError beyond this many waiting
 
 
-def cache_sizes(cfg: ModelConfig, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """(num_kv_blocks, num_state_slots). The one place that turns a byte budget into cache sizes
-    until the engine takes them from a MemoryPlan: KV blocks for max_num_seqs sequences of up to
-    DEFAULT_TOKENS_PER_SEQ tokens, within `kv_cache_memory_bytes` (default: 1 GiB on the CPU,
-    half the free memory on a GPU); state slots for every running sequence plus checkpoints."""
-    slots = config.num_state_slots
-    if slots is None:
-        slots = config.max_num_seqs + config.max_prompt_checkpoints + 1 if cfg.linear_layers else 0
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks, slots
-    bs = config.block_size
-    per_block = max(cfg.kv_bytes_per_token(torch.empty(0, dtype=dtype).element_size()), 1) * bs
+@lru_cache(maxsize=1)
+def _probed() -> HardwareInfo:
+    return probe()
+
+
+def device_hardware(device: torch.device) -> HardwareInfo:
+    """This process's hardware as the planner sees it, for `device`: on the CPU no GPU tier; on CUDA
+    the GPU's total and free memory from torch (weights already loaded are no longer free)."""
+    hw = _probed()
+    if device.type != "cuda":
+        return with_overrides(hw, no_gpu=True) if hw.gpus else hw
+    free, total = torch.cuda.mem_get_info(device)
+    if not hw.gpus:
+        hw = with_overrides(hw, vram=f"{total}B")
+    gpu = replace(hw.gpus[0], vram_total=int(total), vram_free=int(free))
+    return replace(hw, gpus=(gpu, *hw.gpus[1:]))
+
+
+def loaded_weight_bytes(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """tier -> component -> bytes of the model's parameters and buffers as loaded."""
+    return measured_bytes_by_component(chain(model.named_parameters(), model.named_buffers()))
+
+
+def memory_plan(
+    cfg: ModelConfig,
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    model: torch.nn.Module | None = None,
+    hw: HardwareInfo | None = None,
+) -> MemoryPlan:
+    """The MemoryPlan the engine allocates its caches from (the planner is the one estimator):
+    KV blocks for max_num_seqs sequences of up to DEFAULT_TOKENS_PER_SEQ tokens within
+    `kv_cache_memory_bytes` (default: 1 GiB on the CPU, half the free memory on a GPU), state slots
+    for every running sequence plus checkpoints; explicit num_kv_blocks / num_state_slots win."""
     max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-    wanted = config.max_num_seqs * -(-min(max_len, DEFAULT_TOKENS_PER_SEQ) // bs)
-    budget = config.kv_cache_memory_bytes
-    if budget is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * GPU_FREE_FRACTION) - slots * cfg.state_bytes_per_sequence()
-        else:
-            budget = CPU_KV_CAP_BYTES
-        blocks = min(wanted, budget // per_block)
-    else:
-        blocks = budget // per_block
-    # At least one full-length sequence, so that a long prompt is never refused for size alone.
-    return max(blocks, -(-max_len // bs) + 1), slots
+    limits = engine_limits(
+        max_num_seqs=config.max_num_seqs,
+        max_len=max_len,
+        block_size=config.block_size,
+        token_budget=config.max_num_batched_tokens,
+        dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+        prompt_cache_slots=config.max_prompt_checkpoints + 1,
+    )
+    return cache_plan_for_engine(
+        cfg.model_type,
+        cfg,
+        hw if hw is not None else device_hardware(device),
+        limits,
+        max_len=max_len,
+        kv_budget_bytes=config.kv_cache_memory_bytes,
+        num_kv_blocks=config.num_kv_blocks,
+        num_state_slots=config.num_state_slots,
+        loaded_weights=loaded_weight_bytes(model) if model is not None else None,
+    )
+
+
+def cache_sizes(cfg: ModelConfig, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(num_kv_blocks, num_state_slots) of the engine's MemoryPlan (see `memory_plan`)."""
+    plan = memory_plan(cfg, config, device, dtype)
+    return plan.num_kv_blocks, plan.num_state_slots
 
 
 @dataclass
@@ -105,7 +153,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.config = config
-        num_blocks, num_slots = cache_sizes(model_config, config, device, dtype)
+        if device.type == "cuda":  # the peak compared with the plan after warm-up starts here
+            torch.cuda.reset_peak_memory_stats(device)
+        self.memory_plan: MemoryPlan = memory_plan(model_config, config, device, dtype, model)
+        num_blocks, num_slots = self.memory_plan.num_kv_blocks, self.memory_plan.num_state_slots
+        # planned vs measured, per device: filled after the first step that runs a forward
+        self.memory_report: list[PeakComparison] | None = None
         hybrid = bool(model_config.linear_layers)
         self.runner = ModelRunner(
             model, CacheLayout(num_blocks, config.block_size, max(num_slots, 1)), device, dtype
@@ -197,6 +250,8 @@ class Engine:
         if plan.is_empty:
             return events
         logits, inp = self.runner.execute(plan)
+        if self.memory_report is None:
+            self.memory_report = self._report_memory()
         for i, lo, hi in inp.prompt_logprob_spans:
             seq = plan.seqs[i]
             req = seq.request
@@ -254,6 +309,24 @@ class Engine:
         return event
 
     # ---- introspection -----------------------------------------------------------------------
+    def _report_memory(self) -> list[PeakComparison]:
+        """Planned vs measured after warm-up, logged: the cache tensors as allocated against the
+        plan's KV + state entries, and on CUDA torch's peak against the plan's GPU total."""
+        plan = self.memory_plan
+        tier = "gpu" if self.device.type == "cuda" else "host"
+        caches = measured_bytes_by_component([], self.runner.kv_caches, self.runner.state_caches)
+        planned = plan.tiers.get(tier, {})
+        rows = [PeakComparison(
+            f"{tier} caches",
+            planned.get(KV_CACHE, 0) + planned.get(LINEAR_STATE, 0),
+            sum(caches.get(tier, {}).values()),
+        )]
+        if self.device.type == "cuda":
+            rows += compare_peaks(plan, {"gpu": torch.cuda.max_memory_allocated(self.device)})
+        for row in rows:
+            log.info("memory after warm-up, planned vs measured: %s", row.line())
+        return rows
+
     def stats(self) -> EngineStats:
         s = self.scheduler
         bm = s.block_manager
