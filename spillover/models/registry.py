@@ -37,7 +37,7 @@ def demo_model_path() -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "hf" | "gguf"
+    kind: str  # "hf" | "gguf" | "store"
     path: Path
 
     @property
@@ -54,6 +54,10 @@ def resolve_model(model: str | Path | None) -> ModelSource:
             raise ValueError(f"{path}: a model file must be a .gguf file (or pass a Hugging Face folder)")
         return ModelSource("gguf", path)
     if path.is_dir():
+        from spillover.weights.store import is_store
+
+        if is_store(path):  # a `spillover convert` output: packed weights + manifest
+            return ModelSource("store", path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: folder has no config.json (expected a Hugging Face model folder)")
         return ModelSource("hf", path)
@@ -61,11 +65,30 @@ def resolve_model(model: str | Path | None) -> ModelSource:
                             "for the built-in demo model)")
 
 
+def store_origin(src: ModelSource) -> ModelSource | None:
+    """The GGUF file a store was converted from, when the store carries no config/tokenizer of its own."""
+    from spillover.weights.store import open_store
+
+    origin = open_store(src.path).manifest.get("source", {})
+    if origin.get("kind") == "gguf":
+        path = Path(origin.get("path", ""))
+        if not path.is_file():
+            raise FileNotFoundError(f"{src.path}: converted from {path}, which is needed for its config and "
+                                    "tokenizer but no longer exists")
+        return ModelSource("gguf", path)
+    return None
+
+
 def load_config(src: ModelSource) -> ModelConfig:
     if src.kind == "gguf":
         from spillover.weights.gguf import gguf_config
 
         return gguf_config(src.path)
+    if src.kind == "store" and not (src.path / "config.json").is_file():
+        origin = store_origin(src)
+        if origin is None:
+            raise FileNotFoundError(f"{src.path}: store has no config.json")
+        return load_config(origin)
     return ModelConfig.from_folder(src.path)
 
 
@@ -108,6 +131,13 @@ def load_tokenizer(src: ModelSource) -> Any:
 
     if src.kind == "hf":
         return AutoTokenizer.from_pretrained(str(src.path))
+    if src.kind == "store":
+        if (src.path / "tokenizer_config.json").is_file() or (src.path / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(str(src.path))
+        origin = store_origin(src)
+        if origin is None:
+            raise FileNotFoundError(f"{src.path}: store has no tokenizer files")
+        return load_tokenizer(origin)
     # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer next to the user's cache.
     st = src.path.stat()
     key = hashlib.sha1(f"{src.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -71,6 +71,14 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
     quant "native" keeps a GGUF's quantized matrices in their own blocks (lossless int4/int8 repack,
     computed by our kernels); otherwise the model is loaded in `dtype` and quantized at load.
     """
+    if source.kind == "store":
+        if quant not in (None, "none"):
+            raise ValueError(f"{source.path} is a converted store, already quantized; drop quant={quant!r}")
+        from spillover.weights.store import open_store
+
+        entries = open_store(source.path).manifest["tensors"]
+        record = {n: f"{e['format']} (store: {e.get('reason', '')})" for n, e in entries.items()}
+        return load_from_store(source.path, cfg, device, dtype), record
     if quant == "native":
         if source.kind != "gguf":
             raise ValueError("quant='native' needs a .gguf model (it keeps the file's own blocks)")

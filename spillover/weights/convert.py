@@ -200,7 +200,11 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", group_size: i
     """
     if quant not in QUANTS:
         raise ValueError(f"--quant must be one of {QUANTS}, got {quant!r}")
-    opts = ConvertOptions(quant, group_size, symmetric, shard_bytes, policy or QuantPolicy())
+    # The policy's default format must be the requested one: a default QuantPolicy says int4, which made
+    # `--quant int8` write int4 tensors.
+    policy = policy or QuantPolicy(default=quant if quant != "keep" else "int4", group_size=group_size,
+                                   symmetric=symmetric)
+    opts = ConvertOptions(quant, group_size, symmetric, shard_bytes, policy)
     source = Source(src)
     planned = plan_conversion(source, opts)
     manifest = _manifest(source, opts, planned)
