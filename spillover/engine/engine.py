@@ -25,17 +25,9 @@ from spillover.hw.info import HardwareInfo, with_overrides
 from spillover.hw.probe import probe
 from spillover.models.causal_lm import CausalLM
 from spillover.models.config import ModelConfig
+from spillover.plan.engine_cache import cache_plan_for_engine, engine_limits
 from spillover.plan.measure import PeakComparison, compare_peaks, measured_bytes_by_component
-from spillover.plan.memory import (
-    ENGINE_CPU_KV_CAP_BYTES,
-    ENGINE_GPU_FREE_FRACTION,
-    ENGINE_TOKENS_PER_SEQ,
-    KV_CACHE,
-    LINEAR_STATE,
-    MemoryPlan,
-    cache_plan_for_engine,
-    engine_limits,
-)
+from spillover.plan.memory import KV_CACHE, LINEAR_STATE, MemoryPlan
 
 if TYPE_CHECKING:
     from spillover.engine.llm import LLM
@@ -44,11 +36,8 @@ __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "TokenEven
 
 log = logging.getLogger("spillover.engine")
 
-# Budget defaults (DEFAULT_TOKENS_PER_SEQ tokens per sequence, 1 GiB on the CPU, half the free GPU
-# memory) live with the planner, which sizes the caches: spillover.plan.memory.cache_plan_for_engine.
-DEFAULT_TOKENS_PER_SEQ = ENGINE_TOKENS_PER_SEQ
-CPU_KV_CAP_BYTES = ENGINE_CPU_KV_CAP_BYTES
-GPU_FREE_FRACTION = ENGINE_GPU_FREE_FRACTION
+# Budget defaults (tokens per sequence, 1 GiB on the CPU, half the free GPU memory) live with the
+# planner, which sizes the caches: spillover.plan.engine_cache.cache_plan_for_engine.
 
 
 @dataclass(frozen=True)
@@ -97,7 +86,7 @@ def memory_plan(
     hw: HardwareInfo | None = None,
 ) -> MemoryPlan:
     """The MemoryPlan the engine allocates its caches from (the planner is the one estimator):
-    KV blocks for max_num_seqs sequences of up to DEFAULT_TOKENS_PER_SEQ tokens within
+    KV blocks for max_num_seqs sequences of up to ENGINE_TOKENS_PER_SEQ tokens within
     `kv_cache_memory_bytes` (default: 1 GiB on the CPU, half the free memory on a GPU), state slots
     for every running sequence plus checkpoints; explicit num_kv_blocks / num_state_slots win."""
     max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)

@@ -106,14 +106,9 @@ def _fla_gated_delta_rule(
 ) -> torch.Tensor:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-    slots = torch.tensor(ctx.state_slots, device=q.device, dtype=torch.long)
-    fresh = torch.tensor([c == 0 for c in ctx.cached_lens], device=q.device)
+    slots, fresh, cu_seqlens = ctx.linear_meta(q.device)
     init = ssm_state.index_select(0, slots)
     init = torch.where(fresh[:, None, None, None], torch.zeros_like(init), init)
-    cu = [0]
-    for n in ctx.query_lens:
-        cu.append(cu[-1] + n)
-    cu_seqlens = torch.tensor(cu, device=q.device, dtype=torch.long)
     fn: Callable[..., Any] = fused_recurrent_gated_delta_rule if ctx.is_pure_decode else chunk_gated_delta_rule
     o, final = fn(
         q=q.unsqueeze(0),

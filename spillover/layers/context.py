@@ -53,6 +53,22 @@ class ForwardContext:
     # Filled by the model at the start of a forward pass: rotary cos/sin rows [T, 1, rotary_dim].
     rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    # Per-step tensors the linear-attention kernels need; built once, shared by every layer.
+    _linear_meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def linear_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(state slots [N] int64, fresh-sequence mask [N] bool, cu_seqlens [N+1] int64) on `device`."""
+        if self._linear_meta is None:
+            cu = [0]
+            for n in self.query_lens:
+                cu.append(cu[-1] + n)
+            self._linear_meta = (
+                torch.tensor(self.state_slots, device=device, dtype=torch.long),
+                torch.tensor([c == 0 for c in self.cached_lens], device=device),
+                torch.tensor(cu, device=device, dtype=torch.long),
+            )
+        return self._linear_meta
+
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)

@@ -226,7 +226,7 @@ def inventory_from_gguf_tensors(tensors: Iterable[Any]) -> Inventory:
     return Inventory(tuple(out), "gguf")
 
 
-_ST_BYTES = {
+SAFETENSORS_DTYPE_BYTES = {  # bytes per element of each safetensors dtype name
     "F64": 8,
     "F32": 4,
     "F16": 2,
@@ -258,7 +258,7 @@ def inventory_from_safetensors_header(header: Mapping[str, Mapping[str, Any]]) -
                 shape,
                 layer_of(name),
                 len(shape) >= 2,
-                prod(shape) * _ST_BYTES.get(dtype, 2),
+                prod(shape) * SAFETENSORS_DTYPE_BYTES.get(dtype, 2),
                 dtype,
             )
         )

@@ -18,7 +18,12 @@ from urllib.parse import urlparse
 
 from spillover.catalog import CONFIGS, UnknownModelError, lookup
 from spillover.models.config import ModelConfig
-from spillover.plan.inventory import Inventory, inventory_from_config, inventory_from_gguf_tensors
+from spillover.plan.inventory import (
+    SAFETENSORS_DTYPE_BYTES,
+    Inventory,
+    inventory_from_config,
+    inventory_from_gguf_tensors,
+)
 
 HUB_TIMEOUT_S = 5.0
 
@@ -187,24 +192,8 @@ def from_hub(repo_id: str) -> ModelSource:
                 n = 1
                 for d in t.shape:
                     n *= int(d)
-                size += n * _DTYPE_BYTES.get(t.dtype, 2)
+                size += n * SAFETENSORS_DTYPE_BYTES.get(t.dtype, 2)
     except Exception as e:
         notes.append(f"safetensors headers not read ({type(e).__name__}); sizes come from config.json")
     notes = _checkpoint_notes(raw, params, inv) + notes
     return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes))
-
-
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}

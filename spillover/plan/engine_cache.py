@@ -1,0 +1,130 @@
+"""Cache sizes for the engine, from the planner: one estimator for the plan and the allocation.
+
+`cache_plan_for_engine` runs `plan_memory` for the engine's limits and cuts the KV blocks to its budget;
+the engine allocates exactly `num_kv_blocks` and `num_state_slots` from the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from spillover.hw.info import HardwareInfo
+from spillover.models.config import ModelConfig
+from spillover.plan.memory import (
+    ACTIVATIONS,
+    KV_CACHE,
+    LINEAR_STATE,
+    RUNTIME,
+    STAGING,
+    Limits,
+    MemoryPlan,
+    MiB,
+    _ceil_div,
+    plan_memory,
+)
+
+# Default KV budget when the engine is given none: room for max_num_seqs sequences of this many
+# tokens, bounded on the CPU (RAM is shared with everything else) and by a share of free GPU memory.
+ENGINE_TOKENS_PER_SEQ = 4096
+ENGINE_CPU_KV_CAP_BYTES = 1024 * MiB
+ENGINE_GPU_FREE_FRACTION = 0.5
+_CACHE_ENTRIES = (KV_CACHE, LINEAR_STATE, ACTIVATIONS, STAGING, RUNTIME)
+
+
+def engine_limits(
+    *,
+    max_num_seqs: int,
+    max_len: int,
+    block_size: int,
+    token_budget: int,
+    dtype_bytes: int,
+    prompt_cache_slots: int,
+    tokens_per_seq: int = ENGINE_TOKENS_PER_SEQ,
+) -> Limits:
+    """The engine's limits as planner Limits: caches in the model dtype, ssm state in fp32."""
+    return Limits(
+        context=max(min(max_len, tokens_per_seq), 1),
+        seqs=max_num_seqs,
+        token_budget=token_budget,
+        block_size=block_size,
+        kv_dtype_bytes=dtype_bytes,
+        model_dtype_bytes=dtype_bytes,
+        ssm_state_dtype_bytes=4,
+        prompt_cache_slots=prompt_cache_slots,
+    )
+
+
+def cache_plan_for_engine(
+    model: str,
+    cfg: ModelConfig,
+    hw: HardwareInfo,
+    limits: Limits,
+    *,
+    max_len: int,
+    kv_budget_bytes: int | None = None,
+    num_kv_blocks: int | None = None,
+    num_state_slots: int | None = None,
+    loaded_weights: Mapping[str, Mapping[str, int]] | None = None,
+    cpu_kv_cap_bytes: int = ENGINE_CPU_KV_CAP_BYTES,
+    gpu_free_fraction: float = ENGINE_GPU_FREE_FRACTION,
+) -> MemoryPlan:
+    """The MemoryPlan the engine allocates from: plan_memory for `limits`, with the KV blocks cut to
+    the engine's budget and the weights replaced by what is already loaded (tier -> component -> bytes).
+
+    KV blocks: `num_kv_blocks` if given; else `kv_budget_bytes // block bytes` if given; else room
+    for limits.seqs x limits.context tokens within `cpu_kv_cap_bytes` (no GPU in `hw`) or
+    `gpu_free_fraction` of the GPU's free memory less the state slots. Never fewer than one
+    sequence of `max_len` tokens plus a block. State slots: `num_state_slots`, else the plan's.
+    Caches sit in the GPU tier when `hw` has a GPU, else in host RAM.
+    """
+    from spillover.plan.formats import scheme_for
+    from spillover.plan.inventory import inventory_from_config
+
+    plan = plan_memory(model, cfg, inventory_from_config(cfg), scheme_for("bf16"), hw, limits)
+    bs = limits.block_size
+    per_block = max(plan.kv_bytes_per_token, 1) * bs
+    slots = plan.num_state_slots if num_state_slots is None else num_state_slots
+    state = slots * plan.state_bytes_per_sequence
+    wanted = limits.seqs * _ceil_div(limits.context, bs)
+    budget = kv_budget_bytes
+    if num_kv_blocks is not None:
+        blocks = num_kv_blocks
+    else:
+        if budget is not None:
+            blocks = budget // per_block
+        else:
+            gpu = hw.gpu
+            if gpu is not None:
+                free = gpu.vram_free if gpu.vram_free is not None else gpu.vram_total
+                budget = int(free * gpu_free_fraction) - state
+            else:
+                budget = cpu_kv_cap_bytes
+            blocks = min(wanted, budget // per_block)
+        # at least one full-length sequence, so that a long prompt is never refused for size alone
+        blocks = max(blocks, _ceil_div(max_len, bs) + 1)
+    tiers = {t: dict(d) for t, d in plan.tiers.items()}
+    weights = dict(plan.weights_bytes)
+    if loaded_weights is not None:
+        for d in tiers.values():
+            for k in [k for k in d if k not in _CACHE_ENTRIES]:
+                del d[k]
+            d.pop(STAGING, None)  # the engine keeps every weight where it was loaded: nothing streams
+        weights = {}
+        for tier, comps in loaded_weights.items():
+            for comp, n in comps.items():
+                tiers.setdefault(tier, {})[comp] = tiers.get(tier, {}).get(comp, 0) + n
+                weights[comp] = weights.get(comp, 0) + n
+    cache_tier = "gpu" if hw.gpu is not None else "host"
+    tiers[cache_tier][KV_CACHE] = blocks * bs * plan.kv_bytes_per_token
+    tiers[cache_tier][LINEAR_STATE] = state
+    tiers = {t: {k: v for k, v in d.items() if v} for t, d in tiers.items()}
+    return replace(
+        plan,
+        tiers=tiers,
+        weights_bytes=weights,
+        staging_bytes=plan.staging_bytes if loaded_weights is None else 0,
+        num_kv_blocks=blocks,
+        num_state_slots=slots,
+        extra={**plan.extra, "kv_budget_bytes": budget, "kv_blocks_wanted": wanted, "max_len": max_len},
+    )
