@@ -10,7 +10,7 @@ the user-facing choice (none | int8 | int4 | fp8) onto a `QuantPolicy` and quant
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,8 +128,18 @@ def iter_store(store_path: str | Path, cfg: ModelConfig, act_dtype: torch.dtype
 
 def load_from_store(store_path: str | Path, cfg: ModelConfig, device: torch.device | str,
                     dtype: torch.dtype) -> CausalLM:
-    """Build the model and load a converted store; packed tensors stay packed (`set_format`).
+    """Build the model and load a converted store; packed tensors stay packed (`set_format`)."""
+    model = load_items(iter_store(store_path, cfg, dtype), cfg, device, dtype)
+    log.info("loaded store %s", store_path)
+    return model
 
+
+def load_items(items: Iterable[tuple[str, Any, str]], cfg: ModelConfig, device: torch.device | str,
+               dtype: torch.dtype) -> CausalLM:
+    """Build the model and fill it from (HF name, tensor or format object, file) items.
+
+    The one path for every packed source (stores, pre-quantized checkpoints): format objects are
+    swapped in by the loader as they are, plain tensors are copied.
     NOTE: the model is materialised dense first (as `build_model` does), so peak RAM is the float
     model until the loader swaps packed formats in; building packed targets on meta is future work.
     """
@@ -138,8 +148,8 @@ def load_from_store(store_path: str | Path, cfg: ModelConfig, device: torch.devi
 
     model = build_model(cfg, torch.device("cpu"), dtype)
     with torch.no_grad():
-        n = load_weights(model, iter_store(store_path, cfg, dtype), tied_lm_head=cfg.tie_word_embeddings)
-    log.info("loaded %d tensors from store %s", n, store_path)
+        n = load_weights(model, items, tied_lm_head=cfg.tie_word_embeddings)
+    log.info("loaded %d tensors", n)
     return move_model(model, torch.device(device))
 
 
