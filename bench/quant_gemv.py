@@ -1,13 +1,15 @@
-"""W4A16 / W8A16 GEMV at batch 1: correctness vs the torch reference and achieved bandwidth.
+"""Weight-only GEMV at batch 1 (int4, int8, FP8 block): correctness vs the torch reference, bandwidth.
 
-    python bench/quant_gemv.py            # GPU: real shapes, CUDA-graph timing, block-size sweep
-    python bench/quant_gemv.py --cpu      # dry run: Triton interpreter on small shapes + CPU op timings
+    python bench/quant_gemv.py             # GPU: real shapes, default config + best of a config sweep
+    python bench/quant_gemv.py --no-sweep  # GPU: default (heuristic) configs only
+    python bench/quant_gemv.py --cpu       # dry run: Triton interpreter on small shapes + CPU op timings
 
-Rows: `dense NxK` (one weight, x [1, K]) and `moe 10/E NxK` (x [10, K], each row to a different
-expert of a stacked [E, N, K] bank: one decode token with top-10 routing). Bytes counted = codes +
-scales (+ mins) actually read + activations. Every timed call runs on a different weight copy (or
-expert set) so that L2 cannot serve it; calls are replayed from a CUDA graph so launch latency is
-not measured. `copy` is a device-to-device memcpy (read + write bytes): the reference bandwidth.
+Rows: `dense NxK` (one weight, x [1, K]) and `moe 10/512 NxK` (x [10, K], each row to a different
+expert of a stacked [512, N, K] bank: one decode token with Qwen3-Next's top-10 of 512 routing).
+Bytes counted = codes + scales (+ mins) actually read + activations + output. Every timed call runs
+on a different weight copy (or expert set) so that L2 cannot serve it; calls are replayed from a
+CUDA graph so launch latency is not measured (split-K's reduction kernels are included). Two
+references: `copy` (device-to-device memcpy, read + write bytes) and `read` (a 1 GiB sum).
 """
 
 from __future__ import annotations
@@ -26,28 +28,40 @@ if "--cpu" in sys.argv:
 
 import torch  # noqa: E402
 
-from spillover.kernels.ref_quant import quant_matmul_ref  # noqa: E402
-from spillover.quant import Int4Weight, Int8Weight  # noqa: E402
+from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_ref  # noqa: E402
+from spillover.kernels.triton.quant_gemv import GemvConfig  # noqa: E402
+from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
-GEMV_CONFIGS = [(bn, bk) for bn in (8, 16, 32, 64) for bk in (64, 128, 256)]
+
+def sweep_configs(bits: int) -> list[GemvConfig]:
+    ks = (256, 512, 1024) if bits == 4 else (128, 256, 512)
+    return [GemvConfig(bn, bk, sk, w) for bn in (4, 8, 16, 32) for bk in ks for sk in (1, 2, 4, 8)
+            for w in (4, 8)]
 
 
-def make(bits: int, e: int, n: int, k: int, device: str, group: int = 128) -> GroupedIntWeight:
+Fmt = GroupedIntWeight | Fp8BlockWeight
+
+
+def make(kind: str, e: int, n: int, k: int, device: str) -> Fmt:
+    """kind: int4 (asymmetric g128, what --quant int4 uses) | int4sym | int8 (per channel) | fp8."""
     w = torch.randn(e, n, k, device=device) * 0.02
-    fmt: GroupedIntWeight
-    if bits == 4:
-        fmt = Int4Weight.pack(w, group, True, act_dtype=torch.bfloat16)
+    fmt: Fmt
+    if kind == "fp8":
+        return Fp8BlockWeight.pack(w, act_dtype=torch.bfloat16)
+    if kind.startswith("int4"):
+        fmt = Int4Weight.pack(w, 128, kind == "int4sym", act_dtype=torch.bfloat16)
     else:
         fmt = Int8Weight.pack(w, act_dtype=torch.bfloat16)
-    if e == 1:
-        fmt.stacked = False
     return fmt
 
 
-def weight_bytes(fmt: GroupedIntWeight, experts: int) -> int:
-    per = sum(t.numel() * t.element_size() for t in (fmt.qweight[0], fmt.scales[0]))
-    return per * experts
+def weight_bytes(fmt: Fmt, experts: int) -> int:
+    """Bytes one call reads for `experts` experts: codes + scales (+ mins)."""
+    if isinstance(fmt, Fp8BlockWeight):
+        return (fmt.weight[0].numel() + fmt.scale[0].numel() * 4) * experts
+    parts = [fmt.qweight[0], fmt.scales[0]] + ([fmt.mins[0]] if fmt.mins is not None else [])
+    return sum(t.numel() * t.element_size() for t in parts) * experts
 
 
 def gpu_time(fn_per_copy: list[Callable[[], object]], reps: int = 20) -> float:
@@ -73,84 +87,121 @@ def gpu_time(fn_per_copy: list[Callable[[], object]], reps: int = 20) -> float:
     return start.elapsed_time(end) / 1e3 / reps / len(fn_per_copy)
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def bandwidths() -> tuple[float, float]:
+    """(device-to-device copy GB/s counting read + write, read-only GB/s of a 1 GiB sum)."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    t = gpu_time([lambda: dst.copy_(src)], reps=10)
-    return 2 * src.numel() / t / 1e9
+    t_copy = gpu_time([lambda: dst.copy_(src)], reps=10)
+    t_read = gpu_time([lambda: src.sum()], reps=10)
+    return 2 * (1 << 30) / t_copy / 1e9, (1 << 30) / t_read / 1e9
 
 
-def check(fmt: GroupedIntWeight, x: torch.Tensor, ids: torch.Tensor | None,
-          kernel: Callable[..., torch.Tensor]) -> float:
-    ref = quant_matmul_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
-                           group_size=fmt.group_size)
-    out = kernel(x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits, group_size=fmt.group_size)
-    return float((out.float() - ref).abs().max() / ref.abs().max())
+def call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None, cfg: GemvConfig | None
+         ) -> Callable[[], torch.Tensor]:
+    from spillover.kernels.triton.quant_gemv import fp8_gemv, quant_gemv
 
-
-def gemv_call(fmt: GroupedIntWeight, x: torch.Tensor, ids: torch.Tensor | None, bn: int,
-              bk: int) -> Callable[[], object]:
-    from spillover.kernels.triton.quant_gemv import quant_gemv
-
+    if isinstance(fmt, Fp8BlockWeight):
+        w, s = fmt.stacked_views()
+        return partial(fp8_gemv, x, w, s, ids, block=fmt.block, config=cfg)
     return partial(quant_gemv, x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
-                   group_size=fmt.group_size, block_n=bn, block_k=bk)
+                   group_size=fmt.group_size, config=cfg)
+
+
+def reference(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(fmt, Fp8BlockWeight):
+        w, s = fmt.stacked_views()
+        return fp8_matmul_ref(x.float(), w, s, ids, block=fmt.block)
+    return quant_matmul_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
+                            group_size=fmt.group_size)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).abs().max() / ref.abs().max())
 
 
 CASES = [  # label, experts in the bank, N, K, rows
     ("dense 4096x4096", 1, 4096, 4096, 1),
     ("dense 1024x2048 (w13)", 1, 1024, 2048, 1),
     ("dense 2048x512 (w2)", 1, 2048, 512, 1),
-    ("moe 10/128 1024x2048 (w13)", 128, 1024, 2048, 10),
-    ("moe 10/128 2048x512 (w2)", 128, 2048, 512, 10),
+    ("moe 10/512 1024x2048 (w13)", 512, 1024, 2048, 10),
+    ("moe 10/512 2048x512 (w2)", 512, 2048, 512, 10),
 ]
 
 
-def bench_int(bits: int, label: str, e: int, n: int, k: int, rows: int, hbm: float) -> None:
-    from spillover.kernels.triton.quant_gemm import quant_gemm
-    from spillover.kernels.triton.quant_gemv import quant_gemv
-
+def setup(kind: str, e: int, n: int, k: int, rows: int
+          ) -> tuple[list[Fmt], list[torch.Tensor | None], torch.Tensor]:
     if e == 1:  # distinct weight copies, >= 256 MB in all, so each call misses L2
-        copies = max(2, (256 << 20) // (n * k * bits // 8))
-        fmts = [make(bits, 1, n, k, "cuda") for _ in range(copies)]
-        id_sets: list[torch.Tensor | None] = [None] * copies
-    else:  # one bank, a different random expert set per call
-        copies = 16
-        fmts = [make(bits, e, n, k, "cuda")] * copies
-        id_sets = [torch.randperm(e, device="cuda")[:rows].to(torch.int32) for _ in range(copies)]
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    err = max(check(fmts[0], x, id_sets[0], quant_gemv), check(fmts[0], x, id_sets[0], quant_gemm))
+        one = make(kind, 1, n, k, "cuda")
+        copies = max(2, (256 << 20) // max(1, weight_bytes(one, 1)))
+        fmts = [one] + [make(kind, 1, n, k, "cuda") for _ in range(copies - 1)]
+        for f in fmts:
+            f.stacked = False
+        return fmts, [None] * copies, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    copies = 32  # one bank of 512 experts (Qwen3-Next's count), a different random expert set per call
+    bank = make(kind, e, n, k, "cuda")
+    id_sets: list[torch.Tensor | None] = [torch.randperm(e, device="cuda")[:rows].to(torch.int32)
+                                          for _ in range(copies)]
+    return [bank] * copies, id_sets, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+
+
+def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tuple[float, float],
+               sweep: bool) -> None:
+    from spillover.kernels.triton.quant_gemv import default_config
+
+    fmts, id_sets, x = setup(kind, e, n, k, rows)
     nbytes = weight_bytes(fmts[0], rows) + x.numel() * 2 + rows * n * 2
-    best = (1e9, 0, 0)
-    for bn, bk in GEMV_CONFIGS:
-        if fmts[0].group_size % bk or k % bk:
+    bits = 4 if kind.startswith("int4") else 8
+    ref = reference(fmts[0], x, id_sets[0])
+
+    def row(tag: str, cfg: GemvConfig) -> None:
+        err = rel_err(call(fmts[0], x, id_sets[0], cfg)(), ref)
+        t = gpu_time([call(f, x, ids, cfg) for f, ids in zip(fmts, id_sets, strict=True)])
+        gbs = nbytes / t / 1e9
+        print(f"{kind:7s} {label:28s} {tag:7s} {t * 1e6:8.2f} {gbs:7.0f} {100 * gbs / bw[0]:6.1f} "
+              f"{100 * gbs / bw[1]:6.1f}  {cfg}; rel err {err:.1e}", flush=True)
+
+    row("default", default_config(rows, n, k, bits))
+    if not sweep:
+        return
+    best = (1e9, sweep_configs(bits)[0])
+    for cfg in sweep_configs(bits):
+        if k % (cfg.block_k * cfg.split_k):
             continue
-        t = gpu_time([gemv_call(f, x, ids, bn, bk) for f, ids in zip(fmts, id_sets, strict=True)])
-        best = min(best, (t, bn, bk))
-    t, bn, bk = best
-    gbs = nbytes / t / 1e9
-    print(f"int{bits} {label:33s} {t * 1e6:8.2f} {gbs:8.0f} {100 * gbs / hbm:6.1f}  "
-          f"BLOCK_N={bn} BLOCK_K={bk}; GEMV+GEMM max rel err vs ref {err:.1e}")
+        t = gpu_time([call(f, x, ids, cfg) for f, ids in zip(fmts, id_sets, strict=True)], reps=5)
+        best = min(best, (t, cfg), key=lambda p: p[0])
+    row("best", best[1])
 
 
-def bench_bf16(label: str, n: int, k: int, hbm: float) -> None:
+def bench_bf16(label: str, n: int, k: int, bw: tuple[float, float]) -> None:
     copies = max(2, (256 << 20) // (n * k * 2))
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     t = gpu_time([partial(torch.nn.functional.linear, x, w) for w in ws])
     gbs = n * k * 2 / t / 1e9
-    print(f"bf16 {label:33s} {t * 1e6:8.2f} {gbs:8.0f} {100 * gbs / hbm:6.1f}  F.linear baseline")
+    print(f"{'bf16':7s} {label:28s} {'F.lin':7s} {t * 1e6:8.2f} {gbs:7.0f} {100 * gbs / bw[0]:6.1f} "
+          f"{100 * gbs / bw[1]:6.1f}  torch F.linear baseline", flush=True)
 
 
-def run_gpu() -> None:
-    hbm = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}   torch {torch.__version__}")
-    print(f"{'row':38s} {'us':>8s} {'GB/s':>8s} {'%copy':>6s}  notes")
-    print(f"{'copy 1 GiB (read+write)':38s} {'':>8s} {hbm:8.0f} {100:6.0f}")
-    for bits in (4, 8):
+def run_gpu(sweep: bool) -> None:
+    bw = bandwidths()
+    print(f"device: {torch.cuda.get_device_name()}   torch {torch.__version__}   triton {triton_version()}")
+    print(f"copy (read+write) {bw[0]:.0f} GB/s, read-only (sum) {bw[1]:.0f} GB/s")
+    print(f"{'format':7s} {'case':28s} {'config':7s} {'us':>8s} {'GB/s':>7s} {'%copy':>6s} {'%read':>6s}  notes")
+    for kind in ("int4", "int8", "fp8"):
         for case in CASES:
-            bench_int(bits, *case, hbm)
+            if kind == "fp8" and case[1] == 1 and case[2] != 4096:
+                continue
+            bench_case(kind, *case, bw, sweep)
+    for case in (CASES[0], CASES[3]):
+        bench_case("int4sym", *case, bw, False)
     for label, _, n, k, _ in CASES[:3]:
-        bench_bf16(label, n, k, hbm)
+        bench_bf16(label, n, k, bw)
+
+
+def triton_version() -> str:
+    import triton
+
+    return str(triton.__version__)
 
 
 def time_cpu(fn: Callable[[], object], reps: int = 20) -> float:
@@ -162,18 +213,17 @@ def time_cpu(fn: Callable[[], object], reps: int = 20) -> float:
 
 
 def run_cpu() -> None:
-    from spillover.kernels.triton.quant_gemm import quant_gemm
-    from spillover.kernels.triton.quant_gemv import quant_gemv
+    from spillover.kernels.triton.quant_gemv import default_config
 
-    print("CPU dry run: Triton kernels under TRITON_INTERPRET=1 on small shapes (correctness only)")
-    for bits in (4, 8):
-        fmt = make(bits, 4, 64, 256, "cpu")
+    print("CPU dry run: Triton GEMV under TRITON_INTERPRET=1 on small shapes (correctness only)")
+    for kind in ("int4", "int4sym", "int8", "fp8"):
+        fmt = make(kind, 4, 64, 256, "cpu")
         fmt.act_dtype = torch.float32
         x = torch.randn(3, 256)
         ids = torch.tensor([0, 3, 1], dtype=torch.int32)
-        for kern in (quant_gemv, quant_gemm):
-            err = check(fmt, x, ids, kern)
-            print(f"  int{bits} {kern.__name__:10s} 3 rows x [4,64,256]  max rel err {err:.1e}")
+        for cfg in (default_config(3, 64, 256, 4 if kind.startswith("int4") else 8), GemvConfig(16, 128, 2, 4)):
+            err = rel_err(call(fmt, x, ids, cfg)(), reference(fmt, x, ids))
+            print(f"  {kind:7s} 3 rows x [4,64,256] {cfg}: max rel err {err:.1e}")
     print(f"CPU decode timings (torch {torch.__version__}, {torch.get_num_threads()} threads), batch 1:")
     for _, _, n, k, _ in CASES[:3]:
         w = torch.randn(n, k) * 0.02
@@ -191,8 +241,9 @@ def run_cpu() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (small shapes, no GPU)")
+    ap.add_argument("--no-sweep", action="store_true", help="time only the default (heuristic) configs")
     args = ap.parse_args()
     if args.cpu or not torch.cuda.is_available():
         run_cpu()
     else:
-        run_gpu()
+        run_gpu(sweep=not args.no_sweep)

@@ -72,3 +72,20 @@ def dequant_fp8_block_ref(weight: torch.Tensor, scale: torch.Tensor, block: int 
     n, k = weight.shape[-2:]
     s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
     return weight.float() * s[..., :n, :k]
+
+
+def fp8_matmul_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    expert_ids: torch.Tensor | None,
+    *,
+    block: int = 128,
+) -> torch.Tensor:
+    """y [T, N] = x [T, K] @ W[expert_ids[t]].T for FP8 block weights [E, N, K] (E = 1: dense)."""
+    y = torch.empty(x.shape[0], weight.shape[1], dtype=torch.float32, device=x.device)
+    ids = expert_ids if expert_ids is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for e in torch.unique(ids).tolist():
+        rows = (ids == e).nonzero().squeeze(1)
+        y[rows] = x[rows].float() @ dequant_fp8_block_ref(weight[e], scale[e], block).T
+    return y.to(x.dtype)

@@ -1,6 +1,7 @@
 """The one place that picks the kernel for a weight-only quantized matmul, and logs why.
 
 Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_gemm` (CUDA, more rows),
+`triton_fp8_gemv` (CUDA, FP8 block weights, <= GEMV_MAX_ROWS rows), `fp8_dequant` (FP8 otherwise),
 `cpu_int4pack` / `cpu_int8pack` (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize +
 float matmul: CPU prefill, or no Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family
 (triton on the CPU only works under TRITON_INTERPRET=1; for tests).
@@ -12,12 +13,16 @@ import importlib.util
 import logging
 import os
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from spillover.kernels.ref_quant import quant_matmul_ref
 from spillover.quant import cpu_kernels
 from spillover.quant.grouped import GroupedIntWeight
+
+if TYPE_CHECKING:
+    from spillover.quant.fp8 import Fp8BlockWeight
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +89,41 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
             y[sel] = op(fmt, x[sel], e)
         return y
     return quant_matmul_ref(*args, bits=fmt.bits, group_size=fmt.group_size)
+
+
+def choose_fp8_kernel(fmt: Fp8BlockWeight, device: torch.device, rows: int) -> tuple[str, str]:
+    forced = os.environ.get("SPILLOVER_QUANT_KERNEL", "")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if forced == "ref" or not (device.type == "cuda" or (forced == "triton" and interpret)):
+        return "fp8_dequant", f"{device.type}: dequantize the needed weight + float matmul"
+    if not triton_available():
+        return "fp8_dequant", "triton not importable"
+    if fmt.weight.shape[-1] % fmt.block:
+        return "fp8_dequant", f"K={fmt.weight.shape[-1]} is not a multiple of the block {fmt.block}"
+    if rows > GEMV_MAX_ROWS:
+        return "fp8_dequant", f"{rows} rows > {GEMV_MAX_ROWS}: dequantize once + tensor-core matmul"
+    return "triton_fp8_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: FP8 bytes read directly"
+
+
+def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | None) -> torch.Tensor:
+    """y [T, N] = x [T, K] @ W[expert_ids[t]].T for an FP8 block weight (dense when ids is None)."""
+    x = x.to(fmt.act_dtype) if x.dtype != fmt.act_dtype else x
+    if expert_ids is not None and not fmt.stacked:
+        expert_ids = None
+    rows = x.shape[0]
+    if expert_ids is not None and rows:
+        rows = int(torch.bincount(expert_ids).max().item())
+    kernel, reason = choose_fp8_kernel(fmt, x.device, rows)
+    _log_choice(kernel, reason)
+    weight, scale = fmt.stacked_views()
+    if kernel == "triton_fp8_gemv":
+        from spillover.kernels.triton.quant_gemv import fp8_gemv
+
+        return fp8_gemv(x, weight, scale, expert_ids, block=fmt.block)
+    if expert_ids is None:
+        return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
+    y = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
+    for e in torch.unique(expert_ids).tolist():
+        sel = (expert_ids == e).nonzero().squeeze(1)
+        y[sel] = torch.nn.functional.linear(x[sel], fmt.dequantize(e).to(x.dtype))
+    return y

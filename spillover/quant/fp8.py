@@ -2,8 +2,8 @@
 
 weight float8_e4m3fn [E?, N, K] and float32 block scales [E?, ceil(N/128), ceil(K/128)];
 w = fp8 * scale (the checkpoint calls it `weight_scale_inv` but it multiplies).
-forward dequantizes the needed weight on the fly and runs a float matmul: exact on every device;
-a fused FP8 kernel (sm_89+) is future work.
+Decode on CUDA reads the FP8 bytes directly (`fp8_gemv`: codes converted in registers, one scale per
+block); elsewhere, and for prefill, the needed weight is dequantized on the fly for a float matmul.
 """
 
 from __future__ import annotations
@@ -47,17 +47,27 @@ class Fp8BlockWeight:
         return dequant_fp8_block_ref(w, s, self.block).to(self.act_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype))
+        from spillover.quant.dispatch import fp8_matmul
+
+        y = fp8_matmul(self, x.reshape(-1, x.shape[-1]), None)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self.weight.shape[-2], dtype=x.dtype, device=x.device)
-        for e in torch.unique(expert_ids).tolist():
-            rows = (expert_ids == e).nonzero().squeeze(1)
-            y[rows] = F.linear(x[rows], self.dequantize(e).to(x.dtype))
-        return y
+        from spillover.quant.dispatch import fp8_matmul
+
+        return fp8_matmul(self, x, expert_ids)
 
     def expert_forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         return F.linear(x, self.dequantize(expert).to(x.dtype))
+
+    def stacked_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [E, N, K], scale [E, N/B, K/B]) with E = 1 for a dense weight: the kernels' layout."""
+        if self.stacked:
+            return self.weight, self.scale
+        return self.weight.unsqueeze(0), self.scale.unsqueeze(0)
+
+    def to(self, device: torch.device | str) -> Fp8BlockWeight:
+        return type(self)(self.weight.to(device), self.scale.to(device), self.block, self.act_dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "scale": self.scale}

@@ -11,10 +11,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from spillover.kernels.ref_quant import quant_matmul_ref  # noqa: E402
+from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_ref  # noqa: E402
 from spillover.kernels.triton.quant_gemm import align_rows, quant_gemm  # noqa: E402
-from spillover.kernels.triton.quant_gemv import quant_gemv  # noqa: E402
-from spillover.quant import Int4Weight, Int8Weight  # noqa: E402
+from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, fp8_gemv, quant_gemv  # noqa: E402
+from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [  # (bits, group, symmetric)
@@ -44,6 +44,42 @@ def test_kernel_matches_reference(bits: int, group: int, sym: bool, kernel, stac
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
 
 
+# Tiles smaller than, equal to and spanning several groups; split-K with its float32 reduction.
+GEMV_CONFIGS = [GemvConfig(16, 32, 1, 4), GemvConfig(8, 256, 1, 2), GemvConfig(4, 64, 4, 4), GemvConfig(32, 128, 2, 8)]
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), CASES)
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=str)
+def test_gemv_configs_match_reference(bits: int, group: int, sym: bool, cfg: GemvConfig) -> None:
+    fmt = _fmt(bits, group, sym, 3, 40, 256)
+    x = torch.randn(4, 256, device=DEVICE)
+    ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
+    args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
+    ref = quant_matmul_ref(*args, bits=bits, group_size=fmt.group_size)
+    out = quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=cfg)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("cfg", [None, GemvConfig(8, 64, 2, 4)], ids=str)
+def test_fp8_gemv_matches_reference(stacked: bool, cfg: GemvConfig | None) -> None:
+    e, n, k = (3, 200, 256) if stacked else (1, 200, 256)  # N not a multiple of the 128 block
+    w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(7))
+    fmt = Fp8BlockWeight.pack(w, act_dtype=torch.float32).to(DEVICE)
+    x = torch.randn(5, k, device=DEVICE)
+    ids = torch.randint(0, e, (5,), device=DEVICE) if stacked else None
+    ref = fp8_matmul_ref(x, fmt.weight, fmt.scale, ids)
+    torch.testing.assert_close(fp8_gemv(x, fmt.weight, fmt.scale, ids, config=cfg), ref, rtol=1e-4, atol=2e-4)
+
+
+def test_default_config_fills_the_gpu_and_divides_k() -> None:
+    for rows, n, k, bits in [(1, 4096, 4096, 4), (1, 1024, 2048, 4), (10, 2048, 512, 8), (1, 2048, 512, 4),
+                             (64, 256, 96, 8)]:
+        cfg = default_config(rows, n, k, bits)
+        assert k % (cfg.block_k * cfg.split_k) == 0, (rows, n, k, cfg)
+    assert default_config(1, 1024, 2048, 4).split_k > 1  # one narrow row needs split-K to fill the SMs
+
+
 def test_align_rows_groups_by_expert() -> None:
     ids = torch.tensor([2, 0, 2, 2, 1])
     rows, eids = align_rows(ids, 5, 2, torch.device("cpu"))
@@ -61,3 +97,16 @@ def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> No
 
     assert choose_kernel(fmt, x.device, 2)[0] == "triton_gemv"
     torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    if DEVICE == "cpu":
+        monkeypatch.setenv("SPILLOVER_QUANT_KERNEL", "triton")
+    from spillover.quant.dispatch import choose_fp8_kernel
+
+    fmt = Fp8BlockWeight.pack(torch.randn(2, 64, 128), act_dtype=torch.float32).to(DEVICE)
+    assert choose_fp8_kernel(fmt, torch.device(DEVICE), 3)[0] == "triton_fp8_gemv"
+    x = torch.randn(3, 128, device=DEVICE)
+    ids = torch.tensor([1, 0, 1], device=DEVICE)
+    ref = fp8_matmul_ref(x, fmt.weight, fmt.scale, ids)
+    torch.testing.assert_close(fmt.forward_experts(x, ids), ref, rtol=1e-4, atol=2e-4)
