@@ -28,6 +28,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from spillover.kernels.ref_quant import dequant_fp8_block_ref
 from spillover.quant import pack_weight
 from spillover.quant.apply import QuantPolicy
+from spillover.quant.importers.checkpoint import (
+    Entry,
+    detect_quantization,
+    entry_layout,
+    entry_shape,
+    group_entries,
+    import_entry,
+)
 from spillover.quant.importers.fp8_block import import_fp8_block
 from spillover.quant.importers.gguf import import_gguf
 from spillover.quant.importers.source import Source, SourceTensor
@@ -63,9 +71,15 @@ class Planned:
     reason: str
     scale: SourceTensor | None = None  # FP8 weight_scale_inv partner
     shard: str = ""
+    entry: Entry | None = None  # a pre-quantized checkpoint's module: all its tensors, imported together
 
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts.values())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical shape (a checkpoint module's `src` is its packed qweight / weight_packed)."""
+        return entry_shape(self.entry) if self.entry is not None else self.src.shape
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ def _plan_tensor(t: SourceTensor, scale: SourceTensor | None, opts: ConvertOptio
     return Planned(t.name, t, fmt, meta, _int_parts(t.name, fmt, lead, k, group, F16, not sym), why, scale)
 
 
-def plan_conversion(source: Source, opts: ConvertOptions) -> list[Planned]:
+def _plan_tensors(source: Source, opts: ConvertOptions) -> list[Planned]:
     by_name = {t.name: t for t in source.tensors}
     scales = {n.removesuffix("_scale_inv") for n in by_name if n.endswith(".weight_scale_inv")}
     planned: list[Planned] = []
@@ -137,6 +151,25 @@ def plan_conversion(source: Source, opts: ConvertOptions) -> list[Planned]:
             continue  # consumed with its FP8 weight
         scale = by_name[t.name + "_scale_inv"] if t.name in scales else None
         planned.append(_plan_tensor(t, scale, opts))
+    return planned
+
+
+def _plan_entry(e: Entry, opts: ConvertOptions) -> Planned:
+    """A GPTQ/AWQ/compressed-tensors/FP8 module is imported losslessly whatever `quant` says (as GGUF
+    blocks are); the checkpoint's float tensors follow the normal policy."""
+    if e.quant is None:
+        return _plan_tensor(e.main, None, opts)
+    fmt, meta, layout = entry_layout(e)
+    parts = {k: PartSpec(part_key(e.name, k, fmt), dt, shape) for k, (dt, shape) in layout.items()}
+    return Planned(e.name, e.main, fmt, meta, parts, f"lossless import of {e.quant.method} checkpoint", entry=e)
+
+
+def plan_conversion(source: Source, opts: ConvertOptions) -> list[Planned]:
+    quant = detect_quantization(source.path) if source.kind == "safetensors" else None
+    if quant is not None:
+        planned = [_plan_entry(e, opts) for e in group_entries(source, quant)]
+    else:
+        planned = _plan_tensors(source, opts)
     # Shards in source order; a tensor never straddles two shards.
     shards: list[list[Planned]] = [[]]
     size = 0
@@ -156,6 +189,8 @@ def plan_conversion(source: Source, opts: ConvertOptions) -> list[Planned]:
 
 def produce(source: Source, p: Planned, opts: ConvertOptions) -> dict[str, torch.Tensor]:
     """Read one source tensor and return its parts exactly as planned."""
+    if p.entry is not None:
+        return dict(import_entry(p.entry, source.read).tensors())
     raw = source.read(p.src)
     if p.src.gguf_type in GGUF_IMPORTS:
         return import_gguf(raw, _gguf_type(p.src.gguf_type), p.src.shape[-1]).tensors()
@@ -185,7 +220,7 @@ def _manifest(source: Source, opts: ConvertOptions, planned: list[Planned]) -> d
         "spillover_store": STORE_VERSION,
         "source": {"kind": source.kind, "path": str(source.path.resolve()), "identity": source.identity()},
         "quant": opts.record(),
-        "tensors": {p.name: {"format": p.fmt, "meta": p.meta, "shape": list(p.src.shape), "shard": p.shard,
+        "tensors": {p.name: {"format": p.fmt, "meta": p.meta, "shape": list(p.shape), "shard": p.shard,
                              "parts": {k: s.key for k, s in p.parts.items()}, "reason": p.reason}
                     for p in planned},
     }
