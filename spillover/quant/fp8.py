@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from spillover.kernels.ref_quant import dequant_fp8_block_ref
+from spillover.quant.packing import CHUNK_ELEMS
 
 FP8_MAX = 448.0
 
@@ -31,16 +32,34 @@ class Fp8BlockWeight:
     @classmethod
     def pack(cls, weight: torch.Tensor, block: int = 128,
              act_dtype: torch.dtype = torch.bfloat16) -> Fp8BlockWeight:
-        """Quantize a float [.., N, K] with one scale per block x block tile (absmax / 448)."""
+        """Quantize a float [.., N, K] with one scale per block x block tile (absmax / 448).
+
+        Works on bands of whole row blocks through one zero-padded float32 scratch, so temporaries
+        stay a few MB whatever the weight's size (same values as quantizing the padded tensor at once).
+        """
         n, k = weight.shape[-2:]
-        pn, pk = -n % block, -k % block
-        w = F.pad(weight.float(), (0, pk, 0, pn))
-        tiles = w.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [.., N/B, B, K/B, B]
-        scale = tiles.abs().amax(dim=(-3, -1)) / FP8_MAX
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        s_full = scale.repeat_interleave(block, -2).repeat_interleave(block, -1)
-        q = (w / s_full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return cls(q[..., :n, :k].contiguous(), scale, block, act_dtype)
+        lead = weight.shape[:-2]
+        w3 = weight.detach().reshape(-1, n, k)
+        nrb, nkb = -(-n // block), -(-k // block)
+        q = torch.empty(w3.shape, dtype=torch.float8_e4m3fn, device=w3.device)
+        scale = torch.empty(w3.shape[0], nrb, nkb, device=w3.device)
+        band = max(1, CHUNK_ELEMS // max(1, nkb * block * block)) * block
+        scratch = torch.empty(min(band, nrb * block), nkb * block, device=w3.device)
+        for e in range(w3.shape[0]):
+            for r0 in range(0, n, band):
+                r = min(band, n - r0)
+                rb = -(-r // block)
+                x = scratch[:rb * block]
+                x[:r, :k].copy_(w3[e, r0:r0 + r])
+                x[r:].zero_()  # the padding of the last row block and columns must read as 0
+                x[:r, k:].zero_()
+                tiles = x.view(rb, block, nkb, block)
+                s = tiles.abs().amax(dim=(1, 3)) / FP8_MAX
+                s = torch.where(s == 0, torch.ones_like(s), s)
+                tiles.div_(s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+                q[e, r0:r0 + r].copy_(x[:r, :k])
+                scale[e, r0 // block:r0 // block + rb] = s
+        return cls(q.reshape(*lead, n, k), scale.reshape(*lead, nrb, nkb), block, act_dtype)
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         w, s = (self.weight, self.scale) if expert is None else (self.weight[expert], self.scale[expert])

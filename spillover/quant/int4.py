@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from spillover.quant.grouped import GroupedIntWeight
-from spillover.quant.packing import pack_int4, rtn_int4
+from spillover.quant.packing import RowPacker
 
 
 class Int4Weight(GroupedIntWeight):
@@ -21,15 +21,10 @@ class Int4Weight(GroupedIntWeight):
         scale_dtype: torch.dtype = torch.float16,
         act_dtype: torch.dtype = torch.bfloat16,
     ) -> Int4Weight:
-        """RTN-quantize a dense [N, K] or stacked [E, N, K] float weight (one expert at a time)."""
+        """RTN-quantize a dense [N, K] or stacked [E, N, K] float weight, a few MB of rows at a time."""
         stacked = weight.dim() == 3
-        w3 = weight if stacked else weight.unsqueeze(0)
-        qs, ss, ms = [], [], []
-        for e in range(w3.shape[0]):  # bounds the float32 temporaries to one expert
-            codes, scales, mins = rtn_int4(w3[e], group_size, symmetric, scale_dtype)
-            qs.append(pack_int4(codes))
-            ss.append(scales)
-            if mins is not None:
-                ms.append(mins)
-        return cls(torch.stack(qs), torch.stack(ss), torch.stack(ms) if ms else None,
-                   group_size=group_size, stacked=stacked, act_dtype=act_dtype)
+        parts = RowPacker(4, group_size, symmetric, scale_dtype).pack(weight)
+        lead = weight.shape[:-1] if stacked else (-1,)
+        shaped = {n: t.reshape(*lead, t.shape[-1]) for n, t in parts.items()}
+        return cls(shaped["qweight"], shaped["scales"], shaped.get("mins"), group_size=group_size,
+                   stacked=stacked, act_dtype=act_dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from spillover.quant.grouped import GroupedIntWeight
-from spillover.quant.packing import rtn_int8
+from spillover.quant.packing import RowPacker
 
 
 class Int8Weight(GroupedIntWeight):
@@ -25,14 +25,11 @@ class Int8Weight(GroupedIntWeight):
     ) -> Int8Weight:
         """Quantize [N, K] or [E, N, K]; group_size None means per channel (one group of K)."""
         stacked = weight.dim() == 3
-        w3 = weight if stacked else weight.unsqueeze(0)
-        g = group_size or w3.shape[-1]
-        qs, ss = [], []
-        for e in range(w3.shape[0]):
-            codes, scales = rtn_int8(w3[e], g, scale_dtype)
-            qs.append(codes)
-            ss.append(scales)
-        return cls(torch.stack(qs), torch.stack(ss), None, group_size=g, stacked=stacked, act_dtype=act_dtype)
+        g = group_size or weight.shape[-1]
+        parts = RowPacker(8, g, True, scale_dtype).pack(weight)
+        lead = weight.shape[:-1] if stacked else (-1,)
+        q, s = (parts[n].reshape(*lead, parts[n].shape[-1]) for n in ("qweight", "scales"))
+        return cls(q, s, None, group_size=g, stacked=stacked, act_dtype=act_dtype)
 
     @property
     def per_channel(self) -> bool:

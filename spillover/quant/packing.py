@@ -65,3 +65,126 @@ def rtn_int8(
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(g / safe), -127, 127)
     return q.to(torch.int8).flatten(-2), scale.squeeze(-1).to(scale_dtype)
+
+
+# ---- chunked packing ----------------------------------------------------------------------------
+# Whole-tensor RTN allocates several float32 copies of the tensor (7x its bf16 size at peak) and each
+# fresh multi-MB allocation costs page faults. Rows are independent (groups run along K), so packing
+# a few MB of rows at a time through reused scratch gives the same codes with bounded temporaries,
+# and the in-place ops on cache-sized chunks run several times faster.
+
+CHUNK_ELEMS = 1 << 20  # float32 elements per chunk (4 MB): fits L2-ish, big enough for torch's threads
+
+
+class RowPacker:
+    """RTN int4 / int8 over chunks of rows, bit-identical to `rtn_int4` / `rtn_int8` (+ `pack_int4`).
+
+    Parts per row block of a [R, K] weight: int4 `qweight` uint8 [R, K/2]; int8 `qweight` int8 [R, K];
+    `scales` [R, K/G] in `scale_dtype`; int4 asymmetric also `mins`.
+    """
+
+    def __init__(self, bits: int, group_size: int, symmetric: bool = True,
+                 scale_dtype: torch.dtype = torch.float16, chunk_elems: int = CHUNK_ELEMS) -> None:
+        assert bits in (4, 8)
+        self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
+        self.symmetric = symmetric or bits == 8  # int8 is symmetric only
+        self.chunk_elems = chunk_elems
+        self._scratch: torch.Tensor | None = None
+
+    def part_dtypes(self, k: int) -> dict[str, tuple[torch.dtype, int]]:
+        """{part: (dtype, columns)} for rows of K inputs."""
+        code = (torch.uint8, k // 2) if self.bits == 4 else (torch.int8, k)
+        parts = {"qweight": code, "scales": (self.scale_dtype, k // self.group_size)}
+        if not self.symmetric:
+            parts["mins"] = (self.scale_dtype, k // self.group_size)
+        return parts
+
+    def rows_per_chunk(self, k: int) -> int:
+        return max(1, self.chunk_elems // max(1, k))
+
+    def scratch(self, rows: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A float32 [rows, k] buffer reused across chunks (and tensors) to avoid fresh allocations."""
+        n = rows * k
+        s = self._scratch
+        if s is None or s.numel() < n or s.device != torch.device(device):
+            s = self._scratch = torch.empty(max(n, self.chunk_elems), device=device)
+        return s[:n].view(rows, k)
+
+    def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Whole [..., K] weight -> parts shaped [R, cols] (R = rows of all leading dims)."""
+        k = weight.shape[-1]
+        w2 = weight.detach().reshape(-1, k)
+        rows = w2.shape[0]
+        out = {n: torch.empty(rows, c, dtype=dt, device=w2.device) for n, (dt, c) in self.part_dtypes(k).items()}
+        step = self.rows_per_chunk(k)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            x = self.scratch(r1 - r0, k, w2.device).copy_(w2[r0:r1])
+            self.pack_into(x, {n: t[r0:r1] for n, t in out.items()})
+        return out
+
+    def pack_into(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        """Quantize float32 rows `x` [R, K] (clobbered) into the `out` part views [R, cols]."""
+        r, k = x.shape
+        if k % self.group_size != 0:
+            raise ValueError(f"in_features {k} is not a multiple of group size {self.group_size}")
+        g = x.view(r, k // self.group_size, self.group_size)
+        hi, lo = g.amax(dim=-1, keepdim=True), g.amin(dim=-1, keepdim=True)
+        if self.bits == 8:
+            # max |x| without an abs() pass; `+ 0.0` turns an all-zero group's -0.0 into abs()'s +0.0.
+            scale = (torch.maximum(hi, -lo).add_(0.0) / 127.0).to(self.scale_dtype)
+            mins = None
+        elif self.symmetric:
+            scale = (_signed_extreme(g, hi, lo) / -8.0).to(self.scale_dtype)
+            mins = None
+        else:
+            scale = ((hi - lo) / 15.0).to(self.scale_dtype)
+            mins = lo.to(self.scale_dtype)
+        sf = scale.float()
+        if not (bool(torch.isfinite(sf).all()) and (mins is None or bool(torch.isfinite(mins).all()))):
+            # NaN/inf weights or scale overflow: the float->int casts of NaN are not ours to reorder,
+            # so take the reference path (x is untouched so far) for this chunk.
+            self._reference_into(x, out)
+            return
+        safe = torch.where(sf == 0, torch.ones_like(sf), sf)
+        if self.bits == 8:
+            g.div_(safe).round_().clamp_(-127, 127)
+            out["qweight"].copy_(x)
+        else:
+            if mins is not None:
+                g.sub_(mins.float()).div_(safe).round_().clamp_(0, 15)
+                out["mins"].copy_(mins.squeeze(-1))
+            else:
+                g.div_(safe).round_().add_(8).clamp_(0, 15)
+            # Codes are small integers in float32: even + 16 * odd is the packed byte, exactly.
+            even = x[:, 0::2]
+            even.add_(x[:, 1::2], alpha=16)
+            out["qweight"].copy_(even)
+        out["scales"].copy_(scale.squeeze(-1))
+
+    def _reference_into(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        if self.bits == 8:
+            codes, scales = rtn_int8(x, self.group_size, self.scale_dtype)
+            out["qweight"].copy_(codes)
+        else:
+            codes, scales, mins = rtn_int4(x, self.group_size, self.symmetric, self.scale_dtype)
+            out["qweight"].copy_(pack_int4(codes))
+            if mins is not None:
+                out["mins"].copy_(mins)
+        out["scales"].copy_(scales)
+
+
+def _signed_extreme(g: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Per group, the value of the first element of largest magnitude (what abs().argmax() picks).
+
+    max/min decide it unless +m and -m both occur (common in bf16) or NaN/inf; only those groups
+    pay for argmax, which is ~20x slower than amax on the CPU.
+    """
+    pos, neg = hi > -lo, lo < -hi
+    extreme = torch.where(pos, hi, lo)
+    tie = ~(pos | neg).squeeze(-1)
+    if bool(tie.any()):
+        idx = tie.nonzero(as_tuple=True)
+        sub = g[idx]  # [ties, G]
+        extreme[idx] = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True))
+    return extreme
