@@ -42,10 +42,15 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.fmt: WeightFormat | None = None
 
-    def set_format(self, fmt: WeightFormat) -> None:
-        """Swap the dense weight for a packed one; the dense tensor is released."""
+    def set_format(self, fmt: WeightFormat, device: torch.device | None = None) -> None:
+        """Swap the dense weight for a packed one; the dense tensor is released.
+
+        `device` places the 0-element stand-in left as `weight` (default: where the weight was); a
+        loader filling a model built on meta passes a real device, so that no meta tensor survives.
+        """
         self.fmt = fmt
-        self.weight = nn.Parameter(torch.empty(0, device=self.weight.device), requires_grad=False)
+        where = self.weight.device if device is None else device
+        self.weight = nn.Parameter(torch.empty(0, device=where), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt is not None:

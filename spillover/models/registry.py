@@ -15,11 +15,12 @@ import torch
 
 from spillover.models.causal_lm import CausalLM
 from spillover.models.config import ModelConfig
-from spillover.weights.loader import iter_safetensors, load_weights
+from spillover.weights.loader import WeightItem, iter_safetensors, load_weights
 
 log = logging.getLogger("spillover.models")
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+META = torch.device("meta")
 
 
 def demo_model_path() -> Path:
@@ -103,25 +104,33 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """The model with uninitialised storage on `device` (built on meta: no init compute, one copy)."""
+    """The model with uninitialised storage on `device` (built on meta: no init compute, one copy).
+
+    `device` META leaves every parameter unallocated: `load_weights` then allocates each one when
+    its tensor arrives, and packed targets never get a float tensor at all.
+    """
     with _default_dtype(dtype), torch.device("meta"):
         model = CausalLM(cfg)
-    model = model.to_empty(device=device)
+    if device.type != "meta":
+        model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[assignment]
     return model.eval()
 
 
-def load_model(src: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    model = build_model(cfg, device, dtype)
+def iter_source(src: ModelSource, cfg: ModelConfig) -> Iterator[WeightItem]:
+    """Float tensors of a Hugging Face folder or a GGUF file (dequantised), one at a time."""
     if src.kind == "gguf":
         from spillover.weights.gguf import iter_gguf
 
-        weights = iter_gguf(src.path, cfg)
-    else:
-        weights = iter_safetensors(src.path)
+        return iter_gguf(src.path, cfg)
+    return iter_safetensors(src.path)
+
+
+def load_model(src: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    model = build_model(cfg, META, dtype)
     with torch.no_grad():
-        n = load_weights(model, weights, tied_lm_head=cfg.tie_word_embeddings)
+        n = load_weights(model, iter_source(src, cfg), tied_lm_head=cfg.tie_word_embeddings, device=device)
     log.info("loaded %d tensors from %s", n, src.path)
     return model
 

@@ -46,7 +46,8 @@ class QuantPolicy:
         return self.default, "policy default"
 
 
-def _pack(weight: torch.Tensor, fmt: str, why: str, policy: QuantPolicy) -> tuple[QuantFormat, str]:
+def pack_with_policy(weight: torch.Tensor, fmt: str, why: str, policy: QuantPolicy) -> tuple[QuantFormat, str]:
+    """`weight` packed into `fmt` as the policy says; (format, reason), the reason naming a fallback."""
     group = policy.group_size if fmt == "int4" else policy.int8_group_size
     if group is not None and weight.shape[-1] % group:
         # NOTE: only tiny test models hit this; int8 per channel is the safe lossless-ish fallback.
@@ -70,12 +71,10 @@ def _quantize(model: nn.Module, policy: QuantPolicy) -> dict[str, str]:
             if fmt == "keep" or module.fmt is not None:
                 record[name] = f"{module.fmt.name if module.fmt else 'dense'} ({why})"
                 continue
-            packed, why = _pack(module.weight.data, fmt, why, policy)
+            packed, why = pack_with_policy(module.weight.data, fmt, why, policy)
             module.set_format(packed)
             record[name] = f"{packed.name} ({why})"
-        elif isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(
-            getattr(module, "w2", None), nn.Parameter
-        ):
+        elif is_expert_bank(module):
             for attr in ("w13", "w2"):
                 full = f"{name}.{attr}"
                 fmt, why = policy.format_for(full)
@@ -87,8 +86,31 @@ def _quantize(model: nn.Module, policy: QuantPolicy) -> dict[str, str]:
                     record[full] = f"dense ({why})"
                     continue
                 param: nn.Parameter = getattr(module, attr)
-                packed, why = _pack(param.data, fmt, why, policy)
+                packed, why = pack_with_policy(param.data, fmt, why, policy)
                 setattr(module, f"{attr}_fmt", packed)
                 setattr(module, attr, nn.Parameter(torch.empty(0, device=param.device), requires_grad=False))
                 record[full] = f"{packed.name} ({why})"
+    return record
+
+
+def is_expert_bank(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(
+        getattr(module, "w2", None), nn.Parameter)
+
+
+def policy_record(model: nn.Module, policy: QuantPolicy, packed: dict[str, str]) -> dict[str, str]:
+    """The record `quantize_model` returns, for a model whose formats were installed while loading
+    (spillover.quant.stream): `packed` holds "format (reason)" for what was packed, the rest is read
+    off the policy and the model, in the same module order."""
+    record: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            slots = [(name, module.fmt)]
+        elif is_expert_bank(module):
+            slots = [(f"{name}.{attr}", getattr(module, f"{attr}_fmt", None)) for attr in ("w13", "w2")]
+        else:
+            continue
+        for full, fmt in slots:
+            why = policy.format_for(full)[1]
+            record[full] = packed.get(full) or f"{fmt.name if fmt is not None else 'dense'} ({why})"
     return record

@@ -1,8 +1,10 @@
 """Model-side entry points of the quant package: quantize a loaded model, or load a converted store.
 
-`quantize_for_load(model, quant)` is what `LLM(quant=...)` calls right after `load_model`: it maps
-the user-facing choice (none | int8 | int4 | fp8) onto a `QuantPolicy` and quantizes in place
-(linears through `Linear.set_format`, MoE experts through the bank's `w13_fmt` / `w2_fmt`).
+`load_for_llm` is what `LLM(quant=...)` calls: it maps the user-facing choice (none | int8 | int4 |
+fp8) onto a `QuantPolicy` (`load_policy`) and quantizes while loading (spillover.quant.stream: each
+float tensor packed as it arrives, the float model never held). `quantize_for_load(model, quant)`
+quantizes an already loaded float model in place with the same policy, through `quantize_model`
+(linears via `Linear.set_format`, MoE experts via the bank's `w13_fmt` / `w2_fmt`): the reference.
 `load_from_store(path, cfg, device, dtype)` builds the model and fills it from a store written by
 `spillover convert`, handing packed tensors to the loader as format objects (no dequantization).
 """
@@ -57,11 +59,15 @@ def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128)
         raise ValueError(f"quant must be one of {QUANT_CHOICES[:-1]}, got {quant!r}")
     policy = load_policy(quant, group_size, model.model.embed_tokens.weight.dtype)
     record = quantize_model(model, policy)
+    _log_fallback(record, quant, group_size)
+    return record
+
+
+def _log_fallback(record: dict[str, str], quant: str, group_size: int) -> None:
     fallback = [n for n, r in record.items() if "not a multiple" in r]
     if fallback:
         log.info("quant %s: %d tensors fell back to int8 per channel (in_features not a multiple of %d)",
                  quant, len(fallback), group_size)
-    return record
 
 
 def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -69,7 +75,7 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
     """What `LLM.__init__` calls: (model, per-tensor format record).
 
     quant "native" keeps a GGUF's quantized matrices in their own blocks (lossless int4/int8 repack,
-    computed by our kernels); otherwise the model is loaded in `dtype` and quantized at load.
+    computed by our kernels); int8 / int4 / fp8 quantize each float tensor as it is loaded.
     """
     if source.kind == "store":
         if quant not in (None, "none"):
@@ -82,21 +88,23 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
     if quant == "native":
         if source.kind != "gguf":
             raise ValueError("quant='native' needs a .gguf model (it keeps the file's own blocks)")
-        from spillover.models.registry import build_model
         from spillover.weights.gguf import iter_gguf
-        from spillover.weights.loader import load_weights
 
-        model = build_model(cfg, torch.device("cpu"), dtype)  # packed on the CPU, then moved
-        with torch.no_grad():
-            load_weights(model, iter_gguf(source.path, cfg, native=True, act_dtype=dtype),
-                         tied_lm_head=cfg.tie_word_embeddings)
-        model = move_model(model, device)
+        model = load_items(iter_gguf(source.path, cfg, native=True, act_dtype=dtype), cfg, device, dtype)
         return model, {n: f"{m.fmt.name} (native {source.path.name})" for n, m in model.named_modules()
                        if isinstance(m, Linear) and m.fmt is not None}
-    from spillover.models.registry import load_model
+    from spillover.models.registry import iter_source, load_model
 
-    model = load_model(source, cfg, device, dtype)
-    return model, quantize_for_load(model, quant, group_size)
+    if quant is None or quant == "none":
+        return load_model(source, cfg, device, dtype), {}
+    from spillover.quant.stream import load_quantized
+
+    # Each float tensor is packed as it arrives (same result as load_model + quantize_for_load,
+    # without ever holding the float model).
+    model, record = load_quantized(iter_source(source, cfg), cfg, device, dtype,
+                                   load_policy(quant, group_size, dtype))
+    _log_fallback(record, quant, group_size)
+    return model, record
 
 
 def iter_store(store_path: str | Path, cfg: ModelConfig, act_dtype: torch.dtype
@@ -138,19 +146,21 @@ def load_items(items: Iterable[tuple[str, Any, str]], cfg: ModelConfig, device: 
                dtype: torch.dtype) -> CausalLM:
     """Build the model and fill it from (HF name, tensor or format object, file) items.
 
-    The one path for every packed source (stores, pre-quantized checkpoints): format objects are
-    swapped in by the loader as they are, plain tensors are copied.
-    NOTE: the model is materialised dense first (as `build_model` does), so peak RAM is the float
-    model until the loader swaps packed formats in; building packed targets on meta is future work.
+    The one path for every packed source (stores, native GGUF, pre-quantized checkpoints): the model
+    is built on meta, format objects are swapped in by the loader as they are (their targets never
+    get a float tensor), plain tensors are copied into parameters allocated as they arrive. Float
+    parameters land on `device` directly; formats stay where the source made them (the CPU) and
+    `move_model` moves them.
     """
-    from spillover.models.registry import build_model
+    from spillover.models.registry import META, build_model
     from spillover.weights.loader import load_weights
 
-    model = build_model(cfg, torch.device("cpu"), dtype)
+    device = torch.device(device)
+    model = build_model(cfg, META, dtype)
     with torch.no_grad():
-        n = load_weights(model, items, tied_lm_head=cfg.tie_word_embeddings)
+        n = load_weights(model, items, tied_lm_head=cfg.tie_word_embeddings, device=device)
     log.info("loaded %d tensors", n)
-    return move_model(model, torch.device(device))
+    return move_model(model, device)
 
 
 def move_model(model: CausalLM, device: torch.device) -> CausalLM:
@@ -161,6 +171,16 @@ def move_model(model: CausalLM, device: torch.device) -> CausalLM:
     for mod in model.modules():
         for attr in ("fmt", "w13_fmt", "w2_fmt"):
             fmt = getattr(mod, attr, None)
-            if fmt is not None and hasattr(fmt, "to"):
-                setattr(mod, attr, fmt.to(device))
+            if fmt is not None:
+                setattr(mod, attr, format_to(fmt, device))
     return model
+
+
+def format_to(fmt: Any, device: torch.device) -> Any:
+    """A packed format on `device`; formats without their own `to` are rebuilt from their tensors."""
+    if hasattr(fmt, "to"):
+        return fmt.to(device)
+    from spillover.quant import format_from_tensors
+
+    parts = {k: t.to(device) for k, t in fmt.tensors().items()}
+    return format_from_tensors(parts, fmt.meta(), fmt.act_dtype)

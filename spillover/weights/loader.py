@@ -1,21 +1,26 @@
 """Streaming weight loading.
 
 Sources yield `(checkpoint_name, tensor, file)` one tensor at a time (memory-mapped safetensors, or
-GGUF dequantised tensor by tensor), so the model (built on `meta`, then materialised once) is the
-only full copy in RAM. `load_weights` maps checkpoint names onto our parameters (merged q|k|v and
-gate|up projections, stacked experts) and fails loudly, naming tensor and file, on anything missing,
-unexpected, mis-shaped or loaded twice.
+GGUF dequantised tensor by tensor). `load_weights` maps checkpoint names onto our parameters (merged
+q|k|v and gate|up projections, stacked experts) and fails loudly, naming tensor and file, on
+anything missing, unexpected, mis-shaped or loaded twice.
+
+The model may be built on `meta` (`build_model(cfg, META, dtype)`): a parameter is then allocated
+on the target device when its first float tensor arrives, so peak RAM is what the model ends up
+holding plus the tensor in flight, never a float copy of packed weights.
 
 A source may also yield a packed weight format (spillover.quant: native GGUF blocks, a converted
-store) instead of a tensor. Packed parts of one `Linear` or expert bank are collected and, once all
-arrived, concatenated along the output rows (merged q|k|v, gate|up) and the expert axis, then
-installed with `set_format` / `w13_fmt`; parts whose layouts differ are dequantized into the dense
+store, a tensor quantized on the fly by spillover.quant.stream) instead of a tensor. Packed parts of
+one `Linear` or expert bank are collected and, as soon as all arrived, concatenated along the output
+rows (merged q|k|v, gate|up) and the expert axis, then installed with `set_format` / `w13_fmt`; such
+a parameter never gets a float tensor. Parts whose layouts differ are dequantized into the dense
 parameter instead. Packed tensors aimed at anything else (embeddings, norms) are dequantized.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,13 +36,16 @@ WeightItem = tuple[str, torch.Tensor, str]
 # A packed weight format (spillover.quant.QuantFormat); duck-typed so the loader stays import-light.
 PackedOrTensor = Any
 Piece = tuple[tuple[slice | int, ...], Any]  # (index into the dense parameter, packed format)
+Owners = dict[str, list[tuple[nn.Module, str]]]  # parameter name -> every (module, attr) holding it
 
 
 class WeightLoadError(ValueError):
     pass
 
 
-_EXPERT = re.compile(r"^(?P<p>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
+# gate_up_proj per expert: one expert's merged rows (what spillover.quant.stream yields for block formats)
+_EXPERT = re.compile(
+    r"^(?P<p>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_up_proj|gate_proj|up_proj|down_proj)\.weight$")
 _STACKED_EXPERT = re.compile(r"^(?P<p>.*\.mlp\.experts)\.(?P<w>gate_up_proj|gate_proj|up_proj|down_proj)$")
 _QKV = re.compile(r"^(?P<p>.*\.self_attn)\.(?P<w>[qkv])_proj\.(?P<t>weight|bias)$")
 _GATE_UP = re.compile(r"^(?P<p>.*\.(?:mlp|shared_expert))\.(?P<w>gate|up)_proj\.weight$")
@@ -73,15 +81,15 @@ def iter_safetensors(folder: str | Path) -> Iterator[WeightItem]:
                 yield name, tensor, str(path)
 
 
-def _target(name: str, params: dict[str, nn.Parameter], modules: dict[str, nn.Module]
+def param_target(name: str, params: dict[str, nn.Parameter], modules: dict[str, nn.Module]
             ) -> tuple[str, tuple[slice | int, ...]] | None:
     """Our parameter name and the index inside it that checkpoint tensor `name` fills."""
     if name in params:
         return name, ()
     if m := _EXPERT.match(name):
         bank, e, w = m["p"], int(m["e"]), m["w"]
-        if w == "down_proj":
-            return f"{bank}.w2", (e,)
+        if w in ("down_proj", "gate_up_proj"):
+            return f"{bank}.{'w2' if w == 'down_proj' else 'w13'}", (e,)
         half = params[f"{bank}.w13"].shape[1] // 2 if f"{bank}.w13" in params else 0
         return f"{bank}.w13", (e, slice(0, half) if w == "gate_proj" else slice(half, 2 * half))
     if m := _STACKED_EXPERT.match(name):
@@ -104,48 +112,98 @@ def _target(name: str, params: dict[str, nn.Parameter], modules: dict[str, nn.Mo
     return None
 
 
+def skipped(name: str, tied_lm_head: bool) -> bool:
+    """Checkpoint tensors the model has no place for by design (rotary caches, a tied lm_head copy)."""
+    if name.startswith(IGNORED_PREFIXES) or name.endswith(IGNORED_SUFFIXES):
+        return True
+    return tied_lm_head and name == "lm_head.weight"  # some tied checkpoints still store a copy
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, PackedOrTensor, str]],
-                 tied_lm_head: bool = False) -> int:
-    """Copy every checkpoint tensor into `model` (already materialised). Returns tensors loaded."""
+                 tied_lm_head: bool = False, device: torch.device | str = "cpu") -> int:
+    """Fill `model` from checkpoint items. Returns tensors loaded.
+
+    Parameters still on `meta` are allocated on `device` when their first float tensor arrives (the
+    model may also come materialised, then tensors are copied into place).
+    """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    owners = _owners(model, params, modules)
+    device = torch.device(device)
     filled = {n: 0 for n in params}
     pending: dict[str, list[Piece]] = {}
+    dense: set[str] = set()  # parameters that received a float tensor: they stay float
     count = 0
     for name, item, src in weights:
-        if name.startswith(IGNORED_PREFIXES) or name.endswith(IGNORED_SUFFIXES):
+        if skipped(name, tied_lm_head):
             continue
-        if tied_lm_head and name == "lm_head.weight":
-            continue  # tied to the embedding; some checkpoints still store a copy
-        target = _target(name, params, modules)
+        target = param_target(name, params, modules)
         if target is None or target[0] not in params:
             raise WeightLoadError(f"{src}: unexpected tensor {name} (no matching parameter in the model)")
         pname, index = target
-        dst = params[pname].data[index] if index else params[pname].data
+        expected = tuple(params[pname][index].shape) if index else tuple(params[pname].shape)
         packed = not isinstance(item, torch.Tensor)
         shape = packed_shape(item) if packed else tuple(item.shape)
-        if tuple(dst.shape) != shape:
-            raise WeightLoadError(
-                f"{src}: tensor {name} has shape {shape}, expected {tuple(dst.shape)} ({pname})"
-            )
-        if packed and _packable(pname, modules):
+        if expected != shape:
+            raise WeightLoadError(f"{src}: tensor {name} has shape {shape}, expected {expected} ({pname})")
+        if packed and packable(pname, modules):
             pending.setdefault(pname, []).append((index, item))
         else:
             tensor = item.dequantize() if packed else item
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise WeightLoadError(f"{src}: tensor {name} contains NaN or Inf values")
-            dst.copy_(tensor)
-        filled[pname] += dst.numel()
+            param = _materialize(pname, params, owners, device)
+            (param.data[index] if index else param.data).copy_(tensor)
+            dense.add(pname)
+        filled[pname] += math.prod(shape)
         if filled[pname] > params[pname].numel():
             raise WeightLoadError(f"{src}: tensor {name} loaded twice ({pname})")
+        if filled[pname] == params[pname].numel() and pname in pending:
+            # Installed now, not at the end: the parts are freed as soon as they are concatenated.
+            pieces = pending.pop(pname)
+            _install(pname, pieces, pname in dense, params, owners, modules, device)
         count += 1
     missing = [n for n, c in filled.items() if c < params[n].numel()]
     if missing:
         shown = ", ".join(missing[:8]) + (f" … and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise WeightLoadError(f"checkpoint is missing tensors for: {shown}")
-    for pname, pieces in pending.items():
-        _install(pname, pieces, params[pname], modules)
+    _materialize_buffers(model, device)
     return count
+
+
+def _owners(model: nn.Module, params: dict[str, nn.Parameter], modules: dict[str, nn.Module]) -> Owners:
+    """Where each parameter is held, tied copies included (lm_head sharing the embedding), so that
+    replacing a meta parameter by its allocated one keeps the tie."""
+    by_id: dict[int, list[tuple[nn.Module, str]]] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        mod_name, _, attr = full.rpartition(".")
+        by_id.setdefault(id(p), []).append((modules[mod_name], attr))
+    return {n: by_id[id(p)] for n, p in params.items()}
+
+
+def _materialize(pname: str, params: dict[str, nn.Parameter], owners: Owners, device: torch.device
+                 ) -> nn.Parameter:
+    """The parameter, allocated (uninitialised, filled by the caller) on `device` if still on meta."""
+    param = params[pname]
+    if not param.is_meta:
+        return param
+    # Parameter.data cannot move off meta in place; a new Parameter goes to every holder instead.
+    new = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+    for mod, attr in owners[pname]:
+        setattr(mod, attr, new)
+    params[pname] = new
+    return new
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers are never in a checkpoint: allocated uninitialised, as `to_empty` does (their module
+    fills them), and a parameter left on meta is a loader bug, not a checkpoint problem."""
+    for mod_name, mod in model.named_modules():
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_meta:
+                mod._buffers[bname] = torch.empty_like(buf, device=device)
+        for pname, p in mod.named_parameters(recurse=False):
+            assert not p.is_meta, f"{mod_name}.{pname} still on meta after loading"
 
 
 def packed_shape(fmt: Any) -> tuple[int, ...]:
@@ -156,7 +214,7 @@ def packed_shape(fmt: Any) -> tuple[int, ...]:
     return tuple(fmt.tensors()["weight"].shape)
 
 
-def _packable(pname: str, modules: dict[str, nn.Module]) -> bool:
+def packable(pname: str, modules: dict[str, nn.Module]) -> bool:
     """Whether a packed format can stand in for this parameter (else it is dequantized)."""
     mod_name, _, attr = pname.rpartition(".")
     mod = modules.get(mod_name)
@@ -166,11 +224,11 @@ def _packable(pname: str, modules: dict[str, nn.Module]) -> bool:
 
 
 def _concat(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
-    """One grouped-int format from parts along `dim` (1: output rows, 0: experts), or None when
-    their layouts differ (format, group, mins, dtypes) and the parts cannot share one kernel call."""
+    """One format from parts along `dim` (1: output rows, 0: experts), or None when their layouts
+    differ (format, group, mins, dtypes) and the parts cannot share one kernel call."""
     f0 = fmts[0]
     if not hasattr(f0, "qweight"):
-        return f0 if len(fmts) == 1 and f0.stacked == stacked else None
+        return _concat_tensors(fmts, dim, stacked)
 
     def layout(f: Any) -> tuple[Any, ...]:
         mins = None if f.mins is None else f.mins.dtype
@@ -183,6 +241,31 @@ def _concat(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
                     group_size=f0.group_size, stacked=stacked, act_dtype=f0.act_dtype)
 
 
+def _concat_tensors(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
+    """Formats without a grouped-int layout (FP8 blocks, float) joined through their tensors: per-expert
+    parts stacked on a new leading axis (dim 0), output rows concatenated only where no scale block
+    would span two parts (FP8 scales cover `block` rows)."""
+    from spillover.quant import format_from_tensors
+
+    f0 = fmts[0]
+    meta = f0.meta()
+    if any(type(f) is not type(f0) or f.meta() != meta or f.act_dtype != f0.act_dtype for f in fmts):
+        return None
+    if len(fmts) == 1:
+        return f0 if f0.stacked == stacked else None
+    parts = [f.tensors() for f in fmts]
+    if dim == 0:
+        if f0.stacked or not stacked:
+            return None
+        joined = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+    else:
+        rows = 1 if stacked else 0
+        if f0.stacked != stacked or any(p["weight"].shape[rows] % int(meta.get("block", 1)) for p in parts[:-1]):
+            return None
+        joined = {k: torch.cat([p[k] for p in parts], rows) for k in parts[0]}
+    return format_from_tensors(joined, {**meta, "stacked": stacked}, f0.act_dtype)
+
+
 def _row_start(index: tuple[slice | int, ...]) -> tuple[int, int]:
     """(expert, first output row) that a piece's index addresses (-1: all experts)."""
     expert = index[0] if index and isinstance(index[0], int) else -1
@@ -190,23 +273,33 @@ def _row_start(index: tuple[slice | int, ...]) -> tuple[int, int]:
     return expert, (rows[0].start or 0) if rows else 0
 
 
-def _install(pname: str, pieces: list[Piece], param: nn.Parameter, modules: dict[str, nn.Module]) -> None:
+def _install(pname: str, pieces: list[Piece], mixed: bool, params: dict[str, nn.Parameter], owners: Owners,
+             modules: dict[str, nn.Module], device: torch.device) -> None:
+    """Swap one parameter's packed parts in as one format; `mixed`: some parts came as float tensors."""
     mod_name, _, attr = pname.rpartition(".")
     mod = modules[mod_name]
     pieces = sorted(pieces, key=lambda p: _row_start(p[0]))
     experts = sorted({_row_start(ix)[0] for ix, _ in pieces})
+    stacked = params[pname].dim() == 3
     fmt: Any = None
-    if experts == [-1]:  # dense Linear parts, or stacked expert tensors split by rows
-        fmt = _concat([f for _, f in pieces], 1, param.dim() == 3)
+    if mixed:
+        fmt = None
+    elif experts == [-1]:  # dense Linear parts, or stacked expert tensors split by rows
+        fmt = _concat([f for _, f in pieces], 1, stacked)
     else:  # per-expert checkpoint tensors: rows within each expert, then stack the experts
         per = [_concat([f for ix, f in pieces if _row_start(ix)[0] == e], 1, False) for e in experts]
         fmt = None if any(p is None for p in per) else _concat(per, 0, True)
     if fmt is None:  # layouts disagree: keep this parameter dense (still exact)
+        param = _materialize(pname, params, owners, device)
         for index, f in pieces:
             (param.data[index] if index else param.data).copy_(f.dequantize())
         return
+    # The released float parameter stays a 0-element Parameter on a real device (never meta), so
+    # that `model.to(device)` and code reading `.weight.device` keep working.
+    held = params[pname]
+    where = device if held.is_meta else held.device
     if isinstance(mod, Linear):
-        mod.set_format(fmt)
+        mod.set_format(fmt, where)
     else:
         setattr(mod, f"{attr}_fmt", fmt)
-        setattr(mod, attr, nn.Parameter(torch.empty(0, device=param.device), requires_grad=False))
+        setattr(mod, attr, nn.Parameter(torch.empty(0, device=where), requires_grad=False))
