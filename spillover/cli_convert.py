@@ -15,7 +15,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("src", help="HF model folder, a .safetensors file, or a .gguf file")
     p.add_argument("out", help="output store folder (created; resumed if a previous run was interrupted)")
     p.add_argument("--quant", choices=QUANTS, default="int4",
-                   help="format of float weight matrices; GGUF blocks import losslessly (default int4)")
+                   help="format of float weight matrices; GGUF blocks and GPTQ / AWQ / compressed-tensors / "
+                        "FP8 checkpoints import losslessly (default int4)")
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256), help="int4 group size")
     p.add_argument("--asymmetric", action="store_true", help="int4 with a float min per group")
     p.add_argument("--shard-size-gb", type=float, default=2.0, help="target shard size in GB")

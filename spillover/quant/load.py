@@ -85,6 +85,16 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
         entries = open_store(source.path).manifest["tensors"]
         record = {n: f"{e['format']} (store: {e.get('reason', '')})" for n, e in entries.items()}
         return load_from_store(source.path, cfg, device, dtype), record
+    if source.kind == "hf":
+        from spillover.quant.importers.checkpoint import checkpoint_record, detect_quantization, iter_checkpoint
+
+        qcfg = detect_quantization(source.path)
+        if qcfg is not None:  # GPTQ / AWQ / compressed-tensors / FP8 checkpoint: its modules stay packed
+            if quant not in (None, "none"):
+                raise ValueError(f"{source.path} is a {qcfg.method} checkpoint, already quantized; "
+                                 f"drop quant={quant!r}")
+            model = load_items(iter_checkpoint(source.path, qcfg, dtype), cfg, device, dtype)
+            return model, checkpoint_record(source.path, qcfg)
     if quant == "native":
         if source.kind != "gguf":
             raise ValueError("quant='native' needs a .gguf model (it keeps the file's own blocks)")
