@@ -8,6 +8,8 @@ Groups run along K (the input dimension); per-channel means one group of size K.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -73,14 +75,20 @@ def rtn_int8(
 # a few MB of rows at a time through reused scratch gives the same codes with bounded temporaries,
 # and the in-place ops on cache-sized chunks run several times faster.
 
-CHUNK_ELEMS = 1 << 20  # float32 elements per chunk (4 MB): fits L2-ish, big enough for torch's threads
+CHUNK_ELEMS = 1 << 18  # float32 elements per chunk (1 MB): stays in L2 between the passes
+# Adding 1.5 * 2**23 to a float32 |y| < 2**22 rounds it to an integer exactly as round() does (half to
+# even), and that integer then sits in the low bits of the float's bit pattern: one add replaces
+# round + offset, and the codes come out by truncating int32 bits instead of a slow float->uint8 cast.
+_MAGIC = 12582912.0
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the int16/int32 views below read low bytes first
 
 
 class RowPacker:
     """RTN int4 / int8 over chunks of rows, bit-identical to `rtn_int4` / `rtn_int8` (+ `pack_int4`).
 
     Parts per row block of a [R, K] weight: int4 `qweight` uint8 [R, K/2]; int8 `qweight` int8 [R, K];
-    `scales` [R, K/G] in `scale_dtype`; int4 asymmetric also `mins`.
+    `scales` [R, K/G] in `scale_dtype`; int4 asymmetric also `mins`. Holds reusable scratch, so use
+    one instance per thread.
     """
 
     def __init__(self, bits: int, group_size: int, symmetric: bool = True,
@@ -89,7 +97,7 @@ class RowPacker:
         self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
         self.symmetric = symmetric or bits == 8  # int8 is symmetric only
         self.chunk_elems = chunk_elems
-        self._scratch: torch.Tensor | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
 
     def part_dtypes(self, k: int) -> dict[str, tuple[torch.dtype, int]]:
         """{part: (dtype, columns)} for rows of K inputs."""
@@ -102,13 +110,16 @@ class RowPacker:
     def rows_per_chunk(self, k: int) -> int:
         return max(1, self.chunk_elems // max(1, k))
 
+    def _buf(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        b = self._bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
+            b = self._bufs[name] = torch.empty(max(n, self.chunk_elems), dtype=dtype, device=device)
+        return b[:n].view(shape)
+
     def scratch(self, rows: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """A float32 [rows, k] buffer reused across chunks (and tensors) to avoid fresh allocations."""
-        n = rows * k
-        s = self._scratch
-        if s is None or s.numel() < n or s.device != torch.device(device):
-            s = self._scratch = torch.empty(max(n, self.chunk_elems), device=device)
-        return s[:n].view(rows, k)
+        return self._buf("x", (rows, k), torch.float32, torch.device(device))
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Whole [..., K] weight -> parts shaped [R, cols] (R = rows of all leading dims)."""
@@ -141,25 +152,30 @@ class RowPacker:
             scale = ((hi - lo) / 15.0).to(self.scale_dtype)
             mins = lo.to(self.scale_dtype)
         sf = scale.float()
-        if not (bool(torch.isfinite(sf).all()) and (mins is None or bool(torch.isfinite(mins).all()))):
+        finite = bool(torch.isfinite(sf).all()) and (mins is None or bool(torch.isfinite(mins).all()))
+        if not (finite and _LITTLE_ENDIAN):
             # NaN/inf weights or scale overflow: the float->int casts of NaN are not ours to reorder,
             # so take the reference path (x is untouched so far) for this chunk.
             self._reference_into(x, out)
             return
         safe = torch.where(sf == 0, torch.ones_like(sf), sf)
+        # Finite scales bound every quotient, so clamping before rounding equals the reference's
+        # round-then-clamp (the bounds are integers) and keeps |y| far below 2**22 for _MAGIC.
+        bits = x.view(torch.int32)
         if self.bits == 8:
-            g.div_(safe).round_().clamp_(-127, 127)
-            out["qweight"].copy_(x)
+            g.div_(safe).clamp_(-127, 127).add_(_MAGIC)
+            out["qweight"].copy_(bits)  # int32 -> int8 keeps the low byte: the two's-complement code
         else:
             if mins is not None:
-                g.sub_(mins.float()).div_(safe).round_().clamp_(0, 15)
+                g.sub_(mins.float()).div_(safe).clamp_(0, 15).add_(_MAGIC)
                 out["mins"].copy_(mins.squeeze(-1))
-            else:
-                g.div_(safe).round_().add_(8).clamp_(0, 15)
-            # Codes are small integers in float32: even + 16 * odd is the packed byte, exactly.
-            even = x[:, 0::2]
-            even.add_(x[:, 1::2], alpha=16)
-            out["qweight"].copy_(even)
+            else:  # reference: clamp(round(y) + 8, 0, 15); 8 is even, so rounding y + 8 is the same
+                g.div_(safe).clamp_(-8, 7).add_(_MAGIC + 8)
+            codes = self._buf("codes", (r, k), torch.uint8, x.device).copy_(bits)  # low byte = code
+            pairs = codes.view(torch.int16)  # even k in the low byte, odd k in the high byte
+            packed = self._buf("pairs", (r, k // 2), torch.int16, x.device)
+            torch.bitwise_right_shift(pairs, 4, out=packed).bitwise_or_(pairs)
+            out["qweight"].copy_(packed)  # low byte: even | odd << 4
         out["scales"].copy_(scale.squeeze(-1))
 
     def _reference_into(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:

@@ -39,6 +39,7 @@ from spillover.quant.importers.checkpoint import (
 from spillover.quant.importers.fp8_block import import_fp8_block
 from spillover.quant.importers.gguf import import_gguf
 from spillover.quant.importers.source import Source, SourceTensor
+from spillover.weights.convert_stream import Streamer
 from spillover.weights.store import (
     MANIFEST,
     STORE_VERSION,
@@ -292,13 +293,15 @@ def _write_shard(source: Source, out: Path, prog: Path, shard: str, members: lis
                  opts: ConvertOptions, on_tensor: Callable[[str], None] | None) -> None:
     tmp = out / f"{shard}.tmp"
     writer = ShardWriter(tmp, [s for p in members for s in p.parts.values()])
+    streamer = Streamer()
     for p in members:
-        parts = produce(source, p, opts)
-        if set(parts) != set(p.parts):
-            raise StoreError(f"{p.name}: produced parts {sorted(parts)} != planned {sorted(p.parts)}")
-        for k, tensor in parts.items():
-            writer.write(p.parts[k].key, tensor)
-        del parts
+        if not streamer.write(source, p, writer):  # row-chunked when it can, else whole tensor
+            parts = produce(source, p, opts)
+            if set(parts) != set(p.parts):
+                raise StoreError(f"{p.name}: produced parts {sorted(parts)} != planned {sorted(p.parts)}")
+            for k, tensor in parts.items():
+                writer.write(p.parts[k].key, tensor)
+            del parts
         if on_tensor is not None:
             on_tensor(p.name)
     writer.close()

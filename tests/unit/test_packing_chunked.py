@@ -57,6 +57,15 @@ def _weights(shape: tuple[int, ...], seed: int) -> torch.Tensor:
         flat[1] = torch.randint(-4, 5, (shape[-1],), generator=g).bfloat16() / 2  # many exact ties
         pairs = 2 * (shape[-1] // 2)
         flat[2, 1:pairs:2] = -flat[2, 0:pairs:2]
+    if flat.shape[0] > 5 and shape[-1] % 32 == 0:
+        # Quotients exactly halfway between codes (scale 1): rounding must be half-to-even everywhere.
+        halves = torch.arange(shape[-1]) % 16 - 7.5  # -7.5 .. 7.5
+        flat[3] = halves
+        flat[3, 0::32] = -8.0  # int4 symmetric: scale = -8 / -8 = 1
+        flat[4] = halves * 15  # -112.5 .. 112.5
+        flat[4, 0::32] = 127.0  # int8: scale = 127 / 127 = 1
+        flat[5] = (halves + 8).clamp(max=14.5)  # 0.5 .. 14.5
+        flat[5, 0::32], flat[5, 1::32] = 0.0, 15.0  # int4 asymmetric: min 0, scale 15 / 15 = 1
     return w
 
 

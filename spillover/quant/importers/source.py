@@ -88,19 +88,14 @@ class Source:
         return out
 
     def read(self, t: SourceTensor) -> torch.Tensor:
-        buf = bytearray(t.nbytes)
-        fd = os.open(t.file, os.O_RDONLY)
-        try:
-            view, got = memoryview(buf), 0
-            while got < t.nbytes:
-                n = os.preadv(fd, [view[got:]], t.offset + got)
-                if n <= 0:
-                    raise OSError(f"{t.file}: short read for {t.name}")
-                got += n
-        finally:
-            os.close(fd)
-        raw = torch.frombuffer(buf, dtype=torch.uint8) if t.nbytes else torch.empty(0, dtype=torch.uint8)
-        return raw.view(t.dtype).reshape(t.stored_shape)
+        buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        with TensorReader(t) as r:
+            r.read_into(buf)
+        return buf.view(t.dtype).reshape(t.stored_shape)
+
+    def reader(self, t: SourceTensor) -> TensorReader:
+        """Chunked reads of one tensor (the converter streams rows through a reused buffer)."""
+        return TensorReader(t)
 
     def identity(self) -> str:
         h = hashlib.sha256()
@@ -109,3 +104,37 @@ class Source:
         for t in self.tensors:
             h.update(f"{t.name}:{t.offset}:{t.nbytes}:{t.dtype}:{t.shape}:{t.gguf_type}\n".encode())
         return h.hexdigest()
+
+
+class TensorReader:
+    """Positioned reads of one tensor's bytes straight into caller-owned buffers (no extra copy)."""
+
+    def __init__(self, t: SourceTensor) -> None:
+        self.t = t
+        self.fd = os.open(t.file, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # a larger readahead window; Linux only, a hint
+            os.posix_fadvise(self.fd, t.offset, t.nbytes, os.POSIX_FADV_SEQUENTIAL)
+
+    def read_into(self, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Fill the contiguous CPU uint8 tensor `out` with bytes [offset, offset + len) of the tensor."""
+        n = out.numel()
+        if offset < 0 or offset + n > self.t.nbytes:
+            raise ValueError(f"{self.t.name}: read of {n} bytes at {offset} outside its {self.t.nbytes}")
+        view, got = out.numpy().data, 0
+        while got < n:
+            k = os.preadv(self.fd, [view[got:]], self.t.offset + offset + got)
+            if k <= 0:
+                raise OSError(f"{self.t.file}: short read for {self.t.name}")
+            got += k
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,66 @@
+"""The converter's row-streaming path writes the same bytes as the whole-tensor path (produce())."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spillover.weights.convert_stream as cs
+from spillover.weights.convert import convert
+from spillover.weights.store import open_store
+
+
+def _source(folder: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "model.embed_tokens.weight": torch.randn(77, 64, generator=g).bfloat16(),  # kept: raw copy
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(100, 256, generator=g).bfloat16(),
+        "model.layers.0.self_attn.k_proj.weight": torch.randn(33, 128, generator=g).half(),
+        "model.layers.0.self_attn.v_proj.weight": torch.randn(45, 128, generator=g),
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(3, 70, 128, generator=g).bfloat16(),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(300, 256, generator=g).to(torch.float8_e4m3fn),
+        "model.layers.0.mlp.down_proj.weight_scale_inv": torch.rand(3, 2, generator=g),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(2, 130, 128, generator=g).to(torch.float8_e4m3fn),
+        "model.layers.0.mlp.up_proj.weight_scale_inv": torch.rand(2, 2, 1, generator=g),
+        "model.layers.0.mlp.gate_proj.weight": torch.randn(40, 96, generator=g).bfloat16(),  # 96 % 128: dense
+        "model.norm.weight": torch.ones(64),
+    }
+    flat = t["model.layers.0.self_attn.q_proj.weight"]
+    flat[0, :64] = torch.tensor([2.0, -2.0] * 32)  # exact +-max ties
+    flat[1, :128] = -0.0
+    folder.mkdir(parents=True)
+    save_file(t, str(folder / "model.safetensors"))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(("quant", "group", "sym"), [("int4", 32, True), ("int4", 128, False), ("int8", 128, True)])
+def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str,
+                                                  group: int, sym: bool) -> None:
+    _source(tmp_path / "src")
+    monkeypatch.setattr(cs, "CHUNK_ELEMS", 7 * 128)  # several chunks per tensor, ragged last ones
+    monkeypatch.setattr(cs, "COPY_CHUNK", 1000)
+    calls: list[bool] = []
+    real = cs.Streamer.write
+
+    def spy(self: cs.Streamer, *a: object) -> bool:
+        calls.append(real(self, *a))  # type: ignore[arg-type]
+        return calls[-1]
+
+    monkeypatch.setattr(cs.Streamer, "write", spy)
+    streamed = convert(tmp_path / "src", tmp_path / "a", quant, group, symmetric=sym, shard_bytes=20000,
+                       show_progress=False)
+    assert len(calls) == 9 and all(calls)  # every tensor of this source streams
+    monkeypatch.setattr(cs.Streamer, "write", lambda *a: False)
+    whole = convert(tmp_path / "src", tmp_path / "b", quant, group, symmetric=sym, shard_bytes=20000,
+                    show_progress=False)
+    assert _digest(streamed) == _digest(whole)
+    store = open_store(streamed)
+    store.verify()
+    assert store.manifest["tensors"]["model.layers.0.mlp.down_proj.weight"]["format"] == quant
