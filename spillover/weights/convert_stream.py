@@ -3,13 +3,23 @@
 Float (bf16/fp16/fp32/FP8) matrices going to int4/int8, and tensors kept as they are, never exist
 whole in memory: a few MB of rows are read straight into a reused buffer, widened to float32 in a
 reused scratch, packed by `RowPacker` (bit-identical to whole-tensor RTN, see its tests) and written
-at their final offsets in the shard. Peak memory is a few chunks, whatever the tensor's size.
+at their final offsets in the shard. Peak memory is a few chunks per worker, whatever the tensor's size.
 Everything else (GGUF blocks, pre-quantized checkpoint modules, FP8 kept as FP8) returns False and
 takes `produce()`'s whole-tensor path.
+
+Chunks run on worker threads that each do single-threaded torch ops (see `_Workers`): one OpenMP
+team per op made every op wait for a descheduled thread whenever the machine had other work (10x
+slower on a shared 2-core VM), and a chunk's reads and writes now overlap another chunk's packing.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
+from functools import partial
 from math import prod
 from typing import TYPE_CHECKING
 
@@ -19,31 +29,22 @@ from spillover.quant.packing import CHUNK_ELEMS, RowPacker
 from spillover.weights.store import ShardWriter, StoreError
 
 if TYPE_CHECKING:
-    from spillover.quant.importers.source import Source, SourceTensor
+    from spillover.quant.importers.source import Source, TensorReader
     from spillover.weights.convert import Planned
 
 COPY_CHUNK = 8 << 20  # bytes per read+write when a tensor is kept as stored
+MIN_CHUNK_ELEMS = 1 << 15  # below this, splitting a tensor across workers costs more than it saves
 FP8_BLOCK = 128
+WORKERS: int | None = None  # threads per conversion; None: torch.get_num_threads()
 
 
 class Streamer:
-    """Owns the reused buffers, so a whole conversion allocates them once."""
+    """Streams planned tensors into a shard; `workers` defaults to torch's intra-op thread count."""
 
-    def __init__(self, chunk_elems: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, chunk_elems: int | None = None) -> None:
         self.chunk_elems = chunk_elems or CHUNK_ELEMS
-        self._raw = torch.empty(0, dtype=torch.uint8)
-        self._packers: dict[tuple[int, int, bool, torch.dtype], RowPacker] = {}
-
-    def raw(self, nbytes: int) -> torch.Tensor:
-        if self._raw.numel() < nbytes:
-            self._raw = torch.empty(nbytes, dtype=torch.uint8)
-        return self._raw[:nbytes]
-
-    def packer(self, bits: int, group: int, symmetric: bool, sdt: torch.dtype) -> RowPacker:
-        key = (bits, group, symmetric, sdt)
-        if key not in self._packers:
-            self._packers[key] = RowPacker(bits, group, symmetric, sdt, self.chunk_elems)
-        return self._packers[key]
+        self.workers = max(1, workers or WORKERS or torch.get_num_threads())
+        self._local = threading.local()
 
     def write(self, source: Source, p: Planned, writer: ShardWriter) -> bool:
         """Write all of `p`'s parts; False (nothing written) if `p` needs the whole-tensor path."""
@@ -54,55 +55,101 @@ class Streamer:
             spec = p.parts["weight"]
             if spec.dtype != t.dtype or tuple(spec.shape) != tuple(t.shape):
                 return False
-            self._copy(source, t, writer, spec.key)
-            return True
-        if p.fmt in ("int4", "int8") and len(t.shape) in (2, 3):
-            return self._pack(source, p, writer)
-        return False
-
-    def _copy(self, source: Source, t: SourceTensor, writer: ShardWriter, key: str) -> None:
-        buf = self.raw(min(COPY_CHUNK, t.nbytes))
+            job: Callable[[TensorReader, int, int, int], None] = partial(self._copy_chunk, writer, spec.key)
+            ranges = [(b, min(t.nbytes, b + COPY_CHUNK)) for b in range(0, t.nbytes, COPY_CHUNK)]
+        elif p.fmt in ("int4", "int8") and len(t.shape) in (2, 3):
+            pack = self._pack_job(source, p, writer)
+            if pack is None:
+                return False
+            job = pack
+            ranges = _row_ranges(prod(t.shape[:-1]), t.shape[-1], self.chunk_elems, self.workers)
+        else:
+            return False
+        writer.f.flush()  # chunks are written with pwrite on its descriptor, around its buffer
+        fd = writer.f.fileno()
         with source.reader(t) as r:
-            for off in range(0, t.nbytes, COPY_CHUNK):
-                chunk = r.read_into(buf[:min(COPY_CHUNK, t.nbytes - off)], off)
-                write_at(writer, key, off, chunk)
-        writer.pending.discard(key)
-
-    def _pack(self, source: Source, p: Planned, writer: ShardWriter) -> bool:
-        t = p.src
-        k, rows = t.shape[-1], prod(t.shape[:-1])
-        bits = 4 if p.fmt == "int4" else 8
-        # The same arguments as produce() -> pack_weight(): int8 is per channel there.
-        group = int(p.meta["group_size"]) if bits == 4 else k
-        scales = p.parts.get("scales")
-        if scales is None or k % group or k % 2:
-            return False
-        packer = self.packer(bits, group, bool(p.meta["symmetric"]), torch.float16)  # as pack_weight()
-        layout = packer.part_dtypes(k)
-        if set(layout) != set(p.parts) or any(
-                (p.parts[n].dtype, tuple(p.parts[n].shape)) != (dt, (*t.shape[:-1], c))
-                for n, (dt, c) in layout.items()):
-            return False
-        dequant = _Fp8Rows.of(source, p) if p.scale is not None else None
-        if p.scale is not None and dequant is None:
-            return False
-        step = packer.rows_per_chunk(k)
-        row_bytes = k * t.dtype.itemsize
-        outs = {n: torch.empty(min(step, rows), c, dtype=dt) for n, (dt, c) in layout.items()}
-        with source.reader(t) as r:
-            for r0 in range(0, rows, step):
-                n = min(step, rows - r0)
-                raw = r.read_into(self.raw(n * row_bytes), r0 * row_bytes)
-                x = packer.scratch(n, k).copy_(raw.view(t.dtype).view(n, k))
-                if dequant is not None:
-                    dequant.apply(x, r0)
-                views = {name: o[:n] for name, o in outs.items()}
-                packer.pack_into(x, views)
-                for name, v in views.items():
-                    write_at(writer, p.parts[name].key, r0 * v.shape[1] * v.element_size(), v)
+            jobs = [partial(job, r, fd, a, b) for a, b in ranges]
+            if self.workers == 1:
+                for j in jobs:
+                    j()
+            else:
+                _workers(self.workers).run(jobs)
         for spec in p.parts.values():
             writer.pending.discard(spec.key)
         return True
+
+    # ---- kept tensors: bytes as they are ---------------------------------------------------------
+    def _copy_chunk(self, writer: ShardWriter, key: str, r: TensorReader, fd: int, b0: int, b1: int) -> None:
+        pwrite_part(writer, fd, key, b0, r.read_into(self._raw(b1 - b0), b0))
+
+    # ---- int4 / int8 ------------------------------------------------------------------------------
+    def _pack_job(self, source: Source, p: Planned, writer: ShardWriter) -> Callable[..., None] | None:
+        t = p.src
+        k = t.shape[-1]
+        bits = 4 if p.fmt == "int4" else 8
+        # The same arguments as produce() -> pack_weight(): int8 is per channel there, scales float16.
+        group = int(p.meta["group_size"]) if bits == 4 else k
+        sym = bool(p.meta["symmetric"])
+        if k % group or k % 2:
+            return None
+        layout = RowPacker(bits, group, sym, torch.float16).part_dtypes(k)
+        if set(layout) != set(p.parts) or any(
+                (p.parts[n].dtype, tuple(p.parts[n].shape)) != (dt, (*t.shape[:-1], c))
+                for n, (dt, c) in layout.items()):
+            return None
+        dequant = None
+        if p.scale is not None:
+            dequant = _Fp8Rows.of(source, p)
+            if dequant is None:
+                return None
+        keys = {n: p.parts[n].key for n in layout}
+        return partial(self._pack_chunk, writer, keys, (bits, group, sym), dequant, t.dtype, k)
+
+    def _pack_chunk(self, writer: ShardWriter, keys: dict[str, str], fmt: tuple[int, int, bool],
+                    dequant: _Fp8Rows | None, dtype: torch.dtype, k: int, r: TensorReader, fd: int,
+                    r0: int, r1: int) -> None:
+        n, row_bytes = r1 - r0, k * dtype.itemsize
+        packer = self._packer(*fmt)
+        raw = r.read_into(self._raw(n * row_bytes), r0 * row_bytes)
+        x = packer.scratch(n, k).copy_(raw.view(dtype).view(n, k))
+        if dequant is not None:
+            dequant.apply(x, r0)
+        outs = {name: self._out(name, n, c, dt) for name, (dt, c) in packer.part_dtypes(k).items()}
+        packer.pack_into(x, outs)
+        for name, v in outs.items():
+            pwrite_part(writer, fd, keys[name], r0 * v.shape[1] * v.element_size(), v)
+
+    # ---- per-thread buffers, reused across chunks and tensors --------------------------------------
+    def _raw(self, nbytes: int) -> torch.Tensor:
+        buf: torch.Tensor | None = getattr(self._local, "raw", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.raw = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
+
+    def _out(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        outs: dict[str, torch.Tensor] = self._local.__dict__.setdefault("outs", {})
+        b = outs.get(name)
+        if b is None or b.numel() < rows * cols or b.dtype != dtype:
+            b = outs[name] = torch.empty(rows * cols, dtype=dtype)
+        return b[:rows * cols].view(rows, cols)
+
+    def _packer(self, bits: int, group: int, sym: bool) -> RowPacker:
+        packers: dict[tuple[int, int, bool], RowPacker] = self._local.__dict__.setdefault("packers", {})
+        if (bits, group, sym) not in packers:
+            packers[bits, group, sym] = RowPacker(bits, group, sym, torch.float16, self.chunk_elems)
+        return packers[bits, group, sym]
+
+
+def _row_ranges(rows: int, k: int, chunk_elems: int, workers: int) -> list[tuple[int, int]]:
+    """Row chunks of about `chunk_elems`, at least one per worker when the tensor is big enough to
+    split (experts are often a single chunk), a multiple of `workers` so none idles at the end."""
+    if rows == 0:
+        return []
+    n = max(-(-rows * k // chunk_elems), workers)
+    n = -(-n // workers) * workers
+    n = max(1, min(n, rows, rows * k // MIN_CHUNK_ELEMS))
+    step = -(-rows // n)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 class _Fp8Rows:
@@ -129,16 +176,77 @@ class _Fp8Rows:
         x.mul_(rows.repeat_interleave(FP8_BLOCK, dim=1)[:, :self.k])
 
 
-def write_at(writer: ShardWriter, key: str, byte_offset: int, tensor: torch.Tensor) -> None:
-    """Write `tensor`'s bytes (typed, or raw uint8) at `byte_offset` inside part `key`.
+def pwrite_part(writer: ShardWriter, fd: int, key: str, byte_offset: int, tensor: torch.Tensor) -> None:
+    """Write `tensor`'s bytes (typed, or raw uint8) at `byte_offset` inside part `key` of the shard.
 
-    Uses the writer's own file object and offsets, exactly as `ShardWriter.write`; the caller marks
-    the part written once all of it is.
+    Positioned writes on the writer's descriptor, so chunks may land in any order from any thread;
+    the caller flushes the writer's buffer first and marks the part written once all of it is.
     """
     off, spec = writer.offsets[key]
     data = tensor.contiguous().reshape(-1).view(torch.uint8)
     if tensor.dtype not in (spec.dtype, torch.uint8) or byte_offset + data.numel() > spec.nbytes:
         raise StoreError(f"{key}: {tensor.dtype} write of {data.numel()} bytes at {byte_offset} does not fit "
                          f"the planned {spec.dtype} {spec.shape}")
-    writer.f.seek(writer.data_start + off + byte_offset)
-    writer.f.write(data.numpy().data)
+    view, pos, done = data.numpy().data, writer.data_start + off + byte_offset, 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], pos + done)
+
+
+class _Workers:
+    """Daemon threads whose torch ops run single-threaded, shared by every conversion in the process.
+
+    torch's intra-op setting is per thread once a thread has run its first op, but `set_num_threads`
+    also sets the process default; each worker sets 1 and initialises, then the caller's value is
+    put back, so the rest of the process keeps its threads.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.q: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
+        ready = threading.Semaphore(0)
+        before = torch.get_num_threads()
+        for i in range(n):
+            threading.Thread(target=self._loop, args=(ready,), name=f"spillover-convert-{i}", daemon=True).start()
+        for _ in range(n):
+            ready.acquire()
+        torch.set_num_threads(before)
+
+    def _loop(self, ready: threading.Semaphore) -> None:
+        torch.set_num_threads(1)
+        torch.get_num_threads()  # makes this thread's setting now, from the 1 just set
+        ready.release()
+        while True:
+            job, fut = self.q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                job()
+                fut.set_result(None)
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)
+
+    def run(self, jobs: Sequence[Callable[[], None]]) -> None:
+        """Run `jobs`; returns when none is running any more, raising the first failure."""
+        futs: list[Future[None]] = []
+        try:
+            for job in jobs:
+                futs.append(Future())
+                self.q.put((job, futs[-1]))
+            wait(futs)
+        except BaseException:
+            for f in futs:  # nothing may still write into the shard once the caller moves on
+                f.cancel()
+            wait(futs)
+            raise
+        for f in futs:
+            f.result()
+
+
+_POOLS: dict[int, _Workers] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _workers(n: int) -> _Workers:
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = _Workers(n)
+        return _POOLS[n]

@@ -28,6 +28,7 @@ def _source(folder: Path) -> None:
         "model.layers.0.mlp.up_proj.weight_scale_inv": torch.rand(2, 2, 1, generator=g),
         "model.layers.0.mlp.gate_proj.weight": torch.randn(40, 96, generator=g).bfloat16(),  # 96 % 128: dense
         "model.norm.weight": torch.ones(64),
+        "model.layers.0.mlp.gate.weight": torch.zeros(0, 64).bfloat16(),  # empty: kept, no chunks
     }
     flat = t["model.layers.0.self_attn.q_proj.weight"]
     flat[0, :64] = torch.tensor([2.0, -2.0] * 32)  # exact +-max ties
@@ -40,10 +41,12 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize(("quant", "group", "sym"), [("int4", 32, True), ("int4", 128, False), ("int8", 128, True)])
+@pytest.mark.parametrize(("quant", "group", "sym", "workers"),
+                         [("int4", 32, True, 1), ("int4", 128, False, 3), ("int8", 128, True, 2)])
 def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str,
-                                                  group: int, sym: bool) -> None:
+                                                  group: int, sym: bool, workers: int) -> None:
     _source(tmp_path / "src")
+    monkeypatch.setattr(cs, "WORKERS", workers)
     monkeypatch.setattr(cs, "CHUNK_ELEMS", 7 * 128)  # several chunks per tensor, ragged last ones
     monkeypatch.setattr(cs, "COPY_CHUNK", 1000)
     calls: list[bool] = []
@@ -56,7 +59,7 @@ def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(cs.Streamer, "write", spy)
     streamed = convert(tmp_path / "src", tmp_path / "a", quant, group, symmetric=sym, shard_bytes=20000,
                        show_progress=False)
-    assert len(calls) == 9 and all(calls)  # every tensor of this source streams
+    assert len(calls) == 10 and all(calls)  # every tensor of this source streams
     monkeypatch.setattr(cs.Streamer, "write", lambda *a: False)
     whole = convert(tmp_path / "src", tmp_path / "b", quant, group, symmetric=sym, shard_bytes=20000,
                     show_progress=False)
@@ -64,3 +67,22 @@ def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: p
     store = open_store(streamed)
     store.verify()
     assert store.manifest["tensors"]["model.layers.0.mlp.down_proj.weight"]["format"] == quant
+
+
+def test_workers_keep_callers_threads_and_raise_failures() -> None:
+    before = torch.get_num_threads()
+    pool = cs._workers(3)
+    assert torch.get_num_threads() == before
+    seen: list[int] = []
+
+    def count() -> None:
+        seen.append(torch.get_num_threads())
+
+    def fail() -> None:
+        raise RuntimeError("chunk failed")
+
+    pool.run([count] * 6)
+    assert seen == [1] * 6  # the workers' ops are single-threaded
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        pool.run([count, fail, count])
+    assert torch.get_num_threads() == before
