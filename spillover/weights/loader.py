@@ -52,7 +52,13 @@ _GATE_UP = re.compile(r"^(?P<p>.*\.(?:mlp|shared_expert))\.(?P<w>gate|up)_proj\.
 
 
 def iter_safetensors(folder: str | Path) -> Iterator[WeightItem]:
-    from safetensors import safe_open
+    """(name, tensor, file) for every tensor of a folder's shards, in file order.
+
+    Each tensor is read with positioned reads into memory of its own, freed once the consumer drops
+    it: a memory map (safe_open) would keep every page read so far resident, and counted in RSS,
+    until its shard closes (a whole 50 GB shard when Hugging Face writes one file).
+    """
+    from spillover.quant.importers.source import Source
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
@@ -69,16 +75,19 @@ def iter_safetensors(folder: str | Path) -> Iterator[WeightItem]:
     for f in files:
         path = folder / f
         try:
-            handle = safe_open(str(path), framework="pt")
-        except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+            shard = Source(path)
+            end = max((t.offset + t.nbytes for t in shard.tensors), default=0)
+        except Exception as e:  # bad length prefix, JSON or dtype
             raise WeightLoadError(f"{path}: cannot read safetensors header ({e})") from e
-        with handle:
-            for name in handle.keys():
-                try:
-                    tensor = handle.get_tensor(name)
-                except Exception as e:
-                    raise WeightLoadError(f"{path}: tensor {name} cannot be read ({e})") from e
-                yield name, tensor, str(path)
+        if end > path.stat().st_size:
+            raise WeightLoadError(f"{path}: truncated (tensors end at byte {end}, the file has "
+                                  f"{path.stat().st_size})")
+        for t in shard.tensors:
+            try:
+                tensor = shard.read(t)
+            except Exception as e:
+                raise WeightLoadError(f"{path}: tensor {t.name} cannot be read ({e})") from e
+            yield t.name, tensor, str(path)
 
 
 def param_target(name: str, params: dict[str, nn.Parameter], modules: dict[str, nn.Module]
@@ -266,6 +275,16 @@ def _concat_tensors(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
     return format_from_tensors(joined, {**meta, "stacked": stacked}, f0.act_dtype)
 
 
+def _as_experts(flat: Any, experts: int) -> Any:
+    """A grouped-int [1, E*N, ...] format viewed as the stacked [E, N, ...] one (no copy)."""
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(experts, -1, t.shape[-1])
+
+    mins = split(flat.mins) if flat.mins is not None else None
+    return type(flat)(split(flat.qweight), split(flat.scales), mins, group_size=flat.group_size, stacked=True,
+                      act_dtype=flat.act_dtype)
+
+
 def _row_start(index: tuple[slice | int, ...]) -> tuple[int, int]:
     """(expert, first output row) that a piece's index addresses (-1: all experts)."""
     expert = index[0] if index and isinstance(index[0], int) else -1
@@ -286,6 +305,11 @@ def _install(pname: str, pieces: list[Piece], mixed: bool, params: dict[str, nn.
         fmt = None
     elif experts == [-1]:  # dense Linear parts, or stacked expert tensors split by rows
         fmt = _concat([f for _, f in pieces], 1, stacked)
+    elif all(hasattr(f, "qweight") for _, f in pieces):
+        # Per-expert grouped-int parts, sorted (expert, row): one concatenation of all their rows is
+        # already the [E, N, ...] stack in memory, without a per-expert intermediate copy.
+        flat = _concat([f for _, f in pieces], 1, False)
+        fmt = None if flat is None else _as_experts(flat, len(experts))
     else:  # per-expert checkpoint tensors: rows within each expert, then stack the experts
         per = [_concat([f for ix, f in pieces if _row_start(ix)[0] == e], 1, False) for e in experts]
         fmt = None if any(p is None for p in per) else _concat(per, 0, True)
