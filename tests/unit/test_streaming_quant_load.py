@@ -147,6 +147,8 @@ def test_packed_targets_never_get_a_float_tensor(name: str, quant: str, folders:
     model, _ = load_for_llm(src, load_config(src), CPU, torch.float32, quant, 32)
     packed = _packed_slots(model)
     assert packed and not packed & set(allocated)
+    if load_config(src).tie_word_embeddings:  # the allocated embedding is the lm_head too
+        assert model.lm_head.weight is model.model.embed_tokens.weight
     # every float parameter was allocated exactly once, when its tensor arrived
     assert sorted(allocated) == sorted({n for n, p in model.named_parameters() if p.numel()})
 
@@ -208,3 +210,16 @@ def test_store_targets_never_get_a_float_tensor(tmp_path: Path, allocated: list[
     packed = _packed_slots(model)
     assert any(p.endswith(".w13") for p in packed) and not packed & set(allocated)
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_formats_move_with_or_without_their_own_to() -> None:
+    """move_model's path for every format (meta stands in for CUDA on this CPU-only box)."""
+    from spillover.quant import pack_weight
+    from spillover.quant.load import format_to
+
+    w = torch.randn(4, 256, 128)
+    for quant in ("int4", "int8", "fp8_block", "bf16"):
+        fmt = pack_weight(w, quant, 128 if quant == "int4" else None)
+        moved = format_to(fmt, META)
+        assert type(moved) is type(fmt) and moved.stacked and moved.meta() == fmt.meta()
+        assert all(t.is_meta for t in moved.tensors().values())
