@@ -39,7 +39,7 @@ from spillover.quant.importers.checkpoint import (
 from spillover.quant.importers.fp8_block import import_fp8_block
 from spillover.quant.importers.gguf import import_gguf
 from spillover.quant.importers.source import Source, SourceTensor
-from spillover.weights.convert_stream import Streamer
+from spillover.weights.convert_stream import ShardFinisher, Streamer, mark_done
 from spillover.weights.store import (
     MANIFEST,
     STORE_VERSION,
@@ -47,7 +47,6 @@ from spillover.weights.store import (
     ShardWriter,
     StoreError,
     part_key,
-    sha256_file,
     write_json_atomic,
 )
 
@@ -258,12 +257,12 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", group_size: i
     shards = sorted({p.shard for p in planned})
     total = sum(p.src.nbytes for p in planned)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  disable=not show_progress) as bar:
+                  disable=not show_progress) as bar, ShardFinisher() as finish:
         task = bar.add_task(f"convert -> {quant}", total=total)
         for shard in shards:
             members = [p for p in planned if p.shard == shard]
             if not _shard_done(out, prog, shard):
-                _write_shard(source, out, prog, shard, members, opts, on_tensor)
+                _write_shard(source, out, prog, shard, members, opts, on_tensor, finish)
             bar.advance(task, sum(p.src.nbytes for p in members))
     manifest["shards"] = {s: {"sha256": (prog / f"{s}.done").read_text().strip(),
                               "bytes": (out / s).stat().st_size} for s in shards}
@@ -290,7 +289,8 @@ def _shard_done(out: Path, prog: Path, shard: str) -> bool:
 
 
 def _write_shard(source: Source, out: Path, prog: Path, shard: str, members: list[Planned],
-                 opts: ConvertOptions, on_tensor: Callable[[str], None] | None) -> None:
+                 opts: ConvertOptions, on_tensor: Callable[[str], None] | None,
+                 finish: ShardFinisher | None = None) -> None:
     tmp = out / f"{shard}.tmp"
     writer = ShardWriter(tmp, [s for p in members for s in p.parts.values()])
     streamer = Streamer()
@@ -306,9 +306,10 @@ def _write_shard(source: Source, out: Path, prog: Path, shard: str, members: lis
             on_tensor(p.name)
     writer.close()
     os.replace(tmp, out / shard)
-    marker = prog / f"{shard}.done"
-    marker.with_suffix(".tmp").write_text(sha256_file(out / shard) + "\n")
-    os.replace(marker.with_suffix(".tmp"), marker)
+    if finish is not None:  # checksum + done-marker in the background, overlapping the next shard
+        finish.submit(out / shard, prog / f"{shard}.done")
+    else:
+        mark_done(out / shard, prog / f"{shard}.done")
 
 
 def _copy_aux(source: Source, out: Path) -> None:
