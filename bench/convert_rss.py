@@ -6,9 +6,10 @@
 Writes a checkpoint of ~GB gigabytes (MoE-like: many 512x2048 expert matrices plus a few large
 2048x32768 ones), converts it in a child process and samples that process's RSS (psutil, every
 20 ms). Prints peak RSS next to the largest tensor, the total source size, the baseline RSS of an
-idle interpreter with torch imported, and the conversion's own time (measured in the child, so
-interpreter start-up and imports are excluded) as MB/s of source. `--code` runs the converter of
-another checkout (e.g. a `git worktree` of an older commit) on the same data, for before/after.
+idle interpreter with torch imported, the conversion's own wall time (measured in the child, so
+interpreter start-up and imports are excluded) as MB/s of source, and its CPU time (all threads).
+`--code` runs the converter of another checkout (e.g. `git archive` of an older commit unpacked
+somewhere) on the same data, for before/after; the store digest shows both wrote the same bytes.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ if int(sys.argv[2]):
 if sys.argv[3] == "idle":
     time.sleep(2)
 else:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     convert(sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]), show_progress=False)
-    print(f"CONVERT_SECONDS {time.perf_counter() - t0} {spillover.__file__} {torch.get_num_threads()}")
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"CONVERT_SECONDS {wall} {cpu} {spillover.__file__} {torch.get_num_threads()}")
 """
 
 
@@ -103,8 +105,8 @@ def main() -> None:
     threads = str(a.threads)
     idle, _, _ = peak_rss(code, [threads, "idle"])
     peak, secs, out = peak_rss(code, [threads, str(root / "src"), str(root / "out"), a.quant, str(a.group_size)])
-    conv_s, module, nthreads = out.split("CONVERT_SECONDS ")[1].split()
-    conv = float(conv_s)
+    conv_s, cpu_s, module, nthreads = out.split("CONVERT_SECONDS ")[1].split()
+    conv, cpu = float(conv_s), float(cpu_s)
     out_bytes = sum(p.stat().st_size for p in (root / "out").glob("*.safetensors"))
     shards = json.loads((root / "out" / "manifest.json").read_text())["shards"]
     digest = hashlib.sha256("".join(shards[s]["sha256"] for s in sorted(shards)).encode()).hexdigest()
@@ -119,6 +121,8 @@ def main() -> None:
     print(f"peak RSS          {peak:8.1f} MB  = idle + {ratio:.2f} x largest tensor")
     print(f"convert()         {conv:8.1f} s  = {total / 1e6 / conv:.0f} MB/s of source "
           f"(child wall {secs:.1f} s incl. start-up)")
+    # CPU seconds (all threads, user + system) are steadier than wall time on a shared machine.
+    print(f"convert() CPU     {cpu:8.1f} s  = {cpu / (total / 1e9):.2f} CPU s per GB of source")
     shutil.rmtree(root / "out", ignore_errors=True)
     if not a.keep_source:
         shutil.rmtree(root, ignore_errors=True)

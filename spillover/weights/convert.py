@@ -293,17 +293,19 @@ def _write_shard(source: Source, out: Path, prog: Path, shard: str, members: lis
                  finish: ShardFinisher | None = None) -> None:
     tmp = out / f"{shard}.tmp"
     writer = ShardWriter(tmp, [s for p in members for s in p.parts.values()])
-    streamer = Streamer()
-    for p in members:
-        if not streamer.write(source, p, writer):  # row-chunked when it can, else whole tensor
-            parts = produce(source, p, opts)
-            if set(parts) != set(p.parts):
-                raise StoreError(f"{p.name}: produced parts {sorted(parts)} != planned {sorted(p.parts)}")
-            for k, tensor in parts.items():
-                writer.write(p.parts[k].key, tensor)
-            del parts
-        if on_tensor is not None:
-            on_tensor(p.name)
+    # Streamed tensors are queued by row chunks to worker threads (on_tensor may run before they
+    # land); all of them are in the file once the `with` ends, and none writes after an error.
+    with Streamer() as streamer:
+        for p in members:
+            if not streamer.write(source, p, writer):  # row-chunked when it can, else whole tensor
+                parts = produce(source, p, opts)
+                if set(parts) != set(p.parts):
+                    raise StoreError(f"{p.name}: produced parts {sorted(parts)} != planned {sorted(p.parts)}")
+                for k, tensor in parts.items():
+                    writer.write(p.parts[k].key, tensor)
+                del parts
+            if on_tensor is not None:
+                on_tensor(p.name)
     writer.close()
     os.replace(tmp, out / shard)
     if finish is not None:  # checksum + done-marker in the background, overlapping the next shard

@@ -18,6 +18,7 @@ import contextlib
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
@@ -42,7 +43,13 @@ SYNC_EVERY = 64 << 20  # bytes streamed between background fdatasync kicks
 
 
 class Streamer:
-    """Streams planned tensors into a shard; `workers` defaults to torch's intra-op thread count."""
+    """Streams planned tensors into one shard; `workers` defaults to torch's intra-op thread count.
+
+    `write` only queues a tensor's chunks (experts are a chunk or two each: waiting for every tensor
+    would leave workers idle and pay a thread hand-off per tensor), so use it as a context manager:
+    leaving the `with` waits until every chunk is in the file, and on an error first cancels what
+    has not started, so nothing writes into the shard after the caller moves on.
+    """
 
     def __init__(self, workers: int | None = None, chunk_elems: int | None = None) -> None:
         self.chunk_elems = chunk_elems or CHUNK_ELEMS
@@ -50,6 +57,19 @@ class Streamer:
         self._local = threading.local()
         self._unsynced = 0
         self._syncing: threading.Thread | None = None
+        # Queued tensors, oldest first: their chunk futures and the reader they share.
+        self._queued: deque[tuple[list[Future[None]], TensorReader]] = deque()
+        self._in_flight = 0  # queued chunks; bounded so open readers and queued work stay small
+
+    def __enter__(self) -> Streamer:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            for futs, _ in self._queued:
+                for f in futs:
+                    f.cancel()
+        self._drain(0, raise_errors=exc_type is None)
 
     def write(self, source: Source, p: Planned, writer: ShardWriter) -> bool:
         """Write all of `p`'s parts; False (nothing written) if `p` needs the whole-tensor path."""
@@ -70,19 +90,40 @@ class Streamer:
             ranges = _row_ranges(prod(t.shape[:-1]), t.shape[-1], self.chunk_elems, self.workers)
         else:
             return False
-        writer.f.flush()  # chunks are written with pwrite on its descriptor, around its buffer
+        # Chunks go in with pwrite on the writer's descriptor: positioned, so from any thread and
+        # beside the main thread's buffered writes of whole-tensor parts (other byte ranges).
         fd = writer.f.fileno()
-        with source.reader(t) as r:
-            jobs = [partial(job, r, fd, a, b) for a, b in ranges]
-            if self.workers == 1:
+        r = source.reader(t)
+        jobs = [partial(job, r, fd, a, b) for a, b in ranges]
+        if self.workers == 1:
+            with r:
                 for j in jobs:
                     j()
-            else:
-                _workers(self.workers).run(jobs)
+        else:
+            self._queued.append((_workers(self.workers).submit(jobs), r))
+            self._in_flight += len(jobs)
+            self._drain(4 * self.workers)
         for spec in p.parts.values():
             writer.pending.discard(spec.key)
         self._kick_sync(fd, p.nbytes())
         return True
+
+    def _drain(self, keep: int, raise_errors: bool = True) -> None:
+        """Wait for the oldest queued tensors until at most `keep` chunks are queued."""
+        error: BaseException | None = None
+        while self._queued and (self._in_flight > keep or error is not None):
+            futs, r = self._queued.popleft()
+            wait(futs)
+            r.close()
+            self._in_flight -= len(futs)
+            for f in futs:
+                if error is None and not f.cancelled() and f.exception() is not None:
+                    error = f.exception()
+                    for later, _ in self._queued:  # the shard is lost anyway: stop its work
+                        for g in later:
+                            g.cancel()
+        if error is not None and raise_errors:
+            raise error
 
     def _kick_sync(self, fd: int, nbytes: int) -> None:
         """Start writing dirty pages back while packing goes on, so the shard's closing fsync (which
@@ -279,16 +320,20 @@ class _Workers:
             except BaseException as e:  # handed to the caller
                 fut.set_exception(e)
 
+    def submit(self, jobs: Sequence[Callable[[], None]]) -> list[Future[None]]:
+        futs: list[Future[None]] = []
+        for job in jobs:
+            futs.append(Future())
+            self.q.put((job, futs[-1]))
+        return futs
+
     def run(self, jobs: Sequence[Callable[[], None]]) -> None:
         """Run `jobs`; returns when none is running any more, raising the first failure."""
-        futs: list[Future[None]] = []
+        futs = self.submit(jobs)
         try:
-            for job in jobs:
-                futs.append(Future())
-                self.q.put((job, futs[-1]))
             wait(futs)
         except BaseException:
-            for f in futs:  # nothing may still write into the shard once the caller moves on
+            for f in futs:
                 f.cancel()
             wait(futs)
             raise

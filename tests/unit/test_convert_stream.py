@@ -48,6 +48,7 @@ def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: p
     _source(tmp_path / "src")
     monkeypatch.setattr(cs, "WORKERS", workers)
     monkeypatch.setattr(cs, "CHUNK_ELEMS", 7 * 128)  # several chunks per tensor, ragged last ones
+    monkeypatch.setattr(cs, "MIN_CHUNK_ELEMS", 1)
     monkeypatch.setattr(cs, "COPY_CHUNK", 1000)
     calls: list[bool] = []
     real = cs.Streamer.write
@@ -86,3 +87,27 @@ def test_workers_keep_callers_threads_and_raise_failures() -> None:
     with pytest.raises(RuntimeError, match="chunk failed"):
         pool.run([count, fail, count])
     assert torch.get_num_threads() == before
+
+
+def test_chunk_failure_surfaces_and_resume_is_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _source(tmp_path / "src")
+    monkeypatch.setattr(cs, "WORKERS", 2)
+    monkeypatch.setattr(cs, "CHUNK_ELEMS", 7 * 128)
+    monkeypatch.setattr(cs, "MIN_CHUNK_ELEMS", 1)
+    kw = {"shard_bytes": 20000, "show_progress": False}
+    ref = _digest(convert(tmp_path / "src", tmp_path / "ref", "int4", 32, **kw))  # type: ignore[arg-type]
+    real = cs.RowPacker.pack_into
+    calls = {"n": 0}
+
+    def flaky(self: cs.RowPacker, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise RuntimeError("disk on fire")
+        real(self, x, out)
+
+    monkeypatch.setattr(cs.RowPacker, "pack_into", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert(tmp_path / "src", tmp_path / "out", "int4", 32, **kw)  # type: ignore[arg-type]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    monkeypatch.setattr(cs.RowPacker, "pack_into", real)
+    assert _digest(convert(tmp_path / "src", tmp_path / "out", "int4", 32, **kw)) == ref  # type: ignore[arg-type]
