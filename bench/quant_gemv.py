@@ -28,16 +28,18 @@ if "--cpu" in sys.argv:
 
 import torch  # noqa: E402
 
-from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_ref  # noqa: E402
+from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref  # noqa: E402
 from spillover.kernels.triton.quant_gemv import GemvConfig  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
 
-def sweep_configs(bits: int) -> list[GemvConfig]:
-    ks = (256, 512, 1024) if bits == 4 else (128, 256, 512)
-    return [GemvConfig(bn, bk, sk, w) for bn in (4, 8, 16, 32) for bk in ks for sk in (1, 2, 4, 8)
-            for w in (4, 8)]
+def sweep_configs(kind: str) -> list[GemvConfig]:
+    """Around the defaults: int (kn layout) BLOCK_K 256 (int4) / 128 (int8); FP8 (nk layout) 128."""
+    if kind == "fp8":
+        return [GemvConfig(bn, 128, sk, 4) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)]
+    bk = 256 if kind.startswith("int4") else 128
+    return [GemvConfig(bn, bk, sk, 4 if bn < 256 else 8) for bn in (32, 64, 128, 256) for sk in (1, 2, 4, 8)]
 
 
 Fmt = GroupedIntWeight | Fp8BlockWeight
@@ -53,7 +55,7 @@ def make(kind: str, e: int, n: int, k: int, device: str) -> Fmt:
         fmt = Int4Weight.pack(w, 128, kind == "int4sym", act_dtype=torch.bfloat16)
     else:
         fmt = Int8Weight.pack(w, act_dtype=torch.bfloat16)
-    return fmt
+    return fmt.to_layout("kn")  # what GroupedIntWeight.to("cuda") holds
 
 
 def weight_bytes(fmt: Fmt, experts: int) -> int:
@@ -111,8 +113,8 @@ def reference(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tens
     if isinstance(fmt, Fp8BlockWeight):
         w, s = fmt.stacked_views()
         return fp8_matmul_ref(x.float(), w, s, ids, block=fmt.block)
-    return quant_matmul_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
-                            group_size=fmt.group_size)
+    return quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
+                               group_size=fmt.group_size)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -135,7 +137,8 @@ def setup(kind: str, e: int, n: int, k: int, rows: int
         copies = max(2, (256 << 20) // max(1, weight_bytes(one, 1)))
         fmts = [one] + [make(kind, 1, n, k, "cuda") for _ in range(copies - 1)]
         for f in fmts:
-            f.stacked = False
+            if isinstance(f, GroupedIntWeight):
+                f.stacked = False
         return fmts, [None] * copies, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     copies = 32  # one bank of 512 experts (Qwen3-Next's count), a different random expert set per call
     bank = make(kind, e, n, k, "cuda")
@@ -160,11 +163,11 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
         print(f"{kind:7s} {label:28s} {tag:7s} {t * 1e6:8.2f} {gbs:7.0f} {100 * gbs / bw[0]:6.1f} "
               f"{100 * gbs / bw[1]:6.1f}  {cfg}; rel err {err:.1e}", flush=True)
 
-    row("default", default_config(rows, n, k, bits))
+    row("default", default_config(rows, n, k, bits, fp8=kind == "fp8"))
     if not sweep:
         return
-    best = (1e9, sweep_configs(bits)[0])
-    for cfg in sweep_configs(bits):
+    best = (1e9, sweep_configs(kind)[0])
+    for cfg in sweep_configs(kind):
         if k % (cfg.block_k * cfg.split_k):
             continue
         t = gpu_time([call(f, x, ids, cfg) for f, ids in zip(fmts, id_sets, strict=True)], reps=5)
@@ -221,7 +224,8 @@ def run_cpu() -> None:
         fmt.act_dtype = torch.float32
         x = torch.randn(3, 256)
         ids = torch.tensor([0, 3, 1], dtype=torch.int32)
-        for cfg in (default_config(3, 64, 256, 4 if kind.startswith("int4") else 8), GemvConfig(16, 128, 2, 4)):
+        bits = 4 if kind.startswith("int4") else 8
+        for cfg in (default_config(3, 64, 256, bits, fp8=kind == "fp8"), GemvConfig(16, 128, 2, 4)):
             err = rel_err(call(fmt, x, ids, cfg)(), reference(fmt, x, ids))
             print(f"  {kind:7s} 3 rows x [4,64,256] {cfg}: max rel err {err:.1e}")
     print(f"CPU decode timings (torch {torch.__version__}, {torch.get_num_threads()} threads), batch 1:")

@@ -121,6 +121,31 @@ def check_models() -> int:
     return fails
 
 
+QUANT_SET = ["qwen3", "qwen3_moe-allexperts", "qwen3_next-allexperts"]
+
+
+def check_quant_models() -> int:
+    """Quantized models on CUDA (kn layout, Triton GEMV/GEMM, FP8 GEMV) vs the same quantized model on the
+    CPU (storage layout, reference / torch CPU kernels), float32 both: offloading the kernels must not
+    change the function."""
+    fails = 0
+    g = torch.Generator().manual_seed(2)
+    for name in QUANT_SET:
+        with tempfile.TemporaryDirectory() as d:
+            save_hf(name, Path(d))
+            ids = torch.randint(0, 128, (48,), generator=g).tolist()
+            for quant in ("int4", "int8", "fp8"):
+                expected = run(LLM(model=d, device="cpu", dtype="float32", quant=quant), [ids])
+                gpu = LLM(model=d, device="cuda", dtype="float32", quant=quant)
+                for plan, chunks in (("prefill", [ids]), ("decode16", [ids[:32]] + [[t] for t in ids[32:]])):
+                    got = run(gpu, chunks)
+                    e = rel(got, expected)
+                    ok = bool(e <= FP32_TOL and not torch.isnan(got).any())
+                    fails += not ok
+                    print(f"{name:24s} quant={quant:5s} float32 {plan:8s} rel {e:.2e} {verdict(ok)}")
+    return fails
+
+
 def check_hf_bf16(names: list[str]) -> None:
     """How far transformers' own bf16 run lands from the fp32 reference: the bf16 noise floor of a model."""
     g = torch.Generator().manual_seed(1)
@@ -146,7 +171,10 @@ def main() -> int:
     assert torch.cuda.is_available(), "needs a CUDA device"
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} fla={kernels.has_fla()}")
     torch.manual_seed(0)
-    fails = (0 if "--models-only" in sys.argv else check_gdn_kernel()) + check_models()
+    if "--quant-only" in sys.argv:
+        fails = check_quant_models()
+    else:
+        fails = (0 if "--models-only" in sys.argv else check_gdn_kernel()) + check_models() + check_quant_models()
     print("kernels chosen:", kernels.chosen())
     print(f"{fails} failed")
     return 1 if fails else 0

@@ -89,3 +89,28 @@ def fp8_matmul_ref(
         rows = (ids == e).nonzero().squeeze(1)
         y[rows] = x[rows].float() @ dequant_fp8_block_ref(weight[e], scale[e], block).T
     return y.to(x.dtype)
+
+
+def swap_nk(a: torch.Tensor) -> torch.Tensor:
+    """[E, A, B] -> contiguous [E, B, A]: between the nk (storage) and kn (GPU) layouts."""
+    return a.transpose(1, 2).contiguous()
+
+
+def kn_to_nk(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words [E, K/VALS, N] (the GPU layout) -> codes [E, N, K/2] uint8 | [E, N, K] int8."""
+    return swap_nk(words).view(torch.uint8 if bits == 4 else torch.int8)
+
+
+def quant_matmul_kn_ref(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """`quant_matmul_ref` on the kn layout (words [E, K/VALS, N], scales/mins [E, K/G, N])."""
+    return quant_matmul_ref(x, kn_to_nk(words, bits), swap_nk(scales), swap_nk(mins) if mins is not None else None,
+                            expert_ids, bits=bits, group_size=group_size)

@@ -49,8 +49,14 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int) -> tup
     if device.type == "cuda" or (forced == "triton" and interpret):
         if not triton_available():
             return "ref", "triton not importable"
+        if not fmt.kn_ok:
+            return "ref", f"K={fmt.in_features} does not pack into int32 words"
         if rows <= GEMV_MAX_ROWS:
             return "triton_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: bandwidth-bound GEMV"
+        from spillover.kernels.triton.quant_gemm import gemm_ok
+
+        if not gemm_ok(fmt.in_features, fmt.bits, fmt.group_size):
+            return "triton_gemv", f"K={fmt.in_features} has no 16-word GEMM steps: GEMV per row"
         return "triton_gemm", f"{rows} rows > {GEMV_MAX_ROWS}: tiled GEMM reuses weights"
     if device.type == "cpu" and (rows <= CPU_WOQ_MAX_ROWS or forced == "cpu"):
         why_not = cpu_kernels.int4_cpu_ok(fmt) if fmt.bits == 4 else cpu_kernels.int8_cpu_ok(fmt)
@@ -66,16 +72,17 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
     if expert_ids is not None and expert_ids.numel() and not fmt.stacked:
         expert_ids = None
     rows = x.shape[0]
-    if expert_ids is not None and rows:
+    if expert_ids is not None and rows > CPU_WOQ_MAX_ROWS:  # fewer rows: any expert has few enough
         rows = int(torch.bincount(expert_ids).max().item())  # rows of the busiest expert
     kernel, reason = choose_kernel(fmt, x.device, rows)
     _log_choice(kernel, reason)
-    args = (x, fmt.qweight, fmt.scales, fmt.mins, expert_ids)
-    if kernel == "triton_gemv":
-        from spillover.kernels.triton.quant_gemv import quant_gemv
+    if kernel.startswith("triton"):
+        kn = fmt.to_layout("kn")  # a no-op on CUDA, where formats already hold the kn layout
+        args = (x, kn.qweight, kn.scales, kn.mins, expert_ids)
+        if kernel == "triton_gemv":
+            from spillover.kernels.triton.quant_gemv import quant_gemv
 
-        return quant_gemv(*args, bits=fmt.bits, group_size=fmt.group_size)
-    if kernel == "triton_gemm":
+            return quant_gemv(*args, bits=fmt.bits, group_size=fmt.group_size)
         from spillover.kernels.triton.quant_gemm import quant_gemm
 
         return quant_gemm(*args, bits=fmt.bits, group_size=fmt.group_size)
@@ -88,7 +95,9 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
             sel = (expert_ids == e).nonzero().squeeze(1)
             y[sel] = op(fmt, x[sel], e)
         return y
-    return quant_matmul_ref(*args, bits=fmt.bits, group_size=fmt.group_size)
+    nk = fmt.to_layout("nk")
+    return quant_matmul_ref(x, nk.qweight, nk.scales, nk.mins, expert_ids, bits=fmt.bits,
+                            group_size=fmt.group_size)
 
 
 def choose_fp8_kernel(fmt: Fp8BlockWeight, device: torch.device, rows: int) -> tuple[str, str]:

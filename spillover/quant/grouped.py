@@ -3,6 +3,7 @@
 A weight is either dense [N, K] or a stack of experts [E, N, K]; both are stored with a leading
 expert axis (E = 1 for dense) so that every kernel sees one layout:
   qweight [E, N, K/2] uint8 (int4) | [E, N, K] int8, scales [E, N, K/G], mins [E, N, K/G] | None.
+On CUDA the same codes are held transposed as int32 words ("kn" layout, see `to_layout`).
 The matmul itself is chosen by `spillover.quant.dispatch.quant_matmul` (Triton on CUDA, torch's
 weight-only CPU ops for small batches on the CPU, otherwise the reference).
 """
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from spillover.kernels.ref_quant import dequant_int_ref
+from spillover.kernels.ref_quant import dequant_int_ref, kn_to_nk, swap_nk
 
 
 class GroupedIntWeight:
@@ -29,6 +30,7 @@ class GroupedIntWeight:
         group_size: int,
         stacked: bool,
         act_dtype: torch.dtype = torch.bfloat16,
+        layout: str = "nk",
     ) -> None:
         if qweight.dim() == 2:
             qweight, scales = qweight.unsqueeze(0), scales.unsqueeze(0)
@@ -41,9 +43,14 @@ class GroupedIntWeight:
         self.group_size = group_size
         self.stacked = stacked
         self.act_dtype = act_dtype
-        self.num_experts, self.out_features = qweight.shape[0], qweight.shape[1]
-        self.in_features = scales.shape[2] * group_size
-        assert qweight.shape[2] * (8 // self.bits) == self.in_features, "codes and scales disagree on K"
+        self.layout = layout
+        self.num_experts = qweight.shape[0]
+        if layout == "kn":  # words [E, K/VALS, N] int32, scales [E, K/G, N]: the GPU kernels' layout
+            self.out_features, self.in_features = qweight.shape[2], scales.shape[1] * group_size
+            assert qweight.dtype == torch.int32 and qweight.shape[1] * (32 // self.bits) == self.in_features
+        else:
+            self.out_features, self.in_features = qweight.shape[1], scales.shape[2] * group_size
+            assert qweight.shape[2] * (8 // self.bits) == self.in_features, "codes and scales disagree on K"
         # NOTE: torch's CPU weight-only ops need their own opaque packing; built lazily per expert.
         self.cpu_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -62,6 +69,8 @@ class GroupedIntWeight:
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         """[N, K] (dense, or one expert) or [E, N, K] (all experts) in act_dtype."""
+        if self.layout == "kn":
+            return self.to_layout("nk").dequantize(expert)
         sl = slice(None) if expert is None and self.stacked else (expert or 0)
         mins = self.mins[sl] if self.mins is not None else None
         w = dequant_int_ref(self.qweight[sl], self.scales[sl], mins, bits=self.bits,
@@ -86,6 +95,8 @@ class GroupedIntWeight:
     # ---- storage ----------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """The packed tensors, keyed by part name (what the store writes); dense drops the E axis."""
+        if self.layout == "kn":
+            return self.to_layout("nk").tensors()
         sq = (lambda t: t) if self.stacked else (lambda t: t[0])
         out = {"qweight": sq(self.qweight), "scales": sq(self.scales)}
         if self.mins is not None:
@@ -103,9 +114,33 @@ class GroupedIntWeight:
                    stacked=bool(meta["stacked"]), act_dtype=act_dtype)
 
     def to(self, device: torch.device | str) -> GroupedIntWeight:
+        """Move; on CUDA the codes are re-laid out "kn" (what the Triton kernels read), on the CPU "nk"."""
         mins = self.mins.to(device) if self.mins is not None else None
-        return type(self)(self.qweight.to(device), self.scales.to(device), mins, group_size=self.group_size,
-                          stacked=self.stacked, act_dtype=self.act_dtype)
+        moved = type(self)(self.qweight.to(device), self.scales.to(device), mins, group_size=self.group_size,
+                           stacked=self.stacked, act_dtype=self.act_dtype, layout=self.layout)
+        want = "kn" if torch.device(device).type == "cuda" and self.kn_ok else "nk"
+        return moved.to_layout(want)
+
+    @property
+    def kn_ok(self) -> bool:
+        """Whether rows pack into whole int32 words (K a multiple of 8 codes for int4, 4 for int8)."""
+        return self.in_features % (32 // self.bits) == 0
+
+    def to_layout(self, layout: str) -> GroupedIntWeight:
+        """The same weight with codes [E, N, K'] ("nk", storage and CPU) or words [E, K/VALS, N] ("kn").
+
+        "kn" puts output channels on the fast axis: GPU threads then run along N, so a warp's loads
+        coalesce and each thread accumulates its own outputs over K (kernels/triton/quant_gemv.py).
+        """
+        if layout == self.layout:
+            return self
+        if layout == "kn":
+            q = swap_nk(self.qweight.contiguous().view(torch.int32))
+        else:
+            q = kn_to_nk(self.qweight, self.bits)
+        mins = swap_nk(self.mins) if self.mins is not None else None
+        return type(self)(q, swap_nk(self.scales), mins, group_size=self.group_size, stacked=self.stacked,
+                          act_dtype=self.act_dtype, layout=layout)
 
     @property
     def nbytes(self) -> int:

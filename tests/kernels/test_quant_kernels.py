@@ -1,4 +1,7 @@
-"""Triton W4A16/W8A16 GEMV and GEMM against the torch reference (TRITON_INTERPRET=1 on the CPU)."""
+"""Triton W4A16/W8A16 GEMV and GEMM (kn layout) and the FP8 GEMV against the torch references.
+
+On the CPU they run under TRITON_INTERPRET=1; on CUDA (scripts/gpu_check, the device machine) for real.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_ref  # noqa: E402
+from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref, quant_matmul_ref  # noqa: E402
 from spillover.kernels.triton.quant_gemm import align_rows, quant_gemm  # noqa: E402
 from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, fp8_gemv, quant_gemv  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
@@ -25,8 +28,8 @@ CASES = [  # (bits, group, symmetric)
 def _fmt(bits: int, group: int, sym: bool, e: int, n: int, k: int):  # type: ignore[no-untyped-def]
     w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(bits + group))
     if bits == 4:
-        return Int4Weight.pack(w, group, sym, act_dtype=torch.float32).to(DEVICE)
-    return Int8Weight.pack(w, group or None, act_dtype=torch.float32).to(DEVICE)
+        return Int4Weight.pack(w, group, sym, act_dtype=torch.float32).to(DEVICE).to_layout("nk")
+    return Int8Weight.pack(w, group or None, act_dtype=torch.float32).to(DEVICE).to_layout("nk")
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)
@@ -38,24 +41,28 @@ def test_kernel_matches_reference(bits: int, group: int, sym: bool, kernel, stac
     t = 5 if kernel is quant_gemv else 19
     x = torch.randn(t, k, device=DEVICE)
     ids = torch.randint(0, e, (t,), device=DEVICE) if stacked else None
-    args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
-    ref = quant_matmul_ref(*args, bits=bits, group_size=fmt.group_size)
+    kn = fmt.to_layout("kn")
+    args = (x, kn.qweight, kn.scales, kn.mins, ids)
+    ref = quant_matmul_kn_ref(*args, bits=bits, group_size=fmt.group_size)
+    # the kn reference is the storage-layout reference, bit for bit
+    assert torch.equal(ref, quant_matmul_ref(x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=bits,
+                                             group_size=fmt.group_size))
     out = kernel(*args, bits=bits, group_size=fmt.group_size)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
 
 
 # Tiles smaller than, equal to and spanning several groups; split-K with its float32 reduction.
-GEMV_CONFIGS = [GemvConfig(16, 32, 1, 4), GemvConfig(8, 256, 1, 2), GemvConfig(4, 64, 4, 4), GemvConfig(32, 128, 2, 8)]
+GEMV_CONFIGS = [GemvConfig(16, 32, 1, 4), GemvConfig(8, 256, 1, 2), GemvConfig(64, 64, 4, 4), GemvConfig(32, 128, 2, 8)]
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)
 @pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=str)
 def test_gemv_configs_match_reference(bits: int, group: int, sym: bool, cfg: GemvConfig) -> None:
-    fmt = _fmt(bits, group, sym, 3, 40, 256)
+    fmt = _fmt(bits, group, sym, 3, 40, 256).to_layout("kn")
     x = torch.randn(4, 256, device=DEVICE)
     ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
     args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
-    ref = quant_matmul_ref(*args, bits=bits, group_size=fmt.group_size)
+    ref = quant_matmul_kn_ref(*args, bits=bits, group_size=fmt.group_size)
     out = quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=cfg)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
 
@@ -90,13 +97,27 @@ def test_align_rows_groups_by_expert() -> None:
 def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     if DEVICE == "cpu":
         monkeypatch.setenv("SPILLOVER_QUANT_KERNEL", "triton")
-    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
     fmt = Int4Weight.pack(w, 32, True, act_dtype=torch.float32).to(DEVICE)
-    x = torch.randn(2, 64, device=DEVICE)
+    x = torch.randn(2, 128, device=DEVICE)
     from spillover.quant.dispatch import choose_kernel
 
     assert choose_kernel(fmt, x.device, 2)[0] == "triton_gemv"
     torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
+    x = torch.randn(20, 128, device=DEVICE)  # prefill rows: the GEMM
+    assert choose_kernel(fmt, x.device, 20)[0] == "triton_gemm"
+    torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_layout_round_trip_and_cuda_move() -> None:
+    fmt = _fmt(4, 32, False, 2, 24, 64)
+    kn = fmt.to_layout("kn")
+    assert kn.qweight.shape == (2, 8, 24) and kn.scales.shape == (2, 2, 24)
+    back = kn.to_layout("nk")
+    assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), fmt.tensors().values(), strict=True))
+    assert torch.equal(kn.dequantize(), fmt.dequantize())
+    if DEVICE == "cuda":
+        assert fmt.to("cuda").layout == "kn" and fmt.to("cuda").to("cpu").layout == "nk"
 
 
 def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:

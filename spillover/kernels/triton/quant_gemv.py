@@ -1,20 +1,20 @@
 """Triton weight-only GEMV for decode (a few rows, each with its own expert): int4, int8, FP8 block.
 
-Same signature as `spillover.kernels.ref_quant.quant_matmul_ref` (`quant_gemv`) and
-`fp8_matmul_ref` (`fp8_gemv`). Decode is bound by reading the weight once, so the kernel is built
-around wide loads and cheap unpacking:
-- codes are read as int32 words (8 int4 or 4 int8/fp8 codes each), a [BLOCK_N, BLOCK_K] tile per
-  step, so every thread issues 16-byte loads and many are in flight at once;
-- int codes become floats with the exponent trick ((c | 0x4B000000) as float32 = 2^23 + c), an
-  integer OR and a float subtract at full rate, instead of int->float conversions, which run at a
-  quarter rate on Hopper and alone capped int4 at ~2 TB/s;
-- a tile may span several quantization groups: partial sums are kept per group and scaled once
-  ([BLOCK_N, groups]), so BLOCK_K is not limited by the group size;
-- split-K (`SPLIT_K` > 1) gives a few rows of a narrow matrix enough programs to fill the GPU; the
-  partial sums go to a float32 buffer summed in a fixed order (deterministic, unlike atomics).
-FP8 block weights (Qwen's official FP8) share the kernel: the codes are bit-cast to float8e4nv and
-the scale is per 128 x 128 block (SCALE_ROWS = 128). This module imports triton at the top: import
-it only through spillover.quant.dispatch.
+`quant_gemv` (int4/int8) reads the "kn" layout that `GroupedIntWeight.to("cuda")` holds, words
+[E, K/VALS, N] int32: threads run along the output channels, so a warp's loads are coalesced, the
+x values of a word are one broadcast shared by the 4 channels a thread holds, and each thread
+accumulates over K in registers with a single cross-thread reduction at the end. The row-major
+kernel (`fp8_gemv`) reads FP8 weights in their checkpoint layout; for FP8 it measured as fast.
+Both keep the cost per code low, because at batch 1 the loop is close to instruction-bound:
+- int codes become floats with the exponent trick: (w & (15 << 4p)) | 0x4B000000 read as float32
+  is 2^23 + c * 2^(4p), so one LOP3 and one FADD replace shift, mask and int->float conversion
+  (quarter rate on Hopper); x carries the 2^(-4p) instead (`_codes`, `_x_scale`);
+- a step may span several quantization groups (one scale per word then);
+- split-K (`SPLIT_K` > 1) gives a few rows of a narrow matrix enough programs to fill the GPU,
+  within one launch: the last split to finish a tile sums the float32 partials in split order
+  (deterministic, unlike atomic adds of the outputs).
+bench/quant_gemv.py measures them (and sweeps the configs `default_config` was fitted to).
+This module imports triton at the top: import it only through spillover.quant.dispatch.
 """
 
 from __future__ import annotations
@@ -26,24 +26,88 @@ import triton
 import triton.language as tl
 
 FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
-_MAGIC = 8388608.0  # 2^23: float32 whose low mantissa bits hold an integer code
+
+
+def code_offset(bits: int, has_mins: bool) -> int:
+    """What the kernel subtracts from a raw code: 8 for symmetric int4, 128 for int8 (stored signed,
+    read after flipping the sign bit), 0 for asymmetric int4 (its min carries the offset)."""
+    return 128 if bits == 8 else (0 if has_mins else 8)
+_MAGIC = tl.constexpr(8388608.0)  # 2^23: float32 whose low mantissa bits hold an integer code
+
+
+@triton.jit
+def _codes(words, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr):
+    """Code i of every int32 word as float32, times 2^(SHIFT) (see `_x_scale`), minus its offset.
+
+    Integer codes skip the shift to bit 0 where they can: (w & (15 << 4p)) | 0x4B000000 read as a
+    float is 2^23 + c * 2^(4p) exactly while the code stays below the exponent bits, so one LOP3
+    and one FADD give (c - offset) * 2^(4p), and x is pre-scaled by 2^(-4p) instead (exact). Codes
+    in the top bits take one shared shift per word. About 3 instructions per int4 code, not 5.
+    """
+    if FMT == 2:
+        c = (words.to(tl.uint32, bitcast=True) >> (i * 8)) & 255
+        q = c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        BITS: tl.constexpr = 4 if FMT == 0 else 8
+        LOW: tl.constexpr = 5 if FMT == 0 else 2  # codes that fit below bit 23 unshifted
+        P: tl.constexpr = i - LOW if i >= LOW else i
+        w = words ^ -2139062144 if FMT == 1 else words  # int8: flip each byte's sign bit (0x80808080)
+        w = w.to(tl.uint32, bitcast=True)
+        if i >= LOW:
+            w = w >> (LOW * BITS)
+        q = ((w & (((1 << BITS) - 1) << (P * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)
+        q = q - (_MAGIC + OFFSET * (1 << (P * BITS)))
+    return q
+
+
+@triton.jit
+def _x_scale(i: tl.constexpr, FMT: tl.constexpr):
+    """The power of two that `_codes` left on code i, to take off x (1 for FP8)."""
+    BITS: tl.constexpr = 4 if FMT == 0 else 8
+    LOW: tl.constexpr = 5 if FMT == 0 else 2
+    P: tl.constexpr = 0 if FMT == 2 else (i - LOW if i >= LOW else i)
+    return 1.0 / (1 << (P * BITS))
+
+
+@triton.jit
+def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt,
+            SPLIT_K: tl.constexpr):
+    """Write y, or (split-K) this split's partial; the last split to arrive sums all of them.
+
+    One launch instead of kernel + reduction + cast: in a decode step each extra launch costs
+    about as much as reading the weight. The sum runs in split order, so results are
+    deterministic; the last program also resets its counter to 0 for the next call.
+    """
+    if SPLIT_K == 1:
+        tl.store(y_ptr + row * stride_yt + offs_n, y_vec.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        rows = tl.num_programs(1)
+        tl.store(ws_ptr + (pid_k * rows + row) * N + offs_n, y_vec, mask=mask_n)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        tile = row * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(y_vec)
+            for sk in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + (sk * rows + row) * N + offs_n, mask=mask_n, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(y_ptr + row * stride_yt + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr,
-    N, K_SPLIT,
-    stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_yk, stride_yt,
+    x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
+    N, KW_SPLIT,
+    stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_yt,
     FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
 ):
+    """Row-major layout: words [E, N, K/VALS], scales [E, N/SCALE_ROWS, K/G]."""
     VALS: tl.constexpr = 8 if FMT == 0 else 4  # codes per int32 word
-    BITS: tl.constexpr = 32 // VALS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # one scale per sub-tile
-    NG: tl.constexpr = BLOCK_K // SUB_K
-    SUB_W: tl.constexpr = SUB_K // VALS
+    BLOCK_W: tl.constexpr = BLOCK_K // VALS  # words per row per step
+    GROUP_W: tl.constexpr = GROUP // VALS
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -55,35 +119,99 @@ def _gemv_kernel(
     s_rows = s_ptr + e * stride_se + (n64 // SCALE_ROWS) * stride_sn
     m_rows = m_ptr + e * stride_se + (n64 // SCALE_ROWS) * stride_sn
     x_row = x_ptr + row * stride_xt
-    g_ar = tl.arange(0, NG)
-    j_ar = tl.arange(0, SUB_W)
-    v_ar = tl.arange(0, VALS)
-    w_off = g_ar[:, None] * SUB_W + j_ar[None, :]  # [NG, SUB_W] word offsets in a tile
-    x_off = w_off[:, :, None] * VALS + v_ar[None, None, :]  # [NG, SUB_W, VALS]: k = word * VALS + v
-    shifts = (v_ar * BITS)[None, None, None, :]
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    k_begin = pid_k * K_SPLIT
-    for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
-        words = tl.load(w_rows[:, None, None] + (k0 // VALS + w_off)[None, :, :],
-                        mask=mask_n[:, None, None], other=0)  # [BLOCK_N, NG, SUB_W] int32
-        codes = (words[:, :, :, None] >> shifts) & MASK  # [BLOCK_N, NG, SUB_W, VALS]
-        if FMT == 2:
-            q = codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        elif FMT == 1:  # signed int8: c ^ 128 = c + 128 as an unsigned byte
-            q = ((codes ^ 128) | 0x4B000000).to(tl.float32, bitcast=True) - (_MAGIC + 128.0)
+    j = tl.arange(0, BLOCK_W)
+    # Partial sums stay per thread in a [BLOCK_N, BLOCK_W] tile until after the loop: a cross-thread
+    # reduction every step made the loop compute-bound.
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    kw_begin = pid_k * KW_SPLIT  # counted in words, so the compiler sees 16-byte aligned tiles
+    for kw0 in tl.range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W, num_stages=STAGES):
+        words = tl.load(w_rows[:, None] + (kw0 + j)[None, :], mask=mask_n[:, None], other=0)
+        dot = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
+        for i in tl.static_range(VALS):
+            xi = tl.load(x_row + (kw0 + j) * VALS + i).to(tl.float32)
+            dot += _codes(words, i, FMT, OFFSET) * (xi * _x_scale(i, FMT))[None, :]
+            if HAS_MINS:
+                xsum += xi
+        if BLOCK_K > GROUP:  # several groups per step: one scale per word
+            g = ((kw0 + j) // GROUP_W)[None, :]
         else:
-            q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - (_MAGIC + OFFSET)
-        xv = tl.load(x_row + k0 + x_off).to(tl.float32)  # [NG, SUB_W, VALS]
-        part = tl.sum(tl.sum(q * xv[None, :, :, :], axis=3), axis=2)  # [BLOCK_N, NG]
-        g = k0 // GROUP + g_ar
-        s = tl.load(s_rows[:, None] + g[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
-        acc += tl.sum(part * s, axis=1)
+            g = tl.zeros([1, BLOCK_W], dtype=tl.int32) + kw0 // GROUP_W
+        s = tl.load(s_rows[:, None] + g, mask=mask_n[:, None], other=0).to(tl.float32)
+        acc += dot * s
         if HAS_MINS:
-            xs = tl.sum(tl.sum(xv, axis=2), axis=1)  # [NG]
-            m = tl.load(m_rows[:, None] + g[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
-            acc += tl.sum(m * xs[None, :], axis=1)
-    y = y_ptr + pid_k * stride_yk + row * stride_yt + offs_n
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+            m = tl.load(m_rows[:, None] + g, mask=mask_n[:, None], other=0).to(tl.float32)
+            acc += m * xsum[None, :]
+    _finish(tl.sum(acc, axis=1), y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
+
+
+@triton.jit
+def _gemv_kn_kernel(
+    x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
+    N, KW_SPLIT,
+    stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
+    FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, OFFSET: tl.constexpr,
+    HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Transposed layout: words [E, K/VALS, N], scales [E, K/G, N/SCALE_ROWS].
+
+    Threads run along N, so a warp's loads are coalesced, x is a warp-uniform broadcast reused
+    by every column a thread holds, and the K reduction stays in each thread.
+    """
+    VALS: tl.constexpr = 8 if FMT == 0 else 4
+    BLOCK_W: tl.constexpr = BLOCK_K // VALS
+    GROUP_W: tl.constexpr = GROUP // VALS
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e = tl.load(eid_ptr + row).to(tl.int64) if HAS_EIDS else 0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_cols = w_ptr + e * stride_we + offs_n[None, :]
+    s_cols = s_ptr + e * stride_se + offs_n // SCALE_ROWS
+    m_cols = m_ptr + e * stride_se + offs_n // SCALE_ROWS
+    x_row = x_ptr + row * stride_xt
+    r = tl.arange(0, BLOCK_W)
+    acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    kw_begin = pid_k * KW_SPLIT
+    for kw0 in tl.range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W, num_stages=STAGES):
+        words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :],
+                        other=0)  # [BLOCK_W, BLOCK_N]
+        dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
+        for i in tl.static_range(VALS):
+            xi = tl.load(x_row + (kw0 + r) * VALS + i).to(tl.float32)
+            dot += _codes(words, i, FMT, OFFSET) * (xi * _x_scale(i, FMT))[:, None]
+            if HAS_MINS:
+                xsum += xi
+        if BLOCK_K > GROUP:
+            g = ((kw0 + r) // GROUP_W)[:, None]
+        else:
+            g = tl.zeros([BLOCK_W, 1], dtype=tl.int32) + kw0 // GROUP_W
+        s = tl.load(s_cols[None, :] + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
+        acc += dot * s
+        if HAS_MINS:
+            m = tl.load(m_cols[None, :] + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
+            acc += m * xsum[:, None]
+    _finish(tl.sum(acc, axis=0), y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
+
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 partial sums, int32 arrival counters) for split-K, grown on demand and reused.
+
+    Counters start at 0 and every launch leaves them at 0. NOTE: one buffer per device, so two
+    split-K GEMVs must not run concurrently on different streams.
+    """
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or cnt is None or ws.numel() < partials or cnt.numel() < tiles:
+        ws = torch.empty(max(partials, 1 << 16), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
 
 
 @dataclass(frozen=True)
@@ -92,87 +220,46 @@ class GemvConfig:
     block_k: int
     split_k: int = 1
     num_warps: int = 4
+    stages: int = 1
 
     def __str__(self) -> str:
-        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
+        return (f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps} "
+                f"stages={self.stages}")
 
 
-TARGET_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200: enough loads in flight to cover latency
+TARGET_PROGRAMS = 640  # ~5 per SM on a 132-SM H100/H200 (bench/quant_gemv.py --variants, H200)
 
 
-def pick_block_k(k: int, group_size: int, limit: int = 256) -> int:
-    """Largest power of two <= limit dividing both K and the group size (>= 16 for tl.arange)."""
-    b = limit
-    while b > 16 and (group_size % b or k % b):
-        b //= 2
-    if group_size % b or k % b:
-        raise ValueError(f"K={k} / group {group_size} need a multiple of 16")
-    return b
+def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> GemvConfig:
+    """Tile and split for `rows` rows of an [N, K] weight (from bench/quant_gemv.py's sweeps on an H200).
 
-
-def default_config(rows: int, n: int, k: int, bits: int) -> GemvConfig:
-    """Tile and split for `rows` rows of an [N, K] weight (from bench/quant_gemv.py's sweep).
-
-    A tile reads 2-4 KB of codes per row block per step (BLOCK_K 512 int4 / 256 int8); BLOCK_N
-    shrinks and split-K grows until about TARGET_PROGRAMS programs exist, because one decode token
-    of a narrow matrix otherwise leaves most SMs idle.
+    int (kn layout): 64 output channels x 256 (int4) / 128 (int8) codes per step. FP8 (nk layout):
+    32 x 128. Split-K doubles while the grid stays under TARGET_PROGRAMS and each split keeps at
+    least two steps: one decode token of a narrow matrix otherwise leaves most SMs idle.
     """
-    block_k = 512 if bits == 4 else 256
-    while block_k > 32 and k % block_k:
+    block_n, block_k = (32, 128) if fp8 else (64, 256 if bits == 4 else 128)
+    while block_k > 16 and k % block_k:
         block_k //= 2
-    block_n = 16
     split = 1
-    while rows * triton.cdiv(n, block_n) * split < TARGET_PROGRAMS:
-        if block_n > 4:
-            block_n //= 2
-        elif k % (block_k * split * 2) == 0 and k // (split * 2) >= block_k:
-            split *= 2
-        else:
-            break
+    tiles = rows * triton.cdiv(n, block_n)
+    while split < 8 and tiles * split * 2 <= TARGET_PROGRAMS and k % (block_k * split * 2) == 0 \
+            and k // (split * 2) >= 2 * block_k:
+        split *= 2
     return GemvConfig(block_n, block_k, split, 4)
 
 
-def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-            expert_ids: torch.Tensor | None, *, fmt: int, group: int, scale_rows: int, offset: int,
-            cfg: GemvConfig) -> torch.Tensor:
-    t, k = x.shape
-    n = words.shape[1]
-    vals = 8 if fmt == FMT_INT4 else 4
+def _check(k: int, vals: int, group: int, cfg: GemvConfig) -> None:
     if k % (cfg.block_k * cfg.split_k) or cfg.block_k % vals:
         raise ValueError(f"K={k} is not a multiple of BLOCK_K x SPLIT_K = {cfg.block_k} x {cfg.split_k}")
     if cfg.block_k > group and cfg.block_k % group:
         raise ValueError(f"BLOCK_K={cfg.block_k} must be a multiple of the group {group} when larger")
     if cfg.block_k < group and group % cfg.block_k:
         raise ValueError(f"BLOCK_K={cfg.block_k} must divide the group {group} when smaller")
-    if expert_ids is not None:
-        assert expert_ids.shape == (t,) and expert_ids.dtype in (torch.int32, torch.int64)
-    split = cfg.split_k
-    out = torch.empty((split, t, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), t, split)
-    _gemv_kernel[grid](
-        x, words, scales, mins if mins is not None else scales,
-        expert_ids if expert_ids is not None else x, out,
-        n, k // split,
-        x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1),
-        FMT=fmt, GROUP=group, SCALE_ROWS=scale_rows, OFFSET=offset,
-        HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-    )
-    # Fixed-order reduction over the splits keeps results deterministic (atomics would not).
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
-
-
-def as_words(codes: torch.Tensor) -> torch.Tensor:
-    """uint8/int8/fp8 codes [E, N, K'] -> int32 words [E, N, K'/4] (same bytes, little-endian)."""
-    if codes.shape[-1] % 4:
-        raise ValueError(f"packed row of {codes.shape[-1]} bytes is not a whole number of int32 words")
-    return codes.contiguous().view(torch.uint8).view(torch.int32)
 
 
 def quant_gemv(
     x: torch.Tensor,
-    qweight: torch.Tensor,
+    words: torch.Tensor,
     scales: torch.Tensor,
     mins: torch.Tensor | None,
     expert_ids: torch.Tensor | None,
@@ -181,16 +268,36 @@ def quant_gemv(
     group_size: int,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
+    """int4/int8 GEMV on the kn layout: words [E, K/VALS, N] int32, scales/mins [E, K/G, N].
+
+    Same signature and result as `spillover.kernels.ref_quant.quant_matmul_kn_ref`.
+    """
     t, k = x.shape
-    e, n, kp = qweight.shape
-    assert kp * (2 if bits == 4 else 1) == k, "qweight does not match x's K"
-    assert x.stride(1) == 1 and scales.stride(2) == 1
-    assert scales.shape == (e, n, k // group_size)
+    e, kw, n = words.shape
+    vals = 32 // bits
+    assert words.dtype == torch.int32 and kw * vals == k and x.stride(1) == 1 and words.stride(2) == 1
+    assert scales.shape == (e, k // group_size, n) and scales.stride(2) == 1
     if mins is not None:
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
+    if expert_ids is not None:
+        assert expert_ids.shape == (t,) and expert_ids.dtype in (torch.int32, torch.int64)
     cfg = config or default_config(t, n, k, bits)
-    return _launch(x, as_words(qweight), scales, mins, expert_ids, fmt=FMT_INT4 if bits == 4 else FMT_INT8,
-                   group=group_size, scale_rows=1, offset=8 if bits == 4 and mins is None else 0, cfg=cfg)
+    _check(k, vals, group_size, cfg)
+    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
+    ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
+    _gemv_kn_kernel[grid](
+        x, words, scales, mins if mins is not None else scales,
+        expert_ids if expert_ids is not None else x, y, ws, cnt,
+        n, k // cfg.split_k // vals,
+        x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
+        FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, SCALE_ROWS=1,
+        OFFSET=code_offset(bits, mins is not None),
+        HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
+        num_warps=cfg.num_warps,
+    )
+    return y
 
 
 def fp8_gemv(
@@ -202,11 +309,28 @@ def fp8_gemv(
     block: int = 128,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/B), K/B]."""
+    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/B), K/B].
+
+    Same signature and result as `spillover.kernels.ref_quant.fp8_matmul_ref`. FP8 keeps the
+    checkpoint's nk layout (the row-major kernel): the kn layout measured no faster for it.
+    """
     t, k = x.shape
     e, n, kw = weight.shape
     assert kw == k and x.stride(1) == 1 and scale.stride(2) == 1 and k % block == 0
     assert scale.shape == (e, triton.cdiv(n, block), k // block)
-    cfg = config or default_config(t, n, k, 8)
-    return _launch(x, as_words(weight), scale, None, expert_ids, fmt=FMT_FP8, group=block, scale_rows=block,
-                   offset=0, cfg=cfg)
+    cfg = config or default_config(t, n, k, 8, fp8=True)
+    _check(k, 4, block, cfg)
+    words = weight.contiguous().view(torch.uint8).view(torch.int32)
+    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
+    ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
+    _gemv_kernel[grid](
+        x, words, scale, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
+        n, k // cfg.split_k // 4,
+        x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
+        FMT=FMT_FP8, GROUP=block, SCALE_ROWS=block, OFFSET=0,
+        HAS_MINS=False, HAS_EIDS=expert_ids is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
+        num_warps=cfg.num_warps,
+    )
+    return y
