@@ -1,8 +1,11 @@
 """Streaming, bounded-RAM, resumable conversion of a checkpoint into our store (weights/store.py).
 
 `convert(src, out, quant, group_size)` reads one source tensor at a time (bf16/fp16/fp32/FP8
-safetensors, or GGUF), packs it, and streams the parts into pre-laid-out shards, so peak memory is
-a small multiple of the largest tensor (its float32 copy plus packing temporaries).
+safetensors, or GGUF), packs it, and streams the parts into pre-laid-out shards. Float tensors
+going to int4/int8 or kept as stored go through `convert_stream`: row chunks read into reused
+buffers, packed on worker threads and written at their offsets, so memory is a few MB per worker
+whatever the tensor's size; the rest (GGUF blocks, pre-quantized modules, FP8 kept) is produced
+whole, a small multiple of that tensor.
 
 Resume: the whole plan (every tensor's format, part shapes and shard) is computed from headers
 before any data is read and saved in `.progress/plan.json`. Each shard is written to a temporary
@@ -231,7 +234,7 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", group_size: i
             show_progress: bool = True, on_tensor: Callable[[str], None] | None = None) -> Path:
     """Convert `src` into a store at `out` (resuming a previous run there); returns `out`.
 
-    `on_tensor(name)` is called after each tensor is written (tests use it to inject crashes).
+    `on_tensor(name)` is called after each tensor is handed to the shard (tests use it to inject crashes).
     """
     if quant not in QUANTS:
         raise ValueError(f"--quant must be one of {QUANTS}, got {quant!r}")

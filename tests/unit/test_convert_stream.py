@@ -111,3 +111,13 @@ def test_chunk_failure_surfaces_and_resume_is_identical(tmp_path: Path, monkeypa
     assert not (tmp_path / "out" / "manifest.json").exists()
     monkeypatch.setattr(cs.RowPacker, "pack_into", real)
     assert _digest(convert(tmp_path / "src", tmp_path / "out", "int4", 32, **kw)) == ref  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("rows", "k", "workers"), [(512, 2048, 2), (32768, 2048, 4), (3, 64, 2), (1, 4096, 8)])
+def test_row_ranges_cover_rows_once(rows: int, k: int, workers: int) -> None:
+    ranges = cs._row_ranges(rows, k, 1 << 20, workers)
+    assert ranges[0][0] == 0 and ranges[-1][1] == rows
+    assert all(a < b and b == c for (a, b), (c, _) in zip(ranges, ranges[1:] + [(rows, rows)], strict=True))
+    assert all((b - a) * k <= (1 << 20) + k for a, b in ranges)  # bounded by the chunk size
+    if rows * k >= workers * cs.MIN_CHUNK_ELEMS:
+        assert len(ranges) >= workers  # big enough tensors keep every worker busy
