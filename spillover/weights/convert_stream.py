@@ -275,8 +275,9 @@ def _fdatasync(fd: int) -> None:
 def pwrite_part(writer: ShardWriter, fd: int, key: str, byte_offset: int, tensor: torch.Tensor) -> None:
     """Write `tensor`'s bytes (typed, or raw uint8) at `byte_offset` inside part `key` of the shard.
 
-    Positioned writes on the writer's descriptor, so chunks may land in any order from any thread;
-    the caller flushes the writer's buffer first and marks the part written once all of it is.
+    Positioned writes on the writer's descriptor: chunks may land in any order from any thread, and
+    they leave the file offset alone, so the writer's own (seek + buffered write) parts stay right.
+    The caller marks the part written once all of it is queued and waits for it before closing.
     """
     off, spec = writer.offsets[key]
     data = tensor.contiguous().reshape(-1).view(torch.uint8)
