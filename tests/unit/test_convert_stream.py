@@ -28,6 +28,9 @@ def _source(folder: Path) -> None:
         "model.layers.0.mlp.up_proj.weight_scale_inv": torch.rand(2, 2, 1, generator=g),
         "model.layers.0.mlp.gate_proj.weight": torch.randn(40, 96, generator=g).bfloat16(),  # 96 % 128: dense
         "model.norm.weight": torch.ones(64),
+        # kept as FP8 by the policy: the whole-tensor path, buffered writes beside the streamed ones
+        "model.layers.0.mlp.shared_expert_gate.weight": torch.randn(130, 128, generator=g).to(torch.float8_e4m3fn),
+        "model.layers.0.mlp.shared_expert_gate.weight_scale_inv": torch.rand(2, 1, generator=g),
         "model.layers.0.mlp.gate.weight": torch.zeros(0, 64).bfloat16(),  # empty: kept, no chunks
     }
     flat = t["model.layers.0.self_attn.q_proj.weight"]
@@ -58,11 +61,11 @@ def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: p
         return calls[-1]
 
     monkeypatch.setattr(cs.Streamer, "write", spy)
-    streamed = convert(tmp_path / "src", tmp_path / "a", quant, group, symmetric=sym, shard_bytes=20000,
+    streamed = convert(tmp_path / "src", tmp_path / "a", quant, group, symmetric=sym, shard_bytes=60000,
                        show_progress=False)
-    assert len(calls) == 10 and all(calls)  # every tensor of this source streams
+    assert len(calls) == 11 and sum(calls) == 10  # all but the kept FP8 tensor stream
     monkeypatch.setattr(cs.Streamer, "write", lambda *a: False)
-    whole = convert(tmp_path / "src", tmp_path / "b", quant, group, symmetric=sym, shard_bytes=20000,
+    whole = convert(tmp_path / "src", tmp_path / "b", quant, group, symmetric=sym, shard_bytes=60000,
                     show_progress=False)
     assert _digest(streamed) == _digest(whole)
     store = open_store(streamed)
