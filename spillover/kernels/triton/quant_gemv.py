@@ -227,17 +227,17 @@ class GemvConfig:
                 f"stages={self.stages}")
 
 
-TARGET_PROGRAMS = 640  # ~5 per SM on a 132-SM H100/H200 (bench/quant_gemv.py --variants, H200)
+TARGET_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
 
 
 def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> GemvConfig:
-    """Tile and split for `rows` rows of an [N, K] weight (from bench/quant_gemv.py's sweeps on an H200).
+    """Tile and split for `rows` rows of an [N, K] weight (fitted to bench/quant_gemv.py's sweep, H200).
 
-    int (kn layout): 64 output channels x 256 (int4) / 128 (int8) codes per step. FP8 (nk layout):
-    32 x 128. Split-K doubles while the grid stays under TARGET_PROGRAMS and each split keeps at
+    int (kn layout): 32 output channels x 256 (int4) / 128 (int8) codes per step. FP8 (nk layout):
+    64 x 128. Split-K doubles while the grid stays within TARGET_PROGRAMS and each split keeps at
     least two steps: one decode token of a narrow matrix otherwise leaves most SMs idle.
     """
-    block_n, block_k = (32, 128) if fp8 else (64, 256 if bits == 4 else 128)
+    block_n, block_k = (64, 128) if fp8 else (32, 256 if bits == 4 else 128)
     while block_k > 16 and k % block_k:
         block_k //= 2
     split = 1
