@@ -235,9 +235,12 @@ def packable(pname: str, modules: dict[str, nn.Module]) -> bool:
 def _concat(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
     """One format from parts along `dim` (1: output rows, 0: experts), or None when their layouts
     differ (format, group, mins, dtypes) and the parts cannot share one kernel call."""
-    f0 = fmts[0]
-    if not hasattr(f0, "qweight"):
+    if not hasattr(fmts[0], "qweight"):
         return _concat_tensors(fmts, dim, stacked)
+    # Rows and experts are axes 1 and 0 of the storage ("nk") layout only; a part already laid out
+    # for the GPU kernels ("kn") goes back to it, and move_model re-lays out the whole.
+    fmts = [f.to_layout("nk") if getattr(f, "layout", "nk") != "nk" else f for f in fmts]
+    f0 = fmts[0]
 
     def layout(f: Any) -> tuple[Any, ...]:
         mins = None if f.mins is None else f.mins.dtype

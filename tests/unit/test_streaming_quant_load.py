@@ -223,3 +223,25 @@ def test_formats_move_with_or_without_their_own_to() -> None:
         moved = format_to(fmt, META)
         assert type(moved) is type(fmt) and moved.stacked and moved.meta() == fmt.meta()
         assert all(t.is_meta for t in moved.tensors().values())
+
+
+def test_parts_in_gpu_layout_are_merged_in_storage_layout(folders: dict[str, Path],
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Parts already laid out for the GPU kernels ("kn") merge like storage-layout ones."""
+    from spillover.quant.load import load_items
+
+    src = _source(folders, "qwen3_moe-norm", tmp_path_factory)
+    cfg = load_config(src)
+    policy = load_policy("int4", 32, torch.float32)
+
+    def items(kn: bool) -> Iterator[Any]:
+        stream = StreamQuantizer(build_model(cfg, META, torch.float32), policy, CPU, cfg.tie_word_embeddings)
+        for name, item, f in stream(iter_safetensors(src.path)):
+            yield name, item.to_layout("kn") if kn and not isinstance(item, torch.Tensor) else item, f
+
+    ids = list(range(3, 13))
+    ref = _logits(load_items(items(False), cfg, CPU, torch.float32), ids, 8, torch.float32)
+    model = load_items(items(True), cfg, CPU, torch.float32)
+    fmts = [getattr(m, a) for m in model.modules() for a in ("fmt", "w13_fmt", "w2_fmt") if getattr(m, a, None)]
+    assert fmts and all(f.layout == "nk" for f in fmts)
+    assert _packed_slots(model) and torch.equal(_logits(model, ids, 8, torch.float32), ref)
