@@ -54,7 +54,9 @@ class Fp8BlockWeight:
                 x[r:].zero_()  # the padding of the last row block and columns must read as 0
                 x[:r, k:].zero_()
                 tiles = x.view(rb, block, nkb, block)
-                s = tiles.abs().amax(dim=(1, 3)) / FP8_MAX
+                # times a reciprocal, not / 448: CUDA divides by a scalar as a multiply by its
+                # reciprocal, so a true division here made GPU-packed scales differ by an ulp
+                s = tiles.abs().amax(dim=(1, 3)) * (1.0 / FP8_MAX)
                 s = torch.where(s == 0, torch.ones_like(s), s)
                 tiles.div_(s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
                 q[e, r0:r0 + r].copy_(x[:r, :k])

@@ -39,7 +39,7 @@ def _fp8_whole(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     n, k = weight.shape[-2:]
     w = F.pad(weight.float(), (0, -k % block, 0, -n % block))
     tiles = w.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))
-    scale = tiles.abs().amax(dim=(-3, -1)) / FP8_MAX
+    scale = tiles.abs().amax(dim=(-3, -1)) * (1.0 / FP8_MAX)  # as Fp8BlockWeight.pack: CUDA-identical
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     s_full = scale.repeat_interleave(block, -2).repeat_interleave(block, -1)
     q = (w / s_full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
