@@ -39,20 +39,22 @@ def rtn_int4(
     """Quantize [..., N, K] to (codes uint8 [..., N, K], scales [..., N, K/G], mins or None).
 
     Codes are computed against the scales (and mins) *after* rounding them to `scale_dtype`, so
-    dequantizing the stored tensors reproduces exactly what the error was minimised for.
+    dequantizing the stored tensors reproduces exactly what the error was minimised for. Scales are
+    a multiply by a float32 reciprocal, not a division: CUDA divides by a scalar that way, so
+    packing on the GPU (quantize-at-load) gives the same bytes as on the CPU.
     """
     g = _groups(w, group_size)
     if symmetric:
         # The signed value of largest magnitude maps to code 0 (-8): one more level than absmax/7.
         idx = g.abs().argmax(dim=-1, keepdim=True)
         extreme = torch.gather(g, -1, idx)
-        scale = (extreme / -8.0).to(scale_dtype).float()
+        scale = (extreme * (-1.0 / 8.0)).to(scale_dtype).float()
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(torch.round(g / safe) + 8, 0, 15)
         return q.to(torch.uint8).flatten(-2), scale.squeeze(-1).to(scale_dtype), None
     lo = g.amin(dim=-1, keepdim=True)
     hi = g.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / 15.0).to(scale_dtype).float()
+    scale = ((hi - lo) * (1.0 / 15.0)).to(scale_dtype).float()
     mins = lo.to(scale_dtype).float()
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round((g - mins) / safe), 0, 15)
@@ -64,7 +66,7 @@ def rtn_int8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8: (codes int8 [..., N, K], scales [..., N, K/G]); per-channel is G = K."""
     g = _groups(w, group_size)
-    scale = (g.abs().amax(dim=-1, keepdim=True) / 127.0).to(scale_dtype).float()
+    scale = (g.abs().amax(dim=-1, keepdim=True) * (1.0 / 127.0)).to(scale_dtype).float()
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(g / safe), -127, 127)
     return q.to(torch.int8).flatten(-2), scale.squeeze(-1).to(scale_dtype)
@@ -147,11 +149,11 @@ class RowPacker:
         mins = None
         if self.bits == 8:
             # max |x| without an abs() pass; `+ 0.0` turns an all-zero group's -0.0 into abs()'s +0.0.
-            scale = torch.maximum(hi, lo.neg_()).add_(0.0).div_(127.0).to(self.scale_dtype)
+            scale = torch.maximum(hi, lo.neg_()).add_(0.0).mul_(1.0 / 127.0).to(self.scale_dtype)
         elif self.symmetric:
-            scale = _signed_extreme(g, hi, lo).div_(-8.0).to(self.scale_dtype)
+            scale = _signed_extreme(g, hi, lo).mul_(-1.0 / 8.0).to(self.scale_dtype)
         else:
-            scale = (hi - lo).div_(15.0).to(self.scale_dtype)
+            scale = (hi - lo).mul_(1.0 / 15.0).to(self.scale_dtype)
             mins = lo.to(self.scale_dtype)
         # Non-finite scales (NaN/inf weights, float16 overflow) make a sum that is not finite; those
         # chunks take the reference path (x is untouched so far): casts of NaN are not ours to reorder.
