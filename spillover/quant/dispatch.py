@@ -40,6 +40,24 @@ def _log_choice(kernel: str, reason: str) -> None:
     log.info("quant kernel = %s (%s)", kernel, reason)
 
 
+SYNC_FREE_ROWS = 64  # CUDA decode batches up to this many (token, expert) rows skip the count
+
+
+def busiest_expert_rows(x: torch.Tensor, expert_ids: torch.Tensor | None) -> int:
+    """Rows of the busiest expert: what picks GEMV or GEMM (an upper bound where counting would cost).
+
+    Counting needs a device-to-host sync, which stalls every MoE layer of a CUDA decode step. Up to
+    SYNC_FREE_ROWS rows (a decode batch times top-k, spread over hundreds of experts) are answered
+    without counting: the GEMV is right for any spread there, counting could only confirm it.
+    """
+    rows = x.shape[0]
+    if expert_ids is None or rows <= min(CPU_WOQ_MAX_ROWS, GEMV_MAX_ROWS):
+        return rows
+    if x.device.type == "cuda" and rows <= SYNC_FREE_ROWS:
+        return min(rows, GEMV_MAX_ROWS)
+    return int(torch.bincount(expert_ids).max().item())
+
+
 def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int) -> tuple[str, str]:
     """(kernel name, reason) for `rows` rows per expert on `device`."""
     forced = os.environ.get("SPILLOVER_QUANT_KERNEL", "")
@@ -71,9 +89,7 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
     x = x.to(fmt.act_dtype) if x.dtype != fmt.act_dtype else x
     if expert_ids is not None and expert_ids.numel() and not fmt.stacked:
         expert_ids = None
-    rows = x.shape[0]
-    if expert_ids is not None and rows > CPU_WOQ_MAX_ROWS:  # fewer rows: any expert has few enough
-        rows = int(torch.bincount(expert_ids).max().item())  # rows of the busiest expert
+    rows = busiest_expert_rows(x, expert_ids)
     kernel, reason = choose_kernel(fmt, x.device, rows)
     _log_choice(kernel, reason)
     if kernel.startswith("triton"):
@@ -119,9 +135,7 @@ def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | 
     x = x.to(fmt.act_dtype) if x.dtype != fmt.act_dtype else x
     if expert_ids is not None and not fmt.stacked:
         expert_ids = None
-    rows = x.shape[0]
-    if expert_ids is not None and rows:
-        rows = int(torch.bincount(expert_ids).max().item())
+    rows = busiest_expert_rows(x, expert_ids)
     kernel, reason = choose_fp8_kernel(fmt, x.device, rows)
     _log_choice(kernel, reason)
     weight, scale = fmt.stacked_views()
