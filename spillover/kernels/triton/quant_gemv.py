@@ -55,7 +55,9 @@ def _codes(words, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr):
         w = w.to(tl.uint32, bitcast=True)
         if i >= LOW:
             w = w >> (LOW * BITS)
-        q = ((w & (((1 << BITS) - 1) << (P * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)
+        # (w | magic) & (magic | mask) == (w & mask) | magic, with one immediate per LOP3: `w | magic`
+        # is shared by every code of the word, and no mask constant has to live in a register.
+        q = ((w | 0x4B000000) & (0x4B000000 | (((1 << BITS) - 1) << (P * BITS)))).to(tl.float32, bitcast=True)
         q = q - (_MAGIC + OFFSET * (1 << (P * BITS)))
     return q
 
@@ -126,9 +128,10 @@ def _gemv_kernel(
     kw_begin = pid_k * KW_SPLIT  # counted in words, so the compiler sees 16-byte aligned tiles
     for kw0 in tl.range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W, num_stages=STAGES):
         words = tl.load(w_rows[:, None] + (kw0 + j)[None, :], mask=mask_n[:, None], other=0)
-        dot = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
-        for i in tl.static_range(VALS):
+        # the first code initialises the step's sums: zeroing them was one MOV per element
+        xsum = tl.load(x_row + kw0 * VALS + j * VALS).to(tl.float32)
+        dot = _codes(words, 0, FMT, OFFSET) * (xsum * _x_scale(0, FMT))[None, :]
+        for i in tl.static_range(1, VALS):
             xi = tl.load(x_row + (kw0 + j) * VALS + i).to(tl.float32)
             dot += _codes(words, i, FMT, OFFSET) * (xi * _x_scale(i, FMT))[None, :]
             if HAS_MINS:
@@ -178,9 +181,10 @@ def _gemv_kn_kernel(
     for kw0 in tl.range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W, num_stages=STAGES):
         words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :],
                         other=0)  # [BLOCK_W, BLOCK_N]
-        dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
-        for i in tl.static_range(VALS):
+        # the first code initialises the step's sums: zeroing them was one MOV per element
+        xsum = tl.load(x_row + (kw0 + r) * VALS).to(tl.float32)
+        dot = _codes(words, 0, FMT, OFFSET) * (xsum * _x_scale(0, FMT))[:, None]
+        for i in tl.static_range(1, VALS):
             xi = tl.load(x_row + (kw0 + r) * VALS + i).to(tl.float32)
             dot += _codes(words, i, FMT, OFFSET) * (xi * _x_scale(i, FMT))[:, None]
             if HAS_MINS:
