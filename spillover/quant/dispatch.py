@@ -4,7 +4,8 @@ Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_gemm` (CUDA, more 
 `triton_fp8_gemv` (CUDA, FP8 block weights, <= GEMV_MAX_ROWS rows), `fp8_dequant` (FP8 otherwise),
 `cpu_int4pack` / `cpu_int8pack` (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize +
 float matmul: CPU prefill, or no Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family
-(triton on the CPU only works under TRITON_INTERPRET=1; for tests).
+(triton on the CPU only works under TRITON_INTERPRET=1; for tests). The Triton int kernels read the
+GPU "kn" layout (`GroupedIntWeight.to_layout`); a CPU-resident format is converted per call (tests only).
 """
 
 from __future__ import annotations
