@@ -20,12 +20,13 @@ This module imports triton at the top: import it only through spillover.quant.di
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
-FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
+FMT_INT4, FMT_INT8 = 0, 1  # FMT 2 (FP8 e4m3) is what _fp8_gemv_kernel passes to _codes
 
 
 def code_offset(bits: int, has_mins: bool) -> int:
@@ -98,18 +99,16 @@ def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N,
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
+def _fp8_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
     N, KW_SPLIT,
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_yt,
-    FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, OFFSET: tl.constexpr,
-    HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_EIDS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Row-major layout: words [E, N, K/VALS], scales [E, N/SCALE_ROWS, K/G]."""
-    VALS: tl.constexpr = 8 if FMT == 0 else 4  # codes per int32 word
-    BLOCK_W: tl.constexpr = BLOCK_K // VALS  # words per row per step
-    GROUP_W: tl.constexpr = GROUP // VALS
+    """FP8 in the checkpoint's row-major layout: words [E, N, K/4], scales [E, N/BLOCK, K/BLOCK]."""
+    BLOCK_W: tl.constexpr = BLOCK_K // 4  # words per row per step
+    BLOCK_KW: tl.constexpr = BLOCK // 4  # words per scale block along K
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -118,33 +117,24 @@ def _gemv_kernel(
     mask_n = offs_n < N
     n64 = offs_n.to(tl.int64)
     w_rows = w_ptr + e * stride_we + n64 * stride_wn  # stride_wn counts int32 words
-    s_rows = s_ptr + e * stride_se + (n64 // SCALE_ROWS) * stride_sn
-    m_rows = m_ptr + e * stride_se + (n64 // SCALE_ROWS) * stride_sn
+    s_rows = s_ptr + e * stride_se + (n64 // BLOCK) * stride_sn
     x_row = x_ptr + row * stride_xt
     j = tl.arange(0, BLOCK_W)
     # Partial sums stay per thread in a [BLOCK_N, BLOCK_W] tile until after the loop: a cross-thread
     # reduction every step made the loop compute-bound.
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     kw_begin = pid_k * KW_SPLIT  # counted in words, so the compiler sees 16-byte aligned tiles
-    for kw0 in tl.range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W, num_stages=STAGES):
+    for kw0 in range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W):
         words = tl.load(w_rows[:, None] + (kw0 + j)[None, :], mask=mask_n[:, None], other=0)
         # the first code initialises the step's sums: zeroing them was one MOV per element
-        xsum = tl.load(x_row + kw0 * VALS + j * VALS).to(tl.float32)
-        dot = _codes(words, 0, FMT, OFFSET) * (xsum * _x_scale(0, FMT))[None, :]
-        for i in tl.static_range(1, VALS):
-            xi = tl.load(x_row + (kw0 + j) * VALS + i).to(tl.float32)
-            dot += _codes(words, i, FMT, OFFSET) * (xi * _x_scale(i, FMT))[None, :]
-            if HAS_MINS:
-                xsum += xi
-        if BLOCK_K > GROUP:  # several groups per step: one scale per word
-            g = ((kw0 + j) // GROUP_W)[None, :]
+        dot = _codes(words, 0, 2, 0) * tl.load(x_row + (kw0 + j) * 4).to(tl.float32)[None, :]
+        for i in tl.static_range(1, 4):
+            dot += _codes(words, i, 2, 0) * tl.load(x_row + (kw0 + j) * 4 + i).to(tl.float32)[None, :]
+        if BLOCK_K > BLOCK:  # several scale blocks per step: one scale per word
+            g = ((kw0 + j) // BLOCK_KW)[None, :]
         else:
-            g = tl.zeros([1, BLOCK_W], dtype=tl.int32) + kw0 // GROUP_W
-        s = tl.load(s_rows[:, None] + g, mask=mask_n[:, None], other=0).to(tl.float32)
-        acc += dot * s
-        if HAS_MINS:
-            m = tl.load(m_rows[:, None] + g, mask=mask_n[:, None], other=0).to(tl.float32)
-            acc += m * xsum[None, :]
+            g = tl.zeros([1, BLOCK_W], dtype=tl.int32) + kw0 // BLOCK_KW
+        acc += dot * tl.load(s_rows[:, None] + g, mask=mask_n[:, None], other=0).to(tl.float32)
     _finish(tl.sum(acc, axis=1), y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
 
 
@@ -153,11 +143,11 @@ def _gemv_kn_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
     N, KW_SPLIT,
     stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
-    FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, OFFSET: tl.constexpr,
+    FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Transposed layout: words [E, K/VALS, N], scales [E, K/G, N/SCALE_ROWS].
+    """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
     Threads run along N, so a warp's loads are coalesced, x is a warp-uniform broadcast reused
     by every column a thread holds, and the K reduction stays in each thread.
@@ -172,13 +162,13 @@ def _gemv_kn_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     w_cols = w_ptr + e * stride_we + offs_n[None, :]
-    s_cols = s_ptr + e * stride_se + offs_n // SCALE_ROWS
-    m_cols = m_ptr + e * stride_se + offs_n // SCALE_ROWS
+    s_cols = s_ptr + e * stride_se + offs_n
+    m_cols = m_ptr + e * stride_se + offs_n
     x_row = x_ptr + row * stride_xt
     r = tl.arange(0, BLOCK_W)
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
     kw_begin = pid_k * KW_SPLIT
-    for kw0 in tl.range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W, num_stages=STAGES):
+    for kw0 in range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W):
         words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :],
                         other=0)  # [BLOCK_W, BLOCK_N]
         # the first code initialises the step's sums: zeroing them was one MOV per element
@@ -224,16 +214,15 @@ class GemvConfig:
     block_k: int
     split_k: int = 1
     num_warps: int = 4
-    stages: int = 1
 
     def __str__(self) -> str:
-        return (f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps} "
-                f"stages={self.stages}")
+        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
 
 
 TARGET_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
 
 
+@cache  # pure in its ints, and called for every quantized matmul of a decode step
 def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> GemvConfig:
     """Tile and split for `rows` rows of an [N, K] weight (fitted to bench/quant_gemv.py's sweep, H200).
 
@@ -295,11 +284,9 @@ def quant_gemv(
         expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, k // cfg.split_k // vals,
         x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
-        FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, SCALE_ROWS=1,
-        OFFSET=code_offset(bits, mins is not None),
+        FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
-        num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
     )
     return y
 
@@ -328,13 +315,11 @@ def fp8_gemv(
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
     ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
-    _gemv_kernel[grid](
-        x, words, scale, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
+    _fp8_gemv_kernel[grid](
+        x, words, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, k // cfg.split_k // 4,
         x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
-        FMT=FMT_FP8, GROUP=block, SCALE_ROWS=block, OFFSET=0,
-        HAS_MINS=False, HAS_EIDS=expert_ids is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, STAGES=cfg.stages,
-        num_warps=cfg.num_warps,
+        BLOCK=block, HAS_EIDS=expert_ids is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
     )
     return y
