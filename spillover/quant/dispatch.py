@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -59,13 +60,21 @@ def busiest_expert_rows(x: torch.Tensor, expert_ids: torch.Tensor | None) -> int
     return int(torch.bincount(expert_ids).max().item())
 
 
+def _forced() -> str:
+    return os.environ.get("SPILLOVER_QUANT_KERNEL", "")
+
+
+def _triton_route(device: torch.device) -> bool:
+    """CUDA, or Triton forced on the CPU under the interpreter (tests)."""
+    return device.type == "cuda" or (_forced() == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int) -> tuple[str, str]:
     """(kernel name, reason) for `rows` rows per expert on `device`."""
-    forced = os.environ.get("SPILLOVER_QUANT_KERNEL", "")
+    forced = _forced()
     if forced == "ref":
         return "ref", "forced by SPILLOVER_QUANT_KERNEL"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cuda" or (forced == "triton" and interpret):
+    if _triton_route(device):
         if not triton_available():
             return "ref", "triton not importable"
         if not fmt.kn_ok:
@@ -107,20 +116,14 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
         op = cpu_kernels.int4_cpu_matmul if fmt.bits == 4 else cpu_kernels.int8_cpu_matmul
         if expert_ids is None:
             return op(fmt, x, 0)
-        y = torch.empty(x.shape[0], fmt.out_features, dtype=x.dtype)
-        for e in torch.unique(expert_ids).tolist():
-            sel = (expert_ids == e).nonzero().squeeze(1)
-            y[sel] = op(fmt, x[sel], e)
-        return y
+        return per_expert(x, expert_ids, fmt.out_features, lambda xs, e: op(fmt, xs, e))
     nk = fmt.to_layout("nk")
     return quant_matmul_ref(x, nk.qweight, nk.scales, nk.mins, expert_ids, bits=fmt.bits,
                             group_size=fmt.group_size)
 
 
 def choose_fp8_kernel(fmt: Fp8BlockWeight, device: torch.device, rows: int) -> tuple[str, str]:
-    forced = os.environ.get("SPILLOVER_QUANT_KERNEL", "")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if forced == "ref" or not (device.type == "cuda" or (forced == "triton" and interpret)):
+    if _forced() == "ref" or not _triton_route(device):
         return "fp8_dequant", f"{device.type}: dequantize the needed weight + float matmul"
     if not triton_available():
         return "fp8_dequant", "triton not importable"
@@ -146,8 +149,15 @@ def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | 
         return fp8_gemv(x, weight, scale, expert_ids, block=fmt.block)
     if expert_ids is None:
         return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
-    y = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
+    return per_expert(x, expert_ids, weight.shape[1],
+                      lambda xs, e: torch.nn.functional.linear(xs, fmt.dequantize(e).to(x.dtype)))
+
+
+def per_expert(x: torch.Tensor, expert_ids: torch.Tensor, n_out: int,
+               matmul: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """y [T, n_out]: the rows of each routed expert through `matmul(rows, expert)` (paths with no grouped kernel)."""
+    y = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
     for e in torch.unique(expert_ids).tolist():
         sel = (expert_ids == e).nonzero().squeeze(1)
-        y[sel] = torch.nn.functional.linear(x[sel], fmt.dequantize(e).to(x.dtype))
+        y[sel] = matmul(x[sel], e)
     return y
