@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,13 +14,8 @@ from tests.models.tiny import save_hf
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a shared 2-vCPU machine every OpenMP
-    region waits for a descheduled thread (~10 ms each): one thread keeps these tests fast."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def engine_one_thread(one_thread: None) -> None:
+    """Every engine test runs tiny models: one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

@@ -46,12 +46,7 @@ FP8_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 Parts = dict[str, torch.Tensor]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- writing checkpoints in each layout --------------------------------------------------------

@@ -20,7 +20,6 @@ The bounds are those errors with ~1.5x headroom.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,14 +60,7 @@ def _family(name: str) -> str:
     return "next" if name.startswith("qwen3_next") else "moe" if name.startswith("qwen3_moe") else "dense"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core box intra-op threads spinning
-    against other processes made this file ~7x slower (70 s vs 11 s)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ the packed rows and their scales.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,7 @@ CPU = torch.device("cpu")
 IDS = [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 3629, 30, 378, 1135]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls; threads only contend on a busy box
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model: CausalLM, ids: list[int], n_prompt: int) -> torch.Tensor:

@@ -5,20 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from spillover import LLM
 from spillover.layers.linear import Linear
 from spillover.weights.convert import convert
 from tests.models.tiny import save_hf
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

@@ -34,12 +34,7 @@ QUANTS = [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)]  # int4 g128
 CASES = [(n, q, g) for n in CONFIGS for q, g in QUANTS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls; threads only contend on a busy box
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
