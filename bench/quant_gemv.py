@@ -9,8 +9,10 @@ Rows: `dense NxK` (one weight, x [1, K]) and `moe 10/512 NxK` (x [10, K], each r
 expert of a stacked [512, N, K] bank: one decode token with Qwen3-Next's top-10 of 512 routing).
 Bytes counted = codes + scales (+ mins) actually read + activations + output. Every timed call runs
 on a different weight copy (or expert set) so that L2 cannot serve it; calls are replayed from a
-CUDA graph so launch latency is not measured (split-K's reduction kernels are included). Two
-references: `copy` (device-to-device memcpy, read + write bytes) and `read` (a 1 GiB sum).
+CUDA graph so launch latency is not measured (split-K's reduction kernels are included). Three
+references: `copy` (device-to-device memcpy, read + write bytes), `read` (a 1 GiB sum) and `%rd@sz`,
+the best plain read of the row's own byte count in the same harness (`read_at`: torch sum or a
+one-load-per-program Triton sum, swept): the ceiling a kernel of that size can reach, fixed costs in.
 """
 
 from __future__ import annotations
@@ -36,11 +38,7 @@ from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
 
 def sweep_configs(kind: str) -> list[GemvConfig]:
-    """Around the defaults: int (kn layout) BLOCK_K 256 (int4) / 128 (int8); FP8 (nk layout) 128;
-    the tensor-core int4 GEMV (`tc`): BLOCK_N 64-256, 4 or 8 warps, 2-4 pipeline stages."""
-    if kind == "tc":
-        return [GemvConfig(bn, 128, sk, w, st) for bn in (64, 128, 256) for sk in (1, 2, 4, 8) for w in (4, 8)
-                for st in (2, 3, 4) if not (bn == 64 and w == 8)]
+    """Around the defaults: int (kn layout) BLOCK_K 256 (int4) / 128 (int8); FP8 (nk layout) 128."""
     if kind == "fp8":
         return [GemvConfig(bn, 128, sk, 4) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)]
     bk = 256 if kind.startswith("int4") else 128
@@ -103,18 +101,14 @@ def bandwidths() -> tuple[float, float]:
     return 2 * (1 << 30) / t_copy / 1e9, (1 << 30) / t_read / 1e9
 
 
-def call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None, cfg: GemvConfig | None, tc: bool = False,
-         pdl: int = 0) -> Callable[[], torch.Tensor]:
+def call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None, cfg: GemvConfig | None
+         ) -> Callable[[], torch.Tensor]:
     from spillover.kernels.triton.quant_gemv import fp8_gemv, quant_gemv
-    from spillover.kernels.triton.quant_gemv_tc import quant_gemv_tc
 
     if isinstance(fmt, Fp8BlockWeight):
         w, s = fmt.stacked_views()
         return partial(fp8_gemv, x, w, s, ids, block=fmt.block, config=cfg)
-    if pdl:
-        return partial(quant_gemv, x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
-                       group_size=fmt.group_size, config=cfg, pdl=pdl)
-    return partial(quant_gemv_tc if tc else quant_gemv, x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
+    return partial(quant_gemv, x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
                    group_size=fmt.group_size, config=cfg)
 
 
@@ -167,9 +161,6 @@ def _read_kernel(src, out, n, CHUNK: tl.constexpr):
     tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0.0)))
 
 
-PDL_ROWS: list[GemvConfig] = []  # --pdl: also time these configs with programmatic dependent launch
-
-
 def read_at(nbytes: int) -> float:
     """GB/s of the best read-only pass over `nbytes` (torch `sum`, or a Triton kernel where each
     program sums one chunk, chunk and warps swept), on distinct buffers like the GEMV rows: what a
@@ -192,7 +183,6 @@ def read_at(nbytes: int) -> float:
 def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tuple[float, float],
                sweep: bool) -> None:
     from spillover.kernels.triton.quant_gemv import default_config
-    from spillover.kernels.triton.quant_gemv_tc import tc_config, tc_ok
 
     fmts, id_sets, x = setup(kind, e, n, k, rows)
     nbytes = weight_bytes(fmts[0], rows) + x.numel() * 2 + rows * n * 2
@@ -200,40 +190,29 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
     bits = 4 if kind.startswith("int4") else 8
     ref = reference(fmts[0], x, id_sets[0])
 
-    def time_cfg(cfg: GemvConfig, tc: bool, reps: int = 20, pdl: int = 0) -> float:
-        return gpu_time([call(f, x, ids, cfg, tc, pdl) for f, ids in zip(fmts, id_sets, strict=True)], reps=reps)
+    def time_cfg(cfg: GemvConfig, reps: int = 20) -> float:
+        return gpu_time([call(f, x, ids, cfg) for f, ids in zip(fmts, id_sets, strict=True)], reps=reps)
 
-    def row(tag: str, cfg: GemvConfig, tc: bool = False, pdl: int = 0) -> None:
-        err = rel_err(call(fmts[0], x, id_sets[0], cfg, tc, pdl)(), ref)
-        t = time_cfg(cfg, tc, pdl=pdl)
+    def row(tag: str, cfg: GemvConfig) -> None:
+        err = rel_err(call(fmts[0], x, id_sets[0], cfg)(), ref)
+        t = time_cfg(cfg)
         gbs = nbytes / t / 1e9
         print(f"{kind:7s} {label:28s} {tag:7s} {t * 1e6:8.2f} {gbs:7.0f} {100 * gbs / bw[0]:6.1f} "
               f"{100 * gbs / bw[1]:6.1f} {100 * gbs / read_here:6.1f}  {cfg}; rel err {err:.1e}", flush=True)
 
-    def best_of(configs: list[GemvConfig], tc: bool) -> GemvConfig:
+    def best_of(configs: list[GemvConfig]) -> GemvConfig:
         best = (1e9, configs[0])
         for cfg in configs:
             if k % (cfg.block_k * cfg.split_k) == 0:
-                best = min(best, (time_cfg(cfg, tc, reps=5), cfg), key=lambda p: p[0])
+                best = min(best, (time_cfg(cfg, reps=5), cfg), key=lambda p: p[0])
         return best[1]
 
     fp8 = kind == "fp8"
-    use_tc = bits == 4 and tc_ok(k, 4, fmts[0].group_size, x.dtype)  # type: ignore[union-attr]
     print(f"{'':7s} {label:28s} {'read':7s} {nbytes / read_here / 1e3:8.2f} {read_here:7.0f} "
-          f"{100 * read_here / bw[0]:6.1f} {100 * read_here / bw[1]:6.1f} {100.0:6.1f}  torch sum over the same bytes")
-    row("fma", default_config(rows, n, k, bits, fp8=fp8))
-    if not fp8 and PDL_ROWS:
-        for cfg in [default_config(rows, n, k, bits)] + PDL_ROWS:
-            if k % (cfg.block_k * cfg.split_k) == 0 and cfg.block_k % (32 // bits) == 0:
-                row("pdl", cfg, pdl=1)
-                row("pdl+pf", cfg, pdl=2)
-    if use_tc:
-        row("tc", tc_config(rows, n, k), tc=True)
-    if not sweep:
-        return
-    row("fma*", best_of(sweep_configs(kind), False))
-    if use_tc:
-        row("tc*", best_of(sweep_configs("tc"), True), tc=True)
+          f"{100 * read_here / bw[0]:6.1f} {100 * read_here / bw[1]:6.1f} {100.0:6.1f}  best plain read, same bytes")
+    row("default", default_config(rows, n, k, bits, fp8=fp8))
+    if sweep:
+        row("best", best_of(sweep_configs(kind)))
 
 
 def bench_bf16(label: str, n: int, k: int, bw: tuple[float, float]) -> None:
@@ -255,7 +234,7 @@ def run_gpu(sweep: bool, kinds: list[str]) -> None:
     print(f"launch floor: {floor * 1e6:.2f} us per kernel in a CUDA graph (a 1-element fill), "
           "the fixed cost every row below pays")
     print(f"{'format':7s} {'case':28s} {'kernel':7s} {'us':>8s} {'GB/s':>7s} {'%copy':>6s} {'%read':>6s} "
-          f"{'%rd@sz':>6s}  notes (* = best of the sweep; %rd@sz = of a plain read of the same bytes)")
+          f"{'%rd@sz':>6s}  notes (%rd@sz = of the best plain read of the same bytes)")
     for kind in kinds:
         for case in CASES:
             if kind in ("fp8", "int4sym") and case[1] == 1 and case[2] != 4096:
@@ -293,10 +272,6 @@ def run_cpu() -> None:
         for cfg in (default_config(3, 64, 256, bits, fp8=kind == "fp8"), GemvConfig(16, 128, 2, 4)):
             err = rel_err(call(fmt, x, ids, cfg)(), reference(fmt, x, ids))
             print(f"  {kind:7s} 3 rows x [4,64,256] {cfg}: max rel err {err:.1e}")
-        if kind.startswith("int4"):  # the tensor-core GEMV takes 16-bit x only
-            xb = x.to(torch.bfloat16)
-            err = rel_err(call(fmt, xb, ids, GemvConfig(32, 128, 2, 4), tc=True)(), reference(fmt, xb, ids))
-            print(f"  {kind:7s} 3 rows x [4,64,256] tensor-core GEMV, bf16 x: max rel err {err:.1e}")
     print(f"CPU decode timings (torch {torch.__version__}, {torch.get_num_threads()} threads), batch 1:")
     for _, _, n, k, _ in (CASES[0], CASES[2], CASES[3]):
         w = torch.randn(n, k) * 0.02
@@ -315,11 +290,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (small shapes, no GPU)")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default (heuristic) configs")
-    ap.add_argument("--pdl", action="store_true", help="also time the int GEMVs with programmatic dependent launch")
     ap.add_argument("--kinds", default="int4,int8,fp8,int4sym,bf16", help="comma-separated formats to run")
     args = ap.parse_args()
-    if args.pdl:
-        PDL_ROWS.extend([GemvConfig(32, 256, 4, 4), GemvConfig(64, 128, 8, 4)])
     if args.cpu or not torch.cuda.is_available():
         run_cpu()
     else:

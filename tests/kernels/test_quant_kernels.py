@@ -16,8 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref, quant_matmul_ref  # noqa: E402
 from spillover.kernels.triton.quant_gemm import align_rows, quant_gemm  # noqa: E402
-from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, fp8_gemv, pdl_ok, quant_gemv  # noqa: E402
-from spillover.kernels.triton.quant_gemv_tc import quant_gemv_tc, tc_config, tc_ok  # noqa: E402
+from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, fp8_gemv, quant_gemv  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,58 +65,6 @@ def test_gemv_configs_match_reference(bits: int, group: int, sym: bool, cfg: Gem
     ref = quant_matmul_kn_ref(*args, bits=bits, group_size=fmt.group_size)
     out = quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=cfg)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
-
-
-@pytest.mark.skipif(not pdl_ok(torch.device(DEVICE)), reason="programmatic dependent launch needs Hopper+")
-@pytest.mark.parametrize(("bits", "group", "sym"), CASES)
-def test_gemv_with_pdl_matches_without(bits: int, group: int, sym: bool) -> None:
-    """Chained PDL launches, each reading the previous one's output (so each must wait for it, and
-    its split-K workspace must not be reused early), give the same bytes as plain launches."""
-    fmt = _fmt(bits, group, sym, 3, 512, 512).to_layout("kn")
-    ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
-    for cfg in (None, GemvConfig(64, 128, 4, 4), GemvConfig(32, 256, 2, 4)):
-        chains = []
-        for pdl in (0, 1, 2):
-            y = torch.randn(4, 512, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
-            for _ in range(6):
-                y = quant_gemv(y, fmt.qweight, fmt.scales, fmt.mins, ids, bits=bits, group_size=fmt.group_size,
-                               config=cfg, pdl=pdl) / 16
-            chains.append(y)
-        assert torch.equal(chains[0], chains[1]) and torch.equal(chains[0], chains[2])
-
-
-@pytest.mark.parametrize("sym", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("cfg", [None, GemvConfig(16, 128, 2, 4), GemvConfig(64, 128, 4, 8, 2)], ids=str)
-def test_tensor_core_gemv_matches_reference(sym: bool, dtype: torch.dtype, cfg: GemvConfig | None) -> None:
-    """int4 on the tensor cores (16-bit x): the reference in float32 on the same x, within the
-    16-bit output's rounding, and the FMA GEMV on the same inputs; groups 128 and 256."""
-    for group in (128, 256):
-        fmt = Int4Weight.pack(torch.randn(3, 48, 512, generator=torch.Generator().manual_seed(group)), group, sym,
-                              act_dtype=dtype).to(DEVICE).to_layout("kn")
-        x = torch.randn(4, 512, device=DEVICE).to(dtype)
-        ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
-        args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
-        ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=4, group_size=group)
-        out = quant_gemv_tc(*args, bits=4, group_size=group, config=cfg).float()
-        ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11) * ref.abs().max()
-        assert (out - ref).abs().max() <= 2 * ulp, (group, (out - ref).abs().max() / ulp)
-        fma = quant_gemv(*args, bits=4, group_size=group).float()
-        assert (out - fma).abs().max() <= 2 * ulp
-
-
-def test_tensor_core_gemv_refuses_what_it_cannot_run() -> None:
-    assert tc_ok(4096, 4, 128, torch.bfloat16) and tc_ok(512, 4, 256, torch.float16)
-    assert not tc_ok(4096, 8, 128, torch.bfloat16)  # int8
-    assert not tc_ok(4096, 4, 32, torch.bfloat16)  # groups below one 128-value step
-    assert not tc_ok(4096, 4, 128, torch.float32)  # float32 x: the FMA GEMV keeps full precision
-    fmt = Int4Weight.pack(torch.randn(1, 32, 256), 32, False, act_dtype=torch.bfloat16).to_layout("kn")
-    x = torch.randn(1, 256).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="tensor-core GEMV needs"):
-        quant_gemv_tc(x, fmt.qweight, fmt.scales, fmt.mins, None, bits=4, group_size=32)
-    for rows, n, k in [(1, 4096, 4096), (10, 1024, 2048), (1, 2048, 512), (8, 40, 128)]:
-        cfg = tc_config(rows, n, k)
-        assert k % (cfg.block_k * cfg.split_k) == 0 and cfg.block_k == 128
 
 
 @pytest.mark.parametrize("stacked", [False, True])

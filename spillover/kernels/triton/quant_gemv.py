@@ -26,11 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # Triton >= 3.3: grid dependency control for programmatic dependent launch (Hopper and later)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: PDL stays off (`pdl_ok`)
-    gdc_launch_dependents = gdc_wait = None
-
 FMT_INT4, FMT_INT8 = 0, 1  # FMT 2 (FP8 e4m3) is what _fp8_gemv_kernel passes to _codes
 
 
@@ -39,7 +34,6 @@ def code_offset(bits: int, has_mins: bool) -> int:
     read after flipping the sign bit), 0 for asymmetric int4 (its min carries the offset)."""
     return 128 if bits == 8 else (0 if has_mins else 8)
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: float32 whose low mantissa bits hold an integer code
-_PREFETCH_ASM = tl.constexpr("mov.u32 $0, 0;\nprefetch.global.L2 [$1];")
 
 
 @triton.jit
@@ -76,27 +70,6 @@ def _x_scale(i: tl.constexpr, FMT: tl.constexpr):
     LOW: tl.constexpr = 5 if FMT == 0 else 2
     P: tl.constexpr = 0 if FMT == 2 else (i - LOW if i >= LOW else i)
     return 1.0 / (1 << (P * BITS))
-
-
-@triton.jit
-def _pdl_start(w_base, first, count, stride, row_len, ROW_WORDS: tl.constexpr, PDL: tl.constexpr):
-    """Programmatic dependent launch: let the next kernel launch, warm L2 with this program's weight
-    rows (`count` rows of ROW_WORDS int32, `row_len` of them in bounds, from `w_base + first * stride`),
-    then wait for the previous kernel. Weights never depend on it, so their fetch overlaps its tail: in a chain of GEMVs
-    (a decode step), HBM stays busy across kernel boundaries. x is read, and anything written,
-    only after the wait."""
-    if PDL > 0:
-        gdc_launch_dependents()
-    if PDL > 1:
-        LINES: tl.constexpr = (ROW_WORDS + 31) // 32  # 128-byte lines per row
-        j = tl.arange(0, 128)[:, None]
-        line = tl.minimum(tl.arange(0, LINES) * 32, row_len - 1)[None, :]
-        for j0 in range(0, count, 128):
-            rows = tl.minimum(first + j0 + j, first + count - 1).to(tl.int64)
-            tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [w_base + rows * stride + line], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-    if PDL > 0:
-        gdc_wait()
 
 
 @triton.jit
@@ -172,7 +145,7 @@ def _gemv_kn_kernel(
     stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
     FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
@@ -195,8 +168,6 @@ def _gemv_kn_kernel(
     r = tl.arange(0, BLOCK_W)
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
     kw_begin = pid_k * KW_SPLIT
-    _pdl_start(w_ptr + e * stride_we + pid_n * BLOCK_N, kw_begin, KW_SPLIT, stride_wk, N - pid_n * BLOCK_N,
-               BLOCK_N, PDL)
     for kw0 in range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W):
         words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :],
                         other=0)  # [BLOCK_W, BLOCK_N]
@@ -243,11 +214,9 @@ class GemvConfig:
     block_k: int
     split_k: int = 1
     num_warps: int = 4
-    num_stages: int = 3  # Triton's default; the tensor-core GEMV pipelines its word loads through it
 
     def __str__(self) -> str:
-        return (f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
-                + (f" stages={self.num_stages}" if self.num_stages != 3 else ""))
+        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
 
 
 TARGET_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
@@ -291,12 +260,10 @@ def quant_gemv(
     bits: int,
     group_size: int,
     config: GemvConfig | None = None,
-    pdl: int = 0,
 ) -> torch.Tensor:
     """int4/int8 GEMV on the kn layout: words [E, K/VALS, N] int32, scales/mins [E, K/G, N].
 
-    Same signature and result as `spillover.kernels.ref_quant.quant_matmul_kn_ref`. `pdl`: launch
-    with programmatic dependent launch (`pdl_ok`), prefetching the weights before waiting.
+    Same signature and result as `spillover.kernels.ref_quant.quant_matmul_kn_ref`.
     """
     t, k = x.shape
     e, kw, n = words.shape
@@ -319,16 +286,9 @@ def quant_gemv(
         x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
         FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PDL=pdl, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),  # 1: PDL, 2: PDL + L2 prefetch
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
     )
     return y
-
-
-@cache
-def pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper or later, and a Triton with grid dependency control."""
-    return device.type == "cuda" and gdc_wait is not None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def fp8_gemv(
@@ -361,6 +321,5 @@ def fp8_gemv(
         x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
         BLOCK=block, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
     return y
