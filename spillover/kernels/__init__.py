@@ -85,11 +85,14 @@ def gated_delta_rule(
     ssm_state: torch.Tensor,
     ctx: ForwardContext,
 ) -> torch.Tensor:
-    if q.is_cuda and not _force_ref() and has_fla():
-        _choose("gated_delta_rule", "fla", "flash-linear-attention importable on CUDA")
+    # fla's chunked form multiplies in TF32 for float32 inputs (rel ~6e-3 on tiny random Qwen3-Next,
+    # measured by scripts/gpu_check.py): float32 models keep full precision on the reference instead.
+    if q.is_cuda and not _force_ref() and has_fla() and q.dtype != torch.float32:
+        _choose("gated_delta_rule", "fla", "flash-linear-attention importable on CUDA, 16-bit inputs")
         return _fla_gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
     reason = "forced by SPILLOVER_KERNELS=ref" if _force_ref() else (
-        "fla not importable" if q.is_cuda else "CPU tensors"
+        "float32 inputs: fla would use TF32" if q.is_cuda and has_fla() else (
+            "fla not importable" if q.is_cuda else "CPU tensors")
     )
     _choose("gated_delta_rule", "torch-recurrent", reason)
     return ref.gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
