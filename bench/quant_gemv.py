@@ -30,6 +30,8 @@ if "--cpu" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref  # noqa: E402
 from spillover.kernels.triton.quant_gemv import GemvConfig  # noqa: E402
@@ -151,10 +153,6 @@ def setup(kind: str, e: int, n: int, k: int, rows: int
     return [bank] * copies, id_sets, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
 
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-
 @triton.jit
 def _read_kernel(src, out, n, CHUNK: tl.constexpr):
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -165,8 +163,6 @@ def read_at(nbytes: int) -> float:
     """GB/s of the best read-only pass over `nbytes` (torch `sum`, or a Triton kernel where each
     program sums one chunk, chunk and warps swept), on distinct buffers like the GEMV rows: what a
     plain read of this size reaches in this harness, fixed costs included."""
-    import triton
-
     copies = max(2, (256 << 20) // nbytes)
     n = nbytes // 4
     bufs = [torch.empty(n, dtype=torch.float32, device="cuda").normal_() for _ in range(copies)]
@@ -246,8 +242,6 @@ def run_gpu(sweep: bool, kinds: list[str]) -> None:
 
 
 def triton_version() -> str:
-    import triton
-
     return str(triton.__version__)
 
 
