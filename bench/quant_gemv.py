@@ -40,11 +40,12 @@ from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
 
 def sweep_configs(kind: str) -> list[GemvConfig]:
-    """Around the defaults: int (kn layout) BLOCK_K 256 (int4) / 128 (int8); FP8 (nk layout) 128."""
+    """Around the defaults: int (kn layout) 16-32 channels, 256-2048 codes a step, split 1-2, 4-16 warps
+    (bench_case drops those that leave a step unrolled past 8 times); FP8 (nk layout) 128 codes a step."""
     if kind == "fp8":
         return [GemvConfig(bn, 128, sk, 4) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)]
-    bk = 256 if kind.startswith("int4") else 128
-    return [GemvConfig(bn, bk, sk, 4 if bn < 256 else 8) for bn in (32, 64, 128, 256) for sk in (1, 2, 4, 8)]
+    bks = (512, 1024, 2048) if kind.startswith("int4") else (256, 512, 1024)
+    return [GemvConfig(bn, bk, sk, w) for bn in (16, 32) for bk in bks for sk in (1, 2) for w in (4, 8, 16)]
 
 
 Fmt = GroupedIntWeight | Fp8BlockWeight
@@ -199,7 +200,7 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
     def best_of(configs: list[GemvConfig]) -> GemvConfig:
         best = (1e9, configs[0])
         for cfg in configs:
-            if k % (cfg.block_k * cfg.split_k) == 0:
+            if k % (cfg.block_k * cfg.split_k) == 0 and k // (cfg.block_k * cfg.split_k) <= 8:
                 best = min(best, (time_cfg(cfg, reps=5), cfg), key=lambda p: p[0])
         return best[1]
 

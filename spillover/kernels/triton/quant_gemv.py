@@ -5,20 +5,26 @@
 x values of a word are one broadcast shared by the 4 channels a thread holds, and each thread
 accumulates over K in registers with a single cross-thread reduction at the end. The row-major
 kernel (`fp8_gemv`) reads FP8 weights in their checkpoint layout; for FP8 it measured as fast.
-Both keep the cost per code low, because at batch 1 the loop is close to instruction-bound:
-- int codes become floats with the exponent trick: (w & (15 << 4p)) | 0x4B000000 read as float32
+At batch 1 a GEMV of these sizes is bound by instruction issue and by its fixed costs, so:
+- a program covers its channels' whole K range in a few unrolled steps (loads in flight while the
+  previous step computes), with no split-K: the cross-program reduction cost ~1.3 us per call;
+- int4 codes become floats with the exponent trick: (w & (15 << 4p)) | 0x4B000000 read as float32
   is 2^23 + c * 2^(4p), so one LOP3 and one FADD replace shift, mask and int->float conversion
   (quarter rate on Hopper); x carries the 2^(-4p) instead (`_codes`, `_x_scale`);
-- a step may span several quantization groups (one scale per word then);
-- split-K (`SPLIT_K` > 1) gives a few rows of a narrow matrix enough programs to fill the GPU,
-  within one launch: the last split to finish a tile sums the float32 partials in split order
-  (deterministic, unlike atomic adds of the outputs).
+- int8 codes with 16-bit x take one PRMT each: byte u into a float32 as 32768 + u, with the
+  32896 * sum(x) this adds taken off per row (`_byte_biased`); float32 x keeps the exact `_codes`;
+- bf16 x is read 4 values per 8-byte load and widened by shifts;
+- a step may span several quantization groups (one scale per word then); a per-channel scale is
+  applied once, after the sum;
+- split-K (`SPLIT_K` > 1, for long K) stays within one launch: the last split to finish a tile
+  sums the float32 partials in split order (deterministic, unlike atomic adds of the outputs).
 bench/quant_gemv.py measures them (and sweeps the configs `default_config` was fitted to).
 This module imports triton at the top: import it only through spillover.quant.dispatch.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -139,56 +145,154 @@ def _fp8_gemv_kernel(
 
 
 @triton.jit
+def _byte_biased(words, k: tl.constexpr, magic, USE_ASM: tl.constexpr):
+    """Byte k of every word (stored sign-flipped: u = s + 128) as the float32 32768 + u, exactly.
+
+    One PRMT per code (bytes [0, u, 0, 0x47] read as float32): a third of the integer instructions
+    of `_codes`, and no x scaling. The 32896 * x this leaves in every product is taken off per row
+    (`_B8`). The magic comes in as a kernel argument, so ptxas keeps it in a register and encodes
+    the selector as the immediate (with both constant it reloads a selector before every PRMT).
+    """
+    if USE_ASM:
+        SEL: tl.constexpr = 0x7604 | (k << 4)
+        return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r",
+                                         [words, tl.broadcast_to(magic, words.shape)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the interpreter runs no inline asm: the same values
+        return ((words >> (8 * k)) & 255).to(tl.float32) + 32768.0
+
+
+_B8 = tl.constexpr(32768.0 + 128.0)  # what a biased int8 code carries beyond its signed value
+
+
+@triton.jit
+def _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic,
+              FMT: tl.constexpr, OFFSET: tl.constexpr, BIASED: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc + sum over the codes i of each word of code_i * x_i: [BLOCK_W, BLOCK_N] float32."""
+    if BIASED:  # int8 with 16-bit x: biased by 32896 * sum(x) per row, which the caller removes
+        w = words ^ -2139062144  # flip each byte's sign bit (0x80808080): u = s + 128
+        acc += _byte_biased(w, 0, magic, USE_ASM) * x0[:, None]
+        acc += _byte_biased(w, 1, magic, USE_ASM) * x1[:, None]
+        acc += _byte_biased(w, 2, magic, USE_ASM) * x2[:, None]
+        acc += _byte_biased(w, 3, magic, USE_ASM) * x3[:, None]
+    else:
+        acc += _codes(words, 0, FMT, OFFSET) * (x0 * _x_scale(0, FMT))[:, None]
+        acc += _codes(words, 1, FMT, OFFSET) * (x1 * _x_scale(1, FMT))[:, None]
+        acc += _codes(words, 2, FMT, OFFSET) * (x2 * _x_scale(2, FMT))[:, None]
+        acc += _codes(words, 3, FMT, OFFSET) * (x3 * _x_scale(3, FMT))[:, None]
+        if FMT == 0:
+            acc += _codes(words, 4, FMT, OFFSET) * (x4 * _x_scale(4, FMT))[:, None]
+            acc += _codes(words, 5, FMT, OFFSET) * (x5 * _x_scale(5, FMT))[:, None]
+            acc += _codes(words, 6, FMT, OFFSET) * (x6 * _x_scale(6, FMT))[:, None]
+            acc += _codes(words, 7, FMT, OFFSET) * (x7 * _x_scale(7, FMT))[:, None]
+    return acc
+
+
+@triton.jit
+def _bf16_pair(v):
+    """The two bf16 of an int32 as float32 (low, high): a bf16 is the top half of a float32."""
+    return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gemv_kn_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
-    N, KW_SPLIT,
+    N, magic,
     stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
     FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NSTEPS: tl.constexpr,
+    BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
     Threads run along N, so a warp's loads are coalesced, x is a warp-uniform broadcast reused
-    by every column a thread holds, and the K reduction stays in each thread.
+    by every column a thread holds, and the K reduction stays in each thread. The NSTEPS steps
+    are unrolled, so ptxas can issue a step's loads while the previous step computes.
     """
     VALS: tl.constexpr = 8 if FMT == 0 else 4
     BLOCK_W: tl.constexpr = BLOCK_K // VALS
     GROUP_W: tl.constexpr = GROUP // VALS
+    # one scale for the program's whole K range (per-channel int8): applied once, after the sum
+    SCALE_ONCE: tl.constexpr = GROUP % (BLOCK_K * NSTEPS) == 0 and not HAS_MINS
+    PER_WORD: tl.constexpr = BLOCK_K > GROUP  # several groups per step: one scale per word row
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
     e = tl.load(eid_ptr + row).to(tl.int64) if HAS_EIDS else 0
+    kw_begin = pid_k * (NSTEPS * BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    w_cols = w_ptr + e * stride_we + offs_n[None, :]
-    s_cols = s_ptr + e * stride_se + offs_n
-    m_cols = m_ptr + e * stride_se + offs_n
-    x_row = x_ptr + row * stride_xt
     r = tl.arange(0, BLOCK_W)
+    w_tile = w_ptr + e * stride_we + (kw_begin + r).to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+    if PER_WORD:
+        g = ((kw_begin + r) // GROUP_W)[:, None]
+    else:
+        g = tl.zeros([1, 1], dtype=tl.int32) + kw_begin // GROUP_W
+    s_tile = s_ptr + e * stride_se + g * stride_sg + offs_n[None, :]
+    m_tile = m_ptr + e * stride_se + g * stride_sg + offs_n[None, :]
+    x_row = x_ptr + row * stride_xt
+    x_quads = x_row.to(tl.pointer_type(tl.int64))  # bf16 x: 4 values per 8-byte load
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    kw_begin = pid_k * KW_SPLIT
-    for kw0 in range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W):
-        words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :],
-                        other=0)  # [BLOCK_W, BLOCK_N]
-        # the first code initialises the step's sums: zeroing them was one MOV per element
-        xsum = tl.load(x_row + (kw0 + r) * VALS).to(tl.float32)
-        dot = _codes(words, 0, FMT, OFFSET) * (xsum * _x_scale(0, FMT))[:, None]
-        for i in tl.static_range(1, VALS):
-            xi = tl.load(x_row + (kw0 + r) * VALS + i).to(tl.float32)
-            dot += _codes(words, i, FMT, OFFSET) * (xi * _x_scale(i, FMT))[:, None]
-            if HAS_MINS:
-                xsum += xi
-        if BLOCK_K > GROUP:
-            g = ((kw0 + r) // GROUP_W)[:, None]
+    xtot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and SCALE_ONCE: the sum of x, per row
+    for step in tl.static_range(NSTEPS):
+        kw = kw_begin + step * BLOCK_W + r  # this step's word rows
+        words = tl.load(w_tile + step * BLOCK_W * stride_wk, mask=mask_n[None, :], other=0)
+        if X_BF16:  # a word row's VALS x values are contiguous: one load per 4, bf16 -> f32 by shifts
+            q = tl.load(x_quads + kw * (VALS // 4))
+            x0, x1 = _bf16_pair(q.to(tl.int32))
+            x2, x3 = _bf16_pair((q >> 32).to(tl.int32))
         else:
-            g = tl.zeros([BLOCK_W, 1], dtype=tl.int32) + kw0 // GROUP_W
-        s = tl.load(s_cols[None, :] + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
-        acc += dot * s
-        if HAS_MINS:
-            m = tl.load(m_cols[None, :] + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
-            acc += m * xsum[:, None]
-    _finish(tl.sum(acc, axis=0), y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
+            x0 = tl.load(x_row + kw * VALS).to(tl.float32)
+            x1 = tl.load(x_row + kw * VALS + 1).to(tl.float32)
+            x2 = tl.load(x_row + kw * VALS + 2).to(tl.float32)
+            x3 = tl.load(x_row + kw * VALS + 3).to(tl.float32)
+        if FMT == 0:
+            if X_BF16:
+                q = tl.load(x_quads + kw * 2 + 1)
+                x4, x5 = _bf16_pair(q.to(tl.int32))
+                x6, x7 = _bf16_pair((q >> 32).to(tl.int32))
+            else:
+                x4 = tl.load(x_row + kw * 8 + 4).to(tl.float32)
+                x5 = tl.load(x_row + kw * 8 + 5).to(tl.float32)
+                x6 = tl.load(x_row + kw * 8 + 6).to(tl.float32)
+                x7 = tl.load(x_row + kw * 8 + 7).to(tl.float32)
+            xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+        else:
+            x4 = x0
+            x5 = x0
+            x6 = x0
+            x7 = x0
+            xsum = x0 + x1 + x2 + x3
+        if SCALE_ONCE:
+            acc = _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
+            if BIASED:
+                xtot += xsum
+        else:
+            if PER_WORD or (step * BLOCK_K) % GROUP == 0:  # a new group starts: its scales
+                s = tl.load(s_tile, mask=mask_n[None, :], other=0).to(tl.float32)
+                if HAS_MINS:
+                    m = tl.load(m_tile, mask=mask_n[None, :], other=0).to(tl.float32)
+            dot = _word_dot(tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32), words, x0, x1, x2, x3, x4, x5, x6,
+                            x7, magic, FMT, OFFSET, BIASED, USE_ASM)
+            if BIASED:
+                dot -= _B8 * xsum[:, None]
+            acc += dot * s
+            if HAS_MINS:
+                acc += m * xsum[:, None]
+            if PER_WORD:
+                s_tile += (BLOCK_K // GROUP) * stride_sg
+                m_tile += (BLOCK_K // GROUP) * stride_sg
+            elif ((step + 1) * BLOCK_K) % GROUP == 0:
+                s_tile += stride_sg
+                m_tile += stride_sg
+    if SCALE_ONCE and BIASED:
+        acc -= _B8 * xtot[:, None]
+    y_vec = tl.sum(acc, axis=0)
+    if SCALE_ONCE:
+        s_vec = s_ptr + e * stride_se + (kw_begin // GROUP_W) * stride_sg + offs_n
+        y_vec = y_vec * tl.load(s_vec, mask=mask_n, other=0).to(tl.float32)
+    _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -219,18 +323,32 @@ class GemvConfig:
         return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
 
 
-TARGET_PROGRAMS = 1024  # ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
+TARGET_PROGRAMS = 1024  # FP8: ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
+MAX_STEPS = 16  # the int kernel unrolls its K loop: a bound on code size and compile time
+WORDS_PER_THREAD = 8  # int: words each thread loads per step (two 16-byte loads)
 
 
 @cache  # pure in its ints, and called for every quantized matmul of a decode step
 def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> GemvConfig:
-    """Tile and split for `rows` rows of an [N, K] weight (fitted to bench/quant_gemv.py's sweep, H200).
+    """Tile, split and warps for `rows` rows of an [N, K] weight (fitted to sweeps on an H200).
 
-    int (kn layout): 32 output channels x 256 (int4) / 128 (int8) codes per step. FP8 (nk layout):
-    64 x 128. Split-K doubles while the grid stays within TARGET_PROGRAMS and each split keeps at
-    least two steps: one decode token of a narrow matrix otherwise leaves most SMs idle.
+    int (kn layout): a program covers its outputs' whole K range (no split-K, whose cross-program
+    reduction cost about 1.3 us) in up to 8 unrolled steps of 512 (int8) / 1024 (int4) codes for one
+    row, half that for several; 16 (int4) or 32 (int8) output channels, 16 when that leaves fewer
+    than 128 programs; warps so that each thread loads WORDS_PER_THREAD words per step.
+    FP8 (nk layout): 64 x 128, split-K while the grid stays within TARGET_PROGRAMS.
     """
-    block_n, block_k = (64, 128) if fp8 else (32, 256 if bits == 4 else 128)
+    if not fp8:
+        block_n = 32 if bits == 8 and rows * triton.cdiv(n, 32) >= 128 else 16
+        block_k = (512 if bits == 8 else 1024) // (1 if rows == 1 else 2)
+        while block_k > 16 and k % block_k:
+            block_k //= 2
+        split = 1
+        while k // (block_k * split) > 8 and k % (block_k * split * 2) == 0:
+            split *= 2
+        warps = block_k * bits // 32 * block_n // (32 * WORDS_PER_THREAD)
+        return GemvConfig(block_n, block_k, split, max(4, min(16, warps)))
+    block_n, block_k = 64, 128
     while block_k > 16 and k % block_k:
         block_k //= 2
     split = 1
@@ -276,19 +394,34 @@ def quant_gemv(
         assert expert_ids.shape == (t,) and expert_ids.dtype in (torch.int32, torch.int64)
     cfg = config or default_config(t, n, k, bits)
     _check(k, vals, group_size, cfg)
+    steps = k // (cfg.block_k * cfg.split_k)
+    if steps > MAX_STEPS:
+        raise ValueError(f"K={k} takes {steps} unrolled steps of {cfg} (at most {MAX_STEPS}): raise BLOCK_K or SPLIT_K")
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
     ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
+    # 8-byte x loads need an aligned row start; 16-bit x takes int8's cheaper biased codes (the
+    # bias costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
+    x_bf16 = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
     _gemv_kn_kernel[grid](
         x, words, scales, mins if mins is not None else scales,
         expert_ids if expert_ids is not None else x, y, ws, cnt,
-        n, k // cfg.split_k // vals,
+        n, _PRMT_MAGIC,
         x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
         FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
+        BIASED=bits == 8 and x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not _interpreted(),
+        num_warps=cfg.num_warps,
     )
     return y
+
+
+_PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fp8_gemv(
