@@ -81,7 +81,7 @@ def test_fp8_gemv_matches_reference(stacked: bool, cfg: GemvConfig | None) -> No
 
 def test_default_config_divides_k_within_the_unroll_bound() -> None:
     for rows, n, k, bits in [(1, 4096, 4096, 4), (1, 1024, 2048, 4), (10, 2048, 512, 8), (1, 2048, 512, 4),
-                             (64, 256, 96, 8), (1, 8192, 8192, 8), (1, 4096, 65536, 4)]:
+                             (64, 256, 96, 8), (1, 8192, 8192, 8), (1, 4096, 65536, 4), (1, 4096, 11008, 4)]:
         cfg = default_config(rows, n, k, bits)
         assert k % (cfg.block_k * cfg.split_k) == 0, (rows, n, k, cfg)
         assert k // (cfg.block_k * cfg.split_k) <= 8 and 4 <= cfg.num_warps <= 16, (rows, n, k, cfg)
@@ -89,6 +89,18 @@ def test_default_config_divides_k_within_the_unroll_bound() -> None:
     # a long K splits rather than unroll past 8 steps
     assert default_config(1, 4096, 4096, 8).split_k == default_config(10, 1024, 2048, 4).split_k == 1
     assert default_config(1, 4096, 65536, 4).split_k > 1
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), CASES)
+def test_gemv_split_starting_inside_a_group(bits: int, group: int, sym: bool) -> None:
+    """K = 384 in 2 splits of 192: the second split starts in the middle of a 128-group."""
+    fmt = _fmt(bits, group, sym, 2, 24, 384).to_layout("kn")
+    x = torch.randn(2, 384, device=DEVICE)
+    ids = torch.tensor([1, 0], device=DEVICE)
+    args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
+    ref = quant_matmul_kn_ref(*args, bits=bits, group_size=fmt.group_size)
+    out = quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=GemvConfig(16, 64, 2, 4))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)

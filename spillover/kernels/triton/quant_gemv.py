@@ -225,12 +225,8 @@ def _gemv_kn_kernel(
     mask_n = offs_n < N
     r = tl.arange(0, BLOCK_W)
     w_tile = w_ptr + e * stride_we + (kw_begin + r).to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
-    if PER_WORD:
-        g = ((kw_begin + r) // GROUP_W)[:, None]
-    else:
-        g = tl.zeros([1, 1], dtype=tl.int32) + kw_begin // GROUP_W
-    s_tile = s_ptr + e * stride_se + g * stride_sg + offs_n[None, :]
-    m_tile = m_ptr + e * stride_se + g * stride_sg + offs_n[None, :]
+    s_cols = s_ptr + e * stride_se + offs_n[None, :]
+    m_cols = m_ptr + e * stride_se + offs_n[None, :]
     x_row = x_ptr + row * stride_xt
     x_quads = x_row.to(tl.pointer_type(tl.int64))  # bf16 x: 4 values per 8-byte load
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
@@ -269,10 +265,14 @@ def _gemv_kn_kernel(
             if BIASED:
                 xtot += xsum
         else:
-            if PER_WORD or (step * BLOCK_K) % GROUP == 0:  # a new group starts: its scales
-                s = tl.load(s_tile, mask=mask_n[None, :], other=0).to(tl.float32)
-                if HAS_MINS:
-                    m = tl.load(m_tile, mask=mask_n[None, :], other=0).to(tl.float32)
+            # the step's groups, from its absolute position: a split may start inside a group
+            if PER_WORD:
+                g = (kw // GROUP_W)[:, None]
+            else:
+                g = tl.zeros([1, 1], dtype=tl.int32) + (kw_begin + step * BLOCK_W) // GROUP_W
+            s = tl.load(s_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
+            if HAS_MINS:
+                m = tl.load(m_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
             dot = _word_dot(tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32), words, x0, x1, x2, x3, x4, x5, x6,
                             x7, magic, FMT, OFFSET, BIASED, USE_ASM)
             if BIASED:
@@ -280,12 +280,6 @@ def _gemv_kn_kernel(
             acc += dot * s
             if HAS_MINS:
                 acc += m * xsum[:, None]
-            if PER_WORD:
-                s_tile += (BLOCK_K // GROUP) * stride_sg
-                m_tile += (BLOCK_K // GROUP) * stride_sg
-            elif ((step + 1) * BLOCK_K) % GROUP == 0:
-                s_tile += stride_sg
-                m_tile += stride_sg
     if SCALE_ONCE and BIASED:
         acc -= _B8 * xtot[:, None]
     y_vec = tl.sum(acc, axis=0)
@@ -343,9 +337,8 @@ def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> G
         block_k = (512 if bits == 8 else 1024) // (1 if rows == 1 else 2)
         while block_k > 16 and k % block_k:
             block_k //= 2
-        split = 1
-        while k // (block_k * split) > 8 and k % (block_k * split * 2) == 0:
-            split *= 2
+        steps = k // block_k  # split the fewest ways that leave at most 8 steps (any divisor: K = 43 x 256)
+        split = next(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= 8)
         warps = block_k * bits // 32 * block_n // (32 * WORDS_PER_THREAD)
         return GemvConfig(block_n, block_k, split, max(4, min(16, warps)))
     block_n, block_k = 64, 128
