@@ -106,7 +106,8 @@ def bandwidths() -> tuple[float, float]:
 
 def call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None, cfg: GemvConfig | None
          ) -> Callable[[], torch.Tensor]:
-    from spillover.kernels.triton.quant_gemv import fp8_gemv, quant_gemv
+    from spillover.kernels.triton.fp8_gemv import fp8_gemv
+    from spillover.kernels.triton.quant_gemv import quant_gemv
 
     if isinstance(fmt, Fp8BlockWeight):
         w, s = fmt.stacked_views()

@@ -144,7 +144,7 @@ def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | 
     _log_choice(kernel, reason)
     weight, scale = fmt.stacked_views()
     if kernel == "triton_fp8_gemv":
-        from spillover.kernels.triton.quant_gemv import fp8_gemv
+        from spillover.kernels.triton.fp8_gemv import fp8_gemv
 
         return fp8_gemv(x, weight, scale, expert_ids, block=fmt.block)
     if expert_ids is None:

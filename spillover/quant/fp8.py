@@ -2,7 +2,7 @@
 
 weight float8_e4m3fn [E?, N, K] and float32 block scales [E?, ceil(N/128), ceil(K/128)];
 w = fp8 * scale (the checkpoint calls it `weight_scale_inv` but it multiplies).
-Decode on CUDA reads the FP8 bytes directly (`fp8_gemv`: codes converted in registers, one scale per
+Decode on CUDA reads the FP8 bytes directly (`kernels/triton/fp8_gemv.py`: codes converted in registers, one scale per
 block); elsewhere, and for prefill, the needed weight is dequantized on the fly for a float matmul.
 """
 

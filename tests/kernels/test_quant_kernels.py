@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref, quant_matmul_ref  # noqa: E402
+from spillover.kernels.triton.fp8_gemv import fp8_gemv  # noqa: E402
 from spillover.kernels.triton.quant_gemm import align_rows, quant_gemm  # noqa: E402
-from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, fp8_gemv, quant_gemv  # noqa: E402
+from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, quant_gemv  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,90 @@
+"""Triton FP8 (e4m3, 128-block scales) GEMV for decode, on the checkpoint's row-major layout.
+
+Words [E, N, K/4] (four FP8 codes each), float32 block scales [E, ceil(N/B), K/B]; each thread
+accumulates a [BLOCK_N, BLOCK_K/4] tile over its K range and reduces once at the end. Codes,
+split-K finish and workspace are shared with the int GEMV (`quant_gemv.py`); the kn layout
+measured no faster for FP8. This module imports triton at the top: import it only through
+spillover.quant.dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spillover.kernels.triton.quant_gemv import GemvConfig, _check, _codes, _finish, default_config, workspace
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
+    N, KW_SPLIT,
+    stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_yt,
+    BLOCK: tl.constexpr, HAS_EIDS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """FP8 in the checkpoint's row-major layout: words [E, N, K/4], scales [E, N/BLOCK, K/BLOCK]."""
+    BLOCK_W: tl.constexpr = BLOCK_K // 4  # words per row per step
+    BLOCK_KW: tl.constexpr = BLOCK // 4  # words per scale block along K
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e = tl.load(eid_ptr + row).to(tl.int64) if HAS_EIDS else 0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    w_rows = w_ptr + e * stride_we + n64 * stride_wn  # stride_wn counts int32 words
+    s_rows = s_ptr + e * stride_se + (n64 // BLOCK) * stride_sn
+    x_row = x_ptr + row * stride_xt
+    j = tl.arange(0, BLOCK_W)
+    # Partial sums stay per thread in a [BLOCK_N, BLOCK_W] tile until after the loop: a cross-thread
+    # reduction every step made the loop compute-bound.
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    kw_begin = pid_k * KW_SPLIT  # counted in words, so the compiler sees 16-byte aligned tiles
+    for kw0 in range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W):
+        words = tl.load(w_rows[:, None] + (kw0 + j)[None, :], mask=mask_n[:, None], other=0)
+        # the first code initialises the step's sums: zeroing them was one MOV per element
+        dot = _codes(words, 0, 2, 0) * tl.load(x_row + (kw0 + j) * 4).to(tl.float32)[None, :]
+        for i in tl.static_range(1, 4):
+            dot += _codes(words, i, 2, 0) * tl.load(x_row + (kw0 + j) * 4 + i).to(tl.float32)[None, :]
+        if BLOCK_K > BLOCK:  # several scale blocks per step: one scale per word
+            g = ((kw0 + j) // BLOCK_KW)[None, :]
+        else:
+            g = tl.zeros([1, BLOCK_W], dtype=tl.int32) + kw0 // BLOCK_KW
+        acc += dot * tl.load(s_rows[:, None] + g, mask=mask_n[:, None], other=0).to(tl.float32)
+    _finish(tl.sum(acc, axis=1), y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
+
+
+def fp8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    expert_ids: torch.Tensor | None,
+    *,
+    block: int = 128,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/B), K/B].
+
+    Same signature and result as `spillover.kernels.ref_quant.fp8_matmul_ref`. FP8 keeps the
+    checkpoint's nk layout (the row-major kernel): the kn layout measured no faster for it.
+    """
+    t, k = x.shape
+    e, n, kw = weight.shape
+    assert kw == k and x.stride(1) == 1 and scale.stride(2) == 1 and k % block == 0
+    assert scale.shape == (e, triton.cdiv(n, block), k // block)
+    cfg = config or default_config(t, n, k, 8, fp8=True)
+    _check(k, 4, block, cfg)
+    words = weight.contiguous().view(torch.uint8).view(torch.int32)
+    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
+    ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
+    _fp8_gemv_kernel[grid](
+        x, words, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
+        n, k // cfg.split_k // 4,
+        x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
+        BLOCK=block, HAS_EIDS=expert_ids is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+    )
+    return y
