@@ -107,17 +107,18 @@ def test_gemv_split_starting_inside_a_group(bits: int, group: int, sym: bool) ->
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)
 @pytest.mark.parametrize("cfg", [GemvConfig(16, 64, 1, 4), GemvConfig(8, 256, 1, 2), GemvConfig(32, 32, 2, 4)],
                          ids=str)
-def test_gemv_bf16_activations(bits: int, group: int, sym: bool, cfg: GemvConfig) -> None:
-    """bf16 x (the production case): x read 4 values per load, and int8 codes biased by 32896 with
-    the bias taken off per row. Within bf16 rounding of the float32 reference (the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_16bit_activations(bits: int, group: int, sym: bool, cfg: GemvConfig, dtype: torch.dtype) -> None:
+    """16-bit x (the production case): int8 codes biased by 32896 with the bias taken off per row;
+    bf16 x read 4 values per load. Within 16-bit rounding of the float32 reference (the interpreter
     truncates on its bf16 store: up to one ulp, 2^-7 of the value)."""
     fmt = _fmt(bits, group, sym, 3, 40, 256).to_layout("kn")
-    x = torch.randn(4, 256, device=DEVICE).bfloat16()
+    x = torch.randn(4, 256, device=DEVICE).to(dtype)
     ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
     args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
     ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=bits, group_size=fmt.group_size)
     out = quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=cfg)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
 
 
