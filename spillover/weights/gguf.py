@@ -41,18 +41,22 @@ def open_gguf(path: str | Path) -> Any:
         raise WeightLoadError(f"{path}: not a readable GGUF file ({e})") from e
 
 
-def _release_pages(reader: Any, tensor: Any) -> None:
-    """Unmap the pages of a tensor already copied out of the file.
+def _release_pages(reader: Any, begin: int, end: int) -> None:
+    """Unmap the file pages in [begin, end), whose tensors were already copied out.
 
     Without this, every page read stays mapped for as long as the cached reader lives. A 40 GB GGUF
     would then show 40 GB of resident memory on top of the model it was loaded into. The page cache
     keeps the data, so a later read costs no disk I/O.
+
+    The caller releases everything from the first tensor up to the one just read, not only that
+    tensor. A fault maps the whole page-cache folio it hits (2 MB on a recently written file), so
+    reading a tensor maps again the tail of the tensors before it.
     """
     mm = getattr(reader.data, "_mmap", None)
     if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return  # not a file map, or a platform without madvise: pages stay, nothing breaks
-    start = int(tensor.data_offset) & ~(mmap.PAGESIZE - 1)
-    mm.madvise(mmap.MADV_DONTNEED, start, int(tensor.data_offset) + int(tensor.n_bytes) - start)
+    begin &= ~(mmap.PAGESIZE - 1)
+    mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
@@ -117,7 +121,9 @@ def iter_gguf(path: str | Path, cfg: ModelConfig, native: bool = False,
 
     path = Path(path)
     reader = open_gguf(path)
+    data_begin = min((int(t.data_offset) for t in reader.tensors), default=0)
     for t in reader.tensors:
+        done = int(t.data_offset) + int(t.n_bytes)  # this tensor's end: all before it is copied out
         if t.name in GGUF_IGNORED:
             continue
         name = gguf_to_hf(t.name)
@@ -132,7 +138,7 @@ def iter_gguf(path: str | Path, cfg: ModelConfig, native: bool = False,
                 fmt = import_gguf(np.array(t.data), t.tensor_type, shape[-1], act_dtype)
             except Exception as e:
                 raise WeightLoadError(f"{path}: tensor {t.name} cannot be repacked ({e})") from e
-            _release_pages(reader, t)
+            _release_pages(reader, data_begin, done)
             yield name, gguf_rows_fix(t.name, fmt, cfg), str(path)
             continue
         try:
@@ -142,5 +148,5 @@ def iter_gguf(path: str | Path, cfg: ModelConfig, native: bool = False,
             raise WeightLoadError(f"{path}: tensor {t.name} cannot be decoded ({e})") from e
         if not arr.flags.writeable:  # F32/F16 tensors come straight from the read-only mmap
             arr = arr.copy()
-        _release_pages(reader, t)
+        _release_pages(reader, data_begin, done)
         yield name, gguf_rows_fix(t.name, torch.from_numpy(arr), cfg), str(path)
