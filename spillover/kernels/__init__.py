@@ -50,6 +50,11 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreted() -> bool:
+    """Triton runs under its CPU interpreter (TRITON_INTERPRET=1: tests): no inline asm there."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext, scale: float
 ) -> torch.Tensor:

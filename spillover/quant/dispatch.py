@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from spillover.kernels import triton_interpreted
 from spillover.kernels.ref_quant import quant_matmul_ref
 from spillover.quant import cpu_kernels
 from spillover.quant.grouped import GroupedIntWeight
@@ -66,7 +67,7 @@ def _forced() -> str:
 
 def _triton_route(device: torch.device) -> bool:
     """CUDA, or Triton forced on the CPU under the interpreter (tests)."""
-    return device.type == "cuda" or (_forced() == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == "cuda" or (_forced() == "triton" and triton_interpreted())
 
 
 def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int) -> tuple[str, str]:

@@ -24,13 +24,14 @@ This module imports triton at the top: import it only through spillover.quant.di
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+
+from spillover.kernels import triton_interpreted
 
 FMT_INT4, FMT_INT8 = 0, 1  # FMT 2 (FP8 e4m3) is what _fp8_gemv_kernel passes to _codes
 
@@ -365,7 +366,7 @@ def quant_gemv(
         FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
-        BIASED=bits == 8 and x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not _interpreted(),
+        BIASED=bits == 8 and x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
         num_warps=cfg.num_warps,
     )
     return y
@@ -373,6 +374,3 @@ def quant_gemv(
 
 _PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
 
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
