@@ -33,6 +33,20 @@ import triton.language as tl
 
 from spillover.kernels import triton_interpreted
 
+try:  # grid dependency control (Triton >= 3.4): the device side of programmatic dependent launch
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_GDC = True
+except ImportError:
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait() -> None:  # never called: PDL stays off without it
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents() -> None:
+        pass
+
 FMT_INT4, FMT_INT8 = 0, 1  # FMT 2 (FP8 e4m3) is what _fp8_gemv_kernel passes to _codes
 
 
@@ -164,7 +178,7 @@ def _gemv_kn_kernel(
     FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NSTEPS: tl.constexpr,
-    BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+    BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
@@ -181,7 +195,17 @@ def _gemv_kn_kernel(
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e = tl.load(eid_ptr + row).to(tl.int64) if HAS_EIDS else 0
+    if PDL:  # programmatic dependent launch: the next kernel may start as soon as every program runs
+        gdc_launch_dependents()
+    # what the previous kernel may still be writing (x, expert ids) is read only after gdc_wait;
+    # the weights are not, so with PDL and no expert ids the first step's words load before it
+    PREFETCH: tl.constexpr = PDL and not HAS_EIDS
+    if HAS_EIDS:
+        if PDL:
+            gdc_wait()
+        e = tl.load(eid_ptr + row).to(tl.int64)
+    else:
+        e = 0
     kw_begin = pid_k * (NSTEPS * BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -193,9 +217,15 @@ def _gemv_kn_kernel(
     x_quads = x_row.to(tl.pointer_type(tl.int64))  # bf16 x: 4 values per 8-byte load
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
     xtot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and SCALE_ONCE: the sum of x, per row
+    if PREFETCH:
+        words0 = tl.load(w_tile, mask=mask_n[None, :], other=0)
+        gdc_wait()
     for step in tl.static_range(NSTEPS):
         kw = kw_begin + step * BLOCK_W + r  # this step's word rows
-        words = tl.load(w_tile + step * BLOCK_W * stride_wk, mask=mask_n[None, :], other=0)
+        if PREFETCH and step == 0:
+            words = words0
+        else:
+            words = tl.load(w_tile + step * BLOCK_W * stride_wk, mask=mask_n[None, :], other=0)
         if X_BF16:  # a word row's VALS x values are contiguous: one load per 4, bf16 -> f32 by shifts
             q = tl.load(x_quads + kw * (VALS // 4))
             x0, x1 = _bf16_pair(q.to(tl.int32))
@@ -274,9 +304,18 @@ class GemvConfig:
     block_k: int
     split_k: int = 1
     num_warps: int = 4
+    pdl: bool | None = None  # programmatic dependent launch; None: wherever the GPU has it
 
     def __str__(self) -> str:
-        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
+        pdl = "" if self.pdl is None else f" pdl={int(self.pdl)}"
+        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}{pdl}"
+
+
+@cache
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) and later, compiled, with Triton's GDC ops."""
+    return (HAS_GDC and not triton_interpreted() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 TARGET_PROGRAMS = 1024  # FP8: ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
@@ -358,6 +397,8 @@ def quant_gemv(
     # 8-byte x loads need an aligned row start; 16-bit x takes int8's cheaper biased codes (the
     # bias costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
     x_bf16 = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
+    pdl = pdl_supported(x.device) if cfg.pdl is None else cfg.pdl
+    launch = {"launch_pdl": True} if pdl else {}
     _gemv_kn_kernel[grid](
         x, words, scales, mins if mins is not None else scales,
         expert_ids if expert_ids is not None else x, y, ws, cnt,
@@ -367,7 +408,7 @@ def quant_gemv(
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
         BIASED=bits == 8 and x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
-        num_warps=cfg.num_warps,
+        PDL=pdl, num_warps=cfg.num_warps, **launch,
     )
     return y
 
