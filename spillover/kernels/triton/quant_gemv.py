@@ -142,15 +142,48 @@ _B8 = tl.constexpr(32768.0 + 128.0)  # what a biased int8 code carries beyond it
 
 
 @triton.jit
+def _nibble_biased(words, i: tl.constexpr, magic):
+    """int4 code i of every word as the float32 2^(23 - p) + c, exactly: one LOP3 per code.
+
+    A nibble at bits p..p+3 with p in 8-19 lies inside the mantissa; OR-ing in the exponent of
+    2^(23 - p) (whose mantissa step is 2^(p - 23)) makes it c exactly, with no shift, no FADD
+    and no x scaling. Codes 0-1 move up and 5-7 down by one shared shift each: p = 12, 16 |
+    8, 12, 16 | 8, 12, 16, so the biases are 2048, 128 | 32768, 2048, 128 | 32768, 2048, 128
+    (`_row_bias` takes them off per row). The largest is int8's, and so is the error: about
+    1e-4 of the output's scale. `magic` is 0x47000000 (32768.0), kept in a register.
+    """
+    w = words.to(tl.uint32, bitcast=True)
+    if i < 2:
+        w = w << 12
+    elif i >= 5:
+        w = w >> 12
+    P: tl.constexpr = (12 + 4 * i) if i < 2 else (4 * i if i < 5 else 4 * i - 12)
+    exp = magic - ((P - 8) << 23)  # 2^(23 - P): the exponent drops by P - 8 from 32768's
+    return ((w & (15 << P)) | exp).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic,
               FMT: tl.constexpr, OFFSET: tl.constexpr, BIASED: tl.constexpr, USE_ASM: tl.constexpr):
-    """acc + sum over the codes i of each word of code_i * x_i: [BLOCK_W, BLOCK_N] float32."""
-    if BIASED:  # int8 with 16-bit x: biased by 32896 * sum(x) per row, which the caller removes
+    """acc + sum over the codes i of each word of code_i * x_i: [BLOCK_W, BLOCK_N] float32.
+
+    BIASED (16-bit x): each product carries a bias per row that the caller removes (`_row_bias`).
+    """
+    if BIASED and FMT == 1:
         w = words ^ -2139062144  # flip each byte's sign bit (0x80808080): u = s + 128
         acc += _byte_biased(w, 0, magic, USE_ASM) * x0[:, None]
         acc += _byte_biased(w, 1, magic, USE_ASM) * x1[:, None]
         acc += _byte_biased(w, 2, magic, USE_ASM) * x2[:, None]
         acc += _byte_biased(w, 3, magic, USE_ASM) * x3[:, None]
+    elif BIASED:
+        acc += _nibble_biased(words, 0, magic) * x0[:, None]
+        acc += _nibble_biased(words, 1, magic) * x1[:, None]
+        acc += _nibble_biased(words, 2, magic) * x2[:, None]
+        acc += _nibble_biased(words, 3, magic) * x3[:, None]
+        acc += _nibble_biased(words, 4, magic) * x4[:, None]
+        acc += _nibble_biased(words, 5, magic) * x5[:, None]
+        acc += _nibble_biased(words, 6, magic) * x6[:, None]
+        acc += _nibble_biased(words, 7, magic) * x7[:, None]
     else:
         acc += _codes(words, 0, FMT, OFFSET) * (x0 * _x_scale(0, FMT))[:, None]
         acc += _codes(words, 1, FMT, OFFSET) * (x1 * _x_scale(1, FMT))[:, None]
@@ -162,6 +195,15 @@ def _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic,
             acc += _codes(words, 6, FMT, OFFSET) * (x6 * _x_scale(6, FMT))[:, None]
             acc += _codes(words, 7, FMT, OFFSET) * (x7 * _x_scale(7, FMT))[:, None]
     return acc
+
+
+@triton.jit
+def _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT: tl.constexpr, OFFSET: tl.constexpr):
+    """What a BIASED `_word_dot` adds per word row beyond sum((c_i - offset) * x_i): [BLOCK_W]."""
+    if FMT == 1:
+        return _B8 * xsum
+    else:  # the biases of `_nibble_biased`, plus the offset of every code
+        return 32768.0 * (x2 + x5) + 2048.0 * (x0 + x3 + x6) + 128.0 * (x1 + x4 + x7) + OFFSET * xsum
 
 
 @triton.jit
@@ -195,13 +237,13 @@ def _gemv_kn_kernel(
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if PDL:  # programmatic dependent launch: the next kernel may start as soon as every program runs
+    if PDL == 1:  # programmatic dependent launch: the next kernel may start once every program runs
         gdc_launch_dependents()
     # what the previous kernel may still be writing (x, expert ids) is read only after gdc_wait;
     # the weights are not, so with PDL and no expert ids the first step's words load before it
-    PREFETCH: tl.constexpr = PDL and not HAS_EIDS
+    PREFETCH: tl.constexpr = PDL > 0 and not HAS_EIDS
     if HAS_EIDS:
-        if PDL:
+        if PDL > 0:
             gdc_wait()
         e = tl.load(eid_ptr + row).to(tl.int64)
     else:
@@ -216,7 +258,7 @@ def _gemv_kn_kernel(
     x_row = x_ptr + row * stride_xt
     x_quads = x_row.to(tl.pointer_type(tl.int64))  # bf16 x: 4 values per 8-byte load
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    xtot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and SCALE_ONCE: the sum of x, per row
+    btot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and SCALE_ONCE: the bias, per row
     if PREFETCH:
         words0 = tl.load(w_tile, mask=mask_n[None, :], other=0)
         gdc_wait()
@@ -245,17 +287,19 @@ def _gemv_kn_kernel(
                 x5 = tl.load(x_row + kw * 8 + 5).to(tl.float32)
                 x6 = tl.load(x_row + kw * 8 + 6).to(tl.float32)
                 x7 = tl.load(x_row + kw * 8 + 7).to(tl.float32)
-            xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+            xsum = (x2 + x5) + (x0 + x3 + x6) + (x1 + x4 + x7)  # grouped as `_row_bias` sums them
         else:
             x4 = x0
             x5 = x0
             x6 = x0
             x7 = x0
             xsum = x0 + x1 + x2 + x3
+        if BIASED:
+            bias = _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT, OFFSET)
         if SCALE_ONCE:
             acc = _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
             if BIASED:
-                xtot += xsum
+                btot += bias
         else:
             # the step's groups, from its absolute position: a split may start inside a group
             if PER_WORD:
@@ -265,15 +309,17 @@ def _gemv_kn_kernel(
             s = tl.load(s_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
             if HAS_MINS:
                 m = tl.load(m_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
-            dot = _word_dot(tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32), words, x0, x1, x2, x3, x4, x5, x6,
-                            x7, magic, FMT, OFFSET, BIASED, USE_ASM)
-            if BIASED:
-                dot -= _B8 * xsum[:, None]
+            dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            if BIASED:  # start from minus the bias: one FADD per word fewer
+                dot -= bias[:, None]
+            dot = _word_dot(dot, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
             acc += dot * s
             if HAS_MINS:
                 acc += m * xsum[:, None]
+    if PDL == 2:  # or once every program is past its loads and math
+        gdc_launch_dependents()
     if SCALE_ONCE and BIASED:
-        acc -= _B8 * xtot[:, None]
+        acc -= btot[:, None]
     y_vec = tl.sum(acc, axis=0)
     if SCALE_ONCE:
         s_vec = s_ptr + e * stride_se + (kw_begin // GROUP_W) * stride_sg + offs_n
@@ -407,11 +453,12 @@ def quant_gemv(
         FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
-        BIASED=bits == 8 and x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
-        PDL=pdl, num_warps=cfg.num_warps, **launch,
+        BIASED=x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
+        PDL=PDL_TRIGGER if pdl else 0, num_warps=cfg.num_warps, **launch,
     )
     return y
 
 
+PDL_TRIGGER = 1  # where the kernel lets the next one launch: 1 at its start, 2 after its loop
 _PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
 
