@@ -203,7 +203,10 @@ def _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT: tl.constexpr, OFFSET: t
     if FMT == 1:
         return _B8 * xsum
     else:  # the biases of `_nibble_biased`, plus the offset of every code
-        return 32768.0 * (x2 + x5) + 2048.0 * (x0 + x3 + x6) + 128.0 * (x1 + x4 + x7) + OFFSET * xsum
+        bias = 32768.0 * (x2 + x5) + 2048.0 * (x0 + x3 + x6) + 128.0 * (x1 + x4 + x7)
+        if OFFSET != 0:  # (0 * xsum is not folded away: it could be NaN)
+            bias += OFFSET * xsum
+        return bias
 
 
 @triton.jit
@@ -351,10 +354,12 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     pdl: bool | None = None  # programmatic dependent launch; None: wherever the GPU has it
+    max_regs: int | None = None  # ptxas register cap (more programs resident per SM)
 
     def __str__(self) -> str:
         pdl = "" if self.pdl is None else f" pdl={int(self.pdl)}"
-        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}{pdl}"
+        regs = "" if self.max_regs is None else f" maxnreg={self.max_regs}"
+        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}{pdl}{regs}"
 
 
 @cache
@@ -444,7 +449,9 @@ def quant_gemv(
     # bias costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
     x_bf16 = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
     pdl = pdl_supported(x.device) if cfg.pdl is None else cfg.pdl
-    launch = {"launch_pdl": True} if pdl else {}
+    launch: dict[str, object] = {"launch_pdl": True} if pdl else {}
+    if cfg.max_regs is not None:
+        launch["maxnreg"] = cfg.max_regs
     _gemv_kn_kernel[grid](
         x, words, scales, mins if mins is not None else scales,
         expert_ids if expert_ids is not None else x, y, ws, cnt,
@@ -459,6 +466,6 @@ def quant_gemv(
     return y
 
 
-PDL_TRIGGER = 1  # where the kernel lets the next one launch: 1 at its start, 2 after its loop
+PDL_TRIGGER = 1  # where the kernel lets the next one launch: 1 at its start, 2 after its loop, 3 at exit
 _PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
 
