@@ -13,6 +13,10 @@ CUDA graph so launch latency is not measured (split-K's reduction kernels are in
 references: `copy` (device-to-device memcpy, read + write bytes), `read` (a 1 GiB sum) and `%rd@sz`,
 the best plain read of the row's own byte count in the same harness (`read_at`: torch sum or a
 one-load-per-program Triton sum, swept): the ceiling a kernel of that size can reach, fixed costs in.
+On sm_90+ the int GEMV uses programmatic dependent launch (PDL): in a chain of calls, each one's
+programs start while the previous one finishes and load their first weights before waiting for it.
+The `no-pdl` row is the same config launched plainly; `read+pdl` is the plain read chained the same
+way (its fixed costs overlap too), what a chained kernel of that size can reach.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -34,18 +39,20 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref  # noqa: E402
-from spillover.kernels.triton.quant_gemv import GemvConfig  # noqa: E402
+from spillover.kernels.triton.quant_gemv import GemvConfig, gdc_launch_dependents, gdc_wait  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
 
 def sweep_configs(kind: str) -> list[GemvConfig]:
     """Around the defaults: int (kn layout) 16-32 channels, 256-2048 codes a step, split 1-2, 4-16 warps
-    (bench_case drops those that leave a step unrolled past 8 times); FP8 (nk layout) 128 codes a step."""
+    (16 with 64 registers; bench_case drops those that leave a step unrolled past 8 times); FP8 (nk
+    layout) 128 codes a step."""
     if kind == "fp8":
         return [GemvConfig(bn, 128, sk, 4) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)]
     bks = (512, 1024, 2048) if kind.startswith("int4") else (256, 512, 1024)
-    return [GemvConfig(bn, bk, sk, w) for bn in (16, 32) for bk in bks for sk in (1, 2) for w in (4, 8, 16)]
+    return [GemvConfig(bn, bk, sk, w, max_regs=64 if w >= 16 else None)
+            for bn in (16, 32) for bk in bks for sk in (1, 2) for w in (4, 8, 16)]
 
 
 Fmt = GroupedIntWeight | Fp8BlockWeight
@@ -161,26 +168,36 @@ def _read_kernel(src, out, n, CHUNK: tl.constexpr):
     tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0.0)))
 
 
-def read_at(nbytes: int) -> float:
+@triton.jit
+def _read_kernel_pdl(src, out, n, CHUNK: tl.constexpr):
+    gdc_launch_dependents()
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    total = tl.sum(tl.load(src + offs, mask=offs < n, other=0.0))
+    gdc_wait()  # `out` may still be read by the previous kernel
+    tl.store(out + tl.program_id(0), total)
+
+
+def read_at(nbytes: int, pdl: bool = False) -> float:
     """GB/s of the best read-only pass over `nbytes` (torch `sum`, or a Triton kernel where each
     program sums one chunk, chunk and warps swept), on distinct buffers like the GEMV rows: what a
     plain read of this size reaches in this harness, fixed costs included."""
     copies = max(2, (256 << 20) // nbytes)
     n = nbytes // 4
     bufs = [torch.empty(n, dtype=torch.float32, device="cuda").normal_() for _ in range(copies)]
-    best = gpu_time([b.sum for b in bufs])
+    best = 1.0 if pdl else gpu_time([b.sum for b in bufs])
+    kernel, launch = (_read_kernel_pdl, {"launch_pdl": True}) if pdl else (_read_kernel, {})
     for chunk in (1024, 2048, 4096, 8192):
         for warps in (4, 8):
             grid = (triton.cdiv(n, chunk),)
             out = torch.empty(grid[0], device="cuda")
-            fns = [partial(_read_kernel[grid], b, out, n, CHUNK=chunk, num_warps=warps) for b in bufs]
+            fns = [partial(kernel[grid], b, out, n, CHUNK=chunk, num_warps=warps, **launch) for b in bufs]
             best = min(best, gpu_time(fns))
     return nbytes / best / 1e9
 
 
 def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tuple[float, float],
                sweep: bool) -> None:
-    from spillover.kernels.triton.quant_gemv import default_config
+    from spillover.kernels.triton.quant_gemv import default_config, pdl_supported
 
     fmts, id_sets, x = setup(kind, e, n, k, rows)
     nbytes = weight_bytes(fmts[0], rows) + x.numel() * 2 + rows * n * 2
@@ -208,7 +225,14 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
     fp8 = kind == "fp8"
     print(f"{'':7s} {label:28s} {'read':7s} {nbytes / read_here / 1e3:8.2f} {read_here:7.0f} "
           f"{100 * read_here / bw[0]:6.1f} {100 * read_here / bw[1]:6.1f} {100.0:6.1f}  best plain read, same bytes")
-    row("default", default_config(rows, n, k, bits, fp8=fp8))
+    cfg = default_config(rows, n, k, bits, fp8=fp8)
+    if not fp8 and pdl_supported(x.device):
+        read_pdl = read_at(nbytes, pdl=True)
+        print(f"{'':7s} {label:28s} {'read+pdl':8s}{nbytes / read_pdl / 1e3:8.2f} {read_pdl:7.0f} "
+              f"{100 * read_pdl / bw[0]:6.1f} {100 * read_pdl / bw[1]:6.1f} {100 * read_pdl / read_here:6.1f}  "
+              "plain read, same bytes, chained with PDL")
+        row("no-pdl", replace(cfg, pdl=False))
+    row("default", cfg)
     if sweep:
         row("best", best_of(sweep_configs(kind)))
 

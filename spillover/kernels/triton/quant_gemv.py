@@ -240,13 +240,13 @@ def _gemv_kn_kernel(
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if PDL == 1:  # programmatic dependent launch: the next kernel may start once every program runs
+    if PDL:  # programmatic dependent launch: the next kernel may start once every program runs
         gdc_launch_dependents()
     # what the previous kernel may still be writing (x, expert ids) is read only after gdc_wait;
     # the weights are not, so with PDL and no expert ids the first step's words load before it
-    PREFETCH: tl.constexpr = PDL > 0 and not HAS_EIDS
+    PREFETCH: tl.constexpr = PDL and not HAS_EIDS
     if HAS_EIDS:
-        if PDL > 0:
+        if PDL:
             gdc_wait()
         e = tl.load(eid_ptr + row).to(tl.int64)
     else:
@@ -319,8 +319,6 @@ def _gemv_kn_kernel(
             acc += dot * s
             if HAS_MINS:
                 acc += m * xsum[:, None]
-    if PDL == 2:  # or once every program is past its loads and math
-        gdc_launch_dependents()
     if SCALE_ONCE and BIASED:
         acc -= btot[:, None]
     y_vec = tl.sum(acc, axis=0)
@@ -371,28 +369,33 @@ def pdl_supported(device: torch.device) -> bool:
 
 TARGET_PROGRAMS = 1024  # FP8: ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
 MAX_STEPS = 16  # the int kernel unrolls its K loop: a bound on code size and compile time
-WORDS_PER_THREAD = 8  # int: words each thread loads per step (two 16-byte loads)
 
 
 @cache  # pure in its ints, and called for every quantized matmul of a decode step
 def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> GemvConfig:
-    """Tile, split and warps for `rows` rows of an [N, K] weight (fitted to sweeps on an H200).
+    """Tile, split, warps and register cap for `rows` rows of an [N, K] weight (fitted to sweeps
+    on an H200 with programmatic dependent launch, bench/quant_gemv.py).
 
     int (kn layout): a program covers its outputs' whole K range (no split-K, whose cross-program
-    reduction cost about 1.3 us) in up to 8 unrolled steps of 512 (int8) / 1024 (int4) codes for one
-    row, half that for several; 16 (int4) or 32 (int8) output channels, 16 when that leaves fewer
-    than 128 programs; warps so that each thread loads WORDS_PER_THREAD words per step.
+    reduction cost about 1.3 us) in up to 8 unrolled steps of 1024 codes for one row, 512 for
+    several; 16 output channels, 32 where that still leaves 256 programs (int8) or for one row of
+    N >= 8192 (int4). Warps: one row, so that each thread loads 8 words (int8) or 4 (int4) a step,
+    4-16; several rows, 8. At 16 warps registers are capped at 64, so two programs fit an SM.
     FP8 (nk layout): 64 x 128, split-K while the grid stays within TARGET_PROGRAMS.
     """
     if not fp8:
-        block_n = 32 if bits == 8 and rows * triton.cdiv(n, 32) >= 128 else 16
-        block_k = (512 if bits == 8 else 1024) // (1 if rows == 1 else 2)
+        if bits == 8:
+            block_n = 32 if rows * triton.cdiv(n, 32) >= 256 else 16
+        else:
+            block_n = 32 if rows == 1 and n >= 8192 else 16
+        block_k = 1024 if rows == 1 else 512
         while block_k > 16 and k % block_k:
             block_k //= 2
         steps = k // block_k  # split the fewest ways that leave at most 8 steps (any divisor: K = 43 x 256)
         split = next(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= 8)
-        warps = block_k * bits // 32 * block_n // (32 * WORDS_PER_THREAD)
-        return GemvConfig(block_n, block_k, split, max(4, min(16, warps)))
+        words = block_k * bits // 32 * block_n
+        warps = max(4, min(16, words // (32 * (8 if bits == 8 else 4)))) if rows == 1 else 8
+        return GemvConfig(block_n, block_k, split, warps, max_regs=64 if warps >= 16 else None)
     block_n, block_k = 64, 128
     while block_k > 16 and k % block_k:
         block_k //= 2
@@ -461,11 +464,10 @@ def quant_gemv(
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
         BIASED=x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
-        PDL=PDL_TRIGGER if pdl else 0, num_warps=cfg.num_warps, **launch,
+        PDL=pdl, num_warps=cfg.num_warps, **launch,
     )
     return y
 
 
-PDL_TRIGGER = 1  # where the kernel lets the next one launch: 1 at its start, 2 after its loop, 3 at exit
 _PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
 
