@@ -109,9 +109,10 @@ def test_gemv_split_starting_inside_a_group(bits: int, group: int, sym: bool) ->
                          ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_16bit_activations(bits: int, group: int, sym: bool, cfg: GemvConfig, dtype: torch.dtype) -> None:
-    """16-bit x (the production case): int8 codes biased by 32896 with the bias taken off per row;
-    bf16 x read 4 values per load. Within 16-bit rounding of the float32 reference (the interpreter
-    truncates on its bf16 store: up to one ulp, 2^-7 of the value)."""
+    """16-bit x (the production case): int8 codes biased by 32896, int4 codes by 128 / 2048 / 32768
+    by position, with the bias taken off per row; bf16 x read 4 values per load. Within 16-bit
+    rounding of the float32 reference (the interpreter truncates on its bf16 store: up to one ulp,
+    2^-7 of the value)."""
     fmt = _fmt(bits, group, sym, 3, 40, 256).to_layout("kn")
     x = torch.randn(4, 256, device=DEVICE).to(dtype)
     ids = torch.tensor([2, 0, 2, 1], device=DEVICE)

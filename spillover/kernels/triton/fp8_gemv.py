@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from spillover.kernels.triton.quant_gemv import GemvConfig, _check, _codes, _finish, default_config, workspace
+from spillover.kernels.triton.int_codes import _codes
+from spillover.kernels.triton.quant_gemv import GemvConfig, _check, _finish, default_config, workspace
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spillover.kernels.triton.quant_gemv import FMT_INT4, FMT_INT8, _codes, _x_scale, code_offset
+from spillover.kernels.triton.int_codes import FMT_INT4, FMT_INT8, _codes, _x_scale, code_offset
 
 MIN_DOT_DEPTH = 16  # tl.dot needs K >= 16 on GPUs: BLOCK_K >= 16 words
 

@@ -11,13 +11,19 @@ At batch 1 a GEMV of these sizes is bound by instruction issue and by its fixed 
 - int4 codes become floats with the exponent trick: (w & (15 << 4p)) | 0x4B000000 read as float32
   is 2^23 + c * 2^(4p), so one LOP3 and one FADD replace shift, mask and int->float conversion
   (quarter rate on Hopper); x carries the 2^(-4p) instead (`_codes`, `_x_scale`);
-- int8 codes with 16-bit x take one PRMT each: byte u into a float32 as 32768 + u, with the
-  32896 * sum(x) this adds taken off per row (`_byte_biased`); float32 x keeps the exact `_codes`;
+- with 16-bit x, codes are biased: int8 takes one PRMT per code (byte u into a float32 as
+  32768 + u, `_byte_biased`), int4 one LOP3 (a nibble in mantissa bits 8-19 under the right
+  exponent is 2^(23-p) + c exactly, `_nibble_biased`), and the bias is taken off per row; float32
+  x keeps the exact `_codes` (about 3 instructions per int4 code: LOP3, FADD, FFMA);
 - bf16 x is read 4 values per 8-byte load and widened by shifts;
 - a step may span several quantization groups (one scale per word then); a per-channel scale is
   applied once, after the sum;
 - split-K (`SPLIT_K` > 1, for long K) stays within one launch: the last split to finish a tile
-  sums the float32 partials in split order (deterministic, unlike atomic adds of the outputs).
+  sums the float32 partials in split order (deterministic, unlike atomic adds of the outputs);
+- on sm_90+ it is launched with programmatic dependent launch: its programs start while the
+  previous kernel finishes, load their first step's weights (which no kernel writes), and only
+  then wait (`gdc_wait`) before reading x or expert ids; with expert ids nothing is loaded early.
+  In a chain of decode GEMVs this hides most of each call's ramp-up and tail.
 bench/quant_gemv.py measures them (and sweeps the configs `default_config` was fitted to).
 This module imports triton at the top: import it only through spillover.quant.dispatch.
 """
@@ -32,6 +38,15 @@ import triton
 import triton.language as tl
 
 from spillover.kernels import triton_interpreted
+from spillover.kernels.triton.int_codes import (
+    _PRMT_MAGIC,
+    FMT_INT4,
+    FMT_INT8,
+    _bf16_pair,
+    _row_bias,
+    _word_dot,
+    code_offset,
+)
 
 try:  # grid dependency control (Triton >= 3.4): the device side of programmatic dependent launch
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -46,52 +61,6 @@ except ImportError:
     @triton.jit
     def gdc_launch_dependents() -> None:
         pass
-
-FMT_INT4, FMT_INT8 = 0, 1  # FMT 2 (FP8 e4m3) is what _fp8_gemv_kernel passes to _codes
-
-
-def code_offset(bits: int, has_mins: bool) -> int:
-    """What the kernel subtracts from a raw code: 8 for symmetric int4, 128 for int8 (stored signed,
-    read after flipping the sign bit), 0 for asymmetric int4 (its min carries the offset)."""
-    return 128 if bits == 8 else (0 if has_mins else 8)
-_MAGIC = tl.constexpr(8388608.0)  # 2^23: float32 whose low mantissa bits hold an integer code
-
-
-@triton.jit
-def _codes(words, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr):
-    """Code i of every int32 word as float32, times 2^(SHIFT) (see `_x_scale`), minus its offset.
-
-    Integer codes skip the shift to bit 0 where they can: (w & (15 << 4p)) | 0x4B000000 read as a
-    float is 2^23 + c * 2^(4p) exactly while the code stays below the exponent bits, so one LOP3
-    and one FADD give (c - offset) * 2^(4p), and x is pre-scaled by 2^(-4p) instead (exact). Codes
-    in the top bits take one shared shift per word. About 3 instructions per int4 code, not 5.
-    """
-    if FMT == 2:
-        c = (words.to(tl.uint32, bitcast=True) >> (i * 8)) & 255
-        q = c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:
-        BITS: tl.constexpr = 4 if FMT == 0 else 8
-        LOW: tl.constexpr = 5 if FMT == 0 else 2  # codes that fit below bit 23 unshifted
-        P: tl.constexpr = i - LOW if i >= LOW else i
-        w = words ^ -2139062144 if FMT == 1 else words  # int8: flip each byte's sign bit (0x80808080)
-        w = w.to(tl.uint32, bitcast=True)
-        if i >= LOW:
-            w = w >> (LOW * BITS)
-        # (w | magic) & (magic | mask) == (w & mask) | magic, with one immediate per LOP3: `w | magic`
-        # is shared by every code of the word, and no mask constant has to live in a register.
-        q = ((w | 0x4B000000) & (0x4B000000 | (((1 << BITS) - 1) << (P * BITS)))).to(tl.float32, bitcast=True)
-        q = q - (_MAGIC + OFFSET * (1 << (P * BITS)))
-    return q
-
-
-@triton.jit
-def _x_scale(i: tl.constexpr, FMT: tl.constexpr):
-    """The power of two that `_codes` left on code i, to take off x (1 for FP8)."""
-    BITS: tl.constexpr = 4 if FMT == 0 else 8
-    LOW: tl.constexpr = 5 if FMT == 0 else 2
-    P: tl.constexpr = 0 if FMT == 2 else (i - LOW if i >= LOW else i)
-    return 1.0 / (1 << (P * BITS))
-
 
 @triton.jit
 def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt,
@@ -117,102 +86,6 @@ def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N,
                                  cache_modifier=".cg")
             tl.store(y_ptr + row * stride_yt + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
             tl.atomic_xchg(cnt_ptr + tile, 0)
-
-
-@triton.jit
-def _byte_biased(words, k: tl.constexpr, magic, USE_ASM: tl.constexpr):
-    """Byte k of every word (stored sign-flipped: u = s + 128) as the float32 32768 + u, exactly.
-
-    One PRMT per code (bytes [0, u, 0, 0x47] read as float32): with the sign flip, 5 integer
-    instructions per word instead of `_codes`' 7, and no FADD per code or x scaling. The 32896 * x
-    this leaves in every product is taken off per row (`_B8`). The magic comes in as a kernel
-    argument, so ptxas keeps it in a register and encodes the selector as the immediate (with both
-    constant it reloads a selector before every PRMT).
-    """
-    if USE_ASM:
-        SEL: tl.constexpr = 0x7604 | (k << 4)
-        return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r",
-                                         [words, tl.broadcast_to(magic, words.shape)],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:  # the interpreter runs no inline asm: the same values
-        return ((words >> (8 * k)) & 255).to(tl.float32) + 32768.0
-
-
-_B8 = tl.constexpr(32768.0 + 128.0)  # what a biased int8 code carries beyond its signed value
-
-
-@triton.jit
-def _nibble_biased(words, i: tl.constexpr, magic):
-    """int4 code i of every word as the float32 2^(23 - p) + c, exactly: one LOP3 per code.
-
-    A nibble at bits p..p+3 with p in 8-19 lies inside the mantissa; OR-ing in the exponent of
-    2^(23 - p) (whose mantissa step is 2^(p - 23)) makes it c exactly, with no shift, no FADD
-    and no x scaling. Codes 0-1 move up and 5-7 down by one shared shift each: p = 12, 16 |
-    8, 12, 16 | 8, 12, 16, so the biases are 2048, 128 | 32768, 2048, 128 | 32768, 2048, 128
-    (`_row_bias` takes them off per row). The largest is int8's, and so is the error: about
-    1e-4 of the output's scale. `magic` is 0x47000000 (32768.0), kept in a register.
-    """
-    w = words.to(tl.uint32, bitcast=True)
-    if i < 2:
-        w = w << 12
-    elif i >= 5:
-        w = w >> 12
-    P: tl.constexpr = (12 + 4 * i) if i < 2 else (4 * i if i < 5 else 4 * i - 12)
-    exp = magic - ((P - 8) << 23)  # 2^(23 - P): the exponent drops by P - 8 from 32768's
-    return ((w & (15 << P)) | exp).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic,
-              FMT: tl.constexpr, OFFSET: tl.constexpr, BIASED: tl.constexpr, USE_ASM: tl.constexpr):
-    """acc + sum over the codes i of each word of code_i * x_i: [BLOCK_W, BLOCK_N] float32.
-
-    BIASED (16-bit x): each product carries a bias per row that the caller removes (`_row_bias`).
-    """
-    if BIASED and FMT == 1:
-        w = words ^ -2139062144  # flip each byte's sign bit (0x80808080): u = s + 128
-        acc += _byte_biased(w, 0, magic, USE_ASM) * x0[:, None]
-        acc += _byte_biased(w, 1, magic, USE_ASM) * x1[:, None]
-        acc += _byte_biased(w, 2, magic, USE_ASM) * x2[:, None]
-        acc += _byte_biased(w, 3, magic, USE_ASM) * x3[:, None]
-    elif BIASED:
-        acc += _nibble_biased(words, 0, magic) * x0[:, None]
-        acc += _nibble_biased(words, 1, magic) * x1[:, None]
-        acc += _nibble_biased(words, 2, magic) * x2[:, None]
-        acc += _nibble_biased(words, 3, magic) * x3[:, None]
-        acc += _nibble_biased(words, 4, magic) * x4[:, None]
-        acc += _nibble_biased(words, 5, magic) * x5[:, None]
-        acc += _nibble_biased(words, 6, magic) * x6[:, None]
-        acc += _nibble_biased(words, 7, magic) * x7[:, None]
-    else:
-        acc += _codes(words, 0, FMT, OFFSET) * (x0 * _x_scale(0, FMT))[:, None]
-        acc += _codes(words, 1, FMT, OFFSET) * (x1 * _x_scale(1, FMT))[:, None]
-        acc += _codes(words, 2, FMT, OFFSET) * (x2 * _x_scale(2, FMT))[:, None]
-        acc += _codes(words, 3, FMT, OFFSET) * (x3 * _x_scale(3, FMT))[:, None]
-        if FMT == 0:
-            acc += _codes(words, 4, FMT, OFFSET) * (x4 * _x_scale(4, FMT))[:, None]
-            acc += _codes(words, 5, FMT, OFFSET) * (x5 * _x_scale(5, FMT))[:, None]
-            acc += _codes(words, 6, FMT, OFFSET) * (x6 * _x_scale(6, FMT))[:, None]
-            acc += _codes(words, 7, FMT, OFFSET) * (x7 * _x_scale(7, FMT))[:, None]
-    return acc
-
-
-@triton.jit
-def _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT: tl.constexpr, OFFSET: tl.constexpr):
-    """What a BIASED `_word_dot` adds per word row beyond sum((c_i - offset) * x_i): [BLOCK_W]."""
-    if FMT == 1:
-        return _B8 * xsum
-    else:  # the biases of `_nibble_biased`, plus the offset of every code
-        bias = 32768.0 * (x2 + x5) + 2048.0 * (x0 + x3 + x6) + 128.0 * (x1 + x4 + x7)
-        if OFFSET != 0:  # (0 * xsum is not folded away: it could be NaN)
-            bias += OFFSET * xsum
-        return bias
-
-
-@triton.jit
-def _bf16_pair(v):
-    """The two bf16 of an int32 as float32 (low, high): a bf16 is the top half of a float32."""
-    return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -469,5 +342,4 @@ def quant_gemv(
     return y
 
 
-_PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
 
