@@ -19,6 +19,8 @@ def code_offset(bits: int, has_mins: bool) -> int:
     """What the kernel subtracts from a raw code: 8 for symmetric int4, 128 for int8 (stored signed,
     read after flipping the sign bit), 0 for asymmetric int4 (its min carries the offset)."""
     return 128 if bits == 8 else (0 if has_mins else 8)
+
+
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: float32 whose low mantissa bits hold an integer code
 
 
