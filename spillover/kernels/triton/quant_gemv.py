@@ -62,6 +62,7 @@ except ImportError:
     def gdc_launch_dependents() -> None:
         pass
 
+
 @triton.jit
 def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt,
             SPLIT_K: tl.constexpr):
@@ -321,8 +322,8 @@ def quant_gemv(
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
     ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
-    # 8-byte x loads need an aligned row start; 16-bit x takes int8's cheaper biased codes (the
-    # bias costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
+    # 8-byte x loads need an aligned row start; 16-bit x takes the cheaper biased codes (the bias
+    # costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
     x_bf16 = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
     pdl = pdl_supported(x.device) if cfg.pdl is None else cfg.pdl
     launch: dict[str, object] = {"launch_pdl": True} if pdl else {}
@@ -340,6 +341,3 @@ def quant_gemv(
         PDL=pdl, num_warps=cfg.num_warps, **launch,
     )
     return y
-
-
-
