@@ -13,7 +13,7 @@ CUDA graph so launch latency is not measured (split-K's reduction kernels are in
 references: `copy` (device-to-device memcpy, read + write bytes), `read` (a 1 GiB sum) and `%rd@sz`,
 the best plain read of the row's own byte count in the same harness (`read_at`: torch sum or a
 one-load-per-program Triton sum, swept): the ceiling a kernel of that size can reach, fixed costs in.
-On sm_90+ the int GEMV uses programmatic dependent launch (PDL): in a chain of calls, each one's
+On sm_90+ the int and FP8 GEMVs use programmatic dependent launch (PDL): in a chain of calls, each one's
 programs start while the previous one finishes and load their first weights before waiting for it.
 The `no-pdl` row is the same config launched plainly; `read+pdl` is the plain read chained the same
 way (its fixed costs overlap too), what a chained kernel of that size can reach.
@@ -226,7 +226,7 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
     print(f"{'':7s} {label:28s} {'read':7s} {nbytes / read_here / 1e3:8.2f} {read_here:7.0f} "
           f"{100 * read_here / bw[0]:6.1f} {100 * read_here / bw[1]:6.1f} {100.0:6.1f}  best plain read, same bytes")
     cfg = default_config(rows, n, k, bits, fp8=fp8)
-    if not fp8 and pdl_supported(x.device):
+    if pdl_supported(x.device):
         read_pdl = read_at(nbytes, pdl=True)
         print(f"{'':7s} {label:28s} {'read+pdl':8s}{nbytes / read_pdl / 1e3:8.2f} {read_pdl:7.0f} "
               f"{100 * read_pdl / bw[0]:6.1f} {100 * read_pdl / bw[1]:6.1f} {100 * read_pdl / read_here:6.1f}  "

@@ -14,7 +14,16 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.triton.int_codes import _codes
-from spillover.kernels.triton.quant_gemv import GemvConfig, _check, _finish, default_config, workspace
+from spillover.kernels.triton.quant_gemv import (
+    GemvConfig,
+    _check,
+    _finish,
+    default_config,
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_supported,
+    workspace,
+)
 
 
 @triton.jit
@@ -23,15 +32,28 @@ def _fp8_gemv_kernel(
     N, KW_SPLIT,
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_yt,
     BLOCK: tl.constexpr, HAS_EIDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    """FP8 in the checkpoint's row-major layout: words [E, N, K/4], scales [E, N/BLOCK, K/BLOCK]."""
+    """FP8 in the checkpoint's row-major layout: words [E, N, K/4], scales [E, N/BLOCK, K/BLOCK].
+
+    With PDL (as in the int GEMV) the programs let the next kernel launch at once, load their
+    first step's weights (no kernel writes them) and wait for the previous kernel only before
+    reading x; with expert ids they wait first. The loop is double-buffered: each step issues
+    the next step's weight load before computing.
+    """
     BLOCK_W: tl.constexpr = BLOCK_K // 4  # words per row per step
     BLOCK_KW: tl.constexpr = BLOCK // 4  # words per scale block along K
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e = tl.load(eid_ptr + row).to(tl.int64) if HAS_EIDS else 0
+    if PDL:
+        gdc_launch_dependents()
+    if HAS_EIDS:
+        if PDL:
+            gdc_wait()
+        e = tl.load(eid_ptr + row).to(tl.int64)
+    else:
+        e = 0
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     n64 = offs_n.to(tl.int64)
@@ -43,8 +65,14 @@ def _fp8_gemv_kernel(
     # reduction every step made the loop compute-bound.
     acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     kw_begin = pid_k * KW_SPLIT  # counted in words, so the compiler sees 16-byte aligned tiles
-    for kw0 in range(kw_begin, kw_begin + KW_SPLIT, BLOCK_W):
-        words = tl.load(w_rows[:, None] + (kw0 + j)[None, :], mask=mask_n[:, None], other=0)
+    kw_end = kw_begin + KW_SPLIT
+    nxt = tl.load(w_rows[:, None] + (kw_begin + j)[None, :], mask=mask_n[:, None], other=0)
+    if PDL and not HAS_EIDS:
+        gdc_wait()
+    for kw0 in range(kw_begin, kw_end, BLOCK_W):
+        words = nxt
+        more = (tl.zeros([1, BLOCK_W], dtype=tl.int32) + kw0 + BLOCK_W) < kw_end  # uniform along K
+        nxt = tl.load(w_rows[:, None] + (kw0 + BLOCK_W + j)[None, :], mask=mask_n[:, None] & more, other=0)
         # the first code initialises the step's sums: zeroing them was one MOV per element
         dot = _codes(words, 0, 2, 0) * tl.load(x_row + (kw0 + j) * 4).to(tl.float32)[None, :]
         for i in tl.static_range(1, 4):
@@ -81,11 +109,14 @@ def fp8_gemv(
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
     ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
+    pdl = pdl_supported(x.device) if cfg.pdl is None else cfg.pdl
+    launch: dict[str, object] = {"launch_pdl": True} if pdl else {}
     _fp8_gemv_kernel[grid](
         x, words, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, k // cfg.split_k // 4,
         x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
         BLOCK=block, HAS_EIDS=expert_ids is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PDL=pdl, num_warps=cfg.num_warps,
+        **launch,
     )
     return y
