@@ -1,24 +1,14 @@
-"""EXPERIMENT (not used by the server): int4 GEMV at batch 1 on tensor cores, against the shipped one.
+"""int4 GEMV on tensor cores (`kernels/triton/int4_mma_gemv.py`) against the CUDA-core GEMV, A/B.
 
     python bench/int4_mma_gemv.py          # GPU (sm_80+): correctness vs the torch reference, A/B timings
 
-The shipped int4 GEMV (`spillover/kernels/triton/quant_gemv.py`) runs on the CUDA cores and needs about
-4.4 SASS instructions per code. This kernel dequantizes on the CUDA cores into bf16 pairs (one shift and
-one LOP3 per 2 codes: a nibble under the bf16 exponent of 128 reads as 128 + c) and multiplies on the
-tensor cores with inline-PTX `mma.sync.m16n8k16` (x in every column of B, one column used), so it needs
-about 2 instructions per code (3.4 with its fixed costs). The 128 * sum(x) that every product carries is
-taken off per quantization group from a per-group sum of x.
-
-Why it is kept out of the server: it is not reliably faster. It wins on asymmetric int4 at the MoE w13
-shape (H100: 57.0 % of the read against 49.0 %) and loses at dense 4096x4096 and on symmetric int4; the
-timing swings by 10-15 % between variants that differ only in where x comes from (a shuffle or an L1
-load). BENCHMARKS.md has the rows ("int4 GEMV on tensor cores, sixth session").
-
-Lane mapping: thread r of a program is warp r // 32, lane r % 32 = 4 g + t; its 2 output channels
-n0 + 2 g + v are rows g (v = 0) and g + 8 (v = 1) of one m16n8k16 tile; at step s lane t supplies the
-codes of word row 4 s + t of its warp's K range. Tensors are [threads, 2] so that Triton has one layout
-without replication (a 4D [w, g, t, v] tile gets a thread order that changes between Triton versions);
-a guard turns the output into NaN if a thread's hardware id is not the row it was given.
+Rows: dense 4096x4096 and Qwen3-Next's MoE shapes (w13 1024x2048, w2 2048x512, 10 of 512 experts), for
+asymmetric (`int4`) and symmetric (`int4sym`) g128 weights. Variants: `cuda-core` (the CUDA-core GEMV,
+`quant_gemv.py`, called directly), and the tensor-core kernel with x handed over by shuffles (`mma x:shfl`) or read from
+L1 (`mma x:L1`). Each is timed --reps times, alternating, in the harness of bench/quant_gemv.py (a
+different weight copy or expert set per call, calls replayed from a CUDA graph); the median is printed.
+`spillover.quant.dispatch` uses the tensor-core kernel where these rows showed it faster on Hopper:
+asymmetric int4 experts (BENCHMARKS.md, "int4 GEMV on tensor cores").
 """
 
 from __future__ import annotations
@@ -31,206 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
-from spillover.kernels.triton.int_codes import code_offset  # noqa: E402
-from spillover.kernels.triton.quant_gemv import gdc_launch_dependents, gdc_wait  # noqa: E402
-
-
-def _mma(d: str, a: str, b: str, c: str) -> str:
-    return f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d}}}, {{{a}}}, {{{b}}}, {{{c}}};\n"
-
-
-def _codes_ptx(first: int) -> str:
-    """bf16 pairs p0-p7 = 128 + (codes i, i + 4) of words ${first} and ${first + 1}."""
-    out = ""
-    for v in range(2):
-        w = f"${first + v}"
-        out += f"lop3.b32 p{4 * v}, {w}, 0x000F000F, 0x43004300, 0xea;\n"
-        for i in (1, 2, 3):
-            out += f"shr.u32 s{i - 1}, {w}, {4 * i};\nlop3.b32 p{4 * v + i}, s{i - 1}, 0x000F000F, 0x43004300, 0xea;\n"
-    return out
-
-
-_X_PAIRS = """prmt.b32 xp0, x0, x2, 0x5410;
-prmt.b32 xp1, x0, x2, 0x7632;
-prmt.b32 xp2, x1, x3, 0x5410;
-prmt.b32 xp3, x1, x3, 0x7632;
-"""
-_HEAD = "{\n.reg .b32 x<4>, xp<4>, p<8>, s<3>;\n.reg .f32 d<4>;\n"
-# x by shuffles: out c $0-1 (d0, d2), c2 $2-3 (d1, d3) | in w $4-5, xa $6-7, xb $8-9, src $10-11, c $12-13,
-# c2 $14-15 (src: the lane that holds the word row's x)
-_STEP_SHFL = tl.constexpr(
-    _HEAD + "".join(f"shfl.sync.idx.b32 x{i}, ${6 + i}, $10, 0x1f, -1;\n" for i in range(4)) + _X_PAIRS
-    + _codes_ptx(4) + _mma("d0,d1,d2,d3", "p0,p4,p1,p5", "xp0,xp1", "$12,$14,$13,$15")
-    + _mma("$0,$2,$1,$3", "p2,p6,p3,p7", "xp2,xp3", "d0,d1,d2,d3") + "}\n")
-_STEP_SHFL_C = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 8 + ["f"] * 4))
-# x from L1: out as above | in w $4-5, x $6-7 (two 64-bit halves of the word row's x), c $8-9, c2 $10-11
-_STEP_L1 = tl.constexpr(
-    _HEAD + "mov.b64 {x0, x1}, $6;\nmov.b64 {x2, x3}, $7;\n" + _X_PAIRS
-    + _codes_ptx(4) + _mma("d0,d1,d2,d3", "p0,p4,p1,p5", "xp0,xp1", "$8,$10,$9,$11")
-    + _mma("$0,$2,$1,$3", "p2,p6,p3,p7", "xp2,xp3", "d0,d1,d2,d3") + "}\n")
-_STEP_L1_C = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 2 + ["l"] * 2 + ["f"] * 4))
-
-
-def _xsum_ptx(lanes: int) -> str:
-    """Sum of the 8 bf16 x of this lane's word row ($2-5), then over aligned runs of `lanes` lanes."""
-    body = "{\n.reg .b32 h<8>;\n.reg .f32 f<8>, a;\n"
-    for i in range(4):
-        body += f"shl.b32 h{2 * i}, ${2 + i}, 16;\nand.b32 h{2 * i + 1}, ${2 + i}, 0xFFFF0000;\n"
-    body += "".join(f"mov.b32 f{i}, h{i};\n" for i in range(8))
-    body += "add.f32 f0, f0, f1;\nadd.f32 f2, f2, f3;\nadd.f32 f4, f4, f5;\nadd.f32 f6, f6, f7;\n"
-    body += "add.f32 f0, f0, f2;\nadd.f32 f4, f4, f6;\nadd.f32 a, f0, f4;\n"
-    k = 1
-    while k < lanes:
-        body += f"shfl.sync.bfly.b32 f1, a, {k}, 0x1f, -1;\nadd.f32 a, a, f1;\n"
-        k *= 2
-    return body + "mov.f32 $0, a;\nmov.f32 $1, a;\n}\n"
-
-
-_XSUM4 = tl.constexpr(_xsum_ptx(4))
-_XSUM8 = tl.constexpr(_xsum_ptx(8))
-_XSUM16 = tl.constexpr(_xsum_ptx(16))
-_XSUM_C = tl.constexpr("=f,=f,r,r,r,r")
-_BCAST = tl.constexpr("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")
-_BCAST_C = tl.constexpr("=f,f,r")
-_GUARD = tl.constexpr("{\n.reg .u32 l;\n.reg .pred q;\nmov.u32 l, %tid.x;\nsetp.ne.u32 q, l, $4;\n"
-                      "selp.f32 $0, 0f7FC00000, 0f00000000, q;\nmov.f32 $1, $0;\n}\n")
-_GUARD_C = tl.constexpr("=f,=f,r,r,r,r")
-
-
-@triton.jit
-def _xsum(xa, xb, GL: tl.constexpr):
-    if GL == 4:
-        return tl.inline_asm_elementwise(_XSUM4, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True, pack=2)
-    elif GL == 8:
-        return tl.inline_asm_elementwise(_XSUM8, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise(_XSUM16, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True, pack=2)
-
-
-@triton.jit
-def _int4_mma_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr,
-    N, stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
-    GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
-    NW: tl.constexpr, RW: tl.constexpr, PDL: tl.constexpr, X_L1: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    row = tl.program_id(1)
-    if PDL:
-        gdc_launch_dependents()
-    if HAS_EIDS:
-        if PDL:
-            gdc_wait()
-        e = tl.load(eid_ptr + row).to(tl.int64)
-    else:
-        e = 0
-    r = tl.arange(0, NW * 32)[:, None]
-    vi = tl.arange(0, 2)[None, :]
-    zero = tl.zeros([NW * 32, 2], dtype=tl.int32)
-    wi = r // 32 + zero
-    ti = r % 4 + zero
-    n = pid_n * 16 + ((r % 32) // 4) * 2 + vi + zero
-    mask_n = n < N
-    w_tile = w_ptr + e * stride_we + (wi * RW + ti).to(tl.int64) * stride_wk + n
-    S: tl.constexpr = RW // 4  # steps, all loaded up front (RW <= 32)
-    SPG: tl.constexpr = GROUP // 32  # steps per group
-    NG: tl.constexpr = S // SPG
-    GL: tl.constexpr = GROUP // 8  # lanes (word rows) per group
-    # weights and scales are never written by a kernel: with PDL they load before gdc_wait
-    w0 = tl.load(w_tile, mask=mask_n, other=0)
-    w1 = tl.load(w_tile + 4 * stride_wk, mask=mask_n & (S > 1), other=0)
-    w2 = tl.load(w_tile + 8 * stride_wk, mask=mask_n & (S > 2), other=0)
-    w3 = tl.load(w_tile + 12 * stride_wk, mask=mask_n & (S > 3), other=0)
-    w4 = tl.load(w_tile + 16 * stride_wk, mask=mask_n & (S > 4), other=0)
-    w5 = tl.load(w_tile + 20 * stride_wk, mask=mask_n & (S > 5), other=0)
-    w6 = tl.load(w_tile + 24 * stride_wk, mask=mask_n & (S > 6), other=0)
-    w7 = tl.load(w_tile + 28 * stride_wk, mask=mask_n & (S > 7), other=0)
-    s_tile = s_ptr + e * stride_se + wi * NG * stride_sg + n
-    m_tile = m_ptr + e * stride_se + wi * NG * stride_sg + n
-    s_cur = tl.load(s_tile, mask=mask_n, other=0).to(tl.float32)
-    m_cur = s_cur
-    if HAS_MINS:
-        m_cur = tl.load(m_tile, mask=mask_n, other=0).to(tl.float32)
-    if PDL and not HAS_EIDS:
-        gdc_wait()
-    # lane l holds x of its warp's word row l: for the group sums, and (X_L1 = 0) for the other lanes
-    lane = r % 32 + zero
-    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + row * (stride_xt // 2)
-    x_pairs = x_row + (wi * RW + tl.minimum(lane, RW - 1)) * 4 + vi
-    xa = tl.load(x_pairs)
-    xb = tl.load(x_pairs + 2)
-    x_quads = x_ptr.to(tl.pointer_type(tl.int64)) + row * (stride_xt // 4)
-    xpart = _xsum(xa, xb, GL)
-    guard = tl.inline_asm_elementwise(_GUARD, _GUARD_C, [w0, r + zero], dtype=tl.float32, is_pure=True, pack=2)
-    y_acc = guard  # 0, or NaN where the lane mapping is not the assumed one
-    c = tl.zeros([NW * 32, 2], dtype=tl.float32)
-    c2 = tl.zeros([NW * 32, 2], dtype=tl.float32)
-    s_nxt = s_cur
-    m_nxt = m_cur
-    for step in tl.static_range(S):
-        if step % SPG == 0 and step // SPG + 1 < NG:  # the next group's scales, a group ahead
-            s_nxt = tl.load(s_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
-            if HAS_MINS:
-                m_nxt = tl.load(m_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
-        words = w0
-        if step == 1:
-            words = w1
-        elif step == 2:
-            words = w2
-        elif step == 3:
-            words = w3
-        elif step == 4:
-            words = w4
-        elif step == 5:
-            words = w5
-        elif step == 6:
-            words = w6
-        elif step == 7:
-            words = w7
-        if X_L1:
-            xq = tl.load(x_quads + (wi * RW + ti + 4 * step) * 2 + vi)
-            c, c2 = tl.inline_asm_elementwise(_STEP_L1, _STEP_L1_C, [words, xq, c, c2],
-                                              dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
-        else:
-            c, c2 = tl.inline_asm_elementwise(_STEP_SHFL, _STEP_SHFL_C, [words, xa, xb, ti + 4 * step, c, c2],
-                                              dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
-        if step % SPG == SPG - 1:  # end of a group: c holds sum x * (128 + code); take 128 * sum(x) off
-            gsum = tl.inline_asm_elementwise(_BCAST, _BCAST_C, [xpart, zero + (step // SPG) * GL],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-            if HAS_MINS:
-                y_acc += s_cur * c + (m_cur - 128.0 * s_cur) * gsum
-            else:
-                y_acc += s_cur * (c - (128.0 + OFFSET) * gsum)
-            s_cur = s_nxt
-            m_cur = m_nxt
-            c = tl.zeros([NW * 32, 2], dtype=tl.float32)
-            c2 = tl.zeros([NW * 32, 2], dtype=tl.float32)
-    # the 4 lanes t of a channel pair hold copies: max over them in-warp, then sum the warps
-    y = tl.sum(tl.max(tl.reshape(y_acc, [NW, 8, 4, 2]), axis=2), axis=0)  # [8, 2]
-    n2 = pid_n * 16 + tl.arange(0, 8)[:, None] * 2 + tl.arange(0, 2)[None, :]
-    tl.store(y_ptr + row * stride_yt + n2, y.to(y_ptr.dtype.element_ty), mask=n2 < N)
-
-
-def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                  expert_ids: torch.Tensor | None, *, bits: int, group_size: int, x_l1: bool = True,
-                  pdl: bool = True) -> torch.Tensor:
-    """Same signature and result as `quant_matmul_kn_ref` for int4, bf16 x, K a multiple of 256."""
-    t, k = x.shape
-    e, kw, n = words.shape
-    rw = 32
-    nw = kw // rw
-    if not (bits == 4 and x.dtype == torch.bfloat16 and group_size in (32, 64, 128) and kw % rw == 0 and nw <= 32):
-        raise ValueError(f"unsupported: bits={bits} x={x.dtype} group={group_size} K={k}")
-    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
-    _int4_mma_gemv_kernel[(triton.cdiv(n, 16), t)](
-        x, words, scales, mins if mins is not None else scales, expert_ids if expert_ids is not None else x, y,
-        n, x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
-        GROUP=group_size, OFFSET=code_offset(4, mins is not None), HAS_MINS=mins is not None,
-        HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=x_l1, num_warps=nw,
-        **({"launch_pdl": True} if pdl else {}))
-    return y
+from spillover.kernels.triton.int4_mma_gemv import int4_mma_gemv  # noqa: E402
 
 
 def ab_case(bench, kind: str, case: tuple, bw: float, reps: int, pdl: bool) -> None:  # type: ignore[no-untyped-def]
@@ -244,7 +36,7 @@ def ab_case(bench, kind: str, case: tuple, bw: float, reps: int, pdl: bool) -> N
         return lambda: int4_mma_gemv(x, f.qweight, f.scales, f.mins, ids, bits=4, group_size=128,
                                      x_l1=x_l1, pdl=pdl)
 
-    variants = {"shipped": lambda f, ids: bench.call(f, x, ids, None),
+    variants = {"cuda-core": lambda f, ids: bench.call(f, x, ids, None),
                 "mma x:shfl": lambda f, ids: mma(f, ids, False),
                 "mma x:L1": lambda f, ids: mma(f, ids, True)}
     errs = {v: bench.rel_err(mk(fmts[0], id_sets[0])(), ref) for v, mk in variants.items()}

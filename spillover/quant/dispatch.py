@@ -1,6 +1,7 @@
 """The one place that picks the kernel for a weight-only quantized matmul, and logs why.
 
-Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_gemm` (CUDA, more rows),
+Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_int4_mma_gemv` (the same for asymmetric
+int4 experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows),
 `triton_fp8_gemv` (CUDA, FP8 block weights, <= GEMV_MAX_ROWS rows), `fp8_dequant` (FP8 otherwise),
 `cpu_int4pack` / `cpu_int8pack` (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize +
 float matmul: CPU prefill, or no Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family
@@ -70,8 +71,27 @@ def _triton_route(device: torch.device) -> bool:
     return device.type == "cuda" or (_forced() == "triton" and triton_interpreted())
 
 
-def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int) -> tuple[str, str]:
-    """(kernel name, reason) for `rows` rows per expert on `device`."""
+# The tensor-core int4 GEMV beat the CUDA-core one only for asymmetric int4 experts, measured on
+# sm_90 (H100, H200: bench/int4_mma_gemv.py, g128, Qwen3-Next's expert shapes: K = 2048 (w13, +14-16 %)
+# and 512 (w2, +4-7 %)); other GPUs, groups and K keep the CUDA-core GEMV until
+# tests/kernels/test_int4_mma_gemv.py and the bench have run there.
+INT4_MMA_CAPABILITIES = ((9, 0),)
+INT4_MMA_GROUPS = (128,)
+INT4_MMA_K = (512, 2048)
+
+
+def int4_mma_fits(fmt: GroupedIntWeight, capability: tuple[int, int], moe: bool) -> bool:
+    """Whether a decode GEMV of `fmt` goes to the tensor-core int4 kernel (its own limits included)."""
+    if not (moe and fmt.bits == 4 and not fmt.symmetric and capability in INT4_MMA_CAPABILITIES
+            and fmt.group_size in INT4_MMA_GROUPS and fmt.in_features in INT4_MMA_K):
+        return False
+    from spillover.kernels.triton.int4_mma_gemv import unsupported
+
+    return unsupported(fmt.bits, fmt.group_size, fmt.in_features, fmt.act_dtype) is None
+
+
+def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int, moe: bool = False) -> tuple[str, str]:
+    """(kernel name, reason) for `rows` rows per expert on `device` (moe: rows pick experts)."""
     forced = _forced()
     if forced == "ref":
         return "ref", "forced by SPILLOVER_QUANT_KERNEL"
@@ -81,6 +101,9 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int) -> tup
         if not fmt.kn_ok:
             return "ref", f"K={fmt.in_features} does not pack into int32 words"
         if rows <= GEMV_MAX_ROWS:
+            if device.type == "cuda" and int4_mma_fits(fmt, torch.cuda.get_device_capability(device), moe):
+                return "triton_int4_mma_gemv", (f"{rows} rows <= {GEMV_MAX_ROWS}, asymmetric int4 experts on "
+                                                "sm_90: tensor-core GEMV")
             return "triton_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: bandwidth-bound GEMV"
         from spillover.kernels.triton.quant_gemm import gemm_ok
 
@@ -101,11 +124,15 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
     if expert_ids is not None and expert_ids.numel() and not fmt.stacked:
         expert_ids = None
     rows = busiest_expert_rows(x, expert_ids)
-    kernel, reason = choose_kernel(fmt, x.device, rows)
+    kernel, reason = choose_kernel(fmt, x.device, rows, moe=expert_ids is not None)
     _log_choice(kernel, reason)
     if kernel.startswith("triton"):
         kn = fmt.to_layout("kn")  # a no-op on CUDA, where formats already hold the kn layout
         args = (x, kn.qweight, kn.scales, kn.mins, expert_ids)
+        if kernel == "triton_int4_mma_gemv":
+            from spillover.kernels.triton.int4_mma_gemv import int4_mma_gemv
+
+            return int4_mma_gemv(*args, bits=fmt.bits, group_size=fmt.group_size)
         if kernel == "triton_gemv":
             from spillover.kernels.triton.quant_gemv import quant_gemv
 
