@@ -18,9 +18,9 @@ from spillover.kernels.triton.quant_gemv import (
     GemvConfig,
     _check,
     _finish,
+    _pdl_start,
     default_config,
-    gdc_launch_dependents,
-    gdc_wait,
+        gdc_wait,
     pdl_supported,
     workspace,
 )
@@ -46,14 +46,7 @@ def _fp8_gemv_kernel(
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if PDL:
-        gdc_launch_dependents()
-    if HAS_EIDS:
-        if PDL:
-            gdc_wait()
-        e = tl.load(eid_ptr + row).to(tl.int64)
-    else:
-        e = 0
+    e = _pdl_start(eid_ptr, row, PDL, HAS_EIDS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     n64 = offs_n.to(tl.int64)

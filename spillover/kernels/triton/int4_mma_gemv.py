@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.triton.int_codes import code_offset
-from spillover.kernels.triton.quant_gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+from spillover.kernels.triton.quant_gemv import _pdl_start, gdc_wait, pdl_supported
 
 
 def _mma(d: str, a: str, b: str, c: str) -> str:
@@ -110,14 +110,7 @@ def _int4_mma_gemv_kernel(
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
-    if PDL:
-        gdc_launch_dependents()
-    if HAS_EIDS:
-        if PDL:
-            gdc_wait()
-        e = tl.load(eid_ptr + row).to(tl.int64)
-    else:
-        e = 0
+    e = _pdl_start(eid_ptr, row, PDL, HAS_EIDS)
     r = tl.arange(0, NW * 32)[:, None]
     vi = tl.arange(0, 2)[None, :]
     zero = tl.zeros([NW * 32, 2], dtype=tl.int32)

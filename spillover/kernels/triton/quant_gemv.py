@@ -64,6 +64,25 @@ except ImportError:
 
 
 @triton.jit
+def _pdl_start(eid_ptr, row, PDL: tl.constexpr, HAS_EIDS: tl.constexpr):
+    """Start of a decode GEMV program: its expert (0 without expert ids).
+
+    With programmatic dependent launch the next kernel may launch as soon as every program runs.
+    What the previous kernel may still be writing (x, expert ids) is read only after gdc_wait: with
+    expert ids that is here, before anything else; without, the caller loads weights first (no
+    kernel writes them) and waits before reading x.
+    """
+    if PDL:
+        gdc_launch_dependents()
+    if HAS_EIDS:
+        if PDL:
+            gdc_wait()
+        return tl.load(eid_ptr + row).to(tl.int64)
+    else:
+        return 0
+
+
+@triton.jit
 def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt,
             SPLIT_K: tl.constexpr):
     """Write y, or (split-K) this split's partial; the last split to arrive sums all of them.
@@ -114,17 +133,8 @@ def _gemv_kn_kernel(
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if PDL:  # programmatic dependent launch: the next kernel may start once every program runs
-        gdc_launch_dependents()
-    # what the previous kernel may still be writing (x, expert ids) is read only after gdc_wait;
-    # the weights are not, so with PDL and no expert ids the first step's words load before it
-    PREFETCH: tl.constexpr = PDL and not HAS_EIDS
-    if HAS_EIDS:
-        if PDL:
-            gdc_wait()
-        e = tl.load(eid_ptr + row).to(tl.int64)
-    else:
-        e = 0
+    e = _pdl_start(eid_ptr, row, PDL, HAS_EIDS)
+    PREFETCH: tl.constexpr = PDL and not HAS_EIDS  # the first step's words load before gdc_wait
     kw_begin = pid_k * (NSTEPS * BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
