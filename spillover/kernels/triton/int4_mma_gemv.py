@@ -159,7 +159,7 @@ def _int4_mma_gemv_kernel(
             s_nxt = tl.load(s_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
             if HAS_MINS:
                 m_nxt = tl.load(m_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
-        words = w0
+        words = w0  # Triton has no lists: the 8 steps in flight are 8 names
         if step == 1:
             words = w1
         elif step == 2:
