@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from spillover import LLM
 from spillover.layers.linear import Linear
-from spillover.quant import Fp8BlockWeight, Int4Weight
+from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight
 from spillover.quant.importers.awq import ORDER
 from spillover.quant.importers.checkpoint import CheckpointQuantError, detect_quantization, iter_checkpoint
 from spillover.quant.importers.gptq import ActOrderNotSupported
@@ -108,6 +108,23 @@ def _fp8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
     return {"weight": q, "weight_scale_inv": scale}, q.float() * full
 
 
+def _ct_fp8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
+    """compressed-tensors float-quantized FP8_BLOCK: Qwen's FP8 pair under the name weight_scale."""
+    parts, ref = _fp8(w, sym)
+    return {"weight": parts["weight"], "weight_scale": parts["weight_scale_inv"]}, ref
+
+
+def _ct_int8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
+    """compressed-tensors int-quantized W8A8 weights: int8 [N, K], per-channel bf16 scale [N, 1]
+    (and, as some writers do, an all-zero weight_zero_point)."""
+    s = (w.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-6).bfloat16()
+    q = torch.round(w.float() / s.float()).clamp(-127, 127).to(torch.int8)
+    parts = {"weight": q, "weight_scale": s}
+    if not sym:  # (used as "with zero points" here: int8 stays symmetric)
+        parts["weight_zero_point"] = torch.zeros(s.shape, dtype=torch.int8)
+    return parts, q.float() * s.float()
+
+
 def _qconfig(method: str, sym: bool) -> dict[str, Any]:
     if method == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": False, "sym": sym,
@@ -124,12 +141,35 @@ def _qconfig(method: str, sym: bool) -> dict[str, Any]:
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                               "input_activations": None, "output_activations": None}},
                 "ignore": IGNORE}
+    if method in ("ct-fp8", "ct-int8"):
+        if method == "ct-fp8":
+            weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "block",
+                       "block_structure": [128, 128], "dynamic": False, "observer": "minmax"}
+            acts = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 128, "strategy": "group",
+                    "dynamic": True, "observer": None}
+        else:
+            weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+                       "dynamic": False, "observer": "minmax"}
+            acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+                    "observer": None}
+        fmt = "float-quantized" if method == "ct-fp8" else "int-quantized"
+        return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                              "input_activations": acts, "output_activations": None}},
+                "ignore": IGNORE}
     return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
             "modules_to_not_convert": ["lm_head", "mlp.gate", "shared_expert_gate"]}
 
 
 WRITERS: dict[str, Callable[[torch.Tensor, bool], tuple[Parts, torch.Tensor]]] = {
-    "gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8}
+    "gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8, "ct-fp8": _ct_fp8,
+    "ct-int8": _ct_int8}
+# writer -> (quant_method in config.json, packed format type, its store name)
+EXPECT: dict[str, tuple[str, type, str]] = {
+    "gptq": ("gptq", Int4Weight, "int4"), "awq": ("awq", Int4Weight, "int4"),
+    "compressed-tensors": ("compressed-tensors", Int4Weight, "int4"), "fp8": ("fp8", Fp8BlockWeight, "fp8_block"),
+    "ct-fp8": ("compressed-tensors", Fp8BlockWeight, "fp8_block"),
+    "ct-int8": ("compressed-tensors", Int8Weight, "int8")}
 
 
 def _write(tmp: Path, model: str, method: str, sym: bool,
@@ -192,6 +232,7 @@ CASES = [
     ("gptq", "qwen3", True), ("gptq", "qwen3_moe-norm", False), ("awq", "llama-untied", False),
     ("awq", "qwen3_moe-norm", False), ("compressed-tensors", "qwen3", True),
     ("compressed-tensors", "qwen3_next", False), ("fp8", "qwen3-fp8", True), ("fp8", "qwen3_moe-fp8", True),
+    ("ct-fp8", "qwen3_moe-fp8", True), ("ct-int8", "qwen3", True), ("ct-int8", "qwen3_moe-norm", False),
 ]
 
 
@@ -202,18 +243,18 @@ def test_checkpoint_loads_packed_and_exact(tmp_path: Path, monkeypatch: pytest.M
         monkeypatch.setitem(CONFIGS, model, FP8_CONFIGS[model])
     qdir, ref = _write(tmp_path, model, method, sym)
     quant = detect_quantization(qdir)
-    assert quant is not None and quant.method == method
+    quant_method, fmt_type, fmt_name = EXPECT[method]
+    assert quant is not None and quant.method == quant_method
     llm = LLM(model=str(qdir), device="cpu", dtype="float32")
-    fmt_type = Fp8BlockWeight if method == "fp8" else Int4Weight
     assert _packed_types(llm) == {fmt_type}
     assert not _dense_linears(llm), "quantized modules were dequantized instead of kept packed"
     if CONFIGS[model][1].get("num_experts"):
         banks = [m for m in llm.model.modules() if hasattr(m, "w13_fmt")]
         assert banks and all(isinstance(b.w13_fmt, fmt_type) and isinstance(b.w2_fmt, fmt_type) for b in banks)
         assert all(b.w13_fmt.stacked and b.w2_fmt.stacked for b in banks)
-    fmt_name = "fp8_block" if method == "fp8" else "int4"
-    assert llm.quant_record["model.layers.0.mlp.down_proj.weight" if not CONFIGS[model][1].get("num_experts")
-                            else "model.layers.0.mlp.experts.1.down_proj.weight"] == f"{fmt_name} ({method} checkpoint)"
+    probe = ("model.layers.0.mlp.down_proj.weight" if not CONFIGS[model][1].get("num_experts")
+             else "model.layers.0.mlp.experts.1.down_proj.weight")
+    assert llm.quant_record[probe] == f"{fmt_name} ({quant_method} checkpoint)"
     assert llm.quant_record["lm_head.weight"].startswith("dense")
     store = convert(qdir, tmp_path / "store", show_progress=False)
     entries = open_store(store).manifest["tensors"]
@@ -326,3 +367,38 @@ def test_convert_resumes_byte_identical(tmp_path: Path) -> None:
         convert(qdir, tmp_path / "out", on_tensor=boom, **kw)
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert digest(convert(qdir, tmp_path / "out", **kw)) == ref
+
+
+def test_compressed_tensors_fp8_per_channel_is_refused_naming_the_config(tmp_path: Path) -> None:
+    """FP8_DYNAMIC (one scale per output row) has no lossless home in the block-FP8 format yet."""
+    from spillover.quant.importers.checkpoint_config import parse_quantization
+
+    q = _qconfig("ct-fp8", True)
+    q["config_groups"]["group_0"]["weights"].update(strategy="channel", block_structure=None)
+    with pytest.raises(CheckpointQuantError, match=r"x/config\.json: compressed-tensors float-quantized float8 "
+                                                   r"weights with strategy 'channel' are not supported"):
+        parse_quantization(q, "x/config.json")
+    q = _qconfig("ct-int8", True)
+    q["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    with pytest.raises(CheckpointQuantError, match="int-quantized 8-bit asymmetric weights are not supported"):
+        parse_quantization(q, "x/config.json")
+
+
+def test_int8_zero_points_and_missing_scales_are_refused_naming_file_and_tensor(tmp_path: Path) -> None:
+    def shifted_zero(name: str, parts: Parts) -> None:
+        if name.endswith("layers.1.mlp.up_proj.weight"):
+            parts["weight_zero_point"] = torch.ones_like(parts["weight_zero_point"])
+
+    qdir, _ = _write(tmp_path / "a", "qwen3", "ct-int8", False, shifted_zero)
+    with pytest.raises(CheckpointQuantError, match=r"safetensors: tensor model\.layers\.1\.mlp\.up_proj\.weight: "
+                                                   r"cannot import as int8 \(int8 weight_zero_point is not all 0"):
+        LLM(model=str(qdir), device="cpu", dtype="float32")
+
+    qdir, _ = _write(tmp_path / "b", "qwen3", "ct-int8", True)
+    for f in qdir.glob("*.safetensors"):
+        t = load_file(str(f))
+        t.pop("model.layers.0.self_attn.o_proj.weight_scale", None)
+        save_file(t, str(f))
+    with pytest.raises(CheckpointQuantError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.weight is int8 but "
+                                                   r"has no model\.layers\.0\.self_attn\.o_proj\.weight_scale"):
+        list(iter_checkpoint(qdir))

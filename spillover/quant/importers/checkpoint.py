@@ -1,5 +1,5 @@
-"""Pre-quantized Hugging Face checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized, Qwen FP8)
-read module by module into our packed formats, with no float round trip.
+"""Pre-quantized Hugging Face checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized / block FP8 /
+int8, Qwen FP8) read module by module into our packed formats, with no float round trip.
 
 `group_entries(source, quant)` looks at the safetensors headers only: the tensors of each quantized
 module (qweight/qzeros/scales/g_idx, weight_packed/weight_scale/..., weight + weight_scale_inv)
@@ -27,7 +27,7 @@ from spillover.quant.importers.checkpoint_config import (
     CheckpointQuantError,
     detect_quantization,
 )
-from spillover.quant.importers.compressed_tensors import import_compressed_tensors
+from spillover.quant.importers.compressed_tensors import import_compressed_tensors, import_int8_channel
 from spillover.quant.importers.fp8_block import import_fp8_block
 from spillover.quant.importers.gptq import ActOrderNotSupported, import_gptq
 from spillover.quant.importers.source import Source, SourceTensor
@@ -44,8 +44,25 @@ PARTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
                            ("weight_zero_point", "weight_g_idx", "weight_shape")),
     # input_scale (static activation scales) is dropped: activations stay in float here
     "fp8": ("weight_scale_inv", ("weight", "weight_scale_inv"), ("input_scale",)),
+    # compressed-tensors float-quantized (block FP8) and int-quantized (int8): weight + weight_scale
+    "compressed-tensors:float-quantized": ("weight_scale", ("weight", "weight_scale"),
+                                           ("input_scale", "weight_zero_point")),
+    "compressed-tensors:int-quantized": ("weight_scale", ("weight", "weight_scale"),
+                                         ("input_scale", "input_zero_point", "weight_zero_point")),
 }
 PartLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def parts_of(quant: CheckpointQuant) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(marker part, required parts, optional parts) of a quantized module in this checkpoint."""
+    return PARTS.get(f"{quant.method}:{quant.checkpoint_format}") or PARTS[quant.method]
+
+
+def _fp8_scale_part(quant: CheckpointQuant) -> str | None:
+    """The block-scale part of an FP8 checkpoint (None: not an FP8 checkpoint)."""
+    if quant.method == "fp8":
+        return "weight_scale_inv"
+    return "weight_scale" if quant.checkpoint_format == "float-quantized" else None
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,7 @@ class Entry:
         """The tensor errors point at and whose file the loader reports."""
         if self.quant is None:
             return self.parts[""]
-        return self.parts[PARTS[self.quant.method][1][0]]
+        return self.parts[parts_of(self.quant)[1][0]]
 
     @property
     def file(self) -> str:
@@ -80,7 +97,7 @@ class Entry:
 
 def group_entries(source: Source, quant: CheckpointQuant) -> list[Entry]:
     """Entries in source order (so reads stay sequential within each file)."""
-    marker, required, optional = PARTS[quant.method]
+    marker, required, optional = parts_of(quant)
     by_name = {t.name: t for t in source.tensors}
     owner: dict[str, str] = {}  # tensor name -> module it belongs to
     for name, t in by_name.items():
@@ -109,14 +126,16 @@ def group_entries(source: Source, quant: CheckpointQuant) -> list[Entry]:
 
 
 def _check_float(t: SourceTensor, quant: CheckpointQuant) -> None:
-    marker, required, optional = PARTS[quant.method]
+    marker, required, optional = parts_of(quant)
     stray = [p for p in required + optional if p != "weight" and t.name.endswith("." + p)]
     if stray:
         module = t.name[: -len(stray[0]) - 1]
         raise CheckpointQuantError(f"{t.file}: tensor {t.name} has no {module}.{marker} beside it")
-    if t.dtype == torch.float8_e4m3fn:
-        raise CheckpointQuantError(f"{t.file}: tensor {t.name} is FP8 but has no {t.name}_scale_inv "
-                                   f"(quantization_config says {quant.method})")
+    if t.dtype in (torch.float8_e4m3fn, torch.int8):
+        kind = "FP8" if t.dtype == torch.float8_e4m3fn else "int8"
+        raise CheckpointQuantError(f"{t.file}: tensor {t.name} is {kind} but has no "
+                                   f"{t.name.removesuffix('.weight')}.{marker} (quantization_config says "
+                                   f"{quant.method})")
 
 
 def _int4_geometry(e: Entry) -> tuple[int, int, int, torch.dtype, bool]:
@@ -124,7 +143,7 @@ def _int4_geometry(e: Entry) -> tuple[int, int, int, torch.dtype, bool]:
     q = e.quant
     assert q is not None
     if q.bits != 4:
-        raise e.fail(PARTS[q.method][0], f"{q.method} {q.bits}-bit weights are not supported (4-bit only; "
+        raise e.fail(parts_of(q)[0], f"{q.method} {q.bits}-bit weights are not supported (4-bit only; "
                                          f"bits set in {q.config_file})")
     if q.method == "compressed-tensors":
         packed, scale = e.parts["weight_packed"], e.parts["weight_scale"]
@@ -147,17 +166,30 @@ def entry_layout(e: Entry) -> tuple[str, dict[str, Any], PartLayout]:
     """(store format, store meta, {part: (dtype, shape)}) that `import_entry(e)` produces."""
     q = e.quant
     assert q is not None, "float entries have no packed layout"
-    if q.method == "fp8":
-        w, s = e.parts["weight"], e.parts["weight_scale_inv"]
+    scale_part = _fp8_scale_part(q)
+    if scale_part is not None:
+        w, s = e.parts["weight"], e.parts[scale_part]
         if w.dtype != torch.float8_e4m3fn or len(w.shape) != 2:
             raise e.fail("weight", f"expected a 2-D float8_e4m3fn weight, found {w.dtype} {list(w.shape)}")
         assert q.weight_block_size is not None
         b = q.weight_block_size[0]
         blocks = (-(-w.shape[0] // b), -(-w.shape[1] // b))
         if tuple(s.shape) != blocks:
-            raise e.fail("weight_scale_inv", f"shape {list(s.shape)} != {list(blocks)} blocks of {b}")
+            raise e.fail(scale_part, f"shape {list(s.shape)} != {list(blocks)} blocks of {b}")
         return ("fp8_block", {"format": "fp8_block", "block": b, "stacked": False},
                 {"weight": (w.dtype, tuple(w.shape)), "scale": (torch.float32, blocks)})
+    if q.checkpoint_format == "int-quantized":
+        w, s = e.parts["weight"], e.parts["weight_scale"]
+        if w.dtype != torch.int8 or len(w.shape) != 2:
+            raise e.fail("weight", f"expected a 2-D int8 weight, found {w.dtype} {list(w.shape)}")
+        n, k = w.shape
+        groups = 1 if q.group_size is None else k // q.group_size
+        shapes = ((n, groups), (n,)) if groups == 1 else ((n, groups),)
+        if tuple(s.shape) not in shapes or (q.group_size is not None and k % q.group_size):
+            raise e.fail("weight_scale", f"shape {list(s.shape)} does not match [{n}, {groups}] (N={n}, K={k}, "
+                                         f"group {q.group_size or 'per channel'})")
+        meta = {"format": "int8", "group_size": k // groups, "symmetric": True, "stacked": False}
+        return "int8", meta, {"qweight": (torch.int8, (n, k)), "scales": (s.dtype, (n, groups))}
     n, k, groups, sdt, mins = _int4_geometry(e)
     parts: PartLayout = {"qweight": (torch.uint8, (n, k // 2)), "scales": (sdt, (n, groups))}
     if mins:  # float32: -zero * scale is exact there, not in the 16-bit scale dtype
@@ -177,17 +209,20 @@ def entry_shape(e: Entry) -> tuple[int, ...]:
 
 def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
                  act_dtype: torch.dtype = torch.bfloat16) -> Any:
-    """Read one quantized module and repack it (an Int4Weight or Fp8BlockWeight), laid out exactly as
-    `entry_layout` promised, so loading and converting give the same tensors."""
+    """Read one quantized module and repack it (an Int4Weight, Int8Weight or Fp8BlockWeight), laid out
+    exactly as `entry_layout` promised, so loading and converting give the same tensors."""
     q = e.quant
     assert q is not None
     _, _, layout = entry_layout(e)
     t = {p: read(s) for p, s in e.parts.items()}
+    scale_part = _fp8_scale_part(q)
     try:
-        if q.method == "fp8":
+        if scale_part is not None:
             assert q.weight_block_size is not None
-            return import_fp8_block(t["weight"], t["weight_scale_inv"], q.weight_block_size[0],
-                                    act_dtype=act_dtype)
+            return import_fp8_block(t["weight"], t[scale_part], q.weight_block_size[0], act_dtype=act_dtype)
+        if q.checkpoint_format == "int-quantized":
+            return import_int8_channel(t["weight"], t["weight_scale"], t.get("weight_zero_point"),
+                                       layout["scales"][1][1], act_dtype=act_dtype)
         if q.method == "gptq":
             fmt = import_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
                               checkpoint_format=q.checkpoint_format, act_dtype=act_dtype)
@@ -200,11 +235,13 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
                 raise e.fail("weight_shape", f"{shape.tolist()} != [{n}, {k}]: padded packing is not supported")
             fmt = import_compressed_tensors(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
                                             t.get("weight_g_idx"), act_dtype=act_dtype)
+    except CheckpointQuantError:
+        raise
     except ActOrderNotSupported as err:
         g = e.parts.get("g_idx") or e.parts.get("weight_g_idx") or e.main
         raise ActOrderNotSupported(f"{g.file}: tensor {g.name}: {err}") from err
-    except (NotImplementedError, AssertionError, RuntimeError) as err:
-        raise e.fail("", f"cannot import as int4 ({err})") from err
+    except (NotImplementedError, AssertionError, RuntimeError, ValueError) as err:
+        raise e.fail("", f"cannot import as {entry_layout(e)[0]} ({err})") from err
     if "mins" in layout and fmt.mins is None:
         # an asymmetric checkpoint whose module has every zero at 8: same values, common layout
         fmt = Int4Weight(fmt.qweight, fmt.scales, -8 * fmt.scales.float(), group_size=fmt.group_size,

@@ -1,9 +1,11 @@
 """config.json `quantization_config` of a pre-quantized Hugging Face checkpoint -> `CheckpointQuant`.
 
 Understood: GPTQ (v1 "gptq" / "gptq_v2" packing), AWQ "gemm", compressed-tensors `pack-quantized`
-integer weights, and Qwen / DeepSeek fine-grained FP8 (`quant_method: fp8` with `weight_block_size`);
-quantization.md §2.1-2.4. Anything else is refused here, naming config.json, before a tensor is read.
-Bit widths are checked per module (checkpoint.py) so that the error can name the tensor as well.
+integer weights, `float-quantized` block FP8 (FP8_BLOCK) and `int-quantized` int8 (W8A8: the weights
+are kept, activations stay in float), and Qwen / DeepSeek fine-grained FP8 (`quant_method: fp8` with
+`weight_block_size`); quantization.md §2.1-2.4. Anything else is refused here, naming config.json,
+before a tensor is read. Bit widths are checked per module (checkpoint.py) so that the error can name
+the tensor as well.
 """
 
 from __future__ import annotations
@@ -111,31 +113,51 @@ def parse_quantization(q: dict[str, Any], where: str = "config.json") -> Checkpo
                                f"supported: {', '.join(SUPPORTED_METHODS)}")
 
 
+CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized")
+
+
 def _compressed_tensors(q: dict[str, Any], where: str) -> CheckpointQuant:
     groups = q.get("config_groups") or {}
     formats = {str(q.get("format"))} | {str(g["format"]) for g in groups.values() if g.get("format")}
-    if formats != {"pack-quantized"}:
+    formats.discard("None")
+    if len(formats) != 1 or not formats <= set(CT_FORMATS):
         raise CheckpointQuantError(f"{where}: compressed-tensors format {sorted(formats)} is not supported "
-                                   "(supported: pack-quantized integer weights, e.g. W4A16)")
+                                   "(supported: pack-quantized integer weights such as W4A16, float-quantized "
+                                   "block FP8, int-quantized int8)")
+    (fmt,) = formats
     weights = [g.get("weights") or {} for g in groups.values()]
     if not weights or not all(weights):
         raise CheckpointQuantError(f"{where}: compressed-tensors config_groups declare no weight quantization")
     w0 = weights[0]
 
     def key(w: dict[str, Any]) -> tuple[Any, ...]:
-        return w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True), w.get("strategy")
+        return (w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True), w.get("strategy"),
+                w.get("group_size"), _names(w.get("block_structure")))
 
     if any(key(w) != key(w0) for w in weights):
         raise CheckpointQuantError(f"{where}: compressed-tensors groups with different weight schemes are "
                                    "not supported")
-    if w0.get("type", "int") != "int":
-        raise CheckpointQuantError(f"{where}: compressed-tensors {w0.get('type')} weights are not supported "
-                                   "(integer pack-quantized only)")
-    strategy = str(w0.get("strategy", "group"))
+    kind, bits, strategy = w0.get("type", "int"), int(w0.get("num_bits", 4)), str(w0.get("strategy", "group"))
+    ignore = _names(q.get("ignore"))
+    if fmt == "float-quantized":
+        block = _names(w0.get("block_structure"))
+        if kind != "float" or bits != 8 or strategy != "block" or len(block) != 2 or block[0] != block[1]:
+            raise CheckpointQuantError(f"{where}: compressed-tensors float-quantized {kind}{bits} weights with "
+                                       f"strategy {strategy!r} are not supported (FP8 in square blocks, e.g. "
+                                       "FP8_BLOCK; per-channel FP8_DYNAMIC and per-tensor FP8 are not)")
+        b = int(block[0])
+        return CheckpointQuant("compressed-tensors", 8, None, True, False, fmt, ignore, (b, b), where)
+    if kind != "int":
+        raise CheckpointQuantError(f"{where}: compressed-tensors {kind} weights are not supported in {fmt} "
+                                   "(integer weights only)")
     if strategy not in ("group", "channel"):
         raise CheckpointQuantError(f"{where}: compressed-tensors strategy {strategy!r} is not supported "
                                    "(group, channel)")
     group = _group(w0.get("group_size")) if strategy == "group" else None
-    return CheckpointQuant("compressed-tensors", int(w0.get("num_bits", 4)), group,
-                           bool(w0.get("symmetric", True)), w0.get("actorder") not in (None, False),
-                           "pack-quantized", _names(q.get("ignore")), config_file=where)
+    sym = bool(w0.get("symmetric", True))
+    if fmt == "int-quantized" and (bits != 8 or not sym):
+        raise CheckpointQuantError(f"{where}: compressed-tensors int-quantized {bits}-bit "
+                                   f"{'symmetric' if sym else 'asymmetric'} weights are not supported "
+                                   "(symmetric int8, e.g. W8A8)")
+    return CheckpointQuant("compressed-tensors", bits, group, sym, w0.get("actorder") not in (None, False),
+                           fmt, ignore, config_file=where)

@@ -1,4 +1,5 @@
-"""compressed-tensors `pack-quantized` int4 (W4A16, W4A16_ASYM) -> Int4Weight.
+"""compressed-tensors `pack-quantized` int4 (W4A16, W4A16_ASYM) -> Int4Weight, and `int-quantized`
+symmetric int8 (W8A8's weights) -> Int8Weight.
 
 weight_packed int32 [N, K/8] packed along K, element i at bits 4i, code = signed q + 8: viewed as
 bytes it is already our [N, K/2] layout. weight_scale [N, K/G]. Asymmetric checkpoints add
@@ -12,6 +13,7 @@ import torch
 
 from spillover.quant.importers.gptq import ActOrderNotSupported, unpack_int32_rows
 from spillover.quant.int4 import Int4Weight
+from spillover.quant.int8 import Int8Weight
 
 
 def import_compressed_tensors(
@@ -37,3 +39,22 @@ def import_compressed_tensors(
     zp = codes.T.float() - 8
     mins = -(8 + zp) * weight_scale.float()
     return Int4Weight(packed, weight_scale, mins, group_size=group, stacked=False, act_dtype=act_dtype)
+
+
+def import_int8_channel(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    groups: int,
+    *,
+    act_dtype: torch.dtype = torch.bfloat16,
+) -> Int8Weight:
+    """int8 weight [N, K] + weight_scale [N, 1] (channel) or [N, K/G] (group), w = q * s: our int8
+    layout as is. The activation half of W8A8 (input_scale, dynamic per-token int8) is not used:
+    activations stay in float, so the result is the checkpoint's weights at 16-bit activation precision."""
+    if weight_zero_point is not None and bool(weight_zero_point.ne(0).any()):
+        raise ValueError("int8 weight_zero_point is not all 0 (asymmetric int8 is not supported)")
+    n, k = weight.shape
+    scales = weight_scale.reshape(n, groups)
+    return Int8Weight(weight.contiguous(), scales.contiguous(), None, group_size=k // groups, stacked=False,
+                      act_dtype=act_dtype)
