@@ -205,6 +205,14 @@ def _write(tmp: Path, model: str, method: str, sym: bool,
     return qdir, ref
 
 
+def _drop(qdir: Path, name: str) -> None:
+    """Remove one tensor from whichever shard holds it (a damaged checkpoint)."""
+    for f in qdir.glob("*.safetensors"):
+        t = load_file(str(f))
+        if t.pop(name, None) is not None:
+            save_file(t, str(f))
+
+
 def _packed_types(llm: LLM) -> set[type]:
     found: set[type] = set()
     for m in llm.model.modules():
@@ -325,10 +333,7 @@ def test_unknown_method_and_quant_flag_are_refused(tmp_path: Path) -> None:
 
 def test_missing_part_is_refused(tmp_path: Path) -> None:
     qdir, _ = _write(tmp_path, "qwen3", "gptq", True)
-    for f in qdir.glob("*.safetensors"):
-        t = load_file(str(f))
-        t.pop("model.layers.0.self_attn.o_proj.scales", None)
-        save_file(t, str(f))
+    _drop(qdir, "model.layers.0.self_attn.o_proj.scales")
     with pytest.raises(CheckpointQuantError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.qweight has no "
                                                    r"model\.layers\.0\.self_attn\.o_proj\.scales"):
         list(iter_checkpoint(qdir))
@@ -395,10 +400,7 @@ def test_int8_zero_points_and_missing_scales_are_refused_naming_file_and_tensor(
         LLM(model=str(qdir), device="cpu", dtype="float32")
 
     qdir, _ = _write(tmp_path / "b", "qwen3", "ct-int8", True)
-    for f in qdir.glob("*.safetensors"):
-        t = load_file(str(f))
-        t.pop("model.layers.0.self_attn.o_proj.weight_scale", None)
-        save_file(t, str(f))
+    _drop(qdir, "model.layers.0.self_attn.o_proj.weight_scale")
     with pytest.raises(CheckpointQuantError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.weight is int8 but "
                                                    r"has no model\.layers\.0\.self_attn\.o_proj\.weight_scale"):
         list(iter_checkpoint(qdir))
