@@ -67,10 +67,17 @@ def quant_matmul_ref(
     return y.to(x.dtype)
 
 
-def dequant_fp8_block_ref(weight: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """FP8 e4m3 [..., N, K] with float32 block scales [..., ceil(N/B), ceil(K/B)] -> float32."""
+def fp8_block_shape(block: int | tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of an FP8 scale block: square B x B (Qwen, FP8_BLOCK), or 1 x K per channel."""
+    return (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+
+
+def dequant_fp8_block_ref(weight: torch.Tensor, scale: torch.Tensor, block: int | tuple[int, int] = 128
+                          ) -> torch.Tensor:
+    """FP8 e4m3 [..., N, K] with float32 block scales [..., ceil(N/BN), ceil(K/BK)] -> float32."""
     n, k = weight.shape[-2:]
-    s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+    bn, bk = fp8_block_shape(block)
+    s = scale.float().repeat_interleave(bn, dim=-2).repeat_interleave(bk, dim=-1)
     return weight.float() * s[..., :n, :k]
 
 
@@ -80,7 +87,7 @@ def fp8_matmul_ref(
     scale: torch.Tensor,
     expert_ids: torch.Tensor | None,
     *,
-    block: int = 128,
+    block: int | tuple[int, int] = 128,
 ) -> torch.Tensor:
     """y [T, N] = x [T, K] @ W[expert_ids[t]].T for FP8 block weights [E, N, K] (E = 1: dense)."""
     y = torch.empty(x.shape[0], weight.shape[1], dtype=torch.float32, device=x.device)

@@ -174,7 +174,7 @@ def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | 
     if kernel == "triton_fp8_gemv":
         from spillover.kernels.triton.fp8_gemv import fp8_gemv
 
-        return fp8_gemv(x, weight, scale, expert_ids, block=fmt.block)
+        return fp8_gemv(x, weight, scale, expert_ids, block=fmt.block_shape)
     if expert_ids is None:
         return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
     return per_expert(x, expert_ids, weight.shape[1],

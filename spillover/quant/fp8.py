@@ -1,6 +1,7 @@
 """FP8 e4m3 block-128 format (Qwen's official FP8 checkpoints), kept as FP8 bytes in memory.
 
-weight float8_e4m3fn [E?, N, K] and float32 block scales [E?, ceil(N/128), ceil(K/128)];
+weight float8_e4m3fn [E?, N, K] and float32 block scales [E?, ceil(N/BN), ceil(K/BK)]: 128 x 128 blocks
+(Qwen, compressed-tensors FP8_BLOCK), or 1 x K (one scale per output row: compressed-tensors FP8_DYNAMIC);
 w = fp8 * scale (the checkpoint calls it `weight_scale_inv` but it multiplies).
 Decode on CUDA reads the FP8 bytes directly (`kernels/triton/fp8_gemv.py`: codes converted in registers, one scale per
 block); elsewhere, and for prefill, the needed weight is dequantized on the fly for a float matmul.
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from spillover.kernels.ref_quant import dequant_fp8_block_ref
+from spillover.kernels.ref_quant import dequant_fp8_block_ref, fp8_block_shape
 from spillover.quant.packing import CHUNK_ELEMS
 
 FP8_MAX = 448.0
@@ -22,12 +23,19 @@ FP8_MAX = 448.0
 class Fp8BlockWeight:
     name = "fp8_block"
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: int = 128,
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: int | tuple[int, int] = 128,
                  act_dtype: torch.dtype = torch.bfloat16) -> None:
         assert weight.dtype == torch.float8_e4m3fn
-        self.weight, self.scale, self.block = weight, scale.float(), block
+        self.block_n, self.block = fp8_block_shape(block)  # rows and columns (K) per scale
+        n, k = weight.shape[-2:]
+        assert scale.shape[-2:] == (-(-n // self.block_n), -(-k // self.block)), "scales do not match the blocks"
+        self.weight, self.scale = weight, scale.float()
         self.stacked = weight.dim() == 3
         self.act_dtype = act_dtype
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return self.block_n, self.block
 
     @classmethod
     def pack(cls, weight: torch.Tensor, block: int = 128,
@@ -65,7 +73,7 @@ class Fp8BlockWeight:
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         w, s = (self.weight, self.scale) if expert is None else (self.weight[expert], self.scale[expert])
-        return dequant_fp8_block_ref(w, s, self.block).to(self.act_dtype)
+        return dequant_fp8_block_ref(w, s, self.block_shape).to(self.act_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from spillover.quant.dispatch import fp8_matmul
@@ -88,15 +96,19 @@ class Fp8BlockWeight:
         return self.weight.unsqueeze(0), self.scale.unsqueeze(0)
 
     def to(self, device: torch.device | str) -> Fp8BlockWeight:
-        return type(self)(self.weight.to(device), self.scale.to(device), self.block, self.act_dtype)
+        return type(self)(self.weight.to(device), self.scale.to(device), self.block_shape, self.act_dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "scale": self.scale}
 
     def meta(self) -> dict[str, Any]:
-        return {"format": self.name, "block": self.block, "stacked": self.stacked}
+        meta: dict[str, Any] = {"format": self.name, "block": self.block, "stacked": self.stacked}
+        if self.block_n != self.block:  # square blocks keep the original meta
+            meta["block_n"] = self.block_n
+        return meta
 
     @classmethod
     def from_tensors(cls, parts: dict[str, torch.Tensor], meta: dict[str, Any],
                      act_dtype: torch.dtype = torch.bfloat16) -> Fp8BlockWeight:
-        return cls(parts["weight"], parts["scale"], int(meta.get("block", 128)), act_dtype)
+        block = int(meta.get("block", 128))
+        return cls(parts["weight"], parts["scale"], (int(meta.get("block_n", block)), block), act_dtype)

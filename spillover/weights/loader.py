@@ -272,7 +272,8 @@ def _concat_tensors(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
         joined = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
     else:
         rows = 1 if stacked else 0
-        if f0.stacked != stacked or any(p["weight"].shape[rows] % int(meta.get("block", 1)) for p in parts[:-1]):
+        if f0.stacked != stacked or any(p["weight"].shape[rows] % int(meta.get("block_n", meta.get("block", 1)))
+                                       for p in parts[:-1]):
             return None
         joined = {k: torch.cat([p[k] for p in parts], rows) for k in parts[0]}
     return format_from_tensors(joined, {**meta, "stacked": stacked}, f0.act_dtype)

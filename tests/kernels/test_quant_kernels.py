@@ -80,6 +80,24 @@ def test_fp8_gemv_matches_reference(stacked: bool, cfg: GemvConfig | None) -> No
     torch.testing.assert_close(fp8_gemv(x, fmt.weight, fmt.scale, ids, config=cfg), ref, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("cfg", [None, GemvConfig(8, 64, 2, 4)], ids=str)
+def test_fp8_gemv_per_channel_scales(cfg: GemvConfig | None) -> None:
+    """FP8_DYNAMIC weights: one scale per output row, blocks of 1 x K (a rectangular block)."""
+    e, n, k = 3, 40, 256
+    w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(9))
+    scale = w.abs().amax(-1, keepdim=True) / 448.0  # [E, N, 1]
+    fmt = Fp8BlockWeight((w / scale).to(torch.float8_e4m3fn), scale, (1, k), act_dtype=torch.float32).to(DEVICE)
+    assert fmt.meta() == {"format": "fp8_block", "block": k, "block_n": 1, "stacked": True}
+    torch.testing.assert_close(fmt.dequantize(), fmt.weight.float() * fmt.scale)
+    back = Fp8BlockWeight.from_tensors(fmt.tensors(), fmt.meta(), act_dtype=torch.float32)
+    assert back.block_shape == (1, k) and torch.equal(back.dequantize(), fmt.dequantize())
+    x = torch.randn(4, k, device=DEVICE)
+    ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
+    ref = fp8_matmul_ref(x, fmt.weight, fmt.scale, ids, block=(1, k))
+    out = fp8_gemv(x, fmt.weight, fmt.scale, ids, block=(1, k), config=cfg)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+
+
 def test_default_config_divides_k_within_the_unroll_bound() -> None:
     for rows, n, k, bits in [(1, 4096, 4096, 4), (1, 1024, 2048, 4), (10, 2048, 512, 8), (1, 2048, 512, 4),
                              (64, 256, 96, 8), (1, 8192, 8192, 8), (1, 4096, 65536, 4), (1, 4096, 11008, 4)]:

@@ -114,6 +114,13 @@ def _ct_fp8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
     return {"weight": parts["weight"], "weight_scale": parts["weight_scale_inv"]}, ref
 
 
+def _ct_fp8_channel(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
+    """compressed-tensors float-quantized FP8_DYNAMIC weights: e4m3 [N, K], one float32 scale per row [N, 1]."""
+    scale = (w.float().abs().amax(-1, keepdim=True) / 448.0).clamp_min(1e-8)
+    q = (w.float() / scale).to(torch.float8_e4m3fn)
+    return {"weight": q, "weight_scale": scale}, q.float() * scale
+
+
 def _ct_int8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
     """compressed-tensors int-quantized W8A8 weights: int8 [N, K], per-channel bf16 scale [N, 1]
     (and, as some writers do, an all-zero weight_zero_point)."""
@@ -141,18 +148,23 @@ def _qconfig(method: str, sym: bool) -> dict[str, Any]:
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                               "input_activations": None, "output_activations": None}},
                 "ignore": IGNORE}
-    if method in ("ct-fp8", "ct-int8"):
+    if method in ("ct-fp8", "ct-fp8-channel", "ct-int8"):
         if method == "ct-fp8":
             weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "block",
                        "block_structure": [128, 128], "dynamic": False, "observer": "minmax"}
             acts = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 128, "strategy": "group",
                     "dynamic": True, "observer": None}
+        elif method == "ct-fp8-channel":  # llm-compressor's FP8_DYNAMIC preset
+            weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
+                       "block_structure": None, "dynamic": False, "observer": "minmax"}
+            acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True,
+                    "observer": None}
         else:
             weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
                        "dynamic": False, "observer": "minmax"}
             acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
                     "observer": None}
-        fmt = "float-quantized" if method == "ct-fp8" else "int-quantized"
+        fmt = "int-quantized" if method == "ct-int8" else "float-quantized"
         return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                               "input_activations": acts, "output_activations": None}},
@@ -163,12 +175,13 @@ def _qconfig(method: str, sym: bool) -> dict[str, Any]:
 
 WRITERS: dict[str, Callable[[torch.Tensor, bool], tuple[Parts, torch.Tensor]]] = {
     "gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8, "ct-fp8": _ct_fp8,
-    "ct-int8": _ct_int8}
+    "ct-fp8-channel": _ct_fp8_channel, "ct-int8": _ct_int8}
 # writer -> (quant_method in config.json, packed format type, its store name)
 EXPECT: dict[str, tuple[str, type, str]] = {
     "gptq": ("gptq", Int4Weight, "int4"), "awq": ("awq", Int4Weight, "int4"),
     "compressed-tensors": ("compressed-tensors", Int4Weight, "int4"), "fp8": ("fp8", Fp8BlockWeight, "fp8_block"),
     "ct-fp8": ("compressed-tensors", Fp8BlockWeight, "fp8_block"),
+    "ct-fp8-channel": ("compressed-tensors", Fp8BlockWeight, "fp8_block"),
     "ct-int8": ("compressed-tensors", Int8Weight, "int8")}
 
 
@@ -240,7 +253,8 @@ CASES = [
     ("gptq", "qwen3", True), ("gptq", "qwen3_moe-norm", False), ("awq", "llama-untied", False),
     ("awq", "qwen3_moe-norm", False), ("compressed-tensors", "qwen3", True),
     ("compressed-tensors", "qwen3_next", False), ("fp8", "qwen3-fp8", True), ("fp8", "qwen3_moe-fp8", True),
-    ("ct-fp8", "qwen3_moe-fp8", True), ("ct-int8", "qwen3", True), ("ct-int8", "qwen3_moe-norm", False),
+    ("ct-fp8", "qwen3_moe-fp8", True), ("ct-fp8-channel", "qwen3", True), ("ct-fp8-channel", "qwen3_moe-norm", True),
+    ("ct-int8", "qwen3", True), ("ct-int8", "qwen3_moe-norm", False),
 ]
 
 
@@ -374,14 +388,14 @@ def test_convert_resumes_byte_identical(tmp_path: Path) -> None:
     assert digest(convert(qdir, tmp_path / "out", **kw)) == ref
 
 
-def test_compressed_tensors_fp8_per_channel_is_refused_naming_the_config(tmp_path: Path) -> None:
-    """FP8_DYNAMIC (one scale per output row) has no lossless home in the block-FP8 format yet."""
+def test_compressed_tensors_unsupported_schemes_are_refused_naming_the_config(tmp_path: Path) -> None:
+    """Per-tensor FP8 and asymmetric int8 have no lossless home in our formats."""
     from spillover.quant.importers.checkpoint_config import parse_quantization
 
     q = _qconfig("ct-fp8", True)
-    q["config_groups"]["group_0"]["weights"].update(strategy="channel", block_structure=None)
+    q["config_groups"]["group_0"]["weights"].update(strategy="tensor", block_structure=None)
     with pytest.raises(CheckpointQuantError, match=r"x/config\.json: compressed-tensors float-quantized float8 "
-                                                   r"weights with strategy 'channel' are not supported"):
+                                                   r"weights with strategy 'tensor' are not supported"):
         parse_quantization(q, "x/config.json")
     q = _qconfig("ct-int8", True)
     q["config_groups"]["group_0"]["weights"]["symmetric"] = False

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from spillover.kernels.ref_quant import fp8_block_shape
 from spillover.kernels.triton.int_codes import _codes
 from spillover.kernels.triton.quant_gemv import (
     GemvConfig,
@@ -31,10 +32,11 @@ def _fp8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
     N, KW_SPLIT,
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_yt,
-    BLOCK: tl.constexpr, HAS_EIDS: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_NS: tl.constexpr, HAS_EIDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    """FP8 in the checkpoint's row-major layout: words [E, N, K/4], scales [E, N/BLOCK, K/BLOCK].
+    """FP8 in the checkpoint's row-major layout: words [E, N, K/4], scales [E, N/BLOCK_NS, K/BLOCK]
+    (BLOCK_NS rows and BLOCK columns per scale).
 
     With PDL (as in the int GEMV) the programs let the next kernel launch at once, load their
     first step's weights (no kernel writes them) and wait for the previous kernel only before
@@ -51,7 +53,7 @@ def _fp8_gemv_kernel(
     mask_n = offs_n < N
     n64 = offs_n.to(tl.int64)
     w_rows = w_ptr + e * stride_we + n64 * stride_wn  # stride_wn counts int32 words
-    s_rows = s_ptr + e * stride_se + (n64 // BLOCK) * stride_sn
+    s_rows = s_ptr + e * stride_se + (n64 // BLOCK_NS) * stride_sn
     x_row = x_ptr + row * stride_xt
     j = tl.arange(0, BLOCK_W)
     # Partial sums stay per thread in a [BLOCK_N, BLOCK_W] tile until after the loop: a cross-thread
@@ -84,20 +86,22 @@ def fp8_gemv(
     scale: torch.Tensor,
     expert_ids: torch.Tensor | None,
     *,
-    block: int = 128,
+    block: int | tuple[int, int] = 128,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/B), K/B].
+    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/BN), K/BK] (block: B for
+    B x B, or (BN, BK), e.g. (1, K) for one scale per row).
 
     Same signature and result as `spillover.kernels.ref_quant.fp8_matmul_ref`. FP8 keeps the
     checkpoint's nk layout (the row-major kernel): the kn layout measured no faster for it.
     """
     t, k = x.shape
     e, n, kw = weight.shape
-    assert kw == k and x.stride(1) == 1 and scale.stride(2) == 1 and k % block == 0
-    assert scale.shape == (e, triton.cdiv(n, block), k // block)
+    block_n, block_k = fp8_block_shape(block)
+    assert kw == k and x.stride(1) == 1 and scale.stride(2) == 1 and k % block_k == 0
+    assert scale.shape == (e, triton.cdiv(n, block_n), k // block_k)
     cfg = config or default_config(t, n, k, 8, fp8=True)
-    _check(k, 4, block, cfg)
+    _check(k, 4, block_k, cfg)
     words = weight.contiguous().view(torch.uint8).view(torch.int32)
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
@@ -108,7 +112,7 @@ def fp8_gemv(
         x, words, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, k // cfg.split_k // 4,
         x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
-        BLOCK=block, HAS_EIDS=expert_ids is not None,
+        BLOCK=block_k, BLOCK_NS=block_n, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PDL=pdl, num_warps=cfg.num_warps,
         **launch,
     )

@@ -58,6 +58,13 @@ def parts_of(quant: CheckpointQuant) -> tuple[str, tuple[str, ...], tuple[str, .
     return PARTS.get(f"{quant.method}:{quant.checkpoint_format}") or PARTS[quant.method]
 
 
+def _fp8_block(quant: CheckpointQuant, k: int) -> tuple[int, int]:
+    """(rows, columns) per FP8 scale; a 0 column count (per channel) means all of K."""
+    assert quant.weight_block_size is not None
+    bn, bk = quant.weight_block_size
+    return bn, bk or k
+
+
 def _fp8_scale_part(quant: CheckpointQuant) -> str | None:
     """The block-scale part of an FP8 checkpoint (None: not an FP8 checkpoint)."""
     if quant.method == "fp8":
@@ -171,13 +178,14 @@ def entry_layout(e: Entry) -> tuple[str, dict[str, Any], PartLayout]:
         w, s = e.parts["weight"], e.parts[scale_part]
         if w.dtype != torch.float8_e4m3fn or len(w.shape) != 2:
             raise e.fail("weight", f"expected a 2-D float8_e4m3fn weight, found {w.dtype} {list(w.shape)}")
-        assert q.weight_block_size is not None
-        b = q.weight_block_size[0]
-        blocks = (-(-w.shape[0] // b), -(-w.shape[1] // b))
-        if tuple(s.shape) != blocks:
-            raise e.fail(scale_part, f"shape {list(s.shape)} != {list(blocks)} blocks of {b}")
-        return ("fp8_block", {"format": "fp8_block", "block": b, "stacked": False},
-                {"weight": (w.dtype, tuple(w.shape)), "scale": (torch.float32, blocks)})
+        bn, bk = _fp8_block(q, w.shape[1])
+        blocks = (-(-w.shape[0] // bn), -(-w.shape[1] // bk))
+        if tuple(s.shape) != blocks and not (bk == w.shape[1] and tuple(s.shape) == blocks[:1]):
+            raise e.fail(scale_part, f"shape {list(s.shape)} != {list(blocks)} blocks of {bn}x{bk}")
+        meta: dict[str, Any] = {"format": "fp8_block", "block": bk, "stacked": False}
+        if bn != bk:
+            meta["block_n"] = bn
+        return "fp8_block", meta, {"weight": (w.dtype, tuple(w.shape)), "scale": (torch.float32, blocks)}
     if q.checkpoint_format == "int-quantized":
         w, s = e.parts["weight"], e.parts["weight_scale"]
         if w.dtype != torch.int8 or len(w.shape) != 2:
@@ -218,8 +226,9 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
     scale_part = _fp8_scale_part(q)
     try:
         if scale_part is not None:
-            assert q.weight_block_size is not None
-            return import_fp8_block(t["weight"], t[scale_part], q.weight_block_size[0], act_dtype=act_dtype)
+            block = _fp8_block(q, t["weight"].shape[1])
+            return import_fp8_block(t["weight"], t[scale_part].reshape(layout["scale"][1]), block,
+                                    act_dtype=act_dtype)
         if q.checkpoint_format == "int-quantized":
             return import_int8_channel(t["weight"], t["weight_scale"], t.get("weight_zero_point"),
                                        layout["scales"][1][1], act_dtype=act_dtype)

@@ -1,7 +1,8 @@
 """config.json `quantization_config` of a pre-quantized Hugging Face checkpoint -> `CheckpointQuant`.
 
 Understood: GPTQ (v1 "gptq" / "gptq_v2" packing), AWQ "gemm", compressed-tensors `pack-quantized`
-integer weights, `float-quantized` block FP8 (FP8_BLOCK) and `int-quantized` int8 (W8A8: the weights
+integer weights, `float-quantized` FP8 per channel or in blocks (FP8_DYNAMIC, FP8_BLOCK) and `int-quantized`
+int8 (W8A8: the weights
 are kept, activations stay in float), and Qwen / DeepSeek fine-grained FP8 (`quant_method: fp8` with
 `weight_block_size`); quantization.md §2.1-2.4. Anything else is refused here, naming config.json,
 before a tensor is read. Bit widths are checked per module (checkpoint.py) so that the error can name
@@ -34,7 +35,7 @@ class CheckpointQuant:
     # GPTQ packing (gptq | gptq_v2), AWQ version (gemm), compressed-tensors format, FP8 fmt (e4m3)
     checkpoint_format: str = ""
     ignore: tuple[str, ...] = ()  # modules_to_not_convert / compressed-tensors `ignore` (names, "re:" regexes)
-    weight_block_size: tuple[int, int] | None = None  # FP8 only
+    weight_block_size: tuple[int, int] | None = None  # FP8 only: (rows, columns) per scale, 0 = all of K
     config_file: str = ""
 
     def ignores(self, module: str) -> bool:
@@ -141,10 +142,12 @@ def _compressed_tensors(q: dict[str, Any], where: str) -> CheckpointQuant:
     ignore = _names(q.get("ignore"))
     if fmt == "float-quantized":
         block = _names(w0.get("block_structure"))
+        if kind == "float" and bits == 8 and strategy == "channel":  # FP8_DYNAMIC: one scale per row
+            return CheckpointQuant("compressed-tensors", 8, None, True, False, fmt, ignore, (1, 0), where)
         if kind != "float" or bits != 8 or strategy != "block" or len(block) != 2 or block[0] != block[1]:
             raise CheckpointQuantError(f"{where}: compressed-tensors float-quantized {kind}{bits} weights with "
-                                       f"strategy {strategy!r} are not supported (FP8 in square blocks, e.g. "
-                                       "FP8_BLOCK; per-channel FP8_DYNAMIC and per-tensor FP8 are not)")
+                                       f"strategy {strategy!r} are not supported (FP8 per channel, e.g. "
+                                       "FP8_DYNAMIC, or in square blocks, e.g. FP8_BLOCK; per-tensor FP8 is not)")
         b = int(block[0])
         return CheckpointQuant("compressed-tensors", 8, None, True, False, fmt, ignore, (b, b), where)
     if kind != "int":
