@@ -82,12 +82,24 @@ INT4_MMA_K = (512, 2048)
 
 def int4_mma_fits(fmt: GroupedIntWeight, capability: tuple[int, int], moe: bool) -> bool:
     """Whether a decode GEMV of `fmt` goes to the tensor-core int4 kernel (its own limits included)."""
-    if not (moe and fmt.bits == 4 and not fmt.symmetric and capability in INT4_MMA_CAPABILITIES
-            and fmt.group_size in INT4_MMA_GROUPS and fmt.in_features in INT4_MMA_K):
+    return moe and _int4_mma_fits(fmt.bits, fmt.symmetric, fmt.group_size, fmt.in_features, fmt.act_dtype,
+                                  capability)
+
+
+@cache  # asked for every quantized matmul of a decode step
+def _int4_mma_fits(bits: int, symmetric: bool, group_size: int, k: int, act_dtype: torch.dtype,
+                   capability: tuple[int, int]) -> bool:
+    if not (bits == 4 and not symmetric and capability in INT4_MMA_CAPABILITIES
+            and group_size in INT4_MMA_GROUPS and k in INT4_MMA_K):
         return False
     from spillover.kernels.triton.int4_mma_gemv import unsupported
 
-    return unsupported(fmt.bits, fmt.group_size, fmt.in_features, fmt.act_dtype) is None
+    return unsupported(bits, group_size, k, act_dtype) is None
+
+
+@cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int, moe: bool = False) -> tuple[str, str]:
@@ -101,7 +113,7 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int, moe: b
         if not fmt.kn_ok:
             return "ref", f"K={fmt.in_features} does not pack into int32 words"
         if rows <= GEMV_MAX_ROWS:
-            if device.type == "cuda" and int4_mma_fits(fmt, torch.cuda.get_device_capability(device), moe):
+            if device.type == "cuda" and int4_mma_fits(fmt, _capability(device), moe):
                 return "triton_int4_mma_gemv", (f"{rows} rows <= {GEMV_MAX_ROWS}, asymmetric int4 experts on "
                                                 "sm_90: tensor-core GEMV")
             return "triton_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: bandwidth-bound GEMV"
