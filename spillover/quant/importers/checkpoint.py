@@ -138,7 +138,8 @@ def _check_float(t: SourceTensor, quant: CheckpointQuant) -> None:
     if stray:
         module = t.name[: -len(stray[0]) - 1]
         raise CheckpointQuantError(f"{t.file}: tensor {t.name} has no {module}.{marker} beside it")
-    if t.dtype in (torch.float8_e4m3fn, torch.int8):
+    # a quantized weight without its scale would otherwise pass through as a float tensor
+    if t.dtype == torch.float8_e4m3fn or (t.dtype == torch.int8 and quant.checkpoint_format == "int-quantized"):
         kind = "FP8" if t.dtype == torch.float8_e4m3fn else "int8"
         raise CheckpointQuantError(f"{t.file}: tensor {t.name} is {kind} but has no "
                                    f"{t.name.removesuffix('.weight')}.{marker} (quantization_config says "
