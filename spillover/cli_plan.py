@@ -121,7 +121,7 @@ def run_plan(args: argparse.Namespace) -> int:
     except (UnknownModelError, ModelSourceError, UnknownGpuError, ValueError, OSError) as e:
         return _error(str(e), args.json)
     limits = Limits(context=args.context, seqs=args.seqs, token_budget=args.token_budget)
-    plan = make_plan(src.name, src.config, src.inventory, hw, limits, args.quant)
+    plan = make_plan(src.name, src.config, src.inventory, hw, limits, args.quant, fixed=src.scheme)
     plan = replace(plan, checkpoint_bytes=src.checkpoint_bytes, reasons=plan.reasons + src.notes)
     if args.json:
         print(json.dumps(to_json(plan), indent=1))

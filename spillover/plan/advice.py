@@ -37,9 +37,11 @@ def make_plan(
     limits: Limits,
     quant: str = "auto",
     advise: bool = True,
+    fixed: WeightScheme | None = None,
 ) -> MemoryPlan:
-    """The plan for `quant` (for `auto`: the best-quality scheme that fits), with suggestions."""
-    schemes = candidate_schemes(cfg, inv, hw, quant)
+    """The plan for `quant` (for `auto`: the best-quality scheme that fits), with suggestions; `fixed`:
+    the format of a pre-quantised checkpoint, which is what loads whatever `quant` says."""
+    schemes = [fixed] if fixed is not None else candidate_schemes(cfg, inv, hw, quant)
     plans = []
     for s in schemes:
         p = plan_memory(model, cfg, inv, s, hw, limits)
@@ -54,18 +56,22 @@ def make_plan(
         notes.insert(0, f"--quant auto chose {chosen.scheme.name} ({why}; tried {tried})")
     if inv.is_native_only and quant not in ("auto", "native"):
         notes.insert(0, f"--quant {quant} ignored: a GGUF file keeps the formats it was saved with")
+    elif fixed is not None and quant not in ("auto", "native"):
+        notes.insert(0, f"--quant {quant} ignored: a pre-quantised checkpoint loads in its own format")
     chosen = replace(chosen, reasons=tuple(notes))
     if advise:
-        chosen = replace(chosen, suggestions=tuple(suggest(chosen, inv, hw, limits)))
+        chosen = replace(chosen, suggestions=tuple(suggest(chosen, inv, hw, limits, fixed is not None)))
     return chosen
 
 
-def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits) -> list[str]:
+def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits, fixed: bool = False) -> list[str]:
+    """What would make the plan fit (or run faster); `fixed`: the format cannot change (pre-quantised)."""
     cfg = plan.config
+    requant = not inv.is_native_only and not fixed
     out: list[str] = []
     ctx = plan.extra.get("context", limits.context)
     if not plan.fits:
-        if not inv.is_native_only:
+        if requant:
             for s in auto_candidates(fp8_native=True):
                 if s.quality_rank <= plan.scheme.quality_rank or (s.dense != s.experts and not cfg.is_moe):
                     continue
@@ -88,7 +94,7 @@ def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits) 
                 f"{plan.scheme.name} would fit in GPU + RAM"
             )
         out.extend(_smaller_models(plan, hw, limits))
-    elif plan.verdict == "gpu+ram" and not inv.is_native_only and plan.scheme.experts != INT4:
+    elif plan.verdict == "gpu+ram" and requant and plan.scheme.experts != INT4:
         p = plan_memory(plan.model, cfg, inv, WeightScheme.uniform(INT4), hw, limits)
         if p.fits and p.predicted.decode_tok_s > 1.2 * plan.predicted.decode_tok_s:
             out.append(

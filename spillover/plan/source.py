@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from spillover.catalog import CONFIGS, UnknownModelError, lookup
 from spillover.models.config import ModelConfig
+from spillover.plan.formats import WeightScheme, checkpoint_scheme
 from spillover.plan.inventory import (
     SAFETENSORS_DTYPE_BYTES,
     Inventory,
@@ -40,6 +41,7 @@ class ModelSource:
     kind: str  # gguf | folder | catalog | hub
     checkpoint_bytes: int | None = None  # what a download or the files on disk take
     notes: tuple[str, ...] = ()
+    scheme: WeightScheme | None = None  # a pre-quantised checkpoint's own format: the plan sizes it
 
 
 def resolve(model: str, allow_hub: bool = True) -> ModelSource:
@@ -106,14 +108,30 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         return dict(json.loads(f.read(n)))
 
 
-def _checkpoint_notes(raw: dict[str, Any], params_on_disk: int | None, inv: Inventory) -> list[str]:
-    notes = []
+def _checkpoint_quant(raw: dict[str, Any]) -> tuple[WeightScheme | None, list[str]]:
+    """(the format a pre-quantised checkpoint loads in, a note); (None, []) for a float checkpoint."""
+    from spillover.quant.importers.checkpoint_config import CheckpointQuantError, parse_quantization
+
     q = raw.get("quantization_config")
-    if isinstance(q, dict):
-        notes.append(
-            f"checkpoint is pre-quantised ({q.get('quant_method', 'unknown')}); the plan sizes the "
-            "format you choose with --quant"
-        )
+    if not isinstance(q, dict):
+        return None, []
+    method = q.get("quant_method", "unknown")
+    try:
+        cq = parse_quantization(q, "config.json")
+    except CheckpointQuantError as e:
+        return None, [f"checkpoint is pre-quantised in a way spillover cannot load ({e}); the plan sizes "
+                      "the format chosen with --quant for a float checkpoint of this model"]
+    scheme = checkpoint_scheme(cq.method, cq.bits, cq.group_size, cq.sym, cq.weight_block_size)
+    if scheme is None:
+        return None, [f"checkpoint is pre-quantised ({method}, {cq.bits}-bit), which spillover cannot load "
+                      "(4-bit GPTQ/AWQ/compressed-tensors, FP8 and compressed-tensors int8 only); the plan "
+                      "sizes the format chosen with --quant for a float checkpoint of this model"]
+    return scheme, [f"checkpoint is pre-quantised ({method}): it loads as stored, {scheme.description}; "
+                    "the plan sizes that"]
+
+
+def _checkpoint_notes(raw: dict[str, Any], params_on_disk: int | None, inv: Inventory) -> list[str]:
+    notes = _checkpoint_quant(raw)[1]
     if params_on_disk and params_on_disk != inv.total_params:
         extra = params_on_disk - inv.total_params
         notes.append(
@@ -137,7 +155,8 @@ def from_folder(path: Path) -> ModelSource:
                     n *= int(d)
                 params += n
     size = sum(f.stat().st_size for f in files) or None
-    return ModelSource(path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv)))
+    return ModelSource(path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv)),
+                       _checkpoint_quant(raw)[0])
 
 
 def _hub_error(repo_id: str, why: str) -> ModelSourceError:
@@ -196,4 +215,4 @@ def from_hub(repo_id: str) -> ModelSource:
     except Exception as e:
         notes.append(f"safetensors headers not read ({type(e).__name__}); sizes come from config.json")
     notes = _checkpoint_notes(raw, params, inv) + notes
-    return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes))
+    return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes), _checkpoint_quant(raw)[0])

@@ -110,3 +110,56 @@ def test_local_folder_is_read_from_config_and_headers(tmp_path: Path, capsys: py
     assert out["params"]["total"] == inv.total_params
     assert out["checkpoint_bytes"] == (tmp_path / "model.safetensors").stat().st_size
     assert out["weights_total_bytes"] == 2 * inv.total_params and out["quant"] == "bf16"
+
+
+def _quantized_folder(tmp_path: Path, qcfg: dict) -> tuple[Path, object]:  # type: ignore[type-arg]
+    from spillover.catalog import CONFIGS
+    from spillover.models.config import ModelConfig
+    from spillover.plan.inventory import inventory_from_config
+
+    raw = dict(CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"], num_hidden_layers=2, vocab_size=64,
+               quantization_config=qcfg)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return tmp_path, inventory_from_config(ModelConfig.from_hf(raw))
+
+
+def _ct(fmt: str, kind: str) -> dict:  # type: ignore[type-arg]
+    """A compressed-tensors config of 8-bit per-channel weights."""
+    weights = {"num_bits": 8, "type": kind, "strategy": "channel"}
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "config_groups": {"g": {"targets": ["Linear"], "weights": weights}}}
+
+
+@pytest.mark.parametrize(
+    ("qcfg", "quant", "kind"),
+    [
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True}, "int4",
+         ("int4", 128, True)),
+        ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}, "fp8", ("fp8", 128, False)),
+        (_ct("float-quantized", "float"), "fp8", ("fp8", 0, False)),
+        (_ct("int-quantized", "int"), "int8", ("int8", 128, False)),
+    ],
+    ids=["awq", "qwen-fp8", "fp8-dynamic", "w8a8"],
+)
+def test_prequantized_checkpoint_is_planned_in_its_own_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], qcfg: dict, quant: str, kind: tuple  # type: ignore[type-arg]
+) -> None:
+    """What loads is the checkpoint's format, whatever --quant says: the plan sizes that, and says so."""
+    from spillover.plan.formats import WeightFormat, WeightScheme
+
+    folder, inv = _quantized_folder(tmp_path, qcfg)
+    out = _json(capsys, str(folder), "--quant", "bf16", "--context", "1024", *HW)
+    name, group, zero = kind
+    fmt = WeightFormat(name, "", 0, group_size=group, zero_point=zero, zero_bytes=4)
+    assert out["quant"] == quant
+    assert out["weights_total_bytes"] == sum(inv.bytes_by_component(WeightScheme.uniform(fmt)).values())  # type: ignore[attr-defined]
+    assert any("--quant bf16 ignored" in r for r in out["reasons"])
+    assert any(f"pre-quantised ({qcfg['quant_method']})" in r for r in out["reasons"])
+
+
+def test_prequantized_checkpoint_spillover_cannot_load_says_so(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    folder, inv = _quantized_folder(tmp_path, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    out = _json(capsys, str(folder), "--quant", "bf16", "--context", "1024", *HW)
+    assert out["quant"] == "bf16" and out["weights_total_bytes"] == 2 * inv.total_params  # type: ignore[attr-defined]
+    assert any("cannot load" in r and "bitsandbytes" in r for r in out["reasons"])
