@@ -88,3 +88,20 @@ def test_dispatch_rule() -> None:
     assert not int4_mma_fits(_kn(2, 32, 384, 128, False), (9, 0), moe=True)  # K not a multiple of 256
     f32 = Int4Weight.pack(torch.randn(2, 32, 512), 128, False, act_dtype=torch.float32).to_layout("kn")
     assert not int4_mma_fits(f32, (9, 0), moe=True)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the dispatcher picks the tensor-core GEMV on sm_90 only")
+@pytest.mark.parametrize(("n", "k"), [(1024, 2048), (2048, 512)])  # Qwen3-Next's w13 and w2
+def test_dispatcher_sends_asymmetric_experts_to_it(n: int, k: int) -> None:
+    """The integrated path: a stacked asymmetric g128 int4 bank on Hopper, 10 rows of picked experts."""
+    from spillover.quant.dispatch import busiest_expert_rows, choose_kernel
+
+    fmt = _kn(16, n, k, 128, False, "cuda")
+    x = torch.randn(10, k, device="cuda").to(torch.bfloat16)
+    ids = torch.randint(0, 16, (10,), device="cuda")
+    rows = busiest_expert_rows(x, ids)  # what quant_matmul asks the dispatcher with
+    assert choose_kernel(fmt, torch.device("cuda"), rows, moe=True)[0] == "triton_int4_mma_gemv"
+    ref = quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=4, group_size=128)
+    out = fmt.forward_experts(x, ids)
+    torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
