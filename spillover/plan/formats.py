@@ -115,7 +115,7 @@ def auto_candidates(fp8_native: bool) -> list[WeightScheme]:
     return out
 
 
-def checkpoint_scheme(method: str, bits: int, group_size: int | None, symmetric: bool,
+def checkpoint_scheme(method: str, checkpoint_format: str, bits: int, group_size: int | None, symmetric: bool,
                       fp8_block: tuple[int, int] | None) -> WeightScheme | None:
     """The format a pre-quantised checkpoint loads in (spillover.quant.importers), None if it loads in
     none: GPTQ / AWQ / compressed-tensors W4A16 -> int4 (asymmetric: float32 mins), Qwen and
@@ -125,7 +125,7 @@ def checkpoint_scheme(method: str, bits: int, group_size: int | None, symmetric:
         how = "per row" if per_row else f"per {fp8_block[0]}x{fp8_block[1]} block"
         return WeightScheme.uniform(WeightFormat("fp8", f"FP8 E4M3, fp32 scale {how} (as in the checkpoint)", 1,
                                                  group_size=0 if per_row else fp8_block[0]))
-    if bits == 8 and method == "compressed-tensors":
+    if bits == 8 and (method, checkpoint_format) == ("compressed-tensors", "int-quantized"):
         return WeightScheme.uniform(WeightFormat("int8", "int8 per-channel (as in the checkpoint)", 2))
     if bits != 4:
         return None

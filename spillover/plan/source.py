@@ -121,7 +121,8 @@ def _checkpoint_quant(raw: dict[str, Any]) -> tuple[WeightScheme | None, list[st
     except CheckpointQuantError as e:
         return None, [f"checkpoint is pre-quantised in a way spillover cannot load ({e}); the plan sizes "
                       "the format chosen with --quant for a float checkpoint of this model"]
-    scheme = checkpoint_scheme(cq.method, cq.bits, cq.group_size, cq.sym, cq.weight_block_size)
+    scheme = checkpoint_scheme(cq.method, cq.checkpoint_format, cq.bits, cq.group_size, cq.sym,
+                               cq.weight_block_size)
     if scheme is None:
         return None, [f"checkpoint is pre-quantised ({method}, {cq.bits}-bit), which spillover cannot load "
                       "(4-bit GPTQ/AWQ/compressed-tensors, FP8 and compressed-tensors int8 only); the plan "
@@ -130,8 +131,8 @@ def _checkpoint_quant(raw: dict[str, Any]) -> tuple[WeightScheme | None, list[st
                     "the plan sizes that"]
 
 
-def _checkpoint_notes(raw: dict[str, Any], params_on_disk: int | None, inv: Inventory) -> list[str]:
-    notes = _checkpoint_quant(raw)[1]
+def _checkpoint_notes(params_on_disk: int | None, inv: Inventory, quant_notes: list[str]) -> list[str]:
+    notes = list(quant_notes)
     if params_on_disk and params_on_disk != inv.total_params:
         extra = params_on_disk - inv.total_params
         notes.append(
@@ -155,8 +156,9 @@ def from_folder(path: Path) -> ModelSource:
                     n *= int(d)
                 params += n
     size = sum(f.stat().st_size for f in files) or None
-    return ModelSource(path.name, cfg, inv, "folder", size, tuple(_checkpoint_notes(raw, params or None, inv)),
-                       _checkpoint_quant(raw)[0])
+    scheme, quant_notes = _checkpoint_quant(raw)
+    return ModelSource(path.name, cfg, inv, "folder", size,
+                       tuple(_checkpoint_notes(params or None, inv, quant_notes)), scheme)
 
 
 def _hub_error(repo_id: str, why: str) -> ModelSourceError:
@@ -214,5 +216,6 @@ def from_hub(repo_id: str) -> ModelSource:
                 size += n * SAFETENSORS_DTYPE_BYTES.get(t.dtype, 2)
     except Exception as e:
         notes.append(f"safetensors headers not read ({type(e).__name__}); sizes come from config.json")
-    notes = _checkpoint_notes(raw, params, inv) + notes
-    return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes), _checkpoint_quant(raw)[0])
+    scheme, quant_notes = _checkpoint_quant(raw)
+    notes = _checkpoint_notes(params, inv, quant_notes) + notes
+    return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes), scheme)

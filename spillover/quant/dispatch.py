@@ -81,20 +81,11 @@ INT4_MMA_K = (512, 2048)
 
 
 def int4_mma_fits(fmt: GroupedIntWeight, capability: tuple[int, int], moe: bool) -> bool:
-    """Whether a decode GEMV of `fmt` goes to the tensor-core int4 kernel (its own limits included)."""
-    return moe and _int4_mma_fits(fmt.bits, fmt.symmetric, fmt.group_size, fmt.in_features, fmt.act_dtype,
-                                  capability)
-
-
-@cache  # asked for every quantized matmul of a decode step
-def _int4_mma_fits(bits: int, symmetric: bool, group_size: int, k: int, act_dtype: torch.dtype,
-                   capability: tuple[int, int]) -> bool:
-    if not (bits == 4 and not symmetric and capability in INT4_MMA_CAPABILITIES
-            and group_size in INT4_MMA_GROUPS and k in INT4_MMA_K):
-        return False
-    from spillover.kernels.triton.int4_mma_gemv import unsupported
-
-    return unsupported(bits, group_size, k, act_dtype) is None
+    """Whether a decode GEMV of `fmt` goes to the tensor-core int4 kernel (the shapes above are
+    within its own limits, `int4_mma_gemv.unsupported`; bf16 activations only)."""
+    return (moe and fmt.bits == 4 and not fmt.symmetric and capability in INT4_MMA_CAPABILITIES
+            and fmt.group_size in INT4_MMA_GROUPS and fmt.in_features in INT4_MMA_K
+            and fmt.act_dtype == torch.bfloat16)
 
 
 @cache

@@ -1,4 +1,4 @@
-"""FP8 e4m3 block-128 format (Qwen's official FP8 checkpoints), kept as FP8 bytes in memory.
+"""FP8 e4m3 block format (Qwen's official FP8 checkpoints, compressed-tensors FP8), kept as FP8 bytes.
 
 weight float8_e4m3fn [E?, N, K] and float32 block scales [E?, ceil(N/BN), ceil(K/BK)]: 128 x 128 blocks
 (Qwen, compressed-tensors FP8_BLOCK), or 1 x K (one scale per output row: compressed-tensors FP8_DYNAMIC);
@@ -28,7 +28,10 @@ class Fp8BlockWeight:
         assert weight.dtype == torch.float8_e4m3fn
         self.block_n, self.block = fp8_block_shape(block)  # rows and columns (K) per scale
         n, k = weight.shape[-2:]
-        assert scale.shape[-2:] == (-(-n // self.block_n), -(-k // self.block)), "scales do not match the blocks"
+        blocks = (-(-n // self.block_n), -(-k // self.block))
+        if tuple(scale.shape[-2:]) != blocks:
+            raise ValueError(f"FP8 scales {list(scale.shape)} do not match weight {list(weight.shape)} in blocks of "
+                             f"{self.block_n}x{self.block} ({list(blocks)} expected)")
         self.weight, self.scale = weight, scale.float()
         self.stacked = weight.dim() == 3
         self.act_dtype = act_dtype

@@ -21,8 +21,8 @@ from spillover.kernels.triton.quant_gemv import (
     _finish,
     _pdl_start,
     default_config,
-        gdc_wait,
-    pdl_supported,
+    gdc_wait,
+    pdl_launch,
     workspace,
 )
 
@@ -106,8 +106,7 @@ def fp8_gemv(
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
     ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
-    pdl = pdl_supported(x.device) if cfg.pdl is None else cfg.pdl
-    launch: dict[str, object] = {"launch_pdl": True} if pdl else {}
+    pdl, launch = pdl_launch(x.device, cfg.pdl)
     _fp8_gemv_kernel[grid](
         x, words, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, k // cfg.split_k // 4,

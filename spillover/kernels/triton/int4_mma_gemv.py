@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.triton.int_codes import code_offset
-from spillover.kernels.triton.quant_gemv import _pdl_start, gdc_wait, pdl_supported
+from spillover.kernels.triton.quant_gemv import _pdl_start, gdc_wait, pdl_launch
 
 
 def _mma(d: str, a: str, b: str, c: str) -> str:
@@ -119,19 +119,20 @@ def _int4_mma_gemv_kernel(
     n = pid_n * 16 + ((r % 32) // 4) * 2 + vi + zero
     mask_n = n < N
     w_tile = w_ptr + e * stride_we + (wi * RW + ti).to(tl.int64) * stride_wk + n
-    S: tl.constexpr = RW // 4  # steps, all loaded up front (RW <= 32)
+    S: tl.constexpr = RW // 4  # steps, all loaded up front
+    tl.static_assert(S == 8, "the launcher gives every warp 32 word rows: 8 steps, 8 named loads")
     SPG: tl.constexpr = GROUP // 32  # steps per group
     NG: tl.constexpr = S // SPG
     GL: tl.constexpr = GROUP // 8  # lanes (word rows) per group
     # weights and scales are never written by a kernel: with PDL they load before gdc_wait
     w0 = tl.load(w_tile, mask=mask_n, other=0)
-    w1 = tl.load(w_tile + 4 * stride_wk, mask=mask_n & (S > 1), other=0)
-    w2 = tl.load(w_tile + 8 * stride_wk, mask=mask_n & (S > 2), other=0)
-    w3 = tl.load(w_tile + 12 * stride_wk, mask=mask_n & (S > 3), other=0)
-    w4 = tl.load(w_tile + 16 * stride_wk, mask=mask_n & (S > 4), other=0)
-    w5 = tl.load(w_tile + 20 * stride_wk, mask=mask_n & (S > 5), other=0)
-    w6 = tl.load(w_tile + 24 * stride_wk, mask=mask_n & (S > 6), other=0)
-    w7 = tl.load(w_tile + 28 * stride_wk, mask=mask_n & (S > 7), other=0)
+    w1 = tl.load(w_tile + 4 * stride_wk, mask=mask_n, other=0)
+    w2 = tl.load(w_tile + 8 * stride_wk, mask=mask_n, other=0)
+    w3 = tl.load(w_tile + 12 * stride_wk, mask=mask_n, other=0)
+    w4 = tl.load(w_tile + 16 * stride_wk, mask=mask_n, other=0)
+    w5 = tl.load(w_tile + 20 * stride_wk, mask=mask_n, other=0)
+    w6 = tl.load(w_tile + 24 * stride_wk, mask=mask_n, other=0)
+    w7 = tl.load(w_tile + 28 * stride_wk, mask=mask_n, other=0)
     s_tile = s_ptr + e * stride_se + wi * NG * stride_sg + n
     m_tile = m_ptr + e * stride_se + wi * NG * stride_sg + n
     s_cur = tl.load(s_tile, mask=mask_n, other=0).to(tl.float32)
@@ -231,7 +232,7 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
     if not x.is_contiguous() or x.data_ptr() % 16:  # x rows are read 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
     x_l1 = k >= 1024 if x_l1 is None else x_l1
-    pdl = pdl_supported(x.device) if pdl is None else pdl
+    pdl, launch = pdl_launch(x.device, pdl)
     rw = WARP_K // 8
     nw = kw // rw
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
@@ -240,5 +241,5 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
         n, x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
         GROUP=group_size, OFFSET=code_offset(4, mins is not None), HAS_MINS=mins is not None,
         HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=x_l1, num_warps=nw,
-        **({"launch_pdl": True} if pdl else {}))
+        **launch)
     return y

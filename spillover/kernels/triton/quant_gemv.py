@@ -251,6 +251,12 @@ def pdl_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def pdl_launch(device: torch.device, pdl: bool | None) -> tuple[bool, dict[str, object]]:
+    """(PDL on?, launch kwargs) for a GEMV launch; pdl None: wherever the GPU has it."""
+    on = pdl_supported(device) if pdl is None else pdl
+    return on, ({"launch_pdl": True} if on else {})
+
+
 TARGET_PROGRAMS = 1024  # FP8: ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
 MAX_STEPS = 16  # the int kernel unrolls its K loop: a bound on code size and compile time
 
@@ -335,8 +341,7 @@ def quant_gemv(
     # 8-byte x loads need an aligned row start; 16-bit x takes the cheaper biased codes (the bias
     # costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
     x_bf16 = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
-    pdl = pdl_supported(x.device) if cfg.pdl is None else cfg.pdl
-    launch: dict[str, object] = {"launch_pdl": True} if pdl else {}
+    pdl, launch = pdl_launch(x.device, cfg.pdl)
     if cfg.max_regs is not None:
         launch["maxnreg"] = cfg.max_regs
     _gemv_kn_kernel[grid](

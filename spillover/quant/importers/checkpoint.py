@@ -27,7 +27,7 @@ from spillover.quant.importers.checkpoint_config import (
     CheckpointQuantError,
     detect_quantization,
 )
-from spillover.quant.importers.compressed_tensors import import_compressed_tensors, import_int8_channel
+from spillover.quant.importers.compressed_tensors import import_compressed_tensors, import_int8
 from spillover.quant.importers.fp8_block import import_fp8_block
 from spillover.quant.importers.gptq import ActOrderNotSupported, import_gptq
 from spillover.quant.importers.source import Source, SourceTensor
@@ -66,10 +66,8 @@ def _fp8_block(quant: CheckpointQuant, k: int) -> tuple[int, int]:
 
 
 def _fp8_scale_part(quant: CheckpointQuant) -> str | None:
-    """The block-scale part of an FP8 checkpoint (None: not an FP8 checkpoint)."""
-    if quant.method == "fp8":
-        return "weight_scale_inv"
-    return "weight_scale" if quant.checkpoint_format == "float-quantized" else None
+    """The block-scale part of an FP8 checkpoint (its marker part), None for an integer one."""
+    return parts_of(quant)[0] if quant.weight_block_size is not None else None
 
 
 @dataclass(frozen=True)
@@ -222,7 +220,7 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
     exactly as `entry_layout` promised, so loading and converting give the same tensors."""
     q = e.quant
     assert q is not None
-    _, _, layout = entry_layout(e)
+    fmt_name, _, layout = entry_layout(e)
     t = {p: read(s) for p, s in e.parts.items()}
     scale_part = _fp8_scale_part(q)
     try:
@@ -231,8 +229,8 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
             return import_fp8_block(t["weight"], t[scale_part].reshape(layout["scale"][1]), block,
                                     act_dtype=act_dtype)
         if q.checkpoint_format == "int-quantized":
-            return import_int8_channel(t["weight"], t["weight_scale"], t.get("weight_zero_point"),
-                                       layout["scales"][1][1], act_dtype=act_dtype)
+            return import_int8(t["weight"], t["weight_scale"], t.get("weight_zero_point"), layout["scales"][1][1],
+                               act_dtype=act_dtype)
         if q.method == "gptq":
             fmt = import_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
                               checkpoint_format=q.checkpoint_format, act_dtype=act_dtype)
@@ -251,7 +249,7 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
         g = e.parts.get("g_idx") or e.parts.get("weight_g_idx") or e.main
         raise ActOrderNotSupported(f"{g.file}: tensor {g.name}: {err}") from err
     except (NotImplementedError, AssertionError, RuntimeError, ValueError) as err:
-        raise e.fail("", f"cannot import as {entry_layout(e)[0]} ({err})") from err
+        raise e.fail("", f"cannot import as {fmt_name} ({err})") from err
     if "mins" in layout and fmt.mins is None:
         # an asymmetric checkpoint whose module has every zero at 8: same values, common layout
         fmt = Int4Weight(fmt.qweight, fmt.scales, -8 * fmt.scales.float(), group_size=fmt.group_size,

@@ -41,7 +41,7 @@ def import_compressed_tensors(
     return Int4Weight(packed, weight_scale, mins, group_size=group, stacked=False, act_dtype=act_dtype)
 
 
-def import_int8_channel(
+def import_int8(
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     weight_zero_point: torch.Tensor | None,
