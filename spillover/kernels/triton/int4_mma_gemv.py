@@ -120,19 +120,14 @@ def _int4_mma_gemv_kernel(
     mask_n = n < N
     w_tile = w_ptr + e * stride_we + (wi * RW + ti).to(tl.int64) * stride_wk + n
     S: tl.constexpr = RW // 4  # steps, all loaded up front
-    tl.static_assert(S == 8, "the launcher gives every warp 32 word rows: 8 steps, 8 named loads")
+    tl.static_assert(RW == 32, "one word row per lane: x by shuffles and the group sums")
     SPG: tl.constexpr = GROUP // 32  # steps per group
     NG: tl.constexpr = S // SPG
     GL: tl.constexpr = GROUP // 8  # lanes (word rows) per group
     # weights and scales are never written by a kernel: with PDL they load before gdc_wait
-    w0 = tl.load(w_tile, mask=mask_n, other=0)
-    w1 = tl.load(w_tile + 4 * stride_wk, mask=mask_n, other=0)
-    w2 = tl.load(w_tile + 8 * stride_wk, mask=mask_n, other=0)
-    w3 = tl.load(w_tile + 12 * stride_wk, mask=mask_n, other=0)
-    w4 = tl.load(w_tile + 16 * stride_wk, mask=mask_n, other=0)
-    w5 = tl.load(w_tile + 20 * stride_wk, mask=mask_n, other=0)
-    w6 = tl.load(w_tile + 24 * stride_wk, mask=mask_n, other=0)
-    w7 = tl.load(w_tile + 28 * stride_wk, mask=mask_n, other=0)
+    ws = ()
+    for step in tl.static_range(S):
+        ws = ws + (tl.load(w_tile + 4 * step * stride_wk, mask=mask_n, other=0),)
     s_tile = s_ptr + e * stride_se + wi * NG * stride_sg + n
     m_tile = m_ptr + e * stride_se + wi * NG * stride_sg + n
     s_cur = tl.load(s_tile, mask=mask_n, other=0).to(tl.float32)
@@ -149,7 +144,7 @@ def _int4_mma_gemv_kernel(
     xb = tl.load(x_pairs + 2)
     x_quads = x_ptr.to(tl.pointer_type(tl.int64)) + row * (stride_xt // 4)
     xpart = _xsum(xa, xb, GL)
-    guard = tl.inline_asm_elementwise(_GUARD, _GUARD_C, [w0, r + zero], dtype=tl.float32, is_pure=True, pack=2)
+    guard = tl.inline_asm_elementwise(_GUARD, _GUARD_C, [ws[0], r + zero], dtype=tl.float32, is_pure=True, pack=2)
     y_acc = guard  # 0, or NaN where the lane mapping is not the assumed one
     c = tl.zeros([NW * 32, 2], dtype=tl.float32)
     c2 = tl.zeros([NW * 32, 2], dtype=tl.float32)
@@ -160,21 +155,7 @@ def _int4_mma_gemv_kernel(
             s_nxt = tl.load(s_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
             if HAS_MINS:
                 m_nxt = tl.load(m_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
-        words = w0  # Triton has no lists: the 8 steps in flight are 8 names
-        if step == 1:
-            words = w1
-        elif step == 2:
-            words = w2
-        elif step == 3:
-            words = w3
-        elif step == 4:
-            words = w4
-        elif step == 5:
-            words = w5
-        elif step == 6:
-            words = w6
-        elif step == 7:
-            words = w7
+        words = ws[step]
         if X_L1:
             xq = tl.load(x_quads + (wi * RW + ti + 4 * step) * 2 + vi)
             c, c2 = tl.inline_asm_elementwise(_STEP_L1, _STEP_L1_C, [words, xq, c, c2],
