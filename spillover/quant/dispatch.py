@@ -1,11 +1,13 @@
 """The one place that picks the kernel for a weight-only quantized matmul, and logs why.
 
 Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_int4_mma_gemv` (the same for asymmetric
-int4 experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows),
-`triton_fp8_gemv` (CUDA, FP8 block weights, <= GEMV_MAX_ROWS rows), `fp8_dequant` (FP8 otherwise),
-`cpu_int4pack` / `cpu_int8pack` (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize +
-float matmul: CPU prefill, or no Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family
-(triton on the CPU only works under TRITON_INTERPRET=1; for tests). The Triton int kernels read the
+int4 experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows:
+routed experts, or up to GEMM_DENSE_MAX_ROWS on a dense weight), `dequant` (CUDA, a dense weight with
+more rows: bf16 once, then cuBLAS), `triton_fp8_gemv` / `triton_fp8_gemm` / `fp8_dequant` (the same
+three for FP8 block weights; `fp8_dequant` also without Triton), `cpu_int4pack` / `cpu_int8pack`
+(CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize + float matmul: CPU prefill, or no
+Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family (triton on the CPU only works under
+TRITON_INTERPRET=1; for tests). The Triton int kernels read the
 GPU "kn" layout (`GroupedIntWeight.to_layout`); a CPU-resident format is converted per call (tests only).
 """
 
@@ -31,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 8  # GEMV re-reads weights per row; beyond this a tiled GEMM wins
+# A dense weight with more rows than this is dequantized once to bf16 for cuBLAS: the grouped GEMM's
+# small dequantized tiles lost to it from ~128-512 rows on a 4096x4096 weight (H100, bench/quant_gemm.py).
+# Routed experts always take the grouped GEMM: one dequantize + matmul per expert was 25-1000x slower.
+GEMM_DENSE_MAX_ROWS = 128
 CPU_WOQ_MAX_ROWS = 4  # torch's CPU int4/int8 ops scale linearly with M; bf16 GEMM wins from M ~ 16
 
 
@@ -108,6 +114,8 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int, moe: b
                 return "triton_int4_mma_gemv", (f"{rows} rows <= {GEMV_MAX_ROWS}, asymmetric int4 experts on "
                                                 "sm_90: tensor-core GEMV")
             return "triton_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: bandwidth-bound GEMV"
+        if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
+            return "dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: dequantize once + cuBLAS"
         from spillover.kernels.triton.quant_gemm import gemm_ok
 
         if not gemm_ok(fmt.in_features, fmt.bits, fmt.group_size):
@@ -143,6 +151,8 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
         from spillover.kernels.triton.quant_gemm import quant_gemm
 
         return quant_gemm(*args, bits=fmt.bits, group_size=fmt.group_size)
+    if kernel == "dequant":  # dense only
+        return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
     if kernel.startswith("cpu_"):
         op = cpu_kernels.int4_cpu_matmul if fmt.bits == 4 else cpu_kernels.int8_cpu_matmul
         if expert_ids is None:
@@ -153,16 +163,22 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
                             group_size=fmt.group_size)
 
 
-def choose_fp8_kernel(fmt: Fp8BlockWeight, device: torch.device, rows: int) -> tuple[str, str]:
+def choose_fp8_kernel(fmt: Fp8BlockWeight, device: torch.device, rows: int, moe: bool = False) -> tuple[str, str]:
     if _forced() == "ref" or not _triton_route(device):
         return "fp8_dequant", f"{device.type}: dequantize the needed weight + float matmul"
     if not triton_available():
         return "fp8_dequant", "triton not importable"
     if fmt.weight.shape[-1] % fmt.block:
         return "fp8_dequant", f"K={fmt.weight.shape[-1]} is not a multiple of the block {fmt.block}"
-    if rows > GEMV_MAX_ROWS:
-        return "fp8_dequant", f"{rows} rows > {GEMV_MAX_ROWS}: dequantize once + tensor-core matmul"
-    return "triton_fp8_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: FP8 bytes read directly"
+    if rows <= GEMV_MAX_ROWS:
+        return "triton_fp8_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: FP8 bytes read directly"
+    if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
+        return "fp8_dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: dequantize once + cuBLAS"
+    from spillover.kernels.triton.quant_gemm import gemm_ok
+
+    if not gemm_ok(fmt.weight.shape[-1], 8, fmt.block):
+        return "fp8_dequant", f"K={fmt.weight.shape[-1]} has no 16-word GEMM steps: dequantize + float matmul"
+    return "triton_fp8_gemm", f"{rows} rows > {GEMV_MAX_ROWS}: tiled GEMM reads the FP8 bytes"
 
 
 def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | None) -> torch.Tensor:
@@ -171,13 +187,17 @@ def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | 
     if expert_ids is not None and not fmt.stacked:
         expert_ids = None
     rows = busiest_expert_rows(x, expert_ids)
-    kernel, reason = choose_fp8_kernel(fmt, x.device, rows)
+    kernel, reason = choose_fp8_kernel(fmt, x.device, rows, moe=expert_ids is not None)
     _log_choice(kernel, reason)
     weight, scale = fmt.stacked_views()
     if kernel == "triton_fp8_gemv":
         from spillover.kernels.triton.fp8_gemv import fp8_gemv
 
         return fp8_gemv(x, weight, scale, expert_ids, block=fmt.block_shape)
+    if kernel == "triton_fp8_gemm":
+        from spillover.kernels.triton.quant_gemm import fp8_gemm
+
+        return fp8_gemm(x, weight, scale, expert_ids, block=fmt.block_shape)
     if expert_ids is None:
         return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
     return per_expert(x, expert_ids, weight.shape[1],

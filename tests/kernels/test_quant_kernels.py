@@ -1,4 +1,4 @@
-"""Triton W4A16/W8A16 GEMV and GEMM (kn layout) and the FP8 GEMV against the torch references.
+"""Triton W4A16/W8A16 GEMV and GEMM (kn layout) and the FP8 GEMV and GEMM against the torch references.
 
 On the CPU they run under TRITON_INTERPRET=1; on CUDA (scripts/gpu_check, the device machine) for real.
 """
@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref, quant_matmul_ref  # noqa: E402
 from spillover.kernels.triton.fp8_gemv import fp8_gemv  # noqa: E402
-from spillover.kernels.triton.quant_gemm import align_rows, quant_gemm  # noqa: E402
+from spillover.kernels.triton.quant_gemm import align_rows, fp8_gemm, quant_gemm  # noqa: E402
 from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, quant_gemv  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 
@@ -78,6 +78,35 @@ def test_fp8_gemv_matches_reference(stacked: bool, cfg: GemvConfig | None) -> No
     ids = torch.randint(0, e, (5,), device=DEVICE) if stacked else None
     ref = fp8_matmul_ref(x, fmt.weight, fmt.scale, ids)
     torch.testing.assert_close(fp8_gemv(x, fmt.weight, fmt.scale, ids, config=cfg), ref, rtol=1e-4, atol=2e-4)
+
+
+def _fp8_blocks(e: int, n: int, k: int, block: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight [E, N, K], float32 scales [E, N/BN, K/BK]) for a BN x BK block, as checkpoints store them."""
+    bn, bk = block
+    w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(seed))
+    scale = w.view(e, n // bn, bn, k // bk, bk).abs().amax((2, 4)) / 448.0
+    q = (w / scale.repeat_interleave(bn, 1).repeat_interleave(bk, 2)).to(torch.float8_e4m3fn)
+    return q.to(DEVICE), scale.to(DEVICE)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("block", [(128, 128), (1, 256), (32, 64)], ids=str)
+def test_fp8_gemm_matches_reference(stacked: bool, block: tuple[int, int]) -> None:
+    """Square 128 blocks with N = 200 (a partial block and a partial 64-channel tile), one scale per
+    row (FP8_DYNAMIC) and rectangular blocks; rows routed to experts and padded per expert."""
+    e, n, k = (3, 200, 256) if stacked else (1, 200, 256)
+    if block == (128, 128):
+        fmt = Fp8BlockWeight.pack(torch.randn(e, n, k, generator=torch.Generator().manual_seed(11)),
+                                  act_dtype=torch.float32).to(DEVICE)
+        weight, scale = fmt.weight, fmt.scale
+    else:
+        n = 192
+        weight, scale = _fp8_blocks(e, n, k, block, 12)
+    t = 37
+    x = torch.randn(t, k, device=DEVICE)
+    ids = torch.randint(0, e, (t,), device=DEVICE) if stacked else None
+    ref = fp8_matmul_ref(x, weight, scale, ids, block=block)
+    torch.testing.assert_close(fp8_gemm(x, weight, scale, ids, block=block), ref, rtol=1e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("cfg", [None, GemvConfig(8, 64, 2, 4)], ids=str)
@@ -181,7 +210,45 @@ def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -
 
     fmt = Fp8BlockWeight.pack(torch.randn(2, 64, 128), act_dtype=torch.float32).to(DEVICE)
     assert choose_fp8_kernel(fmt, torch.device(DEVICE), 3)[0] == "triton_fp8_gemv"
-    x = torch.randn(3, 128, device=DEVICE)
-    ids = torch.tensor([1, 0, 1], device=DEVICE)
-    ref = fp8_matmul_ref(x, fmt.weight, fmt.scale, ids)
-    torch.testing.assert_close(fmt.forward_experts(x, ids), ref, rtol=1e-4, atol=2e-4)
+    assert choose_fp8_kernel(fmt, torch.device(DEVICE), 9)[0] == "triton_fp8_gemm"
+    for t in (3, 40):  # GEMV, then GEMM (two experts, 20 rows each)
+        x = torch.randn(t, 128, device=DEVICE)
+        ids = torch.arange(t, device=DEVICE) % 2
+        ref = fp8_matmul_ref(x, fmt.weight, fmt.scale, ids)
+        torch.testing.assert_close(fmt.forward_experts(x, ids), ref, rtol=1e-4, atol=2e-4)
+    # K = 96 has no 16-word GEMM steps: dequantize + float matmul
+    odd = Fp8BlockWeight.pack(torch.randn(1, 64, 96), block=32, act_dtype=torch.float32).to(DEVICE)
+    assert choose_fp8_kernel(odd, torch.device(DEVICE), 20)[0] == "fp8_dequant"
+
+
+def test_dense_weights_with_many_rows_dequantize_once() -> None:
+    """On CUDA a dense weight past GEMM_DENSE_MAX_ROWS rows goes to bf16 + cuBLAS; routed experts keep the
+    grouped GEMM at any row count (plain Python: no GPU needed to check the rule)."""
+    from spillover.quant.dispatch import GEMM_DENSE_MAX_ROWS, choose_fp8_kernel, choose_kernel
+
+    cuda = torch.device("cuda")
+    dense = Int4Weight.pack(torch.randn(64, 256), 128, False)
+    bank = Int4Weight.pack(torch.randn(4, 64, 256), 128, False)
+    assert choose_kernel(dense, cuda, GEMM_DENSE_MAX_ROWS)[0] == "triton_gemm"
+    assert choose_kernel(dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "dequant"
+    assert choose_kernel(bank, cuda, 4096, moe=True)[0] == "triton_gemm"
+    fp8_dense = Fp8BlockWeight.pack(torch.randn(64, 256))
+    fp8_bank = Fp8BlockWeight.pack(torch.randn(4, 64, 256))
+    assert choose_fp8_kernel(fp8_dense, cuda, GEMM_DENSE_MAX_ROWS)[0] == "triton_fp8_gemm"
+    assert choose_fp8_kernel(fp8_dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "fp8_dequant"
+    assert choose_fp8_kernel(fp8_bank, cuda, 4096, moe=True)[0] == "triton_fp8_gemm"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the bf16 + cuBLAS route is taken on CUDA only")
+@pytest.mark.parametrize("kind", ["int4", "int8", "fp8"])
+def test_dense_many_rows_on_cuda_match_reference(kind: str) -> None:
+    """The rows either side of GEMM_DENSE_MAX_ROWS (grouped GEMM, then dequantize + cuBLAS), bf16 x."""
+    from spillover.quant.dispatch import GEMM_DENSE_MAX_ROWS
+
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(5)) * 0.05
+    fmt = (Fp8BlockWeight.pack(w) if kind == "fp8" else Int4Weight.pack(w, 128, False) if kind == "int4"
+           else Int8Weight.pack(w)).to("cuda")
+    for rows in (GEMM_DENSE_MAX_ROWS, GEMM_DENSE_MAX_ROWS + 1):
+        x = torch.randn(rows, 512, device="cuda").to(torch.bfloat16)
+        ref = x.float() @ fmt.dequantize().float().T
+        torch.testing.assert_close(fmt.forward(x).float(), ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))

@@ -125,7 +125,7 @@ def _int4_mma_gemv_kernel(
     NG: tl.constexpr = S // SPG
     GL: tl.constexpr = GROUP // 8  # lanes (word rows) per group
     # weights and scales are never written by a kernel: with PDL they load before gdc_wait
-    ws = ()
+    ws: "tuple[tl.tensor, ...]" = ()  # noqa: UP037 (Triton evaluates annotations; it has no `tuple`)
     for step in tl.static_range(S):
         ws = ws + (tl.load(w_tile + 4 * step * stride_wk, mask=mask_n, other=0),)
     s_tile = s_ptr + e * stride_se + wi * NG * stride_sg + n

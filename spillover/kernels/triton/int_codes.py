@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FMT_INT4, FMT_INT8 = 0, 1  # FMT 2 (FP8 e4m3) is what _fp8_gemv_kernel passes to _codes
+FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2  # FP8: e4m3 codes, four to an int32 word
 
 
 def code_offset(bits: int, has_mins: bool) -> int:

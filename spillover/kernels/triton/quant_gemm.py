@@ -1,7 +1,11 @@
-"""Triton W4A16 / W8A16 grouped GEMM for prefill (many rows; rows grouped by expert), kn layout.
+"""Triton W4A16 / W8A16 / FP8 grouped GEMM for prefill (many rows; rows grouped by expert).
 
-Same signature as `spillover.kernels.ref_quant.quant_matmul_kn_ref`: words [E, K/VALS, N] int32,
-scales/mins [E, K/G, N] (what `GroupedIntWeight.to("cuda")` holds). Rows are grouped by expert and
+`quant_gemm` has the signature of `spillover.kernels.ref_quant.quant_matmul_kn_ref`: words
+[E, K/VALS, N] int32, scales/mins [E, K/G, N] (what `GroupedIntWeight.to("cuda")` holds).
+`fp8_gemm` has that of `fp8_matmul_ref`: FP8 e4m3 weights in the checkpoint's [E, N, K] layout (read
+as int32 words of 4 codes), float32 scales per BN x BK block; the same kernel reads them through
+its word and scale strides, so FP8 prefill no longer dequantizes whole weights (or every routed
+expert, one matmul each) to bf16 first. Rows are grouped by expert and
 each expert's segment padded to BLOCK_M (`align_rows`), so every M-block belongs to one expert. A
 program loads a [BLOCK_W, BLOCK_N] tile of words and, for each code position i of a word,
 dequantizes it (codes as in the GEMV, `_codes`) and multiplies it with the x columns
@@ -15,21 +19,35 @@ inputs ask for `ieee` precision. bf16/fp16 activations (the production path) are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from spillover.kernels.triton.int_codes import FMT_INT4, FMT_INT8, _codes, _x_scale, code_offset
+from spillover.kernels.ref_quant import fp8_block_shape
+from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _codes, _x_scale, code_offset
 
 MIN_DOT_DEPTH = 16  # tl.dot needs K >= 16 on GPUs: BLOCK_K >= 16 words
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 16  # rows a program takes: every M-block belongs to one expert (`align_rows`)
+    block_n: int = 64
+    block_w: int = MIN_DOT_DEPTH  # words of K a step (the depth of each of its VALS dots)
+    num_warps: int = 4
+
+    def __str__(self) -> str:
+        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} BLOCK_W={self.block_w} warps={self.num_warps}"
 
 
 @triton.jit
 def _quant_gemm_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, rows_ptr, beid_ptr, y_ptr,
     N, KW, num_rows,
-    stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
-    FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
+    stride_xt, stride_we, stride_wk, stride_wn, stride_se, stride_sg, stride_sn, stride_yt,
+    FMT: tl.constexpr, GROUP: tl.constexpr, SN: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     VALS: tl.constexpr = 8 if FMT == 0 else 4
@@ -43,9 +61,11 @@ def _quant_gemm_kernel(
     mask_n = offs_n < N
     r = tl.arange(0, BLOCK_W)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
-    w_cols = w_ptr + e * stride_we + offs_n[None, :]
-    s_cols = s_ptr + e * stride_se + offs_n[None, :]
-    m_cols = m_ptr + e * stride_se + offs_n[None, :]
+    # int (kn): word (kw, n) at kw * stride_wk + n, a scale per (group, n). FP8 (nk): word (n, kw) at
+    # n * stride_wn + kw, a scale per (K block, SN output rows)
+    w_cols = w_ptr + e * stride_we + offs_n[None, :] * stride_wn
+    s_cols = s_ptr + e * stride_se + (offs_n // SN)[None, :] * stride_sn
+    m_cols = m_ptr + e * stride_se + (offs_n // SN)[None, :] * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kw0 in range(0, KW, BLOCK_W):
         words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :], other=0)
@@ -88,6 +108,40 @@ def gemm_ok(k: int, bits: int, group_size: int) -> bool:
     return k % (MIN_DOT_DEPTH * vals) == 0 and group_size % vals == 0
 
 
+TARGET_PROGRAMS = 264  # two per SM on a 132-SM H100/H200
+
+
+def default_gemm_config(m_blocks: int, n: int, kw: int) -> GemmConfig:
+    """16-row blocks; 32 words a step where K allows (16 otherwise); 32 output channels a program
+    while 64 would leave fewer than TARGET_PROGRAMS programs (a dense weight with few rows), else 64.
+    Fitted to a tile sweep on an H100 (bench/quant_gemm.py --sweep)."""
+    block_n = 32 if m_blocks * triton.cdiv(n, 64) < TARGET_PROGRAMS else 64
+    return GemmConfig(16, block_n, 32 if kw % 32 == 0 else MIN_DOT_DEPTH, 4)
+
+
+def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+            expert_ids: torch.Tensor | None, n: int, kw: int, w_strides: tuple[int, int],
+            s_strides: tuple[int, int], config: GemmConfig | None, **formats: int | bool) -> torch.Tensor:
+    """Group the rows by expert and run the kernel: w_strides (per word row of K, per output channel)
+    and s_strides (per scale group along K, per scale row along N) say where the words and scales are."""
+    t = x.shape[0]
+    rows, block_eids = align_rows(expert_ids, t, config.block_m if config else 16, x.device)
+    cfg = config or default_gemm_config(block_eids.numel(), n, kw)
+    if kw % cfg.block_w:
+        raise ValueError(f"K ({kw} words) does not split into {cfg.block_w}-word GEMM steps")
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    grid = (block_eids.numel(), triton.cdiv(n, cfg.block_n))
+    _quant_gemm_kernel[grid](
+        x, words, scales, mins if mins is not None else scales, rows, block_eids, y,
+        n, kw, t,
+        x.stride(0), words.stride(0), *w_strides, scales.stride(0), *s_strides, y.stride(0),
+        HAS_MINS=mins is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32: Triton's default
+        num_warps=cfg.num_warps, **formats,
+    )
+    return y
+
+
 def quant_gemm(
     x: torch.Tensor,
     words: torch.Tensor,
@@ -97,28 +151,40 @@ def quant_gemm(
     *,
     bits: int,
     group_size: int,
-    block_m: int = 16,
-    block_n: int = 64,
-    block_w: int = MIN_DOT_DEPTH,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
-    t, k = x.shape
+    """Same signature and result as `quant_matmul_kn_ref` (int4/int8, kn layout)."""
+    k = x.shape[1]
     e, kw, n = words.shape
-    vals = 32 // bits
-    assert words.dtype == torch.int32 and kw * vals == k and x.stride(1) == 1 and words.stride(2) == 1
+    assert words.dtype == torch.int32 and kw * (32 // bits) == k and x.stride(1) == 1 and words.stride(2) == 1
     assert scales.shape == (e, k // group_size, n) and scales.stride(2) == 1
     if mins is not None:
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
-    if not gemm_ok(k, bits, group_size) or kw % block_w:
-        raise ValueError(f"K={k} (group {group_size}) does not split into {block_w}-word GEMM steps")
-    rows, block_eids = align_rows(expert_ids, t, block_m, x.device)
-    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    grid = (block_eids.numel(), triton.cdiv(n, block_n))
-    _quant_gemm_kernel[grid](
-        x, words, scales, mins if mins is not None else scales, rows, block_eids, y,
-        n, kw, t,
-        x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
-        FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
-        HAS_MINS=mins is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32: Triton's default
-    )
-    return y
+    if not gemm_ok(k, bits, group_size):
+        raise ValueError(f"K={k} (group {group_size}) does not split into {MIN_DOT_DEPTH}-word GEMM steps")
+    return _launch(x, words, scales, mins, expert_ids, n, kw, (words.stride(1), 1), (scales.stride(1), 1),
+                   config, FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, SN=1,
+                   OFFSET=code_offset(bits, mins is not None))
+
+
+def fp8_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    expert_ids: torch.Tensor | None,
+    *,
+    block: int | tuple[int, int] = 128,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/BN), K/BK] (block: B for
+    B x B, or (BN, BK)), rows grouped by expert. Same signature and result as `fp8_matmul_ref`."""
+    k = x.shape[1]
+    e, n, kk = weight.shape
+    block_rows, block_k = fp8_block_shape(block)
+    assert kk == k and x.stride(1) == 1 and scale.stride(2) == 1
+    assert scale.shape == (e, triton.cdiv(n, block_rows), k // block_k), (scale.shape, block)
+    if not gemm_ok(k, 8, block_k):
+        raise ValueError(f"K={k} (block {block_k}) does not split into {MIN_DOT_DEPTH}-word GEMM steps")
+    words = weight.contiguous().view(torch.uint8).view(torch.int32)  # [E, N, K/4]: 4 codes a word
+    return _launch(x, words, scale, None, expert_ids, n, k // 4, (1, words.stride(1)), (1, scale.stride(1)),
+                   config, FMT=FMT_FP8, GROUP=block_k, SN=block_rows, OFFSET=0)
