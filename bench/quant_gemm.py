@@ -9,6 +9,9 @@ routed to 10 of 512 experts (Qwen3-Next), so T x 10 rows over up to 512 experts.
 - `dequant`: what the dispatcher did for FP8 before the GEMM existed, and still does for int where
   the GEMM cannot take K: dequantize the weight (for MoE each routed expert, one matmul each) to bf16,
   then torch's matmul;
+- `deq+mm`: the weight dequantized to bf16 by the Triton kernel (`kernels/triton/dequant.py`, one pass),
+  then torch's matmul: what the dispatcher does for a dense weight past GEMM_DENSE_MAX_ROWS rows
+  (dense only; the `(deq)` row times the dequantization alone);
 - `bf16`: F.linear on an already-bf16 weight (dense only), the cuBLAS ceiling;
 - `best ...` (--sweep): the fastest GEMM tile of a sweep, against the default one.
 Times are per call from CUDA events over --reps calls after a warm-up (launches included: the MoE
@@ -77,6 +80,17 @@ def dequant_call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None) -> Callabl
     return lambda: per_expert(x, ids, n, lambda xs, e: F.linear(xs, fmt.dequantize(e).to(x.dtype)))
 
 
+def triton_dequant(fmt: Fmt, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """The dense weight to `dtype` in one Triton pass (`kernels/triton/dequant.py`)."""
+    from spillover.kernels.triton.dequant import dequant_fp8, dequant_kn
+
+    if isinstance(fmt, Fp8BlockWeight):
+        w, s = fmt.stacked_views()
+        return partial(dequant_fp8, w[0], s[0], fmt.block_shape, dtype)
+    return partial(dequant_kn, fmt.qweight, fmt.scales, fmt.mins, 0, bits=fmt.bits, group_size=fmt.group_size,
+                   out_dtype=dtype)
+
+
 def reference(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     if isinstance(fmt, Fp8BlockWeight):
         w, s = fmt.stacked_views()
@@ -111,6 +125,13 @@ def run_case(kind: str, label: str, fmt: Fmt, x: torch.Tensor, ids: torch.Tensor
     variants = {"triton": triton_call(fmt, x, ids), "dequant": dequant_call(fmt, x, ids)}
     if ids is None:
         w16 = fmt.dequantize(0 if fmt.stacked else None).to(torch.bfloat16)
+        deq = triton_dequant(fmt, x.dtype)
+        deq_err = float((deq().float() - w16.float()).abs().max() / w16.float().abs().max())
+        t = timed(deq, reps)
+        moved = nbytes + w16.numel() * 2
+        print(f"{kind:5s} {label:34s} {'(deq)':8s} {t * 1e6:9.1f} us  Triton dequantize alone, "
+              f"{moved / t / 1e9:.0f} GB/s read + written, rel err vs the format's own {deq_err:.1e}")
+        variants["deq+mm"] = lambda: F.linear(x, deq())
         variants["bf16"] = partial(F.linear, x, w16)
     if sweep:
         best = min((timed(triton_call(fmt, x, ids, c), 5), c) for c in SWEEP)

@@ -121,3 +121,12 @@ def quant_matmul_kn_ref(
     """`quant_matmul_ref` on the kn layout (words [E, K/VALS, N], scales/mins [E, K/G, N])."""
     return quant_matmul_ref(x, kn_to_nk(words, bits), swap_nk(scales), swap_nk(mins) if mins is not None else None,
                             expert_ids, bits=bits, group_size=group_size)
+
+
+def dequant_kn_ref(words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, expert: int, *,
+                   bits: int, group_size: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Expert `expert` of the kn layout (words [E, K/VALS, N], scales/mins [E, K/G, N]) -> [N, K] out_dtype."""
+    sl = slice(expert, expert + 1)
+    w = dequant_int_ref(kn_to_nk(words[sl], bits)[0], swap_nk(scales[sl])[0],
+                        swap_nk(mins[sl])[0] if mins is not None else None, bits=bits, group_size=group_size)
+    return w.to(out_dtype)

@@ -2,9 +2,9 @@
 
 Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_int4_mma_gemv` (the same for asymmetric
 int4 experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows:
-routed experts, or up to GEMM_DENSE_MAX_ROWS on a dense weight), `dequant` (CUDA, a dense weight with
-more rows: bf16 once, then cuBLAS), `triton_fp8_gemv` / `triton_fp8_gemm` / `fp8_dequant` (the same
-three for FP8 block weights; `fp8_dequant` also without Triton), `cpu_int4pack` / `cpu_int8pack`
+routed experts, or up to GEMM_DENSE_MAX_ROWS on a dense weight), `triton_dequant` (CUDA, a dense weight
+with more rows: bf16 in one Triton pass, then cuBLAS; FP8 too), `triton_fp8_gemv` / `triton_fp8_gemm`
+(FP8 block weights), `fp8_dequant` (FP8 without Triton: torch dequantize + matmul), `cpu_int4pack` / `cpu_int8pack`
 (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize + float matmul: CPU prefill, or no
 Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family (triton on the CPU only works under
 TRITON_INTERPRET=1; for tests). The Triton int kernels read the
@@ -114,12 +114,12 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int, moe: b
                 return "triton_int4_mma_gemv", (f"{rows} rows <= {GEMV_MAX_ROWS}, asymmetric int4 experts on "
                                                 "sm_90: tensor-core GEMV")
             return "triton_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: bandwidth-bound GEMV"
-        if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
-            return "dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: dequantize once + cuBLAS"
         from spillover.kernels.triton.quant_gemm import gemm_ok
 
         if not gemm_ok(fmt.in_features, fmt.bits, fmt.group_size):
             return "triton_gemv", f"K={fmt.in_features} has no 16-word GEMM steps: GEMV per row"
+        if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
+            return "triton_dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: bf16 once + cuBLAS"
         return "triton_gemm", f"{rows} rows > {GEMV_MAX_ROWS}: tiled GEMM reuses weights"
     if device.type == "cpu" and (rows <= CPU_WOQ_MAX_ROWS or forced == "cpu"):
         why_not = cpu_kernels.int4_cpu_ok(fmt) if fmt.bits == 4 else cpu_kernels.int8_cpu_ok(fmt)
@@ -140,6 +140,11 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
     if kernel.startswith("triton"):
         kn = fmt.to_layout("kn")  # a no-op on CUDA, where formats already hold the kn layout
         args = (x, kn.qweight, kn.scales, kn.mins, expert_ids)
+        if kernel == "triton_dequant":  # dense only
+            from spillover.kernels.triton.dequant import dequant_kn
+
+            w16 = dequant_kn(*args[1:4], 0, bits=fmt.bits, group_size=fmt.group_size, out_dtype=x.dtype)
+            return torch.nn.functional.linear(x, w16)
         if kernel == "triton_int4_mma_gemv":
             from spillover.kernels.triton.int4_mma_gemv import int4_mma_gemv
 
@@ -151,8 +156,6 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
         from spillover.kernels.triton.quant_gemm import quant_gemm
 
         return quant_gemm(*args, bits=fmt.bits, group_size=fmt.group_size)
-    if kernel == "dequant":  # dense only
-        return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
     if kernel.startswith("cpu_"):
         op = cpu_kernels.int4_cpu_matmul if fmt.bits == 4 else cpu_kernels.int8_cpu_matmul
         if expert_ids is None:
@@ -172,12 +175,12 @@ def choose_fp8_kernel(fmt: Fp8BlockWeight, device: torch.device, rows: int, moe:
         return "fp8_dequant", f"K={fmt.weight.shape[-1]} is not a multiple of the block {fmt.block}"
     if rows <= GEMV_MAX_ROWS:
         return "triton_fp8_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: FP8 bytes read directly"
-    if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
-        return "fp8_dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: dequantize once + cuBLAS"
     from spillover.kernels.triton.quant_gemm import gemm_ok
 
     if not gemm_ok(fmt.weight.shape[-1], 8, fmt.block):
         return "fp8_dequant", f"K={fmt.weight.shape[-1]} has no 16-word GEMM steps: dequantize + float matmul"
+    if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
+        return "triton_dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: bf16 once + cuBLAS"
     return "triton_fp8_gemm", f"{rows} rows > {GEMV_MAX_ROWS}: tiled GEMM reads the FP8 bytes"
 
 
@@ -198,6 +201,10 @@ def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor, expert_ids: torch.Tensor | 
         from spillover.kernels.triton.quant_gemm import fp8_gemm
 
         return fp8_gemm(x, weight, scale, expert_ids, block=fmt.block_shape)
+    if kernel == "triton_dequant":  # dense only
+        from spillover.kernels.triton.dequant import dequant_fp8
+
+        return torch.nn.functional.linear(x, dequant_fp8(weight[0], scale[0], fmt.block_shape, x.dtype))
     if expert_ids is None:
         return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
     return per_expert(x, expert_ids, weight.shape[1],

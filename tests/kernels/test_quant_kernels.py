@@ -230,12 +230,12 @@ def test_dense_weights_with_many_rows_dequantize_once() -> None:
     dense = Int4Weight.pack(torch.randn(64, 256), 128, False)
     bank = Int4Weight.pack(torch.randn(4, 64, 256), 128, False)
     assert choose_kernel(dense, cuda, GEMM_DENSE_MAX_ROWS)[0] == "triton_gemm"
-    assert choose_kernel(dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "dequant"
+    assert choose_kernel(dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "triton_dequant"
     assert choose_kernel(bank, cuda, 4096, moe=True)[0] == "triton_gemm"
     fp8_dense = Fp8BlockWeight.pack(torch.randn(64, 256))
     fp8_bank = Fp8BlockWeight.pack(torch.randn(4, 64, 256))
     assert choose_fp8_kernel(fp8_dense, cuda, GEMM_DENSE_MAX_ROWS)[0] == "triton_fp8_gemm"
-    assert choose_fp8_kernel(fp8_dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "fp8_dequant"
+    assert choose_fp8_kernel(fp8_dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "triton_dequant"
     assert choose_fp8_kernel(fp8_bank, cuda, 4096, moe=True)[0] == "triton_fp8_gemm"
 
 
@@ -252,3 +252,37 @@ def test_dense_many_rows_on_cuda_match_reference(kind: str) -> None:
         x = torch.randn(rows, 512, device="cuda").to(torch.bfloat16)
         ref = x.float() @ fmt.dequantize().float().T
         torch.testing.assert_close(fmt.forward(x).float(), ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), [*CASES, (8, 64, True)])
+def test_triton_dequant_kn_matches_reference(bits: int, group: int, sym: bool) -> None:
+    """Each expert of a kn bank, N = 72 and K = 320 not multiples of the 32 x 32-word tile."""
+    from spillover.kernels.ref_quant import dequant_kn_ref
+    from spillover.kernels.triton.dequant import dequant_kn
+
+    k = 320 if bits == 8 and group in (0, 64) else 256
+    fmt = _fmt(bits, group, sym, 3, 72, k).to_layout("kn")
+    for e in (0, 2):
+        args = (fmt.qweight, fmt.scales, fmt.mins, e)
+        ref = dequant_kn_ref(*args, bits=bits, group_size=fmt.group_size)
+        torch.testing.assert_close(dequant_kn(*args, bits=bits, group_size=fmt.group_size, out_dtype=torch.float32),
+                                   ref, rtol=1e-6, atol=1e-6)
+        out16 = dequant_kn(*args, bits=bits, group_size=fmt.group_size)
+        assert out16.dtype == torch.bfloat16
+        torch.testing.assert_close(out16.float(), ref, rtol=2 ** -7, atol=1e-6)  # one bf16 step
+
+
+@pytest.mark.parametrize("block", [(128, 128), (1, 384), (32, 64)], ids=str)
+def test_triton_dequant_fp8_matches_reference(block: tuple[int, int]) -> None:
+    from spillover.kernels.ref_quant import dequant_fp8_block_ref
+    from spillover.kernels.triton.dequant import dequant_fp8
+
+    if block == (128, 128):  # N = 200: a partial row block
+        fmt = Fp8BlockWeight.pack(torch.randn(200, 384, generator=torch.Generator().manual_seed(3))).to(DEVICE)
+        weight, scale = fmt.weight, fmt.scale
+    else:
+        weight, scale = _fp8_blocks(1, 96, 384, block, 4)
+        weight, scale = weight[0], scale[0]
+    ref = dequant_fp8_block_ref(weight, scale, block)
+    torch.testing.assert_close(dequant_fp8(weight, scale, block, torch.float32), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dequant_fp8(weight, scale, block).float(), ref, rtol=2 ** -7, atol=1e-6)  # one bf16 step
