@@ -10,7 +10,7 @@ routed to 10 of 512 experts (Qwen3-Next), so T x 10 rows over up to 512 experts.
   the GEMM cannot take K: dequantize the weight (for MoE each routed expert, one matmul each) to bf16,
   then torch's matmul;
 - `deq+mm`: the weight dequantized to bf16 by the Triton kernel (`kernels/triton/dequant.py`, one pass),
-  then torch's matmul: what the dispatcher does for a dense weight past GEMM_DENSE_MAX_ROWS rows
+  then torch's matmul: what the dispatcher does for a dense weight past GEMV_MAX_ROWS rows
   (dense only; the `(deq)` row times the dequantization alone);
 - `bf16`: F.linear on an already-bf16 weight (dense only), the cuBLAS ceiling;
 - `best ...` (--sweep): the fastest GEMM tile of a sweep, against the default one.

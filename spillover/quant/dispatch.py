@@ -2,7 +2,7 @@
 
 Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_int4_mma_gemv` (the same for asymmetric
 int4 experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows:
-routed experts, or up to GEMM_DENSE_MAX_ROWS on a dense weight), `triton_dequant` (CUDA, a dense weight
+routed experts, or a dense weight too large to copy to bf16), `triton_dequant` (CUDA, a dense weight
 with more rows: bf16 in one Triton pass, then cuBLAS; FP8 too), `triton_fp8_gemv` / `triton_fp8_gemm`
 (FP8 block weights), `fp8_dequant` (FP8 without Triton: torch dequantize + matmul), `cpu_int4pack` / `cpu_int8pack`
 (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize + float matmul: CPU prefill, or no
@@ -33,10 +33,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 8  # GEMV re-reads weights per row; beyond this a tiled GEMM wins
-# A dense weight with more rows than this is dequantized once to bf16 for cuBLAS: the grouped GEMM's
-# small dequantized tiles lost to it from ~128-512 rows on a 4096x4096 weight (H100, bench/quant_gemm.py).
-# Routed experts always take the grouped GEMM: one dequantize + matmul per expert was 25-1000x slower.
-GEMM_DENSE_MAX_ROWS = 128
+# A dense weight with more than GEMV_MAX_ROWS rows is dequantized to bf16 in one Triton pass and handed
+# to cuBLAS: on a 4096x4096 weight (H100, bench/quant_gemm.py) that beat the grouped GEMM's small
+# dequantized tiles at every row count measured, 16 to 2048 (int4 152 vs 179 us at 16 rows, 133 vs
+# 1739 us at 2048). Unless its bf16 copy would pass DEQUANT_MAX_BYTES (a transient allocation): then
+# the GEMM. Routed experts always take the grouped GEMM: one dequantize + matmul per expert was
+# 25-1000x slower.
+DEQUANT_MAX_BYTES = 256 << 20
 CPU_WOQ_MAX_ROWS = 4  # torch's CPU int4/int8 ops scale linearly with M; bf16 GEMM wins from M ~ 16
 
 
@@ -118,8 +121,8 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int, moe: b
 
         if not gemm_ok(fmt.in_features, fmt.bits, fmt.group_size):
             return "triton_gemv", f"K={fmt.in_features} has no 16-word GEMM steps: GEMV per row"
-        if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
-            return "triton_dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: bf16 once + cuBLAS"
+        if device.type == "cuda" and not moe and 2 * fmt.out_features * fmt.in_features <= DEQUANT_MAX_BYTES:
+            return "triton_dequant", f"{rows} rows > {GEMV_MAX_ROWS} on a dense weight: bf16 once + cuBLAS"
         return "triton_gemm", f"{rows} rows > {GEMV_MAX_ROWS}: tiled GEMM reuses weights"
     if device.type == "cpu" and (rows <= CPU_WOQ_MAX_ROWS or forced == "cpu"):
         why_not = cpu_kernels.int4_cpu_ok(fmt) if fmt.bits == 4 else cpu_kernels.int8_cpu_ok(fmt)
@@ -179,8 +182,8 @@ def choose_fp8_kernel(fmt: Fp8BlockWeight, device: torch.device, rows: int, moe:
 
     if not gemm_ok(fmt.weight.shape[-1], 8, fmt.block):
         return "fp8_dequant", f"K={fmt.weight.shape[-1]} has no 16-word GEMM steps: dequantize + float matmul"
-    if device.type == "cuda" and not moe and rows > GEMM_DENSE_MAX_ROWS:
-        return "triton_dequant", f"{rows} rows > {GEMM_DENSE_MAX_ROWS} on a dense weight: bf16 once + cuBLAS"
+    if device.type == "cuda" and not moe and 2 * fmt.weight.shape[-2] * fmt.weight.shape[-1] <= DEQUANT_MAX_BYTES:
+        return "triton_dequant", f"{rows} rows > {GEMV_MAX_ROWS} on a dense weight: bf16 once + cuBLAS"
     return "triton_fp8_gemm", f"{rows} rows > {GEMV_MAX_ROWS}: tiled GEMM reads the FP8 bytes"
 
 

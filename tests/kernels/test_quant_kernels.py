@@ -187,8 +187,8 @@ def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> No
 
     assert choose_kernel(fmt, x.device, 2)[0] == "triton_gemv"
     torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
-    x = torch.randn(20, 128, device=DEVICE)  # prefill rows: the GEMM
-    assert choose_kernel(fmt, x.device, 20)[0] == "triton_gemm"
+    x = torch.randn(20, 128, device=DEVICE)  # prefill rows: the GEMM (on CUDA a dense weight goes bf16 + cuBLAS)
+    assert choose_kernel(fmt, x.device, 20)[0] == ("triton_dequant" if DEVICE == "cuda" else "triton_gemm")
     torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
@@ -210,7 +210,7 @@ def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -
 
     fmt = Fp8BlockWeight.pack(torch.randn(2, 64, 128), act_dtype=torch.float32).to(DEVICE)
     assert choose_fp8_kernel(fmt, torch.device(DEVICE), 3)[0] == "triton_fp8_gemv"
-    assert choose_fp8_kernel(fmt, torch.device(DEVICE), 9)[0] == "triton_fp8_gemm"
+    assert choose_fp8_kernel(fmt, torch.device(DEVICE), 9, moe=True)[0] == "triton_fp8_gemm"
     for t in (3, 40):  # GEMV, then GEMM (two experts, 20 rows each)
         x = torch.randn(t, 128, device=DEVICE)
         ids = torch.arange(t, device=DEVICE) % 2
@@ -221,34 +221,36 @@ def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -
     assert choose_fp8_kernel(odd, torch.device(DEVICE), 20)[0] == "fp8_dequant"
 
 
-def test_dense_weights_with_many_rows_dequantize_once() -> None:
-    """On CUDA a dense weight past GEMM_DENSE_MAX_ROWS rows goes to bf16 + cuBLAS; routed experts keep the
-    grouped GEMM at any row count (plain Python: no GPU needed to check the rule)."""
-    from spillover.quant.dispatch import GEMM_DENSE_MAX_ROWS, choose_fp8_kernel, choose_kernel
+def test_dense_weights_with_many_rows_dequantize_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a dense weight past GEMV_MAX_ROWS rows goes to bf16 + cuBLAS, unless its bf16 copy would pass
+    DEQUANT_MAX_BYTES; routed experts keep the grouped GEMM at any row count (plain Python: no GPU needed)."""
+    from spillover.quant import dispatch
+    from spillover.quant.dispatch import GEMV_MAX_ROWS, choose_fp8_kernel, choose_kernel
 
     cuda = torch.device("cuda")
     dense = Int4Weight.pack(torch.randn(64, 256), 128, False)
     bank = Int4Weight.pack(torch.randn(4, 64, 256), 128, False)
-    assert choose_kernel(dense, cuda, GEMM_DENSE_MAX_ROWS)[0] == "triton_gemm"
-    assert choose_kernel(dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "triton_dequant"
-    assert choose_kernel(bank, cuda, 4096, moe=True)[0] == "triton_gemm"
     fp8_dense = Fp8BlockWeight.pack(torch.randn(64, 256))
     fp8_bank = Fp8BlockWeight.pack(torch.randn(4, 64, 256))
-    assert choose_fp8_kernel(fp8_dense, cuda, GEMM_DENSE_MAX_ROWS)[0] == "triton_fp8_gemm"
-    assert choose_fp8_kernel(fp8_dense, cuda, GEMM_DENSE_MAX_ROWS + 1)[0] == "triton_dequant"
+    assert choose_kernel(dense, cuda, GEMV_MAX_ROWS + 1)[0] == "triton_dequant"
+    assert choose_kernel(bank, cuda, 4096, moe=True)[0] == "triton_gemm"
+    assert choose_fp8_kernel(fp8_dense, cuda, GEMV_MAX_ROWS + 1)[0] == "triton_dequant"
     assert choose_fp8_kernel(fp8_bank, cuda, 4096, moe=True)[0] == "triton_fp8_gemm"
+    monkeypatch.setattr(dispatch, "DEQUANT_MAX_BYTES", 2 * 64 * 256 - 1)  # one byte short of the bf16 copy
+    assert choose_kernel(dense, cuda, 4096)[0] == "triton_gemm"
+    assert choose_fp8_kernel(fp8_dense, cuda, 4096)[0] == "triton_fp8_gemm"
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the bf16 + cuBLAS route is taken on CUDA only")
 @pytest.mark.parametrize("kind", ["int4", "int8", "fp8"])
 def test_dense_many_rows_on_cuda_match_reference(kind: str) -> None:
-    """The rows either side of GEMM_DENSE_MAX_ROWS (grouped GEMM, then dequantize + cuBLAS), bf16 x."""
-    from spillover.quant.dispatch import GEMM_DENSE_MAX_ROWS
+    """GEMV rows, then bf16 + cuBLAS rows, through the format's forward with bf16 x."""
+    from spillover.quant.dispatch import GEMV_MAX_ROWS
 
     w = torch.randn(96, 512, generator=torch.Generator().manual_seed(5)) * 0.05
     fmt = (Fp8BlockWeight.pack(w) if kind == "fp8" else Int4Weight.pack(w, 128, False) if kind == "int4"
            else Int8Weight.pack(w)).to("cuda")
-    for rows in (GEMM_DENSE_MAX_ROWS, GEMM_DENSE_MAX_ROWS + 1):
+    for rows in (GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 300):
         x = torch.randn(rows, 512, device="cuda").to(torch.bfloat16)
         ref = x.float() @ fmt.dequantize().float().T
         torch.testing.assert_close(fmt.forward(x).float(), ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
