@@ -177,6 +177,42 @@ def test_align_rows_groups_by_expert() -> None:
     assert rows.tolist() == [1, 5, 4, 5, 0, 2, 3, 5]
 
 
+def test_align_rows_worst_case_sizes() -> None:
+    """The sync-free (CUDA) grouping: worst-case sizes, the exact grouping as its prefix, padding after."""
+    ids = torch.tensor([2, 0, 2, 2, 1, 5, 2])
+    t, bm, e = 7, 2, 6
+    rows, eids = align_rows(ids, t, bm, torch.device("cpu"), num_experts=e)
+    nb = -(-(t + min(t, e) * (bm - 1)) // bm)
+    assert rows.numel() == nb * bm and eids.numel() == nb
+    exact_rows, exact_eids = align_rows(ids, t, bm, torch.device("cpu"))
+    assert rows[:exact_rows.numel()].tolist() == exact_rows.tolist()
+    assert eids[:exact_eids.numel()].tolist() == exact_eids.tolist()
+    assert (rows[exact_rows.numel():] == t).all() and int(eids.max()) < e
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_gemm_skips_padding_blocks(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worst-case grouping's padding-only blocks write nothing and leave the result exact."""
+    import spillover.kernels.triton.quant_gemm as qg
+
+    grouped = qg.align_rows
+    monkeypatch.setattr(qg, "align_rows", lambda ids, t, bm, dev, num_experts=None:
+                        grouped(ids, t, bm, dev, None if ids is None else 3))
+    x = torch.randn(19, 256, device=DEVICE)
+    ids = torch.tensor([0, 2] * 9 + [2], device=DEVICE)  # expert 1 gets no rows
+    if kind == "fp8":
+        fmt8 = Fp8BlockWeight.pack(torch.randn(3, 40, 256, generator=torch.Generator().manual_seed(2)),
+                                   act_dtype=torch.float32).to(DEVICE)
+        ref = fp8_matmul_ref(x, fmt8.weight, fmt8.scale, ids)
+        out = fp8_gemm(x, fmt8.weight, fmt8.scale, ids)
+    else:
+        kn = _fmt(4, 128, False, 3, 40, 256).to_layout("kn")
+        args = (x, kn.qweight, kn.scales, kn.mins, ids)
+        ref = quant_matmul_kn_ref(*args, bits=4, group_size=128)
+        out = quant_gemm(*args, bits=4, group_size=128)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+
+
 def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     if DEVICE == "cpu":
         monkeypatch.setenv("SPILLOVER_QUANT_KERNEL", "triton")

@@ -57,6 +57,9 @@ def _quant_gemm_kernel(
     e = tl.load(beid_ptr + pid_m).to(tl.int64)
     rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     mask_m = rows < num_rows  # padding rows carry the sentinel num_rows
+    # a block past the last expert's (sized for the worst case on the GPU, `align_rows`) has no rows:
+    # its loop runs no steps and its store is masked off
+    kw_end = tl.where(tl.load(rows_ptr + pid_m * BLOCK_M) < num_rows, KW, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     r = tl.arange(0, BLOCK_W)
@@ -67,7 +70,7 @@ def _quant_gemm_kernel(
     s_cols = s_ptr + e * stride_se + (offs_n // SN)[None, :] * stride_sn
     m_cols = m_ptr + e * stride_se + (offs_n // SN)[None, :] * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kw0 in range(0, KW, BLOCK_W):
+    for kw0 in range(0, kw_end, BLOCK_W):
         words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :], other=0)
         g = ((kw0 + r) // GROUP_W)[:, None]  # [BLOCK_W, 1]: the group of each word row
         s = tl.load(s_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
@@ -83,26 +86,45 @@ def _quant_gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def align_rows(expert_ids: torch.Tensor | None, t: int, block_m: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row indices [num_blocks * BLOCK_M] grouped by expert, padded with t; expert of each block)."""
+def align_rows(expert_ids: torch.Tensor | None, t: int, block_m: int, device: torch.device,
+               num_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices [num_blocks * BLOCK_M] grouped by expert, padded with t; expert of each block).
+
+    Each expert's rows fill whole blocks, padded at the end. With num_experts (the CUDA path) nothing
+    waits for the device: the arrays have their worst-case size, t + min(t, E) * (BLOCK_M - 1) rows
+    (the blocks past the last expert's are all padding, and the kernel skips them), and every step
+    is a device op whose output size is known up front. Without, the ids are grouped on the host,
+    at their exact size (one copy of the ids to the host).
+    """
     if expert_ids is None:
         nb = triton.cdiv(t, block_m)
         rows = torch.full((nb * block_m,), t, dtype=torch.int32, device=device)
         rows[:t] = torch.arange(t, dtype=torch.int32, device=device)
         return rows, torch.zeros(nb, dtype=torch.int32, device=device)
-    # Host bookkeeping: one copy of the ids (a single device sync), then small CPU ops. On the GPU the
-    # sizes below (unique, sum, repeat_interleave) each cost a sync: 450-1600 us a call on an H100.
-    ids = expert_ids.cpu()
-    order = torch.argsort(ids, stable=True)
-    experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    if num_experts is None:
+        ids = expert_ids.cpu()
+        order = torch.argsort(ids, stable=True)
+        experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        padded = (counts + block_m - 1) // block_m * block_m
+        rows = torch.full((int(padded.sum()),), t, dtype=torch.int32)
+        starts = torch.cumsum(padded, 0) - padded
+        seg = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
+        rows[torch.arange(t) + seg] = order.to(torch.int32)
+        block_eids = torch.repeat_interleave(experts, padded // block_m).to(torch.int32)
+        return rows.to(device), block_eids.to(device)
+    ids = expert_ids.to(device=device, dtype=torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, ids, torch.ones_like(ids))
     padded = (counts + block_m - 1) // block_m * block_m
-    rows = torch.full((int(padded.sum()),), t, dtype=torch.int32)
-    starts = torch.cumsum(padded, 0) - padded
-    seg = torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
-    rows[torch.arange(t) + seg] = order.to(torch.int32)
-    block_eids = torch.repeat_interleave(experts, padded // block_m).to(torch.int32)
-    return rows.to(device), block_eids.to(device)
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    rank = torch.arange(t, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_ids]  # place within its expert
+    nb = triton.cdiv(t + min(t, num_experts) * (block_m - 1), block_m)
+    rows = torch.full((nb * block_m,), t, dtype=torch.int32, device=device)
+    rows[(ends - padded)[sorted_ids] + rank] = order.to(torch.int32)
+    starts = torch.arange(nb, device=device) * block_m
+    block_eids = torch.searchsorted(ends, starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    return rows, block_eids
 
 
 def gemm_ok(k: int, bits: int, group_size: int) -> bool:
@@ -128,7 +150,8 @@ def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: to
     """Group the rows by expert and run the kernel: w_strides (per word row of K, per output channel)
     and s_strides (per scale group along K, per scale row along N) say where the words and scales are."""
     t = x.shape[0]
-    rows, block_eids = align_rows(expert_ids, t, config.block_m if config else 16, x.device)
+    rows, block_eids = align_rows(expert_ids, t, config.block_m if config else 16, x.device,
+                                  words.shape[0] if x.is_cuda else None)
     cfg = config or default_gemm_config(block_eids.numel(), n, kw)
     if kw % cfg.block_w:
         raise ValueError(f"K ({kw} words) does not split into {cfg.block_w}-word GEMM steps")
