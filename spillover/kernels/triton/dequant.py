@@ -71,7 +71,7 @@ def _dequant_kernel(
              mask=(offs_n < N)[:, None] & (k < K)[None, :])
 
 
-BLOCK_N, BLOCK_W = 32, 32
+BLOCK_N, BLOCK_W, NUM_WARPS = 32, 32, 4
 
 
 def _run(words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, n: int, k: int, vals: int,
@@ -80,7 +80,8 @@ def _run(words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, n
     out = torch.empty(n, k, dtype=out_dtype, device=words.device)
     grid = (triton.cdiv(k // vals, BLOCK_W), triton.cdiv(n, BLOCK_N))
     _dequant_kernel[grid](words, scales, mins if mins is not None else scales, out, n, k, *w_strides, *s_strides,
-                          out.stride(0), HAS_MINS=mins is not None, BLOCK_N=BLOCK_N, BLOCK_W=BLOCK_W, **formats)
+                          out.stride(0), HAS_MINS=mins is not None, BLOCK_N=BLOCK_N, BLOCK_W=BLOCK_W,
+                          num_warps=NUM_WARPS, **formats)
     return out
 
 
