@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref  # noqa: E402
 from spillover.kernels.triton.quant_gemm import GemmConfig  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 from spillover.quant.dispatch import per_expert  # noqa: E402
@@ -89,14 +88,6 @@ def triton_dequant(fmt: Fmt, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
         return partial(dequant_fp8, w[0], s[0], fmt.block_shape, dtype)
     return partial(dequant_kn, fmt.qweight, fmt.scales, fmt.mins, 0, bits=fmt.bits, group_size=fmt.group_size,
                    out_dtype=dtype)
-
-
-def reference(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(fmt, Fp8BlockWeight):
-        w, s = fmt.stacked_views()
-        return fp8_matmul_ref(x.float(), w, s, ids, block=fmt.block_shape)
-    return quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
-                               group_size=fmt.group_size)
 
 
 def timed(fn: Callable[[], object], reps: int) -> float:
@@ -173,4 +164,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quant_gemv import reference  # bench/quant_gemv.py: the float32 reference of a format
+
     main()

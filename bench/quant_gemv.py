@@ -126,7 +126,7 @@ def call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None, cfg: GemvConfig | 
 def reference(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     if isinstance(fmt, Fp8BlockWeight):
         w, s = fmt.stacked_views()
-        return fp8_matmul_ref(x.float(), w, s, ids, block=fmt.block)
+        return fp8_matmul_ref(x.float(), w, s, ids, block=fmt.block_shape)
     return quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
                                group_size=fmt.group_size)
 
