@@ -20,21 +20,7 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.ref_quant import fp8_block_shape
-from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _codes, _x_scale, code_offset
-
-
-@triton.jit
-def _value(words, s, m, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr):
-    v = _codes(words, i, FMT, OFFSET) * (s * _x_scale(i, FMT))
-    if HAS_MINS:
-        v += m
-    return v
-
-
-@triton.jit
-def _pair(words, s, m, a: tl.constexpr, b: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr,
-          HAS_MINS: tl.constexpr):
-    return tl.join(_value(words, s, m, a, FMT, OFFSET, HAS_MINS), _value(words, s, m, b, FMT, OFFSET, HAS_MINS))
+from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _unpack_k_order, code_offset
 
 
 @triton.jit
@@ -56,16 +42,7 @@ def _dequant_kernel(
     m = s
     if HAS_MINS:
         m = tl.load(m_ptr + s_at, mask=mask, other=0).to(tl.float32)
-    # tl.join stacks along a new last axis and the innermost join varies slowest: these orders put
-    # code i of word w at column w * VALS + i once the [BN, BW, VALS] tile is flattened
-    if FMT == 0:
-        even = tl.join(_pair(words, s, m, 0, 4, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 2, 6, FMT, OFFSET, HAS_MINS))
-        odd = tl.join(_pair(words, s, m, 1, 5, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 3, 7, FMT, OFFSET, HAS_MINS))
-    else:
-        even = _pair(words, s, m, 0, 2, FMT, OFFSET, HAS_MINS)
-        odd = _pair(words, s, m, 1, 3, FMT, OFFSET, HAS_MINS)
-    v = tl.join(even, odd)
-    v = tl.reshape(v, [BLOCK_N, BLOCK_W * VALS])
+    v = _unpack_k_order(words, s, m, FMT, OFFSET, HAS_MINS, BLOCK_N, BLOCK_W)  # [BN, BW * VALS]
     k = tl.program_id(0) * (BLOCK_W * VALS) + tl.arange(0, BLOCK_W * VALS)
     tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], v.to(out_ptr.dtype.element_ty),
              mask=(offs_n < N)[:, None] & (k < K)[None, :])

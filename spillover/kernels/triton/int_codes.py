@@ -157,3 +157,34 @@ def _bf16_pair(v):
 
 
 _PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
+
+
+@triton.jit
+def _value(words, s, m, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr):
+    v = _codes(words, i, FMT, OFFSET) * (s * _x_scale(i, FMT))
+    if HAS_MINS:
+        v += m
+    return v
+
+
+@triton.jit
+def _pair(words, s, m, a: tl.constexpr, b: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr,
+          HAS_MINS: tl.constexpr):
+    return tl.join(_value(words, s, m, a, FMT, OFFSET, HAS_MINS), _value(words, s, m, b, FMT, OFFSET, HAS_MINS))
+
+
+@triton.jit
+def _unpack_k_order(words, s, m, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """[ROWS, BLOCK_W] words with a scale (and min) each -> float32 [ROWS, BLOCK_W * VALS] weights, code i of
+    word w at column w * VALS + i: the order of K, so one dot (or one contiguous store) covers a step.
+
+    tl.join stacks along a new last axis and the innermost join varies slowest, hence the code orders.
+    """
+    if FMT == 0:
+        even = tl.join(_pair(words, s, m, 0, 4, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 2, 6, FMT, OFFSET, HAS_MINS))
+        odd = tl.join(_pair(words, s, m, 1, 5, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 3, 7, FMT, OFFSET, HAS_MINS))
+        return tl.reshape(tl.join(even, odd), [ROWS, BLOCK_W * 8])
+    else:
+        v = tl.join(_pair(words, s, m, 0, 2, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 1, 3, FMT, OFFSET, HAS_MINS))
+        return tl.reshape(v, [ROWS, BLOCK_W * 4])

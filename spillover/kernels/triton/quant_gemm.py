@@ -7,9 +7,11 @@ as int32 words of 4 codes), float32 scales per BN x BK block; the same kernel re
 its word and scale strides, so FP8 prefill no longer dequantizes whole weights (or every routed
 expert, one matmul each) to bf16 first. Rows are grouped by expert and
 each expert's segment padded to BLOCK_M (`align_rows`), so every M-block belongs to one expert. A
-program loads a [BLOCK_W, BLOCK_N] tile of words and, for each code position i of a word,
-dequantizes it (codes as in the GEMV, `_codes`) and multiplies it with the x columns
-k = word * VALS + i on the tensor cores: VALS dots of depth BLOCK_W per step, no interleaving.
+program loads a [BLOCK_N, BLOCK_W] tile of words, dequantizes it into a [BLOCK_N, BLOCK_W * VALS]
+tile in the order of K (codes as in the GEMV, `_unpack_k_order`) and multiplies it with one
+contiguous [BLOCK_M, BLOCK_W * VALS] tile of x on the tensor cores: one dot per step. (Until the
+seventh session it made VALS dots of depth BLOCK_W per step, one per code position, with x read at
+a stride of VALS.)
 A dense layer is the E = 1, unsorted special case.
 
 float32 activations: tl.dot defaults to TF32 on NVIDIA (10-bit mantissa inputs), which made the CUDA
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.ref_quant import fp8_block_shape
-from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _codes, _x_scale, code_offset
+from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _unpack_k_order, code_offset
 
 MIN_DOT_DEPTH = 16  # tl.dot needs K >= 16 on GPUs: BLOCK_K >= 16 words
 
@@ -35,7 +37,7 @@ MIN_DOT_DEPTH = 16  # tl.dot needs K >= 16 on GPUs: BLOCK_K >= 16 words
 class GemmConfig:
     block_m: int = 16  # rows a program takes: every M-block belongs to one expert (`align_rows`)
     block_n: int = 64
-    block_w: int = MIN_DOT_DEPTH  # words of K a step (the depth of each of its VALS dots)
+    block_w: int = MIN_DOT_DEPTH  # words of K a step (its dot is BLOCK_W * VALS deep)
     num_warps: int = 4
 
     def __str__(self) -> str:
@@ -63,25 +65,24 @@ def _quant_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     r = tl.arange(0, BLOCK_W)
+    kk = tl.arange(0, BLOCK_W * VALS)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
     # int (kn): word (kw, n) at kw * stride_wk + n, a scale per (group, n). FP8 (nk): word (n, kw) at
     # n * stride_wn + kw, a scale per (K block, SN output rows)
-    w_cols = w_ptr + e * stride_we + offs_n[None, :] * stride_wn
-    s_cols = s_ptr + e * stride_se + (offs_n // SN)[None, :] * stride_sn
-    m_cols = m_ptr + e * stride_se + (offs_n // SN)[None, :] * stride_sn
+    w_rows = w_ptr + e * stride_we + offs_n[:, None] * stride_wn
+    s_rows = s_ptr + e * stride_se + (offs_n // SN)[:, None] * stride_sn
+    m_rows = m_ptr + e * stride_se + (offs_n // SN)[:, None] * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kw0 in range(0, kw_end, BLOCK_W):
-        words = tl.load(w_cols + ((kw0 + r).to(tl.int64) * stride_wk)[:, None], mask=mask_n[None, :], other=0)
-        g = ((kw0 + r) // GROUP_W)[:, None]  # [BLOCK_W, 1]: the group of each word row
-        s = tl.load(s_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
+        kw = (kw0 + r)[None, :]
+        words = tl.load(w_rows + kw.to(tl.int64) * stride_wk, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_W]
+        s = tl.load(s_rows + (kw // GROUP_W) * stride_sg, mask=mask_n[:, None], other=0).to(tl.float32)
+        m = s
         if HAS_MINS:
-            m = tl.load(m_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
-        for i in tl.static_range(VALS):
-            w = _codes(words, i, FMT, OFFSET) * (s * _x_scale(i, FMT))  # [BLOCK_W, BLOCK_N] dequantized
-            if HAS_MINS:
-                w += m
-            xv = tl.load(x_rows + ((kw0 + r) * VALS + i)[None, :], mask=mask_m[:, None], other=0)
-            acc += tl.dot(xv, w.to(xv.dtype), input_precision=DOT_PRECISION)
+            m = tl.load(m_rows + (kw // GROUP_W) * stride_sg, mask=mask_n[:, None], other=0).to(tl.float32)
+        w = _unpack_k_order(words, s, m, FMT, OFFSET, HAS_MINS, BLOCK_N, BLOCK_W)  # [BLOCK_N, BLOCK_W * VALS]
+        xv = tl.load(x_rows + (kw0 * VALS + kk)[None, :], mask=mask_m[:, None], other=0)  # [BLOCK_M, same K]
+        acc += tl.dot(xv, tl.trans(w.to(xv.dtype)), input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yt + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
