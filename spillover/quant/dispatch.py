@@ -4,10 +4,10 @@ Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_int4_mma_gemv` (th
 int4 experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows:
 routed experts, or a dense weight too large to copy to bf16), `triton_dequant` (CUDA, a dense weight
 with more rows: bf16 in one Triton pass, then cuBLAS; FP8 too), `triton_fp8_gemv` / `triton_fp8_gemm`
-(FP8 block weights), `fp8_dequant` (FP8 without Triton: torch dequantize + matmul), `cpu_int4pack` / `cpu_int8pack`
-(CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize + float matmul: CPU prefill, or no
-Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family (triton on the CPU only works under
-TRITON_INTERPRET=1; for tests). The Triton int kernels read the
+(FP8 block weights), `fp8_dequant` (FP8 without Triton: torch dequantize + matmul), `cpu_int4pack` /
+`cpu_int8pack` (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize + float matmul: CPU
+prefill, or no Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family (triton on the CPU
+only works under TRITON_INTERPRET=1; for tests). The Triton int kernels read the
 GPU "kn" layout (`GroupedIntWeight.to_layout`); a CPU-resident format is converted per call (tests only).
 """
 
