@@ -137,12 +137,14 @@ def gemm_ok(k: int, bits: int, group_size: int) -> bool:
 TARGET_PROGRAMS = 264  # two per SM on a 132-SM H100/H200
 
 
-def default_gemm_config(m_blocks: int, n: int, kw: int) -> GemmConfig:
-    """16-row blocks; 32 words a step where K allows (16 otherwise); 32 output channels a program
-    while 64 would leave fewer than TARGET_PROGRAMS programs (a dense weight with few rows), else 64.
-    Fitted to a tile sweep on an H100 (bench/quant_gemm.py --sweep)."""
+def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int = 8) -> GemmConfig:
+    """16-row blocks; 128 codes of K a step (16 int4 words, 32 int8/FP8 words) where K allows: each step
+    unpacks a [BLOCK_N, 128] tile, and int4's 256-code tiles held 240-255 registers a thread (2 programs an
+    SM); 32 output channels a program while 64 would leave fewer than TARGET_PROGRAMS programs (a dense
+    weight with few rows), else 64. From tile sweeps on an H100 (bench/quant_gemm.py --sweep)."""
     block_n = 32 if m_blocks * triton.cdiv(n, 64) < TARGET_PROGRAMS else 64
-    return GemmConfig(16, block_n, 32 if kw % 32 == 0 else MIN_DOT_DEPTH, 4)
+    words = 128 // vals
+    return GemmConfig(16, block_n, words if kw % words == 0 else MIN_DOT_DEPTH, 4)
 
 
 def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -153,7 +155,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: to
     t = x.shape[0]
     rows, block_eids = align_rows(expert_ids, t, config.block_m if config else 16, x.device,
                                   words.shape[0] if x.is_cuda else None)
-    cfg = config or default_gemm_config(block_eids.numel(), n, kw)
+    cfg = config or default_gemm_config(block_eids.numel(), n, kw, 8 if formats["FMT"] == FMT_INT4 else 4)
     if kw % cfg.block_w:
         raise ValueError(f"K ({kw} words) does not split into {cfg.block_w}-word GEMM steps")
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
