@@ -28,9 +28,11 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from quant_gemv import reference  # noqa: E402  (bench/quant_gemv.py: a format's float32 reference)
 
 from spillover.kernels.triton.quant_gemm import GemmConfig  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
@@ -164,7 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quant_gemv import reference  # bench/quant_gemv.py: the float32 reference of a format
-
     main()

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.ref_quant import fp8_block_shape
-from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _unpack_k_order, code_offset
+from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _load_k_order, code_offset
 
 
 @triton.jit
@@ -36,13 +36,9 @@ def _dequant_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kw = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (offs_n < N)[:, None] & (kw < K // VALS)[None, :]
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :] * stride_wk, mask=mask, other=0)  # [BN, BW]
     s_at = (offs_n // SN)[:, None] * stride_sn + (kw // GROUP_W)[None, :] * stride_sg
-    s = tl.load(s_ptr + s_at, mask=mask, other=0).to(tl.float32)
-    m = s
-    if HAS_MINS:
-        m = tl.load(m_ptr + s_at, mask=mask, other=0).to(tl.float32)
-    v = _unpack_k_order(words, s, m, FMT, OFFSET, HAS_MINS, BLOCK_N, BLOCK_W)  # [BN, BW * VALS]
+    v = _load_k_order(w_ptr + offs_n[:, None] * stride_wn + kw[None, :] * stride_wk, s_ptr + s_at, m_ptr + s_at,
+                      mask, FMT, OFFSET, HAS_MINS, BLOCK_N, BLOCK_W)  # [BN, BW * VALS]
     k = tl.program_id(0) * (BLOCK_W * VALS) + tl.arange(0, BLOCK_W * VALS)
     tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], v.to(out_ptr.dtype.element_ty),
              mask=(offs_n < N)[:, None] & (k < K)[None, :])

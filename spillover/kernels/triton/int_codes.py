@@ -188,3 +188,16 @@ def _unpack_k_order(words, s, m, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MI
     else:
         v = tl.join(_pair(words, s, m, 0, 2, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 1, 3, FMT, OFFSET, HAS_MINS))
         return tl.reshape(v, [ROWS, BLOCK_W * 4])
+
+
+@triton.jit
+def _load_k_order(w_ptrs, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Words [ROWS, BLOCK_W] with their scales (and mins) at the given pointers -> float32 weights
+    [ROWS, BLOCK_W * VALS] in the order of K (`_unpack_k_order`); masked words read as 0."""
+    words = tl.load(w_ptrs, mask=mask, other=0)
+    s = tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
+    m = s
+    if HAS_MINS:
+        m = tl.load(m_ptrs, mask=mask, other=0).to(tl.float32)
+    return _unpack_k_order(words, s, m, FMT, OFFSET, HAS_MINS, ROWS, BLOCK_W)

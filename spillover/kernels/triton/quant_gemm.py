@@ -9,10 +9,8 @@ expert, one matmul each) to bf16 first. Rows are grouped by expert and
 each expert's segment padded to BLOCK_M (`align_rows`), so every M-block belongs to one expert. A
 program loads a [BLOCK_N, BLOCK_W] tile of words, dequantizes it into a [BLOCK_N, BLOCK_W * VALS]
 tile in the order of K (codes as in the GEMV, `_unpack_k_order`) and multiplies it with one
-contiguous [BLOCK_M, BLOCK_W * VALS] tile of x on the tensor cores: one dot per step. (Until the
-seventh session it made VALS dots of depth BLOCK_W per step, one per code position, with x read at
-a stride of VALS.)
-A dense layer is the E = 1, unsorted special case.
+contiguous [BLOCK_M, BLOCK_W * VALS] tile of x on the tensor cores: one dot per step. A dense layer
+is the E = 1, unsorted special case.
 
 float32 activations: tl.dot defaults to TF32 on NVIDIA (10-bit mantissa inputs), which made the CUDA
 run miss the float32 reference by ~1e-2 at K = 256 (the GEMV, using FMAs, passed); so float32
@@ -28,7 +26,7 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.ref_quant import fp8_block_shape
-from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _unpack_k_order, code_offset
+from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _load_k_order, code_offset
 
 MIN_DOT_DEPTH = 16  # tl.dot needs K >= 16 on GPUs: BLOCK_K >= 16 words
 
@@ -75,12 +73,9 @@ def _quant_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kw0 in range(0, kw_end, BLOCK_W):
         kw = (kw0 + r)[None, :]
-        words = tl.load(w_rows + kw.to(tl.int64) * stride_wk, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_W]
-        s = tl.load(s_rows + (kw // GROUP_W) * stride_sg, mask=mask_n[:, None], other=0).to(tl.float32)
-        m = s
-        if HAS_MINS:
-            m = tl.load(m_rows + (kw // GROUP_W) * stride_sg, mask=mask_n[:, None], other=0).to(tl.float32)
-        w = _unpack_k_order(words, s, m, FMT, OFFSET, HAS_MINS, BLOCK_N, BLOCK_W)  # [BLOCK_N, BLOCK_W * VALS]
+        g = (kw // GROUP_W) * stride_sg
+        w = _load_k_order(w_rows + kw.to(tl.int64) * stride_wk, s_rows + g, m_rows + g, mask_n[:, None],
+                          FMT, OFFSET, HAS_MINS, BLOCK_N, BLOCK_W)  # [BLOCK_N, BLOCK_W * VALS]
         xv = tl.load(x_rows + (kw0 * VALS + kk)[None, :], mask=mask_m[:, None], other=0)  # [BLOCK_M, same K]
         acc += tl.dot(xv, tl.trans(w.to(xv.dtype)), input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yt + offs_n[None, :]
@@ -137,7 +132,7 @@ def gemm_ok(k: int, bits: int, group_size: int) -> bool:
 TARGET_PROGRAMS = 264  # two per SM on a 132-SM H100/H200
 
 
-def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int = 8) -> GemmConfig:
+def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int) -> GemmConfig:
     """16-row blocks; 128 codes of K a step (16 int4 words, 32 int8/FP8 words) where K allows: each step
     unpacks a [BLOCK_N, 128] tile, and int4's 256-code tiles held 240-255 registers a thread (2 programs an
     SM); 32 output channels a program while 64 would leave fewer than TARGET_PROGRAMS programs (a dense
@@ -155,7 +150,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: to
     t = x.shape[0]
     rows, block_eids = align_rows(expert_ids, t, config.block_m if config else 16, x.device,
                                   words.shape[0] if x.is_cuda else None)
-    cfg = config or default_gemm_config(block_eids.numel(), n, kw, 8 if formats["FMT"] == FMT_INT4 else 4)
+    cfg = config or default_gemm_config(block_eids.numel(), n, kw, x.shape[1] // kw)
     if kw % cfg.block_w:
         raise ValueError(f"K ({kw} words) does not split into {cfg.block_w}-word GEMM steps")
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
