@@ -5,13 +5,14 @@
 
 Rows: dense 4096x4096 and Qwen3-Next's MoE shapes (w13 1024x2048, w2 2048x512, 10 of 512 experts), for
 asymmetric (`int4`) and symmetric (`int4sym`) g128 weights. Variants: `cuda-core` (the CUDA-core GEMV,
-`quant_gemv.py`, called directly), and the tensor-core kernel with x handed over by shuffles (`mma x:shfl`) or read from
-L1 (`mma x:L1`). Each is timed --reps times, alternating, in the harness of bench/quant_gemv.py (a
-different weight copy or expert set per call, calls replayed from a CUDA graph); the median is printed.
+`quant_gemv.py`, called directly), and the tensor-core kernel with x handed over by shuffles (`mma
+x:shfl`) or read from L1 (`mma x:L1`), the latter also under a 48-register cap (`mma x:L1 r48`). Each is
+timed --reps times, alternating, in the harness of bench/quant_gemv.py (a different weight copy or
+expert set per call, calls replayed from a CUDA graph); the median is printed.
 --l2 also times every variant with all calls on the first weight copy or expert set, which then stays
 in L2: how long the kernel takes when HBM is not the limit (its compute and fixed costs).
 `spillover.quant.dispatch` uses the tensor-core kernel where these rows showed it faster on Hopper:
-asymmetric int4 experts (BENCHMARKS.md, "int4 GEMV on tensor cores").
+int4 experts, with `default_mma_config` (BENCHMARKS.md, "int4 GEMV on tensor cores", "register caps").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from spillover.kernels.triton.int4_mma_gemv import int4_mma_gemv  # noqa: E402
+from spillover.kernels.triton.int4_mma_gemv import MmaConfig, default_mma_config, int4_mma_gemv  # noqa: E402
 
 
 def ab_case(bench, kind: str, case: tuple, bw: float, reps: int, pdl: bool, l2: bool) -> None:  # type: ignore[no-untyped-def]
@@ -35,13 +36,15 @@ def ab_case(bench, kind: str, case: tuple, bw: float, reps: int, pdl: bool, l2: 
     nbytes = bench.weight_bytes(fmts[0], rows) + x.numel() * 2 + rows * n * 2
     ref = bench.reference(fmts[0], x, id_sets[0])
 
-    def mma(f, ids, x_l1):  # type: ignore[no-untyped-def]
+    def mma(f, ids, cfg):  # type: ignore[no-untyped-def]
         return lambda: int4_mma_gemv(x, f.qweight, f.scales, f.mins, ids, bits=4, group_size=128,
-                                     x_l1=x_l1, pdl=pdl)
+                                     config=cfg, pdl=pdl)
 
+    dflt = default_mma_config(kind == "int4sym", k)
     variants = {"cuda-core": lambda f, ids: bench.call(f, x, ids, None),
-                "mma x:shfl": lambda f, ids: mma(f, ids, False),
-                "mma x:L1": lambda f, ids: mma(f, ids, True)}
+                "mma x:shfl": lambda f, ids: mma(f, ids, MmaConfig(x_l1=False)),
+                "mma x:L1": lambda f, ids: mma(f, ids, MmaConfig(x_l1=True)),
+                "mma x:L1 r48": lambda f, ids: mma(f, ids, MmaConfig(x_l1=True, max_regs=48))}
     errs = {v: bench.rel_err(mk(fmts[0], id_sets[0])(), ref) for v, mk in variants.items()}
     times: dict[str, list[float]] = {v: [] for v in variants}
     resident: dict[str, list[float]] = {v: [] for v in variants}
@@ -50,11 +53,11 @@ def ab_case(bench, kind: str, case: tuple, bw: float, reps: int, pdl: bool, l2: 
             times[v].append(bench.gpu_time([mk(f, ids) for f, ids in zip(fmts, id_sets, strict=True)]))
             if l2:  # as many calls, all on one weight copy / expert set: it stays in L2
                 resident[v].append(bench.gpu_time([mk(fmts[0], id_sets[0]) for _ in fmts]))
-    print(f"{kind} {label}")
+    print(f"{kind} {label} (mma default: {dflt})")
     for v, ts in times.items():
         med = sorted(ts)[len(ts) // 2]
         in_l2 = f"  L2-resident {sorted(resident[v])[reps // 2] * 1e6:6.2f} us" if l2 else ""
-        print(f"  {v:11s} {med * 1e6:6.2f} us {100 * nbytes / med / 1e9 / bw:5.1f}% of read  "
+        print(f"  {v:12s} {med * 1e6:6.2f} us {100 * nbytes / med / 1e9 / bw:5.1f}% of read  "
               f"(all {' '.join(f'{u * 1e6:.2f}' for u in ts)})  max err {errs[v]:.1e}{in_l2}")
 
 

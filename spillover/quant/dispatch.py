@@ -1,7 +1,7 @@
 """The one place that picks the kernel for a weight-only quantized matmul, and logs why.
 
-Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_int4_mma_gemv` (the same for asymmetric
-int4 experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows:
+Choices: `triton_gemv` (CUDA, <= GEMV_MAX_ROWS rows), `triton_int4_mma_gemv` (the same for int4
+experts on Hopper, where the tensor-core GEMV measured faster), `triton_gemm` (CUDA, more rows:
 routed experts, or a dense weight too large to copy to bf16), `triton_dequant` (CUDA, a dense weight
 with more rows: bf16 in one Triton pass, then cuBLAS; FP8 too), `triton_fp8_gemv` / `triton_fp8_gemm`
 (FP8 block weights), `fp8_dequant` (FP8 without Triton: torch dequantize + matmul), `cpu_int4pack` /
@@ -80,10 +80,11 @@ def _triton_route(device: torch.device) -> bool:
     return device.type == "cuda" or (_forced() == "triton" and triton_interpreted())
 
 
-# The tensor-core int4 GEMV beat the CUDA-core one only for asymmetric int4 experts, measured on
-# sm_90 (H100, H200: bench/int4_mma_gemv.py, g128, Qwen3-Next's expert shapes: K = 2048 (w13, +14-16 %)
-# and 512 (w2, +4-7 %)); other GPUs, groups and K keep the CUDA-core GEMV until
-# tests/kernels/test_int4_mma_gemv.py and the bench have run there.
+# The tensor-core int4 GEMV beat the CUDA-core one for int4 experts, measured on sm_90 (H100, H200:
+# bench/int4_mma_gemv.py, g128, Qwen3-Next's expert shapes: K = 2048 (w13; asymmetric +14-16 %,
+# symmetric +16-20 % with its register cap) and 512 (w2, +4-7 % asymmetric, 0-4 % symmetric)); other
+# GPUs, groups and K keep the CUDA-core GEMV until tests/kernels/test_int4_mma_gemv.py and the bench
+# have run there.
 INT4_MMA_CAPABILITIES = ((9, 0),)
 INT4_MMA_GROUPS = (128,)
 INT4_MMA_K = (512, 2048)
@@ -92,7 +93,7 @@ INT4_MMA_K = (512, 2048)
 def int4_mma_fits(fmt: GroupedIntWeight, capability: tuple[int, int], moe: bool) -> bool:
     """Whether a decode GEMV of `fmt` goes to the tensor-core int4 kernel (the shapes above are
     within its own limits, `int4_mma_gemv.unsupported`; bf16 activations only)."""
-    return (moe and fmt.bits == 4 and not fmt.symmetric and capability in INT4_MMA_CAPABILITIES
+    return (moe and fmt.bits == 4 and capability in INT4_MMA_CAPABILITIES
             and fmt.group_size in INT4_MMA_GROUPS and fmt.in_features in INT4_MMA_K
             and fmt.act_dtype == torch.bfloat16)
 
@@ -114,7 +115,7 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int, moe: b
             return "ref", f"K={fmt.in_features} does not pack into int32 words"
         if rows <= GEMV_MAX_ROWS:
             if device.type == "cuda" and int4_mma_fits(fmt, _capability(device), moe):
-                return "triton_int4_mma_gemv", (f"{rows} rows <= {GEMV_MAX_ROWS}, asymmetric int4 experts on "
+                return "triton_int4_mma_gemv", (f"{rows} rows <= {GEMV_MAX_ROWS}, int4 experts on "
                                                 "sm_90: tensor-core GEMV")
             return "triton_gemv", f"{rows} rows <= {GEMV_MAX_ROWS}: bandwidth-bound GEMV"
         from spillover.kernels.triton.quant_gemm import gemm_ok

@@ -18,7 +18,12 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed")
 
 from spillover.kernels.ref_quant import quant_matmul_kn_ref  # noqa: E402
-from spillover.kernels.triton.int4_mma_gemv import int4_mma_gemv, unsupported  # noqa: E402
+from spillover.kernels.triton.int4_mma_gemv import (  # noqa: E402
+    MmaConfig,
+    default_mma_config,
+    int4_mma_gemv,
+    unsupported,
+)
 from spillover.quant import Int4Weight  # noqa: E402
 from spillover.quant.dispatch import int4_mma_fits  # noqa: E402
 
@@ -34,8 +39,9 @@ def _kn(e: int, n: int, k: int, group: int, sym: bool, device: str = "cpu") -> I
 @pytest.mark.parametrize(("e", "n", "k", "t"), [(1, 40, 256, 1), (6, 1024, 2048, 5), (6, 2048, 512, 3)])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("sym", [False, True])
-@pytest.mark.parametrize("x_l1", [False, True])
-def test_matches_reference(e: int, n: int, k: int, t: int, group: int, sym: bool, x_l1: bool) -> None:
+@pytest.mark.parametrize("config", [MmaConfig(x_l1=False), MmaConfig(x_l1=True), MmaConfig(x_l1=True, max_regs=48)],
+                         ids=["x:shfl", "x:L1", "x:L1-48regs"])
+def test_matches_reference(e: int, n: int, k: int, t: int, group: int, sym: bool, config: MmaConfig) -> None:
     """Within bf16 rounding of the float32 reference, with and without expert ids; N = 40 leaves a
     partial 16-channel tile. A wrong lane mapping would come out as NaN (the kernel's guard)."""
     fmt = _kn(e, n, k, group, sym, "cuda")
@@ -43,7 +49,7 @@ def test_matches_reference(e: int, n: int, k: int, t: int, group: int, sym: bool
     for ids in (None, torch.randint(0, e, (t,), device="cuda", dtype=torch.int32)):
         args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
         ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=4, group_size=group)
-        out = int4_mma_gemv(*args, bits=4, group_size=group, x_l1=x_l1)
+        out = int4_mma_gemv(*args, bits=4, group_size=group, config=config)
         assert out.dtype == torch.bfloat16 and out.shape == (t, n)
         torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
 
@@ -75,14 +81,15 @@ def test_limits() -> None:
 
 
 def test_dispatch_rule() -> None:
-    """Only asymmetric g128 int4 experts on sm_90 at the K run there (where it measured faster)."""
+    """Only g128 int4 experts on sm_90 at the K run there (where it measured faster)."""
     asym, sym = _kn(2, 32, 512, 128, False), _kn(2, 32, 512, 128, True)
     assert int4_mma_fits(asym, (9, 0), moe=True)
     assert int4_mma_fits(_kn(2, 32, 2048, 128, False), (9, 0), moe=True)
     assert not int4_mma_fits(_kn(2, 32, 1024, 128, False), (9, 0), moe=True)  # not run on a GPU yet
     assert not int4_mma_fits(_kn(2, 32, 512, 32, False), (9, 0), moe=True)
     assert not int4_mma_fits(asym, (9, 0), moe=False)  # dense: the CUDA-core GEMV measured faster
-    assert not int4_mma_fits(sym, (9, 0), moe=True)
+    assert int4_mma_fits(sym, (9, 0), moe=True)
+    assert not int4_mma_fits(sym, (9, 0), moe=False)
     assert not int4_mma_fits(asym, (8, 0), moe=True)  # not measured there
     assert not int4_mma_fits(asym, (12, 0), moe=True)
     assert not int4_mma_fits(_kn(2, 32, 384, 128, False), (9, 0), moe=True)  # K not a multiple of 256
@@ -93,11 +100,12 @@ def test_dispatch_rule() -> None:
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                     reason="the dispatcher picks the tensor-core GEMV on sm_90 only")
 @pytest.mark.parametrize(("n", "k"), [(1024, 2048), (2048, 512)])  # Qwen3-Next's w13 and w2
-def test_dispatcher_sends_asymmetric_experts_to_it(n: int, k: int) -> None:
-    """The integrated path: a stacked asymmetric g128 int4 bank on Hopper, 10 rows of picked experts."""
+@pytest.mark.parametrize("sym", [False, True])
+def test_dispatcher_sends_experts_to_it(n: int, k: int, sym: bool) -> None:
+    """The integrated path: a stacked g128 int4 bank on Hopper, 10 rows of picked experts."""
     from spillover.quant.dispatch import busiest_expert_rows, choose_kernel
 
-    fmt = _kn(16, n, k, 128, False, "cuda")
+    fmt = _kn(16, n, k, 128, sym, "cuda")
     x = torch.randn(10, k, device="cuda").to(torch.bfloat16)
     ids = torch.randint(0, 16, (10,), device="cuda")
     rows = busiest_expert_rows(x, ids)  # what quant_matmul asks the dispatcher with
@@ -105,3 +113,11 @@ def test_dispatcher_sends_asymmetric_experts_to_it(n: int, k: int) -> None:
     ref = quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=4, group_size=128)
     out = fmt.forward_experts(x, ids)
     torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_default_config() -> None:
+    """The measured choices: symmetric int4 x from L1 under a 48-register cap; asymmetric uncapped, x
+    from L1 only at K >= 1024."""
+    assert default_mma_config(True, 512) == MmaConfig(x_l1=True, max_regs=48)
+    assert default_mma_config(False, 2048) == MmaConfig(x_l1=True)
+    assert default_mma_config(False, 512) == MmaConfig(x_l1=False)

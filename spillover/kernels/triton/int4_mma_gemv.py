@@ -5,10 +5,14 @@ become bf16 on the CUDA cores with one shift and one LOP3 per 2 codes (a nibble 
 exponent of 128 reads as 128 + c) and are multiplied on the tensor cores, x in every column of B,
 one column used: about 2 instructions per code. Every product carries 128 * x; that is taken off per
 quantization group from a per-group sum of x. Measured (bench/int4_mma_gemv.py, BENCHMARKS.md "int4
-GEMV on tensor cores"): faster than the CUDA-core GEMV for asymmetric int4 experts at Qwen3-Next's
-MoE shapes on Hopper (w13 1024x2048: +16 % H100, +14 % H200; w2 2048x512: +4-7 % with x by shuffles),
-slower for dense 4096x4096 and for symmetric int4, so `spillover.quant.dispatch` uses it only there
-(asymmetric g128 experts at those K, on sm_90).
+GEMV on tensor cores" and "register caps"): faster than the CUDA-core GEMV for int4 experts at
+Qwen3-Next's MoE shapes on Hopper (asymmetric w13 1024x2048: +14-16 %, w2 2048x512: +4-7 %;
+symmetric w13 with `default_mma_config`'s register cap: +16-20 %), slower for dense 4096x4096, so
+`spillover.quant.dispatch` uses it only for g128 experts at those K, on sm_90.
+
+The kernel is latency-bound, so ptxas's schedule decides its speed more than its instruction count:
+the same source compiled under different register caps ran up to 24 % apart at the same register
+count. `default_mma_config` holds the measured choice per case; re-measure it after a Triton upgrade.
 
 Lane mapping: thread r of a program is warp r // 32, lane r % 32 = 4 g + t; its 2 output channels
 n0 + 2 g + v are rows g (v = 0) and g + 8 (v = 1) of one m16n8k16 tile; at step s lane t supplies the
@@ -20,6 +24,8 @@ This module imports triton at the top: import it only through spillover.quant.di
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -195,12 +201,26 @@ def unsupported(bits: int, group_size: int, k: int, x_dtype: torch.dtype) -> str
     return None
 
 
+@dataclass(frozen=True)
+class MmaConfig:
+    x_l1: bool  # x read from L1 at every step (else handed over by shuffles from the lane that holds it)
+    max_regs: int | None = None  # ptxas register cap: it changes the schedule, not only the count
+
+
+def default_mma_config(symmetric: bool, k: int) -> MmaConfig:
+    """Measured on an H100 and an H200 (Triton 3.6; BENCHMARKS.md "register caps"): asymmetric int4
+    takes x from L1 at K >= 1024 and by shuffles below, uncapped; symmetric int4 takes x from L1 with a
+    48-register cap (uncapped it got a slower schedule: MoE w13 7.8 against 6.3 us on the H100)."""
+    if symmetric:
+        return MmaConfig(x_l1=True, max_regs=48)
+    return MmaConfig(x_l1=k >= 1024)
+
+
 def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                  expert_ids: torch.Tensor | None, *, bits: int, group_size: int, x_l1: bool | None = None,
+                  expert_ids: torch.Tensor | None, *, bits: int, group_size: int, config: MmaConfig | None = None,
                   pdl: bool | None = None) -> torch.Tensor:
     """Same signature and result as `quant_matmul_kn_ref` (within bf16 rounding) for the cases
-    `unsupported` accepts. x_l1: x read from L1 per step (None: when K >= 1024, where it measured
-    faster) or handed over by shuffles; pdl: None = where the GPU has it."""
+    `unsupported` accepts. config: None = `default_mma_config`; pdl: None = where the GPU has it."""
     t, k = x.shape
     e, kw, n = words.shape
     why = unsupported(bits, group_size, k, x.dtype)
@@ -212,8 +232,10 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
     if not x.is_contiguous() or x.data_ptr() % 16:  # x rows are read 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
-    x_l1 = k >= 1024 if x_l1 is None else x_l1
+    cfg = config or default_mma_config(mins is None, k)
     pdl, launch = pdl_launch(x.device, pdl)
+    if cfg.max_regs is not None:
+        launch["maxnreg"] = cfg.max_regs
     rw = WARP_K // 8
     nw = kw // rw
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
@@ -221,6 +243,6 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
         x, words, scales, mins if mins is not None else scales, expert_ids if expert_ids is not None else x, y,
         n, x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
         GROUP=group_size, OFFSET=code_offset(4, mins is not None), HAS_MINS=mins is not None,
-        HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=x_l1, num_warps=nw,
+        HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=cfg.x_l1, num_warps=nw,
         **launch)
     return y
