@@ -6,6 +6,7 @@ On the CPU they run under TRITON_INTERPRET=1; on CUDA (scripts/gpu_check, the de
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -168,6 +169,40 @@ def test_gemv_16bit_activations(bits: int, group: int, sym: bool, cfg: GemvConfi
     out = quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=cfg)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), [(4, 128, False), (4, 128, True), (4, 32, False), (8, 16, True)])
+@pytest.mark.parametrize("cfg", [GemvConfig(16, 256, 1, 4), GemvConfig(32, 256, 2, 4)], ids=str)
+def test_gemv_runs_match_plain_steps(bits: int, group: int, sym: bool, cfg: GemvConfig) -> None:
+    """A thread's steps on one run of consecutive word rows (scale and min applied once per run) give
+    the per-word result: both within 16-bit rounding of the reference, with and without split-K."""
+    from spillover.kernels.triton.quant_gemv import runs_fit
+
+    k = 1024 if bits == 4 else 512
+    fmt = _fmt(bits, group, sym, 3, 40, k).to_layout("kn")
+    x = torch.randn(4, k, device=DEVICE).to(torch.bfloat16)
+    ids = torch.tensor([2, 0, 2, 1], device=DEVICE)
+    args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
+    assert runs_fit(k, bits, group, cfg, biased=True)
+    ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=bits, group_size=group)
+    for runs in (True, False):
+        out = quant_gemv(*args, bits=bits, group_size=group, config=replace(cfg, runs=runs))
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_gemv_runs_refused_where_they_do_not_fit() -> None:
+    """Steps within one group (or a step count that does not divide a group's word rows) have no runs."""
+    from spillover.kernels.triton.quant_gemv import runs_fit
+
+    assert not runs_fit(1024, 4, 128, GemvConfig(16, 64, 1, 4), biased=True)  # a step inside a group
+    assert not runs_fit(3072, 4, 128, GemvConfig(16, 256, 1, 4), biased=True)  # 12 steps, 16 word rows a group
+    assert runs_fit(4096, 4, 128, GemvConfig(16, 256, 1, 4), biased=True)  # 16 steps: one group's 16 word rows
+    assert not runs_fit(2048, 4, 128, GemvConfig(16, 256, 1, 4), biased=False)  # float32 x: exact codes
+    fmt = _fmt(4, 128, False, 1, 16, 1024).to_layout("kn")
+    x = torch.randn(1, 1024, device=DEVICE).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="runs=1"):
+        quant_gemv(x, fmt.qweight, fmt.scales, fmt.mins, None, bits=4, group_size=128,
+                   config=GemvConfig(16, 64, 1, 4, runs=True))
 
 
 def test_align_rows_groups_by_expert() -> None:

@@ -116,13 +116,15 @@ def _gemv_kn_kernel(
     FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NSTEPS: tl.constexpr,
-    BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, RUNS: tl.constexpr,
 ):
     """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
     Threads run along N, so a warp's loads are coalesced, x is a warp-uniform broadcast reused
     by every column a thread holds, and the K reduction stays in each thread. The NSTEPS steps
     are unrolled, so ptxas can issue a step's loads while the previous step computes.
+    RUNS: thread row r takes word rows r * NSTEPS + step, a run inside one quantization group, so
+    its scale and min load once and apply once after the steps, instead of once per word.
     """
     VALS: tl.constexpr = 8 if FMT == 0 else 4
     BLOCK_W: tl.constexpr = BLOCK_K // VALS
@@ -130,6 +132,7 @@ def _gemv_kn_kernel(
     # one scale for the program's whole K range (per-channel int8): applied once, after the sum
     SCALE_ONCE: tl.constexpr = GROUP % (BLOCK_K * NSTEPS) == 0 and not HAS_MINS
     PER_WORD: tl.constexpr = BLOCK_K > GROUP  # several groups per step: one scale per word row
+    tl.static_assert(not RUNS or (BIASED and PER_WORD and not SCALE_ONCE and GROUP_W % NSTEPS == 0))
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -139,22 +142,32 @@ def _gemv_kn_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     r = tl.arange(0, BLOCK_W)
-    w_tile = w_ptr + e * stride_we + (kw_begin + r).to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+    ROW_STEP: tl.constexpr = 1 if RUNS else BLOCK_W  # word rows between a thread row's steps
+    r0 = r * NSTEPS if RUNS else r  # the thread row's first word row
+    w_tile = w_ptr + e * stride_we + (kw_begin + r0).to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
     s_cols = s_ptr + e * stride_se + offs_n[None, :]
     m_cols = m_ptr + e * stride_se + offs_n[None, :]
     x_row = x_ptr + row * stride_xt
     x_quads = x_row.to(tl.pointer_type(tl.int64))  # bf16 x: 4 values per 8-byte load
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    btot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and SCALE_ONCE: the bias, per row
+    btot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and (SCALE_ONCE or RUNS): the bias, per row
+    xtot = tl.zeros([BLOCK_W], dtype=tl.float32)  # RUNS: the sum of x, per row
     if PREFETCH:
         words0 = tl.load(w_tile, mask=mask_n[None, :], other=0)
+    if RUNS:  # weights: no kernel writes them, so they load before the wait too
+        g_run = ((kw_begin + r0) // GROUP_W)[:, None] * stride_sg
+        s_run = tl.load(s_cols + g_run, mask=mask_n[None, :], other=0).to(tl.float32)
+        m_run = s_run
+        if HAS_MINS:
+            m_run = tl.load(m_cols + g_run, mask=mask_n[None, :], other=0).to(tl.float32)
+    if PREFETCH:
         gdc_wait()
     for step in tl.static_range(NSTEPS):
-        kw = kw_begin + step * BLOCK_W + r  # this step's word rows
+        kw = kw_begin + step * ROW_STEP + r0  # this step's word rows
         if PREFETCH and step == 0:
             words = words0
         else:
-            words = tl.load(w_tile + step * BLOCK_W * stride_wk, mask=mask_n[None, :], other=0)
+            words = tl.load(w_tile + step * ROW_STEP * stride_wk, mask=mask_n[None, :], other=0)
         if X_BF16:  # a word row's VALS x values are contiguous: one load per 4, bf16 -> f32 by shifts
             q = tl.load(x_quads + kw * (VALS // 4))
             x0, x1 = _bf16_pair(q.to(tl.int32))
@@ -183,10 +196,12 @@ def _gemv_kn_kernel(
             xsum = x0 + x1 + x2 + x3
         if BIASED:
             bias = _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT, OFFSET)
-        if SCALE_ONCE:
+        if SCALE_ONCE or RUNS:
             acc = _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
             if BIASED:
                 btot += bias
+            if RUNS:
+                xtot += xsum
         else:
             # the step's groups, from its absolute position: a split may start inside a group
             if PER_WORD:
@@ -203,7 +218,11 @@ def _gemv_kn_kernel(
             acc += dot * s
             if HAS_MINS:
                 acc += m * xsum[:, None]
-    if SCALE_ONCE and BIASED:
+    if RUNS:
+        acc = (acc - btot[:, None]) * s_run
+        if HAS_MINS:
+            acc += m_run * xtot[:, None]
+    elif SCALE_ONCE and BIASED:
         acc -= btot[:, None]
     y_vec = tl.sum(acc, axis=0)
     if SCALE_ONCE:
@@ -237,11 +256,14 @@ class GemvConfig:
     num_warps: int = 4
     pdl: bool | None = None  # programmatic dependent launch; None: wherever the GPU has it
     max_regs: int | None = None  # ptxas register cap (more programs resident per SM)
+    runs: bool | None = None  # a thread's steps on consecutive word rows of one group; None: where they fit
 
     def __str__(self) -> str:
         pdl = "" if self.pdl is None else f" pdl={int(self.pdl)}"
         regs = "" if self.max_regs is None else f" maxnreg={self.max_regs}"
-        return f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}{pdl}{regs}"
+        runs = "" if self.runs is None else f" runs={int(self.runs)}"
+        return (f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
+                f"{pdl}{regs}{runs}")
 
 
 @cache
@@ -306,6 +328,13 @@ def _check(k: int, vals: int, group: int, cfg: GemvConfig) -> None:
         raise ValueError(f"BLOCK_K={cfg.block_k} must divide the group {group} when smaller")
 
 
+def runs_fit(k: int, bits: int, group: int, cfg: GemvConfig, biased: bool) -> bool:
+    """Whether each thread row's NSTEPS word rows can be one run inside a quantization group: steps of
+    several groups (else the scale is per step anyway), and the steps divide a group's word rows."""
+    steps = k // (cfg.block_k * cfg.split_k)
+    return biased and cfg.block_k > group and (group * bits // 32) % steps == 0
+
+
 def quant_gemv(
     x: torch.Tensor,
     words: torch.Tensor,
@@ -344,6 +373,10 @@ def quant_gemv(
     pdl, launch = pdl_launch(x.device, cfg.pdl)
     if cfg.max_regs is not None:
         launch["maxnreg"] = cfg.max_regs
+    biased = x.dtype != torch.float32
+    runs = runs_fit(k, bits, group_size, cfg, biased) if cfg.runs is None else cfg.runs
+    if runs and not runs_fit(k, bits, group_size, cfg, biased):
+        raise ValueError(f"{cfg}: runs=1 needs steps of several groups and steps dividing a group's word rows")
     _gemv_kn_kernel[grid](
         x, words, scales, mins if mins is not None else scales,
         expert_ids if expert_ids is not None else x, y, ws, cnt,
@@ -352,7 +385,7 @@ def quant_gemv(
         FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
-        BIASED=x.dtype != torch.float32, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
-        PDL=pdl, num_warps=cfg.num_warps, **launch,
+        BIASED=biased, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
+        PDL=pdl, RUNS=runs, num_warps=cfg.num_warps, **launch,
     )
     return y
