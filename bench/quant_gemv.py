@@ -225,7 +225,7 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
     fp8 = kind == "fp8"
     print(f"{'':7s} {label:28s} {'read':7s} {nbytes / read_here / 1e3:8.2f} {read_here:7.0f} "
           f"{100 * read_here / bw[0]:6.1f} {100 * read_here / bw[1]:6.1f} {100.0:6.1f}  best plain read, same bytes")
-    cfg = default_config(rows, n, k, bits, fp8=fp8)
+    cfg = default_config(rows, n, k, bits, fp8=fp8, symmetric=kind == "int4sym")
     if pdl_supported(x.device):
         read_pdl = read_at(nbytes, pdl=True)
         print(f"{'':7s} {label:28s} {'read+pdl':8s}{nbytes / read_pdl / 1e3:8.2f} {read_pdl:7.0f} "

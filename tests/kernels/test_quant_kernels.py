@@ -205,6 +205,19 @@ def test_gemv_runs_refused_where_they_do_not_fit() -> None:
                    config=GemvConfig(16, 64, 1, 4, runs=True))
 
 
+def test_default_register_caps_only_with_runs() -> None:
+    """The int4 caps were measured with runs (BENCHMARKS.md "runs and register caps"); without runs
+    (float32 x, or steps that do not divide a group) the uncapped or 64-register config stays."""
+    assert default_config(1, 4096, 4096, 4).max_regs == 48
+    assert default_config(1, 4096, 4096, 4, symmetric=True).max_regs == 56
+    assert default_config(1, 8192, 8192, 4).max_regs == 64
+    assert default_config(10, 1024, 2048, 4).max_regs == 48
+    assert default_config(10, 1024, 2048, 4, biased=False).max_regs is None
+    assert default_config(1, 4096, 4096, 4, biased=False).max_regs == 64
+    assert default_config(1, 4096, 8192, 4, group=32).max_regs == 64  # 8 steps, 4 word rows a group
+    assert default_config(1, 4096, 4096, 8).max_regs == 64
+
+
 def test_align_rows_groups_by_expert() -> None:
     ids = torch.tensor([2, 0, 2, 2, 1])
     rows, eids = align_rows(ids, 5, 2, torch.device("cpu"))

@@ -16,8 +16,9 @@ At batch 1 a GEMV of these sizes is bound by instruction issue and by its fixed 
   exponent is 2^(23-p) + c exactly, `_nibble_biased`), and the bias is taken off per row; float32
   x keeps the exact `_codes` (about 3 instructions per int4 code: LOP3, FADD, FFMA);
 - bf16 x is read 4 values per 8-byte load and widened by shifts;
-- a step may span several quantization groups (one scale per word then); a per-channel scale is
-  applied once, after the sum;
+- a step may span several quantization groups; a thread row's steps then walk consecutive word
+  rows of one group (`runs`), so its scale and min apply once per run, not once per word; a
+  per-channel scale is applied once, after the sum;
 - split-K (`SPLIT_K` > 1, for long K) stays within one launch: the last split to finish a tile
   sums the float32 partials in split order (deterministic, unlike atomic adds of the outputs);
 - on sm_90+ it is launched with programmatic dependent launch: its programs start while the
@@ -30,7 +31,7 @@ This module imports triton at the top: import it only through spillover.quant.di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -284,15 +285,19 @@ MAX_STEPS = 16  # the int kernel unrolls its K loop: a bound on code size and co
 
 
 @cache  # pure in its ints, and called for every quantized matmul of a decode step
-def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> GemvConfig:
+def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False, symmetric: bool = False,
+                   group: int = 128, biased: bool = True) -> GemvConfig:
     """Tile, split, warps and register cap for `rows` rows of an [N, K] weight (fitted to sweeps
-    on an H200 with programmatic dependent launch, bench/quant_gemv.py).
+    on an H200 and an H100 with programmatic dependent launch, bench/quant_gemv.py).
 
     int (kn layout): a program covers its outputs' whole K range (no split-K, whose cross-program
     reduction cost about 1.3 us) in up to 8 unrolled steps of 1024 codes for one row, 512 for
     several; 16 output channels, 32 where that still leaves 256 programs (int8) or for one row of
     N >= 8192 (int4). Warps: one row, so that each thread loads 8 words (int8) or 4 (int4) a step,
-    4-16; several rows, 8. At 16 warps registers are capped at 64, so two programs fit an SM.
+    4-16; several rows, 8. Register caps (ptxas schedules differently under each: BENCHMARKS.md
+    "runs and register caps"): at 16 warps 64, so two programs fit an SM; int4 where runs fit
+    (`runs_fit`: `group`, and `biased` for 16-bit x) one row 48 (asymmetric, 16 channels), 56
+    (symmetric) or 64 (32 channels), several rows 48.
     FP8 (nk layout): 64 x 128, split-K while the grid stays within TARGET_PROGRAMS.
     """
     if not fp8:
@@ -307,7 +312,13 @@ def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False) -> G
         split = next(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= 8)
         words = block_k * bits // 32 * block_n
         warps = max(4, min(16, words // (32 * (8 if bits == 8 else 4)))) if rows == 1 else 8
-        return GemvConfig(block_n, block_k, split, warps, max_regs=64 if warps >= 16 else None)
+        cfg = GemvConfig(block_n, block_k, split, warps, max_regs=64 if warps >= 16 else None)
+        if bits == 4 and runs_fit(k, bits, group, cfg, biased):
+            if rows > 1:
+                return replace(cfg, max_regs=48)
+            if warps >= 16:
+                return replace(cfg, max_regs=64 if block_n > 16 else (56 if symmetric else 48))
+        return cfg
     block_n, block_k = 64, 128
     while block_k > 16 and k % block_k:
         block_k //= 2
@@ -359,7 +370,8 @@ def quant_gemv(
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
     if expert_ids is not None:
         assert expert_ids.shape == (t,) and expert_ids.dtype in (torch.int32, torch.int64)
-    cfg = config or default_config(t, n, k, bits)
+    biased = x.dtype != torch.float32
+    cfg = config or default_config(t, n, k, bits, symmetric=mins is None, group=group_size, biased=biased)
     _check(k, vals, group_size, cfg)
     steps = k // (cfg.block_k * cfg.split_k)
     if steps > MAX_STEPS:
@@ -373,7 +385,6 @@ def quant_gemv(
     pdl, launch = pdl_launch(x.device, cfg.pdl)
     if cfg.max_regs is not None:
         launch["maxnreg"] = cfg.max_regs
-    biased = x.dtype != torch.float32
     runs = runs_fit(k, bits, group_size, cfg, biased) if cfg.runs is None else cfg.runs
     if runs and not runs_fit(k, bits, group_size, cfg, biased):
         raise ValueError(f"{cfg}: runs=1 needs steps of several groups and steps dividing a group's word rows")
