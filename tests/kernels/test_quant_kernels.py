@@ -218,6 +218,32 @@ def test_default_register_caps_only_with_runs() -> None:
     assert default_config(1, 4096, 4096, 8).max_regs == 64
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams: needs CUDA")
+def test_split_k_on_two_streams_at_once() -> None:
+    """Split-K GEMVs launched concurrently on two streams each get their own partials and counters."""
+    from spillover.kernels.triton.quant_gemv import workspace
+
+    fmt = _fmt(4, 128, False, 1, 256, 4096).to_layout("kn")
+    cfg = GemvConfig(16, 512, 4, 4)
+    xs = [torch.randn(1, 4096, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
+    refs = [quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, None, bits=4, group_size=128)
+            for x in xs]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs: list[list[torch.Tensor]] = [[], []]
+    for _ in range(20):
+        for i, st in enumerate(streams):
+            with torch.cuda.stream(st):
+                outs[i].append(quant_gemv(xs[i], fmt.qweight, fmt.scales, fmt.mins, None, bits=4, group_size=128,
+                                          config=cfg))
+    torch.cuda.synchronize()
+    for i, st in enumerate(streams):
+        for out in outs[i]:
+            torch.testing.assert_close(out.float(), refs[i], rtol=2 ** -7, atol=1e-3 * float(refs[i].abs().max()))
+        with torch.cuda.stream(st):
+            mine = workspace(xs[i].device, 1, 1)[0]
+        assert mine.data_ptr() != workspace(xs[i].device, 1, 1)[0].data_ptr()  # not the default stream's
+
+
 def test_align_rows_groups_by_expert() -> None:
     ids = torch.tensor([2, 0, 2, 2, 1])
     rows, eids = align_rows(ids, 5, 2, torch.device("cpu"))

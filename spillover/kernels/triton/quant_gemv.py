@@ -232,20 +232,21 @@ def _gemv_kn_kernel(
     _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_WORKSPACE: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 partial sums, int32 arrival counters) for split-K, grown on demand and reused.
 
-    Counters start at 0 and every launch leaves them at 0. NOTE: one buffer per device, so two
-    split-K GEMVs must not run concurrently on different streams.
+    Counters start at 0 and every launch leaves them at 0. One pair per (device, stream): launches on
+    one stream run in order, so they can share it; two streams could interleave their programs.
     """
-    ws, cnt = _WORKSPACE.get(device, (None, None))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    ws, cnt = _WORKSPACE.get((device, stream), (None, None))
     if ws is None or cnt is None or ws.numel() < partials or cnt.numel() < tiles:
         ws = torch.empty(max(partials, 1 << 16), dtype=torch.float32, device=device)
         cnt = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
-        _WORKSPACE[device] = (ws, cnt)
+        _WORKSPACE[(device, stream)] = (ws, cnt)
     return ws, cnt
 
 
