@@ -244,29 +244,6 @@ def test_split_k_on_two_streams_at_once() -> None:
         assert mine.data_ptr() != workspace(xs[i].device, 1, 1)[0].data_ptr()  # not the default stream's
 
 
-@pytest.mark.parametrize(("bits", "group", "sym"), [(4, 128, False), (4, 32, True), (8, 0, True)])
-@pytest.mark.parametrize("rows_per_block", [2, 4, 8])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_grouped_gemv_matches_reference(bits: int, group: int, sym: bool, rows_per_block: int,
-                                        dtype: torch.dtype) -> None:
-    """Rows grouped by expert, one program per block of rows: experts with more rows than a block,
-    with one row, and unused (on CUDA the grouping is sized for the worst case, so blocks of padding
-    only exist and must write nothing)."""
-    fmt = _fmt(bits, group, sym, 6, 40, 512).to_layout("kn")
-    x = torch.randn(11, 512, device=DEVICE).to(dtype)
-    ids = torch.tensor([2, 0, 2, 1, 2, 2, 5, 2, 0, 2, 2], device=DEVICE)
-    args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
-    ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=bits, group_size=fmt.group_size)
-    for cfg in (None, GemvConfig(32, 128, 1, 4)):
-        out = quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=cfg, rows_per_block=rows_per_block)
-        assert out.dtype == dtype
-        tol = dict(rtol=1e-4, atol=2e-4) if dtype == torch.float32 else \
-            dict(rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
-        torch.testing.assert_close(out.float(), ref, **tol)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="split-K"):
-        quant_gemv(*args, bits=bits, group_size=fmt.group_size, config=GemvConfig(16, 128, 2, 4), rows_per_block=2)
-
-
 def test_align_rows_groups_by_expert() -> None:
     ids = torch.tensor([2, 0, 2, 2, 1])
     rows, eids = align_rows(ids, 5, 2, torch.device("cpu"))

@@ -110,49 +110,14 @@ def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N,
 
 
 @triton.jit
-def _x_word(x_row, kw, FMT: tl.constexpr, X_BF16: tl.constexpr):
-    """The VALS x values of word rows kw (float32; 8 for int4, 4 then copies for int8) and their sum."""
-    VALS: tl.constexpr = 8 if FMT == 0 else 4
-    if X_BF16:  # a word row's VALS x values are contiguous: one load per 4, bf16 -> f32 by shifts
-        x_quads = x_row.to(tl.pointer_type(tl.int64))
-        q = tl.load(x_quads + kw * (VALS // 4))
-        x0, x1 = _bf16_pair(q.to(tl.int32))
-        x2, x3 = _bf16_pair((q >> 32).to(tl.int32))
-    else:
-        x0 = tl.load(x_row + kw * VALS).to(tl.float32)
-        x1 = tl.load(x_row + kw * VALS + 1).to(tl.float32)
-        x2 = tl.load(x_row + kw * VALS + 2).to(tl.float32)
-        x3 = tl.load(x_row + kw * VALS + 3).to(tl.float32)
-    if FMT == 0:
-        if X_BF16:
-            q = tl.load(x_quads + kw * 2 + 1)
-            x4, x5 = _bf16_pair(q.to(tl.int32))
-            x6, x7 = _bf16_pair((q >> 32).to(tl.int32))
-        else:
-            x4 = tl.load(x_row + kw * 8 + 4).to(tl.float32)
-            x5 = tl.load(x_row + kw * 8 + 5).to(tl.float32)
-            x6 = tl.load(x_row + kw * 8 + 6).to(tl.float32)
-            x7 = tl.load(x_row + kw * 8 + 7).to(tl.float32)
-        xsum = (x2 + x5) + (x0 + x3 + x6) + (x1 + x4 + x7)  # grouped as `_row_bias` sums them
-    else:
-        x4 = x0
-        x5 = x0
-        x6 = x0
-        x7 = x0
-        xsum = x0 + x1 + x2 + x3
-    return x0, x1, x2, x3, x4, x5, x6, x7, xsum
-
-
-@triton.jit
 def _gemv_kn_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr, ws_ptr, cnt_ptr,
     N, magic,
-    stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt, rows_ptr, T,
+    stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
     FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NSTEPS: tl.constexpr,
     BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, RUNS: tl.constexpr,
-    ROWS: tl.constexpr = 1,
 ):
     """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
@@ -161,9 +126,6 @@ def _gemv_kn_kernel(
     are unrolled, so ptxas can issue a step's loads while the previous step computes.
     RUNS: thread row r takes word rows r * NSTEPS + step, a run inside one quantization group, so
     its scale and min load once and apply once after the steps, instead of once per word.
-    ROWS > 1: program_id(1) is a block of ROWS rows of one expert (`rows_ptr`, from `align_rows`,
-    padded with T; eid_ptr holds the block's expert): the words are read and decoded once for all
-    of them. A block of padding only returns at once.
     """
     VALS: tl.constexpr = 8 if FMT == 0 else 4
     BLOCK_W: tl.constexpr = BLOCK_K // VALS
@@ -172,19 +134,10 @@ def _gemv_kn_kernel(
     SCALE_ONCE: tl.constexpr = GROUP % (BLOCK_K * NSTEPS) == 0 and not HAS_MINS
     PER_WORD: tl.constexpr = BLOCK_K > GROUP  # several groups per step: one scale per word row
     tl.static_assert(not RUNS or (BIASED and PER_WORD and not SCALE_ONCE and GROUP_W % NSTEPS == 0))
-    tl.static_assert(ROWS == 1 or (HAS_EIDS and SPLIT_K == 1))
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
     e = _pdl_start(eid_ptr, row, PDL, HAS_EIDS)
-    rows: "tuple[tl.tensor, ...]" = ()  # noqa: UP037 (Triton evaluates annotations; it has no `tuple`)
-    if ROWS == 1:
-        rows = (row,)
-    else:
-        for j in tl.static_range(ROWS):
-            rows = rows + (tl.load(rows_ptr + row * ROWS + j),)
-        if rows[0] >= T:
-            return
     PREFETCH: tl.constexpr = PDL and not HAS_EIDS  # the first step's words load before gdc_wait
     kw_begin = pid_k * (NSTEPS * BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,19 +148,11 @@ def _gemv_kn_kernel(
     w_tile = w_ptr + e * stride_we + (kw_begin + r0).to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
     s_cols = s_ptr + e * stride_se + offs_n[None, :]
     m_cols = m_ptr + e * stride_se + offs_n[None, :]
-    # per row: x, the accumulator, and (BIASED and (SCALE_ONCE or RUNS)) the bias, (RUNS) the sum of x
-    x_rows: "tuple[tl.tensor, ...]" = ()  # noqa: UP037
-    accs: "tuple[tl.tensor, ...]" = ()  # noqa: UP037
-    btots: "tuple[tl.tensor, ...]" = ()  # noqa: UP037
-    xtots: "tuple[tl.tensor, ...]" = ()  # noqa: UP037
-    for j in tl.static_range(ROWS):
-        if ROWS == 1:
-            x_rows = x_rows + (x_ptr + row * stride_xt,)
-        else:  # padding rows read row T - 1
-            x_rows = x_rows + (x_ptr + tl.minimum(rows[j], T - 1) * stride_xt,)
-        accs = accs + (tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32),)
-        btots = btots + (tl.zeros([BLOCK_W], dtype=tl.float32),)
-        xtots = xtots + (tl.zeros([BLOCK_W], dtype=tl.float32),)
+    x_row = x_ptr + row * stride_xt
+    x_quads = x_row.to(tl.pointer_type(tl.int64))  # bf16 x: 4 values per 8-byte load
+    acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+    btot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and (SCALE_ONCE or RUNS): the bias, per row
+    xtot = tl.zeros([BLOCK_W], dtype=tl.float32)  # RUNS: the sum of x, per row
     if PREFETCH:
         words0 = tl.load(w_tile, mask=mask_n[None, :], other=0)
     if RUNS:  # weights: no kernel writes them, so they load before the wait too
@@ -224,58 +169,67 @@ def _gemv_kn_kernel(
             words = words0
         else:
             words = tl.load(w_tile + step * ROW_STEP * stride_wk, mask=mask_n[None, :], other=0)
-        new_accs: "tuple[tl.tensor, ...]" = ()  # noqa: UP037
-        new_btots: "tuple[tl.tensor, ...]" = ()  # noqa: UP037
-        new_xtots: "tuple[tl.tensor, ...]" = ()  # noqa: UP037
-        for j in tl.static_range(ROWS):  # the codes are decoded once: the rows' _word_dot share them
-            acc = accs[j]
-            btot = btots[j]
-            xtot = xtots[j]
-            x0, x1, x2, x3, x4, x5, x6, x7, xsum = _x_word(x_rows[j], kw, FMT, X_BF16)
-            if BIASED:
-                bias = _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT, OFFSET)
-            if SCALE_ONCE or RUNS:
-                acc = _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
-                if BIASED:
-                    btot += bias
-                if RUNS:
-                    xtot += xsum
+        if X_BF16:  # a word row's VALS x values are contiguous: one load per 4, bf16 -> f32 by shifts
+            q = tl.load(x_quads + kw * (VALS // 4))
+            x0, x1 = _bf16_pair(q.to(tl.int32))
+            x2, x3 = _bf16_pair((q >> 32).to(tl.int32))
+        else:
+            x0 = tl.load(x_row + kw * VALS).to(tl.float32)
+            x1 = tl.load(x_row + kw * VALS + 1).to(tl.float32)
+            x2 = tl.load(x_row + kw * VALS + 2).to(tl.float32)
+            x3 = tl.load(x_row + kw * VALS + 3).to(tl.float32)
+        if FMT == 0:
+            if X_BF16:
+                q = tl.load(x_quads + kw * 2 + 1)
+                x4, x5 = _bf16_pair(q.to(tl.int32))
+                x6, x7 = _bf16_pair((q >> 32).to(tl.int32))
             else:
-                if j == 0:  # the step's groups, from its absolute position: a split may start inside a group
-                    if PER_WORD:
-                        g = (kw // GROUP_W)[:, None]
-                    else:
-                        g = tl.zeros([1, 1], dtype=tl.int32) + (kw_begin + step * BLOCK_W) // GROUP_W
-                    s = tl.load(s_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
-                    if HAS_MINS:
-                        m = tl.load(m_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
-                dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-                if BIASED:  # start from minus the bias: one FADD per word fewer
-                    dot -= bias[:, None]
-                dot = _word_dot(dot, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
-                acc += dot * s
-                if HAS_MINS:
-                    acc += m * xsum[:, None]
-            new_accs = new_accs + (acc,)
-            new_btots = new_btots + (btot,)
-            new_xtots = new_xtots + (xtot,)
-        accs = new_accs
-        btots = new_btots
-        xtots = new_xtots
-    for j in tl.static_range(ROWS):
-        acc = accs[j]
-        if RUNS:
-            acc = (acc - btots[j][:, None]) * s_run
+                x4 = tl.load(x_row + kw * 8 + 4).to(tl.float32)
+                x5 = tl.load(x_row + kw * 8 + 5).to(tl.float32)
+                x6 = tl.load(x_row + kw * 8 + 6).to(tl.float32)
+                x7 = tl.load(x_row + kw * 8 + 7).to(tl.float32)
+            xsum = (x2 + x5) + (x0 + x3 + x6) + (x1 + x4 + x7)  # grouped as `_row_bias` sums them
+        else:
+            x4 = x0
+            x5 = x0
+            x6 = x0
+            x7 = x0
+            xsum = x0 + x1 + x2 + x3
+        if BIASED:
+            bias = _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT, OFFSET)
+        if SCALE_ONCE or RUNS:
+            acc = _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
+            if BIASED:
+                btot += bias
+            if RUNS:
+                xtot += xsum
+        else:
+            # the step's groups, from its absolute position: a split may start inside a group
+            if PER_WORD:
+                g = (kw // GROUP_W)[:, None]
+            else:
+                g = tl.zeros([1, 1], dtype=tl.int32) + (kw_begin + step * BLOCK_W) // GROUP_W
+            s = tl.load(s_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
             if HAS_MINS:
-                acc += m_run * xtots[j][:, None]
-        elif SCALE_ONCE and BIASED:
-            acc -= btots[j][:, None]
-        y_vec = tl.sum(acc, axis=0)
-        if SCALE_ONCE:
-            s_vec = s_ptr + e * stride_se + (kw_begin // GROUP_W) * stride_sg + offs_n
-            y_vec = y_vec * tl.load(s_vec, mask=mask_n, other=0).to(tl.float32)
-        mask_y = mask_n if ROWS == 1 else mask_n & (offs_n * 0 + rows[j] < T)
-        _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_y, rows[j], pid_n, pid_k, N, stride_yt, SPLIT_K)
+                m = tl.load(m_cols + g * stride_sg, mask=mask_n[None, :], other=0).to(tl.float32)
+            dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            if BIASED:  # start from minus the bias: one FADD per word fewer
+                dot -= bias[:, None]
+            dot = _word_dot(dot, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
+            acc += dot * s
+            if HAS_MINS:
+                acc += m * xsum[:, None]
+    if RUNS:
+        acc = (acc - btot[:, None]) * s_run
+        if HAS_MINS:
+            acc += m_run * xtot[:, None]
+    elif SCALE_ONCE and BIASED:
+        acc -= btot[:, None]
+    y_vec = tl.sum(acc, axis=0)
+    if SCALE_ONCE:
+        s_vec = s_ptr + e * stride_se + (kw_begin // GROUP_W) * stride_sg + offs_n
+        y_vec = y_vec * tl.load(s_vec, mask=mask_n, other=0).to(tl.float32)
+    _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
 
 
 _WORKSPACE: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -403,13 +357,10 @@ def quant_gemv(
     bits: int,
     group_size: int,
     config: GemvConfig | None = None,
-    rows_per_block: int = 1,
 ) -> torch.Tensor:
     """int4/int8 GEMV on the kn layout: words [E, K/VALS, N] int32, scales/mins [E, K/G, N].
 
-    Same signature and result as `spillover.kernels.ref_quant.quant_matmul_kn_ref`. rows_per_block > 1
-    (with expert ids): rows grouped by expert (`align_rows`), each program reads and decodes one
-    expert's words once for up to that many of its rows (prefill, batched decode).
+    Same signature and result as `spillover.kernels.ref_quant.quant_matmul_kn_ref`.
     """
     t, k = x.shape
     e, kw, n = words.shape
@@ -427,19 +378,7 @@ def quant_gemv(
     if steps > MAX_STEPS:
         raise ValueError(f"K={k} takes {steps} unrolled steps of {cfg} (at most {MAX_STEPS}): raise BLOCK_K or SPLIT_K")
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
-    grouped = rows_per_block > 1 and expert_ids is not None
-    if grouped:
-        if cfg.split_k != 1:
-            raise ValueError(f"{cfg}: rows_per_block > 1 runs without split-K")
-        from spillover.kernels.triton.quant_gemm import align_rows
-
-        rows, block_eids = align_rows(expert_ids, t, rows_per_block, x.device,
-                                      num_experts=e if x.device.type == "cuda" else None)
-        expert_ids = block_eids
-        grid = (triton.cdiv(n, cfg.block_n), block_eids.numel(), 1)
-    else:
-        rows = y  # unused
-        grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
+    grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
     ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
     # 8-byte x loads need an aligned row start; 16-bit x takes the cheaper biased codes (the bias
     # costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
@@ -454,11 +393,11 @@ def quant_gemv(
         x, words, scales, mins if mins is not None else scales,
         expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, _PRMT_MAGIC,
-        x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0), rows, t,
+        x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
         FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
         BIASED=biased, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
-        PDL=pdl, RUNS=runs, ROWS=rows_per_block if grouped else 1, num_warps=cfg.num_warps, **launch,
+        PDL=pdl, RUNS=runs, num_warps=cfg.num_warps, **launch,
     )
     return y
