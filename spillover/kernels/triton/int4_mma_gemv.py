@@ -5,8 +5,8 @@ become bf16 on the CUDA cores with one shift and one LOP3 per 2 codes (a nibble 
 exponent of 128 reads as 128 + c) and are multiplied on the tensor cores, x in every column of B,
 one column used: about 2 instructions per code. Every product carries 128 * x; that is taken off per
 quantization group from a per-group sum of x. Measured (bench/int4_mma_gemv.py, BENCHMARKS.md "int4
-GEMV on tensor cores" and "register caps"): faster than the CUDA-core GEMV for int4 experts at
-Qwen3-Next's MoE shapes on Hopper (asymmetric w13 1024x2048: +14-16 %, w2 2048x512: +4-7 %;
+GEMV on tensor cores" and "int4 GEMV: runs of word rows, register caps"): faster than the CUDA-core
+GEMV for int4 experts at Qwen3-Next's MoE shapes on Hopper (asymmetric w13 1024x2048: +14-16 %, w2 2048x512: +4-7 %;
 symmetric w13 with `default_mma_config`'s register cap: +16-20 %), slower for dense 4096x4096, so
 `spillover.quant.dispatch` uses it only for g128 experts at those K, on sm_90.
 
@@ -208,9 +208,10 @@ class MmaConfig:
 
 
 def default_mma_config(symmetric: bool, k: int) -> MmaConfig:
-    """Measured on an H100 and an H200 (Triton 3.6; BENCHMARKS.md "register caps"): asymmetric int4
-    takes x from L1 at K >= 1024 and by shuffles below, uncapped; symmetric int4 takes x from L1 with a
-    48-register cap (uncapped it got a slower schedule: MoE w13 7.8 against 6.3 us on the H100)."""
+    """Measured on an H100 and an H200 (Triton 3.6; BENCHMARKS.md "int4 GEMV: runs of word rows,
+    register caps"): asymmetric int4 takes x from L1 at K >= 1024 and by shuffles below, uncapped;
+    symmetric int4 takes x from L1 with a 48-register cap (uncapped it got a slower schedule: MoE w13
+    7.8 against 6.3 us on the H100)."""
     if symmetric:
         return MmaConfig(x_l1=True, max_regs=48)
     return MmaConfig(x_l1=k >= 1024)

@@ -296,7 +296,7 @@ def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False, symm
     several; 16 output channels, 32 where that still leaves 256 programs (int8) or for one row of
     N >= 8192 (int4). Warps: one row, so that each thread loads 8 words (int8) or 4 (int4) a step,
     4-16; several rows, 8. Register caps (ptxas schedules differently under each: BENCHMARKS.md
-    "runs and register caps"): at 16 warps 64, so two programs fit an SM; int4 where runs fit
+    "int4 GEMV: runs of word rows, register caps"): at 16 warps 64, so two programs fit an SM; int4 where runs fit
     (`runs_fit`: `group`, and `biased` for 16-bit x) one row 48 (asymmetric, 16 channels), 56
     (symmetric) or 64 (32 channels), several rows 48.
     FP8 (nk layout): 64 x 128, split-K while the grid stays within TARGET_PROGRAMS.
