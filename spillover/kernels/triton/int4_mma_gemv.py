@@ -11,8 +11,9 @@ symmetric w13 with `default_mma_config`'s register cap: +16-20 %), slower for de
 `spillover.quant.dispatch` uses it only for g128 experts at those K, on sm_90.
 
 The kernel is latency-bound, so ptxas's schedule decides its speed more than its instruction count:
-the same source compiled under different register caps ran up to 24 % apart at the same register
-count. `default_mma_config` holds the measured choice per case; re-measure it after a Triton upgrade.
+the same source compiled under different register caps ran 11 % apart at the same register count,
+and up to 24 % apart overall. `default_mma_config` holds the measured choice per case; re-measure it
+after a Triton upgrade.
 
 Lane mapping: thread r of a program is warp r // 32, lane r % 32 = 4 g + t; its 2 output channels
 n0 + 2 g + v are rows g (v = 0) and g + 8 (v = 1) of one m16n8k16 tile; at step s lane t supplies the
