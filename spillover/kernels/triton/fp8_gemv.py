@@ -105,7 +105,8 @@ def fp8_gemv(
     words = weight.contiguous().view(torch.uint8).view(torch.int32)
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
-    ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
+    # split-K's partials and counters; one split never reads them (and skips the stream lookup)
+    ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t) if cfg.split_k > 1 else (y, y)
     pdl, launch = pdl_launch(x.device, cfg.pdl)
     _fp8_gemv_kernel[grid](
         x, words, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,

@@ -379,15 +379,17 @@ def quant_gemv(
         raise ValueError(f"K={k} takes {steps} unrolled steps of {cfg} (at most {MAX_STEPS}): raise BLOCK_K or SPLIT_K")
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
-    ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t)
+    # split-K's partials and counters; one split never reads them (and skips the stream lookup)
+    ws, cnt = workspace(x.device, cfg.split_k * t * n, grid[0] * t) if cfg.split_k > 1 else (y, y)
     # 8-byte x loads need an aligned row start; 16-bit x takes the cheaper biased codes (the bias
     # costs ~1e-4 of the output's scale, below bf16's rounding); float32 x stays exact
     x_bf16 = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
     pdl, launch = pdl_launch(x.device, cfg.pdl)
     if cfg.max_regs is not None:
         launch["maxnreg"] = cfg.max_regs
-    runs = runs_fit(k, bits, group_size, cfg, biased) if cfg.runs is None else cfg.runs
-    if runs and not runs_fit(k, bits, group_size, cfg, biased):
+    fits = runs_fit(k, bits, group_size, cfg, biased)
+    runs = fits if cfg.runs is None else cfg.runs
+    if runs and not fits:
         raise ValueError(f"{cfg}: runs=1 needs steps of several groups and steps dividing a group's word rows")
     _gemv_kn_kernel[grid](
         x, words, scales, mins if mins is not None else scales,
