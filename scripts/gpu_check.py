@@ -159,6 +159,50 @@ def check_quant_models() -> int:
     return fails
 
 
+# Qwen3-Next's expert shapes (w13 1024 x 512, w2 512 x 512: K = 512, whole 16-channel tiles), every expert
+# active: on sm_90 the int4 experts are held in the tiled layout and take the tensor-core GEMV / GEMM.
+CONFIGS["qwen3_next-h512-allexperts"] = ("Qwen3NextConfig", {
+    **CONFIGS["qwen3_next"][1], "hidden_size": 512, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "num_hidden_layers": 4, "num_experts": 16, "num_experts_per_tok": 16})
+
+
+def check_tiled_experts() -> int:
+    """bf16 int4 model whose experts CUDA holds tiled, against the same model held in the kn layout (same
+    function, other word order and kernel config): a 96-token prefill (1536 expert rows: counted, the
+    grouped GEMM) and 16 decode steps (the tensor-core GEMV). Both also against the fp32 CPU run."""
+    from spillover.quant import dispatch
+    from spillover.quant.grouped import GroupedIntWeight
+
+    name = "qwen3_next-h512-allexperts"
+    fails = 0
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(name, Path(d))
+        ids = torch.randint(0, 128, (96,), generator=torch.Generator().manual_seed(3)).tolist()
+        expected = run(LLM(model=d, device="cpu", dtype="float32", quant="int4"), [ids])
+        got: dict[str, dict[str, torch.Tensor]] = {}
+        real_layout = dispatch.gpu_layout
+        for want in ("tiled", "kn"):
+            if want == "kn":
+                dispatch.gpu_layout = lambda fmt, device: "kn"  # type: ignore[assignment]
+            try:
+                llm = LLM(model=d, device="cuda", dtype="bfloat16", quant="int4")
+            finally:
+                dispatch.gpu_layout = real_layout
+            held = {f.layout for mod in llm.model.modules() for f in vars(mod).values()
+                    if isinstance(f, GroupedIntWeight) and f.stacked}
+            got[want] = {plan: run(llm, chunks) for plan, chunks in (
+                ("prefill", [ids]), ("decode16", [ids[:80]] + [[t] for t in ids[80:]]))}
+            print(f"{name} int4 bf16: expert layouts held {sorted(held)}")
+            fails += held != {want}
+        for plan, tiled in got["tiled"].items():
+            e = rel(tiled, got["kn"][plan])
+            ok = bool(e <= 1e-2 and not torch.isnan(tiled).any())
+            fails += not ok
+            print(f"{name} int4 bf16 {plan:8s} tiled vs kn rel {e:.2e} | vs fp32 CPU: tiled {rel(tiled, expected):.2e}"
+                  f", kn {rel(got['kn'][plan], expected):.2e} {verdict(ok)}")
+    return fails
+
+
 def check_hf_bf16(names: list[str]) -> None:
     """How far transformers' own bf16 run lands from the fp32 reference: the bf16 noise floor of a model."""
     g = torch.Generator().manual_seed(1)
@@ -181,7 +225,9 @@ def main() -> int:
     assert torch.cuda.is_available(), "needs a CUDA device"
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} fla={kernels.has_fla()}")
     torch.manual_seed(0)
-    if "--quant-only" in sys.argv:
+    if "--tiled-only" in sys.argv:
+        fails = check_tiled_experts()
+    elif "--quant-only" in sys.argv:
         fails = check_quant_models()
     else:
         fails = (0 if "--models-only" in sys.argv else check_gdn_kernel()) + check_models() + check_quant_models()

@@ -108,6 +108,40 @@ def kn_to_nk(words: torch.Tensor, bits: int) -> torch.Tensor:
     return swap_nk(words).view(torch.uint8 if bits == 4 else torch.int8)
 
 
+# The "tiled" kn layout: the words of each 16-channel tile are contiguous, in the order the tensor-core
+# GEMV's threads load them (kernels/triton/int4_mma_gemv.py): per tile, per warp of 32 word rows, per
+# step of 4 word rows, lane 4 g + t takes word row 4 step + t of channels 2 g and 2 g + 1. Each warp's
+# load is then 256 contiguous bytes, where the plain kn layout gives 64-byte pieces 4 N bytes apart;
+# a read of ten int4 w13 experts in the kn pattern took 6.25 us on an H100, tiled 4.71 us (BENCHMARKS.md
+# "tiled word layout"). The tensor keeps the logical shape [E, K/VALS, N]; word (kw, n) sits at
+# `tiled_word_offset(kw, n, K/VALS)` of its expert.
+TILE_N = 16
+TILE_KW = 32
+
+
+def tiled_word_offset(kw: torch.Tensor | int, n: torch.Tensor | int, kw_total: int) -> torch.Tensor | int:
+    """Offset of word (kw, n) within its expert in the tiled layout; a sum of a kw part and an n part."""
+    k_part = (kw // TILE_KW) * 512 + ((kw % TILE_KW) // 4) * 64 + (kw % 4) * 2
+    n_part = (n // TILE_N) * kw_total * TILE_N + ((n % TILE_N) // 2) * 8 + n % 2
+    return k_part + n_part
+
+
+def tile_words(words: torch.Tensor) -> torch.Tensor:
+    """kn words [E, KW, N] -> the same words in the tiled layout (same shape; KW % 32 == 0, N % 16 == 0)."""
+    e, kw, n = words.shape
+    assert kw % TILE_KW == 0 and n % TILE_N == 0, f"tiled layout needs K/VALS % 32 and N % 16 (got {kw}, {n})"
+    # [e, warp, step, t, tile, g, v] -> [e, tile, warp, step, g, t, v]
+    t = words.reshape(e, kw // TILE_KW, 8, 4, n // TILE_N, 8, 2).permute(0, 4, 1, 2, 5, 3, 6)
+    return t.contiguous().view(e, kw, n)
+
+
+def untile_words(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile_words`."""
+    e, kw, n = words.shape
+    t = words.contiguous().view(e, n // TILE_N, kw // TILE_KW, 8, 8, 4, 2).permute(0, 2, 3, 5, 1, 4, 6)
+    return t.contiguous().view(e, kw, n)
+
+
 def quant_matmul_kn_ref(
     x: torch.Tensor,
     words: torch.Tensor,
@@ -117,8 +151,12 @@ def quant_matmul_kn_ref(
     *,
     bits: int,
     group_size: int,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """`quant_matmul_ref` on the kn layout (words [E, K/VALS, N], scales/mins [E, K/G, N])."""
+    """`quant_matmul_ref` on the kn layout (words [E, K/VALS, N], scales/mins [E, K/G, N]; tiled: words
+    in the tiled layout)."""
+    if tiled:
+        words = untile_words(words)
     return quant_matmul_ref(x, kn_to_nk(words, bits), swap_nk(scales), swap_nk(mins) if mins is not None else None,
                             expert_ids, bits=bits, group_size=group_size)
 

@@ -8,7 +8,9 @@ with more rows: bf16 in one Triton pass, then cuBLAS; FP8 too), `triton_fp8_gemv
 `cpu_int8pack` (CPU, <= CPU_WOQ_MAX_ROWS rows per expert), `ref` (dequantize + float matmul: CPU
 prefill, or no Triton). `SPILLOVER_QUANT_KERNEL=ref|cpu|triton` forces a family (triton on the CPU
 only works under TRITON_INTERPRET=1; for tests). The Triton int kernels read the
-GPU "kn" layout (`GroupedIntWeight.to_layout`); a CPU-resident format is converted per call (tests only).
+GPU "kn" layout (`GroupedIntWeight.to_layout`); int4 experts that take the tensor-core GEMV are held
+"tiled" instead (`gpu_layout`), which that GEMV and the grouped GEMM read. A CPU-resident format is
+converted per call (tests only).
 """
 
 from __future__ import annotations
@@ -98,10 +100,20 @@ INT4_MMA_K = (512, 2048)
 
 def int4_mma_fits(fmt: GroupedIntWeight, capability: tuple[int, int], moe: bool) -> bool:
     """Whether a decode GEMV of `fmt` goes to the tensor-core int4 kernel (the shapes above are
-    within its own limits, `int4_mma_gemv.unsupported`; bf16 activations only)."""
+    within its own limits, `int4_mma_gemv.unsupported`, and tile into 16 channels; bf16 activations only)."""
     return (moe and fmt.bits == 4 and capability in INT4_MMA_CAPABILITIES
             and fmt.group_size in INT4_MMA_GROUPS and fmt.in_features in INT4_MMA_K
-            and fmt.act_dtype == torch.bfloat16)
+            and fmt.out_features % 16 == 0 and fmt.act_dtype == torch.bfloat16)
+
+
+def gpu_layout(fmt: GroupedIntWeight, device: torch.device) -> str:
+    """The layout a format holds on a CUDA device: "tiled" for stacked experts that the tensor-core
+    GEMV takes there (it and the grouped GEMM read it; the GEMV's loads are contiguous in it), else "kn"."""
+    fits = triton_available() and int4_mma_fits(fmt, _capability(device), moe=fmt.stacked)
+    return "tiled" if fits else "kn"
+
+
+TILED_KERNELS = ("triton_int4_mma_gemv", "triton_gemm")  # the kernels that read the tiled layout
 
 
 @cache
@@ -148,7 +160,10 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
     kernel, reason = choose_kernel(fmt, x.device, rows, moe=expert_ids is not None)
     _log_choice(kernel, reason)
     if kernel.startswith("triton"):
-        kn = fmt.to_layout("kn")  # a no-op on CUDA, where formats already hold the kn layout
+        tiled = fmt.layout == "tiled" and kernel in TILED_KERNELS
+        if fmt.layout == "tiled" and not tiled:  # gpu_layout and choose_kernel agree: not reached
+            raise RuntimeError(f"{kernel} does not read the tiled layout ({reason})")
+        kn = fmt if tiled else fmt.to_layout("kn")  # a no-op on CUDA, where formats hold kn or tiled
         args = (x, kn.qweight, kn.scales, kn.mins, expert_ids)
         if kernel == "triton_dequant":  # dense only
             from spillover.kernels.triton.dequant import dequant_kn
@@ -158,14 +173,14 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
         if kernel == "triton_int4_mma_gemv":
             from spillover.kernels.triton.int4_mma_gemv import int4_mma_gemv
 
-            return int4_mma_gemv(*args, bits=fmt.bits, group_size=fmt.group_size)
+            return int4_mma_gemv(*args, bits=fmt.bits, group_size=fmt.group_size, tiled=tiled)
         if kernel == "triton_gemv":
             from spillover.kernels.triton.quant_gemv import quant_gemv
 
             return quant_gemv(*args, bits=fmt.bits, group_size=fmt.group_size)
         from spillover.kernels.triton.quant_gemm import quant_gemm
 
-        return quant_gemm(*args, bits=fmt.bits, group_size=fmt.group_size)
+        return quant_gemm(*args, bits=fmt.bits, group_size=fmt.group_size, tiled=tiled)
     if kernel.startswith("cpu_"):
         op = cpu_kernels.int4_cpu_matmul if fmt.bits == 4 else cpu_kernels.int8_cpu_matmul
         if expert_ids is None:

@@ -3,7 +3,8 @@
 A weight is either dense [N, K] or a stack of experts [E, N, K]; both are stored with a leading
 expert axis (E = 1 for dense) so that every kernel sees one layout:
   qweight [E, N, K/2] uint8 (int4) | [E, N, K] int8, scales [E, N, K/G], mins [E, N, K/G] | None.
-On CUDA the same codes are held transposed as int32 words ("kn" layout, see `to_layout`).
+On CUDA the same codes are held transposed as int32 words ("kn" layout, see `to_layout`), for int4
+experts that take the tensor-core GEMV in that kernel's load order ("tiled", `ref_quant.tile_words`).
 The matmul itself is chosen by `spillover.quant.dispatch.quant_matmul` (Triton on CUDA, torch's
 weight-only CPU ops for small batches on the CPU, otherwise the reference).
 """
@@ -14,7 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from spillover.kernels.ref_quant import dequant_int_ref, kn_to_nk, swap_nk
+from spillover.kernels.ref_quant import dequant_int_ref, kn_to_nk, swap_nk, tile_words, untile_words
+
+LAYOUTS = ("nk", "kn", "tiled")
 
 
 class GroupedIntWeight:
@@ -43,9 +46,10 @@ class GroupedIntWeight:
         self.group_size = group_size
         self.stacked = stacked
         self.act_dtype = act_dtype
+        assert layout in LAYOUTS, layout
         self.layout = layout
         self.num_experts = qweight.shape[0]
-        if layout == "kn":  # words [E, K/VALS, N] int32, scales [E, K/G, N]: the GPU kernels' layout
+        if layout != "nk":  # words [E, K/VALS, N] int32 (kn or tiled), scales [E, K/G, N]: the GPU layouts
             self.out_features, self.in_features = qweight.shape[2], scales.shape[1] * group_size
             assert qweight.dtype == torch.int32 and qweight.shape[1] * (32 // self.bits) == self.in_features
         else:
@@ -69,7 +73,7 @@ class GroupedIntWeight:
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         """[N, K] (dense, or one expert) or [E, N, K] (all experts) in act_dtype."""
-        if self.layout == "kn":
+        if self.layout != "nk":
             return self.to_layout("nk").dequantize(expert)
         sl = slice(None) if expert is None and self.stacked else (expert or 0)
         mins = self.mins[sl] if self.mins is not None else None
@@ -95,7 +99,7 @@ class GroupedIntWeight:
     # ---- storage ----------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """The packed tensors, keyed by part name (what the store writes); dense drops the E axis."""
-        if self.layout == "kn":
+        if self.layout != "nk":
             return self.to_layout("nk").tensors()
         sq = (lambda t: t) if self.stacked else (lambda t: t[0])
         out = {"qweight": sq(self.qweight), "scales": sq(self.scales)}
@@ -114,12 +118,15 @@ class GroupedIntWeight:
                    stacked=bool(meta["stacked"]), act_dtype=act_dtype)
 
     def to(self, device: torch.device | str) -> GroupedIntWeight:
-        """Move; on CUDA the codes are re-laid out "kn" (what the Triton kernels read), on the CPU "nk"."""
+        """Move; on CUDA the codes are re-laid out "kn" or "tiled" (what the Triton kernels read, chosen by
+        `dispatch.gpu_layout`), on the CPU "nk"."""
+        from spillover.quant.dispatch import gpu_layout
+
         mins = self.mins.to(device) if self.mins is not None else None
         moved = type(self)(self.qweight.to(device), self.scales.to(device), mins, group_size=self.group_size,
                            stacked=self.stacked, act_dtype=self.act_dtype, layout=self.layout)
-        want = "kn" if torch.device(device).type == "cuda" and self.kn_ok else "nk"
-        return moved.to_layout(want)
+        dev = torch.device(device)
+        return moved.to_layout(gpu_layout(self, dev) if dev.type == "cuda" and self.kn_ok else "nk")
 
     @property
     def kn_ok(self) -> bool:
@@ -127,19 +134,31 @@ class GroupedIntWeight:
         return self.in_features % (32 // self.bits) == 0
 
     def to_layout(self, layout: str) -> GroupedIntWeight:
-        """The same weight with codes [E, N, K'] ("nk", storage and CPU) or words [E, K/VALS, N] ("kn").
+        """The same weight with codes [E, N, K'] ("nk", storage and CPU), words [E, K/VALS, N] ("kn"), or
+        those words in the tensor-core GEMV's load order ("tiled"; scales and mins as in "kn").
 
         "kn" puts output channels on the fast axis: GPU threads then run along N, so a warp's loads
         coalesce and each thread accumulates its own outputs over K (kernels/triton/quant_gemv.py).
         """
         if layout == self.layout:
             return self
+        if self.layout == "tiled":  # kn and tiled share the scales' layout
+            return self._relaid(untile_words(self.qweight), self.scales, self.mins, "kn").to_layout(layout)
+        if layout == "tiled" and self.layout == "kn":
+            return self._relaid(tile_words(self.qweight), self.scales, self.mins, layout)
+        mins = swap_nk(self.mins) if self.mins is not None else None  # between nk and kn / tiled
+        if layout == "tiled":  # from nk: tile a transposed view, so that only one copy is made
+            kn = self.qweight.contiguous().view(torch.int32).transpose(1, 2)
+            return self._relaid(tile_words(kn), swap_nk(self.scales), mins, layout)
         if layout == "kn":
             q = swap_nk(self.qweight.contiguous().view(torch.int32))
         else:
             q = kn_to_nk(self.qweight, self.bits)
-        mins = swap_nk(self.mins) if self.mins is not None else None
-        return type(self)(q, swap_nk(self.scales), mins, group_size=self.group_size, stacked=self.stacked,
+        return self._relaid(q, swap_nk(self.scales), mins, layout)
+
+    def _relaid(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                layout: str) -> GroupedIntWeight:
+        return type(self)(qweight, scales, mins, group_size=self.group_size, stacked=self.stacked,
                           act_dtype=self.act_dtype, layout=layout)
 
     @property

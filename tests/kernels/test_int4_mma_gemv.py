@@ -30,26 +30,32 @@ from spillover.quant.dispatch import int4_mma_fits  # noqa: E402
 HAS_MMA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-def _kn(e: int, n: int, k: int, group: int, sym: bool, device: str = "cpu") -> Int4Weight:
+def _kn(e: int, n: int, k: int, group: int, sym: bool, device: str = "cpu", layout: str = "kn") -> Int4Weight:
     w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(e + n + k + group)) * 0.02
-    return Int4Weight.pack(w, group, sym, act_dtype=torch.bfloat16).to_layout("kn").to(device)
+    return Int4Weight.pack(w, group, sym, act_dtype=torch.bfloat16).to(device).to_layout(layout)
 
 
 @pytest.mark.skipif(not HAS_MMA, reason="inline PTX mma.sync: needs a CUDA GPU with sm_80+")
 @pytest.mark.parametrize(("e", "n", "k", "t"), [(1, 40, 256, 1), (6, 1024, 2048, 5), (6, 2048, 512, 3)])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("sym", [False, True])
-@pytest.mark.parametrize("config", [MmaConfig(x_l1=False), MmaConfig(x_l1=True), MmaConfig(x_l1=True, max_regs=48)],
-                         ids=["x:shfl", "x:L1", "x:L1-48regs"])
-def test_matches_reference(e: int, n: int, k: int, t: int, group: int, sym: bool, config: MmaConfig) -> None:
-    """Within bf16 rounding of the float32 reference, with and without expert ids; N = 40 leaves a
-    partial 16-channel tile. A wrong lane mapping would come out as NaN (the kernel's guard)."""
-    fmt = _kn(e, n, k, group, sym, "cuda")
+@pytest.mark.parametrize("config", [MmaConfig(x_l1=False), MmaConfig(x_l1=True), MmaConfig(x_l1=True, max_regs=48),
+                                    MmaConfig(x_l1=False, max_regs=48)],
+                         ids=["x:shfl", "x:L1", "x:L1-48regs", "x:shfl-48regs"])
+@pytest.mark.parametrize("layout", ["kn", "tiled"])
+def test_matches_reference(e: int, n: int, k: int, t: int, group: int, sym: bool, config: MmaConfig,
+                           layout: str) -> None:
+    """Within bf16 rounding of the float32 reference, with and without expert ids, on kn and tiled words;
+    N = 40 leaves a partial 16-channel tile (kn only: tiles are whole). A wrong lane mapping would come
+    out as NaN (the kernel's guard)."""
+    if layout == "tiled" and n % 16:
+        n = 48
+    fmt = _kn(e, n, k, group, sym, "cuda", layout)
     x = torch.randn(t, k, device="cuda").to(torch.bfloat16)
     for ids in (None, torch.randint(0, e, (t,), device="cuda", dtype=torch.int32)):
         args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
-        ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=4, group_size=group)
-        out = int4_mma_gemv(*args, bits=4, group_size=group, config=config)
+        ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=4, group_size=group, tiled=layout == "tiled")
+        out = int4_mma_gemv(*args, bits=4, group_size=group, tiled=layout == "tiled", config=config)
         assert out.dtype == torch.bfloat16 and out.shape == (t, n)
         torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
 
@@ -102,22 +108,30 @@ def test_dispatch_rule() -> None:
 @pytest.mark.parametrize(("n", "k"), [(1024, 2048), (2048, 512)])  # Qwen3-Next's w13 and w2
 @pytest.mark.parametrize("sym", [False, True])
 def test_dispatcher_sends_experts_to_it(n: int, k: int, sym: bool) -> None:
-    """The integrated path: a stacked g128 int4 bank on Hopper, 10 rows of picked experts."""
-    from spillover.quant.dispatch import busiest_expert_rows, choose_kernel
+    """The integrated path: a stacked g128 int4 bank moved to Hopper holds tiled words; 10 rows of picked
+    experts take the tensor-core GEMV, 1400 rows (past INT4_SYNC_FREE_ROWS: counted) the grouped GEMM."""
+    from spillover.quant.dispatch import INT4_SYNC_FREE_ROWS, busiest_expert_rows, choose_kernel
 
-    fmt = _kn(16, n, k, 128, sym, "cuda")
-    x = torch.randn(10, k, device="cuda").to(torch.bfloat16)
-    ids = torch.randint(0, 16, (10,), device="cuda")
-    rows = busiest_expert_rows(x, ids)  # what quant_matmul asks the dispatcher with
-    assert choose_kernel(fmt, torch.device("cuda"), rows, moe=True)[0] == "triton_int4_mma_gemv"
-    ref = quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, ids, bits=4, group_size=128)
-    out = fmt.forward_experts(x, ids)
-    torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+    w = torch.randn(16, n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
+    fmt = Int4Weight.pack(w, 128, sym, act_dtype=torch.bfloat16).to("cuda")
+    assert fmt.layout == "tiled"
+    kn = fmt.to_layout("kn")
+    for t, kernel in ((10, "triton_int4_mma_gemv"), (INT4_SYNC_FREE_ROWS + 120, "triton_gemm")):
+        x = torch.randn(t, k, device="cuda").to(torch.bfloat16)
+        ids = torch.randint(0, 16, (t,), device="cuda")
+        rows = busiest_expert_rows(x, ids, INT4_SYNC_FREE_ROWS)  # what quant_matmul asks the dispatcher with
+        assert choose_kernel(fmt, torch.device("cuda"), rows, moe=True)[0] == kernel
+        ref = quant_matmul_kn_ref(x.float(), kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=128)
+        out = fmt.forward_experts(x, ids)
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=2e-3 * float(ref.abs().max()))
 
 
 def test_default_config() -> None:
-    """The measured choices: symmetric int4 x from L1 under a 48-register cap; asymmetric uncapped, x
-    from L1 only at K >= 1024."""
+    """The measured choices: tiled words x by shuffles under a 48-register cap; on kn words symmetric
+    int4 x from L1 under a 48-register cap, asymmetric uncapped, x from L1 only at K >= 1024."""
+    for sym in (False, True):
+        for k in (512, 2048):
+            assert default_mma_config(sym, k, tiled=True) == MmaConfig(x_l1=False, max_regs=48)
     assert default_mma_config(True, 512) == MmaConfig(x_l1=True, max_regs=48)
     assert default_mma_config(False, 2048) == MmaConfig(x_l1=True)
     assert default_mma_config(False, 512) == MmaConfig(x_l1=False)

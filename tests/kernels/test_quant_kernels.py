@@ -53,6 +53,19 @@ def test_kernel_matches_reference(bits: int, group: int, sym: bool, kernel, stac
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize(("group", "sym"), [(128, False), (128, True), (32, False)])
+def test_gemm_reads_tiled_words(group: int, sym: bool) -> None:
+    """The grouped GEMM on the tiled layout (`ref_quant.tile_words`, what int4 experts hold on Hopper):
+    the same result as on kn words; K = 512 is two 32-word tiles, N = 32 two 16-channel tiles."""
+    fmt = _fmt(4, group, sym, 3, 32, 512)
+    kn, tiled = fmt.to_layout("kn"), fmt.to_layout("tiled")
+    x = torch.randn(19, 512, device=DEVICE)
+    ids = torch.randint(0, 3, (19,), device=DEVICE)
+    ref = quant_matmul_kn_ref(x, kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=group)
+    out = quant_gemm(x, tiled.qweight, tiled.scales, tiled.mins, ids, bits=4, group_size=group, tiled=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+
+
 # bf16 x only on the GPU: the Triton interpreter's tl.dot takes bf16 operands as raw bits (float16 and
 # float32 are exact there)
 GEMM_X_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]

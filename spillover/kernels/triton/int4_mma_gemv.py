@@ -113,7 +113,7 @@ def _int4_mma_gemv_kernel(
     x_ptr, w_ptr, s_ptr, m_ptr, eid_ptr, y_ptr,
     N, stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
     GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
-    NW: tl.constexpr, RW: tl.constexpr, PDL: tl.constexpr, X_L1: tl.constexpr,
+    NW: tl.constexpr, RW: tl.constexpr, PDL: tl.constexpr, X_L1: tl.constexpr, TILED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
@@ -125,7 +125,6 @@ def _int4_mma_gemv_kernel(
     ti = r % 4 + zero
     n = pid_n * 16 + ((r % 32) // 4) * 2 + vi + zero
     mask_n = n < N
-    w_tile = w_ptr + e * stride_we + (wi * RW + ti).to(tl.int64) * stride_wk + n
     S: tl.constexpr = RW // 4  # steps, all loaded up front
     tl.static_assert(RW == 32, "one word row per lane: x by shuffles and the group sums")
     SPG: tl.constexpr = GROUP // 32  # steps per group
@@ -133,8 +132,15 @@ def _int4_mma_gemv_kernel(
     GL: tl.constexpr = GROUP // 8  # lanes (word rows) per group
     # weights and scales are never written by a kernel: with PDL they load before gdc_wait
     ws: "tuple[tl.tensor, ...]" = ()  # noqa: UP037 (Triton evaluates annotations; it has no `tuple`)
-    for step in tl.static_range(S):
-        ws = ws + (tl.load(w_tile + 4 * step * stride_wk, mask=mask_n, other=0),)
+    if TILED:  # `tiled_word_offset` of (wi * RW + ti + 4 step, n), written per lane: a warp's step is
+        # 256 contiguous bytes, the next step 64 words on; N % 16 == 0, so no mask
+        w_tile = w_ptr + e * stride_we + pid_n * (16 * NW * RW) + wi * (RW * 16) + (r % 32) * 2 + vi
+        for step in tl.static_range(S):
+            ws = ws + (tl.load(w_tile + step * 64),)
+    else:
+        w_tile = w_ptr + e * stride_we + (wi * RW + ti).to(tl.int64) * stride_wk + n
+        for step in tl.static_range(S):
+            ws = ws + (tl.load(w_tile + 4 * step * stride_wk, mask=mask_n, other=0),)
     s_tile = s_ptr + e * stride_se + wi * NG * stride_sg + n
     m_tile = m_ptr + e * stride_se + wi * NG * stride_sg + n
     s_cur = tl.load(s_tile, mask=mask_n, other=0).to(tl.float32)
@@ -208,21 +214,25 @@ class MmaConfig:
     max_regs: int | None = None  # ptxas register cap: it changes the schedule, not only the count
 
 
-def default_mma_config(symmetric: bool, k: int) -> MmaConfig:
+def default_mma_config(symmetric: bool, k: int, tiled: bool = False) -> MmaConfig:
     """Measured on an H100 and an H200 (Triton 3.6; BENCHMARKS.md "int4 GEMV: runs of word rows,
-    register caps"): asymmetric int4 takes x from L1 at K >= 1024 and by shuffles below, uncapped;
-    symmetric int4 takes x from L1 with a 48-register cap (uncapped it got a slower schedule: MoE w13
-    7.8 against 6.3 us on the H100)."""
+    register caps", "tiled word layout"). Tiled words (what the dispatcher holds): x by shuffles with a
+    48-register cap, both formats and both MoE shapes. The kn layout: asymmetric int4 takes x from L1 at
+    K >= 1024 and by shuffles below, uncapped; symmetric int4 takes x from L1 with a 48-register cap
+    (uncapped it got a slower schedule: MoE w13 7.8 against 6.3 us on the H100)."""
+    if tiled:
+        return MmaConfig(x_l1=False, max_regs=48)
     if symmetric:
         return MmaConfig(x_l1=True, max_regs=48)
     return MmaConfig(x_l1=k >= 1024)
 
 
 def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                  expert_ids: torch.Tensor | None, *, bits: int, group_size: int, config: MmaConfig | None = None,
-                  pdl: bool | None = None) -> torch.Tensor:
+                  expert_ids: torch.Tensor | None, *, bits: int, group_size: int, tiled: bool = False,
+                  config: MmaConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """Same signature and result as `quant_matmul_kn_ref` (within bf16 rounding) for the cases
-    `unsupported` accepts. config: None = `default_mma_config`; pdl: None = where the GPU has it."""
+    `unsupported` accepts; tiled: words in the tiled layout (`ref_quant.tile_words`, N % 16 == 0).
+    config: None = `default_mma_config`; pdl: None = where the GPU has it."""
     t, k = x.shape
     e, kw, n = words.shape
     why = unsupported(bits, group_size, k, x.dtype)
@@ -232,9 +242,10 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
     assert scales.shape == (e, k // group_size, n) and scales.stride(2) == 1
     if mins is not None:
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
+    assert not tiled or (n % 16 == 0 and words.is_contiguous()), "tiled words: whole 16-channel tiles"
     if not x.is_contiguous() or x.data_ptr() % 16:  # x rows are read 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
-    cfg = config or default_mma_config(mins is None, k)
+    cfg = config or default_mma_config(mins is None, k, tiled)
     pdl, launch = pdl_launch(x.device, pdl)
     if cfg.max_regs is not None:
         launch["maxnreg"] = cfg.max_regs
@@ -245,6 +256,6 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
         x, words, scales, mins if mins is not None else scales, expert_ids if expert_ids is not None else x, y,
         n, x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
         GROUP=group_size, OFFSET=code_offset(4, mins is not None), HAS_MINS=mins is not None,
-        HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=cfg.x_l1, num_warps=nw,
+        HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=cfg.x_l1, TILED=tiled, num_warps=nw,
         **launch)
     return y

@@ -21,6 +21,18 @@ def code_offset(bits: int, has_mins: bool) -> int:
     return 128 if bits == 8 else (0 if has_mins else 8)
 
 
+@triton.jit
+def tiled_n_offset(n, KW):
+    """Offset of output channel n's words in the tiled layout (`ref_quant.tiled_word_offset`, n part)."""
+    return (n // 16) * KW * 16 + ((n % 16) // 2) * 8 + n % 2
+
+
+@triton.jit
+def tiled_k_offset(kw):
+    """Offset of word row kw in the tiled layout (`ref_quant.tiled_word_offset`, kw part)."""
+    return (kw // 32) * 512 + ((kw % 32) // 4) * 64 + (kw % 4) * 2
+
+
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: float32 whose low mantissa bits hold an integer code
 
 

@@ -26,7 +26,15 @@ import triton
 import triton.language as tl
 
 from spillover.kernels.ref_quant import fp8_block_shape
-from spillover.kernels.triton.int_codes import FMT_FP8, FMT_INT4, FMT_INT8, _load_k_order, code_offset
+from spillover.kernels.triton.int_codes import (
+    FMT_FP8,
+    FMT_INT4,
+    FMT_INT8,
+    _load_k_order,
+    code_offset,
+    tiled_k_offset,
+    tiled_n_offset,
+)
 
 MIN_DOT_DEPTH = 16  # tl.dot needs K >= 16 on GPUs: BLOCK_K >= 16 words
 
@@ -49,6 +57,7 @@ def _quant_gemm_kernel(
     stride_xt, stride_we, stride_wk, stride_wn, stride_se, stride_sg, stride_sn, stride_yt,
     FMT: tl.constexpr, GROUP: tl.constexpr, SN: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     VALS: tl.constexpr = 8 if FMT == 0 else 4
     GROUP_W: tl.constexpr = GROUP // VALS
@@ -66,15 +75,22 @@ def _quant_gemm_kernel(
     kk = tl.arange(0, BLOCK_W * VALS)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
     # int (kn): word (kw, n) at kw * stride_wk + n, a scale per (group, n). FP8 (nk): word (n, kw) at
-    # n * stride_wn + kw, a scale per (K block, SN output rows)
-    w_rows = w_ptr + e * stride_we + offs_n[:, None] * stride_wn
+    # n * stride_wn + kw, a scale per (K block, SN output rows). Tiled int: a sum of an n and a kw part
+    if TILED:
+        w_rows = w_ptr + e * stride_we + tiled_n_offset(offs_n, KW)[:, None]
+    else:
+        w_rows = w_ptr + e * stride_we + offs_n[:, None] * stride_wn
     s_rows = s_ptr + e * stride_se + (offs_n // SN)[:, None] * stride_sn
     m_rows = m_ptr + e * stride_se + (offs_n // SN)[:, None] * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kw0 in range(0, kw_end, BLOCK_W):
         kw = (kw0 + r)[None, :]
         g = (kw // GROUP_W) * stride_sg
-        w = _load_k_order(w_rows + kw.to(tl.int64) * stride_wk, s_rows + g, m_rows + g, mask_n[:, None],
+        if TILED:
+            w_at = w_rows + tiled_k_offset(kw)
+        else:
+            w_at = w_rows + kw.to(tl.int64) * stride_wk
+        w = _load_k_order(w_at, s_rows + g, m_rows + g, mask_n[:, None],
                           FMT, OFFSET, HAS_MINS, BLOCK_N, BLOCK_W)  # [BLOCK_N, BLOCK_W * VALS]
         xv = tl.load(x_rows + (kw0 * VALS + kk)[None, :], mask=mask_m[:, None], other=0)  # [BLOCK_M, same K]
         acc += tl.dot(xv, tl.trans(w.to(xv.dtype)), input_precision=DOT_PRECISION)
@@ -176,8 +192,9 @@ def quant_gemm(
     bits: int,
     group_size: int,
     config: GemmConfig | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """Same signature and result as `quant_matmul_kn_ref` (int4/int8, kn layout)."""
+    """Same signature and result as `quant_matmul_kn_ref` (int4/int8, kn layout, or tiled)."""
     k = x.shape[1]
     e, kw, n = words.shape
     assert words.dtype == torch.int32 and kw * (32 // bits) == k and x.stride(1) == 1 and words.stride(2) == 1
@@ -186,9 +203,10 @@ def quant_gemm(
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
     if not gemm_ok(k, bits, group_size):
         raise ValueError(f"K={k} (group {group_size}) does not split into {MIN_DOT_DEPTH}-word GEMM steps")
+    assert not tiled or (kw % 32 == 0 and n % 16 == 0), "the tiled layout has whole 32-word x 16-channel tiles"
     return _launch(x, words, scales, mins, expert_ids, n, kw, (words.stride(1), 1), (scales.stride(1), 1),
                    config, FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, SN=1,
-                   OFFSET=code_offset(bits, mins is not None))
+                   OFFSET=code_offset(bits, mins is not None), TILED=tiled)
 
 
 def fp8_gemm(
@@ -211,4 +229,4 @@ def fp8_gemm(
         raise ValueError(f"K={k} (block {block_k}) does not split into {MIN_DOT_DEPTH}-word GEMM steps")
     words = weight.contiguous().view(torch.uint8).view(torch.int32)  # [E, N, K/4]: 4 codes a word
     return _launch(x, words, scale, None, expert_ids, n, k // 4, (1, words.stride(1)), (1, scale.stride(1)),
-                   config, FMT=FMT_FP8, GROUP=block_k, SN=block_rows, OFFSET=0)
+                   config, FMT=FMT_FP8, GROUP=block_k, SN=block_rows, OFFSET=0, TILED=False)
