@@ -26,7 +26,7 @@ from spillover import LLM, kernels  # noqa: E402
 from spillover.engine.runner import SeqStep  # noqa: E402
 from spillover.kernels import ref  # noqa: E402
 from spillover.layers.context import ForwardContext  # noqa: E402
-from tests.models.tiny import CONFIGS, save_hf  # noqa: E402
+from tests.models.tiny import CONFIGS, build_hf, save_hf  # noqa: E402
 
 FP32_TOL = 2e-3  # fla uses tf32 dots in its chunked form
 BF16_TOL = 3e-2
@@ -167,18 +167,27 @@ CONFIGS["qwen3_next-h512-allexperts"] = ("Qwen3NextConfig", {
 
 
 def check_tiled_experts() -> int:
-    """bf16 int4 model whose experts CUDA holds tiled, against the same model held in the kn layout (same
-    function, other word order and kernel config): a 96-token prefill (1536 expert rows: counted, the
-    grouped GEMM) and 16 decode steps (the tensor-core GEMV). Both also against the fp32 CPU run."""
+    """bf16 int4 model whose experts CUDA holds tiled, against the same model held in the kn layout (the
+    same codes, other word order and kernels): a 96-token prefill (1536 expert rows: counted, the grouped
+    GEMM) and an 80-token prefill (1280 rows: the tensor-core GEMV) then 16 decode steps. Tiled must agree
+    with kn within 1e-2 and be no further than kn from the bf16 CPU run (within BF16_TOL). Weights are
+    scaled to std 0.02: at hidden 512 the tiny models' 0.08 made bf16 and fp32 runs disagree by 10 %."""
     from spillover.quant import dispatch
     from spillover.quant.grouped import GroupedIntWeight
 
     name = "qwen3_next-h512-allexperts"
     fails = 0
     with tempfile.TemporaryDirectory() as d:
-        save_hf(name, Path(d))
+        hf = build_hf(name)
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.ndim > 1:
+                    p.mul_(0.25)
+        hf.save_pretrained(d, safe_serialization=True)
         ids = torch.randint(0, 128, (96,), generator=torch.Generator().manual_seed(3)).tolist()
-        expected = run(LLM(model=d, device="cpu", dtype="float32", quant="int4"), [ids])
+        plans = {"prefill": [ids], "decode16": [ids[:80]] + [[t] for t in ids[80:]]}
+        cpu = LLM(model=d, device="cpu", dtype="bfloat16", quant="int4")  # bf16 weights packed: the same codes
+        expected = {plan: run(cpu, chunks) for plan, chunks in plans.items()}
         got: dict[str, dict[str, torch.Tensor]] = {}
         real_layout = dispatch.gpu_layout
         for want in ("tiled", "kn"):
@@ -190,16 +199,16 @@ def check_tiled_experts() -> int:
                 dispatch.gpu_layout = real_layout
             held = {f.layout for mod in llm.model.modules() for f in vars(mod).values()
                     if isinstance(f, GroupedIntWeight) and f.stacked}
-            got[want] = {plan: run(llm, chunks) for plan, chunks in (
-                ("prefill", [ids]), ("decode16", [ids[:80]] + [[t] for t in ids[80:]]))}
+            got[want] = {plan: run(llm, chunks) for plan, chunks in plans.items()}
             print(f"{name} int4 bf16: expert layouts held {sorted(held)}")
             fails += held != {want}
         for plan, tiled in got["tiled"].items():
-            e = rel(tiled, got["kn"][plan])
-            ok = bool(e <= 1e-2 and not torch.isnan(tiled).any())
+            kn = got["kn"][plan]
+            e, e_tiled, e_kn = rel(tiled, kn), rel(tiled, expected[plan]), rel(kn, expected[plan])
+            ok = bool(e <= 1e-2 and e_tiled <= max(BF16_TOL, 1.5 * e_kn) and not torch.isnan(tiled).any())
             fails += not ok
-            print(f"{name} int4 bf16 {plan:8s} tiled vs kn rel {e:.2e} | vs fp32 CPU: tiled {rel(tiled, expected):.2e}"
-                  f", kn {rel(got['kn'][plan], expected):.2e} {verdict(ok)}")
+            print(f"{name} int4 bf16 {plan:8s} tiled vs kn rel {e:.2e} | vs bf16 CPU: tiled {e_tiled:.2e}, "
+                  f"kn {e_kn:.2e} {verdict(ok)}")
     return fails
 
 

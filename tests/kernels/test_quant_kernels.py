@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref, quant_matmul_ref  # noqa: E402
 from spillover.kernels.triton.fp8_gemv import fp8_gemv  # noqa: E402
-from spillover.kernels.triton.quant_gemm import align_rows, fp8_gemm, quant_gemm  # noqa: E402
+from spillover.kernels.triton.quant_gemm import GemmConfig, align_rows, fp8_gemm, quant_gemm  # noqa: E402
 from spillover.kernels.triton.quant_gemv import GemvConfig, default_config, quant_gemv  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 
@@ -54,16 +54,27 @@ def test_kernel_matches_reference(bits: int, group: int, sym: bool, kernel, stac
 
 
 @pytest.mark.parametrize(("group", "sym"), [(128, False), (128, True), (32, False)])
-def test_gemm_reads_tiled_words(group: int, sym: bool) -> None:
+@pytest.mark.parametrize("cfg", [None, GemmConfig(16, 64, 32, 4)], ids=str)
+def test_gemm_reads_tiled_words(group: int, sym: bool, cfg: GemmConfig | None) -> None:
     """The grouped GEMM on the tiled layout (`ref_quant.tile_words`, what int4 experts hold on Hopper):
-    the same result as on kn words; K = 512 is two 32-word tiles, N = 32 two 16-channel tiles."""
-    fmt = _fmt(4, group, sym, 3, 32, 512)
+    the same result as on kn words. K = 512 is two 32-word tiles; N = 48 three 16-channel tiles, so a
+    program's last tiles are masked (32 channels a program by default, 64 in the other config)."""
+    fmt = _fmt(4, group, sym, 3, 48, 512)
     kn, tiled = fmt.to_layout("kn"), fmt.to_layout("tiled")
     x = torch.randn(19, 512, device=DEVICE)
     ids = torch.randint(0, 3, (19,), device=DEVICE)
     ref = quant_matmul_kn_ref(x, kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=group)
-    out = quant_gemm(x, tiled.qweight, tiled.scales, tiled.mins, ids, bits=4, group_size=group, tiled=True)
+    out = quant_gemm(x, tiled.qweight, tiled.scales, tiled.mins, ids, bits=4, group_size=group, config=cfg,
+                     tiled=True)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+
+
+def test_gemm_refuses_tiles_it_cannot_read() -> None:
+    tiled = _fmt(4, 128, False, 2, 48, 512).to_layout("tiled")
+    x = torch.randn(3, 512, device=DEVICE)
+    with pytest.raises(ValueError, match="tiled words need"):
+        quant_gemm(x, tiled.qweight, tiled.scales, tiled.mins, None, bits=4, group_size=128,
+                   config=GemmConfig(16, 40, 16, 4), tiled=True)
 
 
 # bf16 x only on the GPU: the Triton interpreter's tl.dot takes bf16 operands as raw bits (float16 and

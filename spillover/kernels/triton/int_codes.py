@@ -22,12 +22,6 @@ def code_offset(bits: int, has_mins: bool) -> int:
 
 
 @triton.jit
-def tiled_n_offset(n, KW):
-    """Offset of output channel n's words in the tiled layout (`ref_quant.tiled_word_offset`, n part)."""
-    return (n // 16) * KW * 16 + ((n % 16) // 2) * 8 + n % 2
-
-
-@triton.jit
 def tiled_k_offset(kw):
     """Offset of word row kw in the tiled layout (`ref_quant.tiled_word_offset`, kw part)."""
     return (kw // 32) * 512 + ((kw % 32) // 4) * 64 + (kw % 4) * 2
@@ -208,6 +202,13 @@ def _load_k_order(w_ptrs, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.co
     """Words [ROWS, BLOCK_W] with their scales (and mins) at the given pointers -> float32 weights
     [ROWS, BLOCK_W * VALS] in the order of K (`_unpack_k_order`); masked words read as 0."""
     words = tl.load(w_ptrs, mask=mask, other=0)
+    return _dequant_k_order(words, s_ptrs, m_ptrs, mask, FMT, OFFSET, HAS_MINS, ROWS, BLOCK_W)
+
+
+@triton.jit
+def _dequant_k_order(words, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """`_load_k_order` for words already loaded."""
     s = tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
     m = s
     if HAS_MINS:
