@@ -170,8 +170,9 @@ def check_tiled_experts() -> int:
     """bf16 int4 model whose experts CUDA holds tiled, against the same model held in the kn layout (the
     same codes, other word order and kernels): a 96-token prefill (1536 expert rows: counted, the grouped
     GEMM) and an 80-token prefill (1280 rows: the tensor-core GEMV) then 16 decode steps. Tiled must agree
-    with kn within 1e-2 and be no further than kn from the bf16 CPU run (within BF16_TOL). Weights are
-    scaled to std 0.02: at hidden 512 the tiny models' 0.08 made bf16 and fp32 runs disagree by 10 %."""
+    with kn within BF16_TOL (two bf16 runs that sum in other orders) and be no further than kn from the
+    bf16 CPU run (1.5x, or BF16_TOL). Weights are scaled to std 0.02: at hidden 512 the tiny models' 0.08
+    made bf16 and fp32 runs disagree by 10 %."""
     from spillover.quant import dispatch
     from spillover.quant.grouped import GroupedIntWeight
 
@@ -205,7 +206,7 @@ def check_tiled_experts() -> int:
         for plan, tiled in got["tiled"].items():
             kn = got["kn"][plan]
             e, e_tiled, e_kn = rel(tiled, kn), rel(tiled, expected[plan]), rel(kn, expected[plan])
-            ok = bool(e <= 1e-2 and e_tiled <= max(BF16_TOL, 1.5 * e_kn) and not torch.isnan(tiled).any())
+            ok = bool(e <= BF16_TOL and e_tiled <= max(BF16_TOL, 1.5 * e_kn) and not torch.isnan(tiled).any())
             fails += not ok
             print(f"{name} int4 bf16 {plan:8s} tiled vs kn rel {e:.2e} | vs bf16 CPU: tiled {e_tiled:.2e}, "
                   f"kn {e_kn:.2e} {verdict(ok)}")
