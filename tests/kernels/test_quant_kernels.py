@@ -54,11 +54,14 @@ def test_kernel_matches_reference(bits: int, group: int, sym: bool, kernel, stac
 
 
 @pytest.mark.parametrize(("group", "sym"), [(128, False), (128, True), (32, False)])
-@pytest.mark.parametrize("cfg", [None, GemmConfig(16, 64, 32, 4)], ids=str)
+@pytest.mark.parametrize("cfg", [None, GemmConfig(16, 64, 16, 4)], ids=str)
 def test_gemm_reads_tiled_words(group: int, sym: bool, cfg: GemmConfig | None) -> None:
     """The grouped GEMM on the tiled layout (`ref_quant.tile_words`, what int4 experts hold on Hopper):
     the same result as on kn words. K = 512 is two 32-word tiles; N = 48 three 16-channel tiles, so a
-    program's last tiles are masked (32 channels a program by default, 64 in the other config)."""
+    program's last tiles are masked (by default 32 channels x 32 words a step; also 64 x 16)."""
+    from spillover.kernels.triton.quant_gemm import default_gemm_config
+
+    assert default_gemm_config(4, 48, 64, 8, tiled=True) == GemmConfig(16, 32, 32, 4)
     fmt = _fmt(4, group, sym, 3, 48, 512)
     kn, tiled = fmt.to_layout("kn"), fmt.to_layout("tiled")
     x = torch.randn(19, 512, device=DEVICE)

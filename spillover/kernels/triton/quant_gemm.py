@@ -161,11 +161,16 @@ def gemm_ok(k: int, bits: int, group_size: int) -> bool:
 TARGET_PROGRAMS = 264  # two per SM on a 132-SM H100/H200
 
 
-def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int) -> GemmConfig:
+def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int, tiled: bool = False) -> GemmConfig:
     """16-row blocks; 128 codes of K a step (16 int4 words, 32 int8/FP8 words) where K allows: each step
     unpacks a [BLOCK_N, 128] tile, and int4's 256-code tiles held 240-255 registers a thread (2 programs an
     SM); 32 output channels a program while 64 would leave fewer than TARGET_PROGRAMS programs (a dense
-    weight with few rows), else 64. From tile sweeps on an H100 (bench/quant_gemm.py --sweep)."""
+    weight with few rows), else 64. From tile sweeps on an H100 (bench/quant_gemm.py --sweep).
+    Tiled int4 experts: 32 channels x 32 words (256 codes) a step, the best of 8 configs at Qwen3-Next's
+    w13 and w2 for 1280-5120 rows (H100, BENCHMARKS.md "tiled word layout"): 9-17 % faster than the kn
+    default there; with 16 words a step the tiled GEMM was 9-12 % slower than kn."""
+    if tiled and kw % 32 == 0:
+        return GemmConfig(16, 32, 32, 4)
     block_n = 32 if m_blocks * triton.cdiv(n, 64) < TARGET_PROGRAMS else 64
     words = 128 // vals
     return GemmConfig(16, block_n, words if kw % words == 0 else MIN_DOT_DEPTH, 4)
@@ -179,7 +184,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: to
     t = x.shape[0]
     rows, block_eids = align_rows(expert_ids, t, config.block_m if config else 16, x.device,
                                   words.shape[0] if x.is_cuda else None)
-    cfg = config or default_gemm_config(block_eids.numel(), n, kw, x.shape[1] // kw)
+    cfg = config or default_gemm_config(block_eids.numel(), n, kw, x.shape[1] // kw, bool(formats.get("TILED")))
     if kw % cfg.block_w:
         raise ValueError(f"K ({kw} words) does not split into {cfg.block_w}-word GEMM steps")
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
