@@ -90,9 +90,9 @@ def _triton_route(device: torch.device) -> bool:
 
 # The tensor-core int4 GEMV beat the CUDA-core one for int4 experts, measured on sm_90 (H100, H200:
 # bench/int4_mma_gemv.py, g128, Qwen3-Next's expert shapes: K = 2048 (w13; asymmetric +14-16 %,
-# symmetric +16-20 % with its register cap) and 512 (w2, +4-7 % asymmetric, +1-7 % symmetric)); other
-# GPUs, groups and K keep the CUDA-core GEMV until tests/kernels/test_int4_mma_gemv.py and the bench
-# have run there.
+# symmetric +16-20 % with its register cap) and 512 (w2, +4-7 % asymmetric, +1-7 % symmetric)); on tiled
+# words (`gpu_layout`) it takes 7-16 % less time again (BENCHMARKS.md "tiled word layout"). Other GPUs,
+# groups and K keep the CUDA-core GEMV until tests/kernels/test_int4_mma_gemv.py and the bench have run there.
 INT4_MMA_CAPABILITIES = ((9, 0),)
 INT4_MMA_GROUPS = (128,)
 INT4_MMA_K = (512, 2048)

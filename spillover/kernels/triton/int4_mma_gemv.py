@@ -8,7 +8,10 @@ quantization group from a per-group sum of x. Measured (bench/int4_mma_gemv.py, 
 GEMV on tensor cores" and "int4 GEMV: runs of word rows, register caps"): faster than the CUDA-core
 GEMV for int4 experts at Qwen3-Next's MoE shapes on Hopper (asymmetric w13 1024x2048: +14-16 %, w2 2048x512: +4-7 %;
 symmetric w13 with `default_mma_config`'s register cap: +16-20 %), slower for dense 4096x4096, so
-`spillover.quant.dispatch` uses it only for g128 experts at those K, on sm_90.
+`spillover.quant.dispatch` uses it only for g128 experts at those K, on sm_90. There the experts' words
+are held tiled (`ref_quant.tile_words`, `tiled=True`): each warp step loads 256 contiguous bytes instead
+of four 64-byte pieces 4 N bytes apart, which cut MoE w13 from 6.41 to 5.76 us on an H100 (BENCHMARKS.md
+"tiled word layout"). The kn layout stays supported (tests, the bench, other callers).
 
 The kernel is latency-bound, so ptxas's schedule decides its speed more than its instruction count:
 the same source compiled under different register caps ran 11 % apart at the same register count,

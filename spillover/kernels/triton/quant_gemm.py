@@ -167,7 +167,7 @@ def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int, tiled: bool =
     SM); 32 output channels a program while 64 would leave fewer than TARGET_PROGRAMS programs (a dense
     weight with few rows), else 64. From tile sweeps on an H100 (bench/quant_gemm.py --sweep).
     Tiled int4 experts: 32 channels x 32 words (256 codes) a step, the best of 8 configs at Qwen3-Next's
-    w13 and w2 for 1280-5120 rows (H100, BENCHMARKS.md "tiled word layout"): 9-17 % faster than the kn
+    w13 and w2 for 1280-5120 rows (H100, BENCHMARKS.md "tiled word layout"): 3-18 % faster than the kn
     default there; with 16 words a step the tiled GEMM was 9-12 % slower than kn."""
     if tiled and kw % 32 == 0:
         return GemmConfig(16, 32, 32, 4)
