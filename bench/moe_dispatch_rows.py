@@ -5,7 +5,7 @@
 
 T tokens x top-10 of 512 experts (random routing), Qwen3-Next's w13 (1024x2048) and w2 (2048x512).
 - int4: `dispatch`: `Int4Weight.forward_experts` on the bank as `.to("cuda")` lays it out (tiled words on
-  Hopper), what a model layer calls (the kernel it chose is printed; up to `INT4_SYNC_FREE_ROWS` rows it
+  Hopper), what a model layer calls (the kernel it chose is printed; up to `SYNC_FREE_ROWS` rows it
   takes the GEMV without counting rows on the host); `gemm kn` / `gemm tiled`: the grouped Triton GEMM
   called directly on kn words and on the bank's own layout.
 - int8 (per channel), fp8 (block 128): `gemv` (the decode GEMV kernel called on every row) against `gemm`
@@ -33,7 +33,6 @@ from spillover.kernels.triton.quant_gemm import fp8_gemm, quant_gemm  # noqa: E4
 from spillover.kernels.triton.quant_gemv import quant_gemv  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 from spillover.quant.dispatch import (  # noqa: E402
-    INT4_SYNC_FREE_ROWS,
     SYNC_FREE_ROWS,
     busiest_expert_rows,
     choose_fp8_kernel,
@@ -81,10 +80,10 @@ def int4_shape(gpu_time, gen: torch.Generator, tokens: tuple[int, ...], sym: boo
 
     for t in tokens:
         id_sets, x = _inputs(gen, t, k)
-        kernel = choose_kernel(bank, x.device, busiest_expert_rows(x, id_sets[0], INT4_SYNC_FREE_ROWS), moe=True)[0]
+        kernel = choose_kernel(bank, x.device, busiest_expert_rows(x, id_sets[0]), moe=True)[0]
         err = _err(bank.forward_experts, ref, x, id_sets[0])
         dispatch = "not timed (host count)"
-        if x.shape[0] <= INT4_SYNC_FREE_ROWS:
+        if x.shape[0] <= SYNC_FREE_ROWS:
             dispatch = f"{_time(gpu_time, bank.forward_experts, x, id_sets) * 1e6:6.0f} us"
         t_kn, t_own = _time(gpu_time, gemm_kn, x, id_sets), _time(gpu_time, gemm_own, x, id_sets)
         print(f"{'int4sym' if sym else 'int4':7s} {tag} T={t:3d}: dispatch ({bank.layout}) -> {kernel:22s} "

@@ -55,26 +55,27 @@ def _log_choice(kernel: str, reason: str) -> None:
     log.info("quant kernel = %s (%s)", kernel, reason)
 
 
-SYNC_FREE_ROWS = 64  # CUDA decode batches up to this many (token, expert) rows skip the count
-# int4 experts: up to this many rows the per-row GEMV beat the grouped GEMM with routing spread over
-# 512 experts (H100, Qwen3-Next w13/w2, T = 1-128 tokens x top-10; the GEMM won at 5120 rows):
-# BENCHMARKS.md "MoE GEMV against the grouped GEMM"
-INT4_SYNC_FREE_ROWS = 1280
+# CUDA MoE batches up to this many (token, expert) rows skip the count and take the GEMV: there the
+# per-row GEMV beat the grouped GEMM with routing spread over 512 experts, for int4 (tensor-core GEMV
+# on tiled words), int8 and FP8 alike (H100, Qwen3-Next w13/w2, T = 4-128 tokens x top-10: 1.6-6x;
+# for tiled int4 w13 the GEMM won at 2560 rows): BENCHMARKS.md "MoE GEMV against the grouped GEMM",
+# "tiled word layout", "int8 and FP8 experts"
+SYNC_FREE_ROWS = 1280
 
 
-def busiest_expert_rows(x: torch.Tensor, expert_ids: torch.Tensor | None, sync_free: int = SYNC_FREE_ROWS) -> int:
+def busiest_expert_rows(x: torch.Tensor, expert_ids: torch.Tensor | None) -> int:
     """Rows of the busiest expert: what picks GEMV or GEMM (an upper bound where counting would cost).
 
     Counting needs a device-to-host sync, which stalls every MoE layer of a CUDA decode step. Up to
-    `sync_free` rows (a decode batch times top-k, spread over hundreds of experts; for int4 a
-    prefill chunk of up to 128 tokens) are answered without counting, as GEMV-sized: the GEMV
-    measured faster there for routing spread over the experts. Routing concentrated on a few experts
-    would favour the GEMM; it is not counted for.
+    SYNC_FREE_ROWS rows (a decode batch times top-k, or a prefill chunk of up to 128 tokens, spread
+    over hundreds of experts) are answered without counting, as GEMV-sized: the GEMV measured faster
+    there for routing spread over the experts. Routing concentrated on a few experts would favour the
+    GEMM; it is not counted for.
     """
     rows = x.shape[0]
     if expert_ids is None or rows <= min(CPU_WOQ_MAX_ROWS, GEMV_MAX_ROWS):
         return rows
-    if x.device.type == "cuda" and rows <= sync_free:
+    if x.device.type == "cuda" and rows <= SYNC_FREE_ROWS:
         return min(rows, GEMV_MAX_ROWS)
     return int(torch.bincount(expert_ids).max().item())
 
@@ -156,7 +157,7 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tenso
     x = x.to(fmt.act_dtype) if x.dtype != fmt.act_dtype else x
     if expert_ids is not None and expert_ids.numel() and not fmt.stacked:
         expert_ids = None
-    rows = busiest_expert_rows(x, expert_ids, INT4_SYNC_FREE_ROWS if fmt.bits == 4 else SYNC_FREE_ROWS)
+    rows = busiest_expert_rows(x, expert_ids)
     kernel, reason = choose_kernel(fmt, x.device, rows, moe=expert_ids is not None)
     _log_choice(kernel, reason)
     if kernel.startswith("triton"):

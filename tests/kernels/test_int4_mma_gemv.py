@@ -109,17 +109,17 @@ def test_dispatch_rule() -> None:
 @pytest.mark.parametrize("sym", [False, True])
 def test_dispatcher_sends_experts_to_it(n: int, k: int, sym: bool) -> None:
     """The integrated path: a stacked g128 int4 bank moved to Hopper holds tiled words; 10 rows of picked
-    experts take the tensor-core GEMV, 1400 rows (past INT4_SYNC_FREE_ROWS: counted) the grouped GEMM."""
-    from spillover.quant.dispatch import INT4_SYNC_FREE_ROWS, busiest_expert_rows, choose_kernel
+    experts take the tensor-core GEMV, 1400 rows (past SYNC_FREE_ROWS: counted) the grouped GEMM."""
+    from spillover.quant.dispatch import SYNC_FREE_ROWS, busiest_expert_rows, choose_kernel
 
     w = torch.randn(16, n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
     fmt = Int4Weight.pack(w, 128, sym, act_dtype=torch.bfloat16).to("cuda")
     assert fmt.layout == "tiled"
     kn = fmt.to_layout("kn")
-    for t, kernel in ((10, "triton_int4_mma_gemv"), (INT4_SYNC_FREE_ROWS + 120, "triton_gemm")):
+    for t, kernel in ((10, "triton_int4_mma_gemv"), (SYNC_FREE_ROWS + 120, "triton_gemm")):
         x = torch.randn(t, k, device="cuda").to(torch.bfloat16)
         ids = torch.randint(0, 16, (t,), device="cuda")
-        rows = busiest_expert_rows(x, ids, INT4_SYNC_FREE_ROWS)  # what quant_matmul asks the dispatcher with
+        rows = busiest_expert_rows(x, ids)  # what quant_matmul asks the dispatcher with
         assert choose_kernel(fmt, torch.device("cuda"), rows, moe=True)[0] == kernel
         ref = quant_matmul_kn_ref(x.float(), kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=128)
         out = fmt.forward_experts(x, ids)

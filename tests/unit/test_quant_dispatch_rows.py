@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spillover.quant.dispatch import GEMV_MAX_ROWS, INT4_SYNC_FREE_ROWS, SYNC_FREE_ROWS, busiest_expert_rows
+from spillover.quant.dispatch import GEMV_MAX_ROWS, SYNC_FREE_ROWS, busiest_expert_rows
 
 
 def test_cpu_counts_the_busiest_expert() -> None:
@@ -26,13 +26,13 @@ def test_cuda_decode_batches_skip_the_sync() -> None:
         assert busiest_expert_rows(x, ids) == GEMV_MAX_ROWS
 
 
-def test_int4_prefill_chunks_skip_the_sync_too() -> None:
-    """int4 experts: up to 128 tokens x top-10 rows go to the GEMV without counting (measured faster there);
-    other formats keep the decode-sized bound, and larger batches are counted."""
-    assert INT4_SYNC_FREE_ROWS >= 128 * 10 > SYNC_FREE_ROWS
+def test_prefill_chunks_skip_the_sync_too() -> None:
+    """Up to 128 tokens x top-10 rows go to the GEMV without counting (measured faster there for int4, int8
+    and FP8 experts); larger batches are counted."""
+    assert SYNC_FREE_ROWS >= 128 * 10
     if torch.cuda.is_available():
         ids = torch.zeros(1280, dtype=torch.long, device="cuda")
-        assert busiest_expert_rows(torch.zeros(1280, 4, device="cuda"), ids, INT4_SYNC_FREE_ROWS) == GEMV_MAX_ROWS
-        assert busiest_expert_rows(torch.zeros(1280, 4, device="cuda"), ids) == 1280  # counted: all on one expert
-        assert busiest_expert_rows(torch.zeros(1281, 4, device="cuda"), torch.zeros(1281, dtype=torch.long,
-                                   device="cuda"), INT4_SYNC_FREE_ROWS) == 1281
+        assert busiest_expert_rows(torch.zeros(1280, 4, device="cuda"), ids) == GEMV_MAX_ROWS
+        many = SYNC_FREE_ROWS + 1
+        assert busiest_expert_rows(torch.zeros(many, 4, device="cuda"),
+                                   torch.zeros(many, dtype=torch.long, device="cuda")) == many  # counted: one expert
