@@ -57,7 +57,7 @@ def _log_choice(kernel: str, reason: str) -> None:
 
 # CUDA MoE batches up to this many (token, expert) rows skip the count and take the GEMV: there the
 # per-row GEMV beat the grouped GEMM with routing spread over 512 experts, for int4 (tensor-core GEMV
-# on tiled words), int8 and FP8 alike (H100, Qwen3-Next w13/w2, T = 4-128 tokens x top-10: 1.6-6x;
+# on tiled words), int8 and FP8 alike (H100, Qwen3-Next w13/w2, T = 4-128 tokens x top-10: 1.7-6.4x;
 # for tiled int4 w13 the GEMM won at 2560 rows): BENCHMARKS.md "MoE GEMV against the grouped GEMM",
 # "tiled word layout", "int8 and FP8 experts"
 SYNC_FREE_ROWS = 1280

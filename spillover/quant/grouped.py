@@ -163,7 +163,9 @@ class GroupedIntWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Packed bytes: the same in every layout, so counted where they are (no nk copy)."""
+        parts = [self.qweight, self.scales] + ([self.mins] if self.mins is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def __repr__(self) -> str:
         shape = [self.num_experts] if self.stacked else []

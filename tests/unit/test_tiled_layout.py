@@ -47,6 +47,7 @@ def test_layout_round_trips_are_exact(sym: bool) -> None:
         assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), fmt.tensors().values(), strict=True))
     assert torch.equal(tiled.dequantize(), fmt.dequantize())
     assert tiled.tensors().keys() == fmt.tensors().keys()  # what a store writes: the nk layout
+    assert tiled.nbytes == fmt.nbytes == fmt.to_layout("kn").nbytes
 
 
 def test_reference_on_tiled_words() -> None:

@@ -168,7 +168,7 @@ def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int, tiled: bool =
     weight with few rows), else 64. From tile sweeps on an H100 (bench/quant_gemm.py --sweep).
     Tiled int4 experts: 32 channels x 32 words (256 codes) a step, the best of 8 configs at Qwen3-Next's
     w13 and w2 for 1280-5120 rows (H100, BENCHMARKS.md "tiled word layout"): 3-18 % faster than the kn
-    default there; with 16 words a step the tiled GEMM was 9-12 % slower than kn."""
+    default there; with 16 words a step the tiled GEMM was 7-13 % slower than kn."""
     if tiled and kw % 32 == 0:
         return GemmConfig(16, 32, 32, 4)
     block_n = 32 if m_blocks * triton.cdiv(n, 64) < TARGET_PROGRAMS else 64
@@ -178,13 +178,14 @@ def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int, tiled: bool =
 
 def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
             expert_ids: torch.Tensor | None, n: int, kw: int, w_strides: tuple[int, int],
-            s_strides: tuple[int, int], config: GemmConfig | None, **formats: int | bool) -> torch.Tensor:
+            s_strides: tuple[int, int], config: GemmConfig | None, tiled: bool = False,
+            **formats: int | bool) -> torch.Tensor:
     """Group the rows by expert and run the kernel: w_strides (per word row of K, per output channel)
     and s_strides (per scale group along K, per scale row along N) say where the words and scales are."""
     t = x.shape[0]
     rows, block_eids = align_rows(expert_ids, t, config.block_m if config else 16, x.device,
                                   words.shape[0] if x.is_cuda else None)
-    cfg = config or default_gemm_config(block_eids.numel(), n, kw, x.shape[1] // kw, bool(formats.get("TILED")))
+    cfg = config or default_gemm_config(block_eids.numel(), n, kw, x.shape[1] // kw, tiled)
     if kw % cfg.block_w:
         raise ValueError(f"K ({kw} words) does not split into {cfg.block_w}-word GEMM steps")
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
@@ -195,7 +196,7 @@ def _launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: to
         x.stride(0), words.stride(0), *w_strides, scales.stride(0), *s_strides, y.stride(0),
         HAS_MINS=mins is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32: Triton's default
-        num_warps=cfg.num_warps, **formats,
+        num_warps=cfg.num_warps, TILED=tiled, **formats,
     )
     return y
 
@@ -221,12 +222,12 @@ def quant_gemm(
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
     if not gemm_ok(k, bits, group_size):
         raise ValueError(f"K={k} (group {group_size}) does not split into {MIN_DOT_DEPTH}-word GEMM steps")
-    assert not tiled or (kw % 32 == 0 and n % 16 == 0), "the tiled layout has whole 32-word x 16-channel tiles"
+    assert not tiled or (kw % 32 == 0 and n % 16 == 0 and words.is_contiguous()), "tiled: whole 32 x 16 tiles"
     if tiled and config is not None and (config.block_n % 16 or config.block_w not in (16, 32)):
         raise ValueError(f"tiled words need BLOCK_N a multiple of 16 and BLOCK_W 16 or 32 ({config})")
     return _launch(x, words, scales, mins, expert_ids, n, kw, (words.stride(1), 1), (scales.stride(1), 1),
                    config, FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, SN=1,
-                   OFFSET=code_offset(bits, mins is not None), TILED=tiled)
+                   OFFSET=code_offset(bits, mins is not None), tiled=tiled)
 
 
 def fp8_gemm(
@@ -249,4 +250,4 @@ def fp8_gemm(
         raise ValueError(f"K={k} (block {block_k}) does not split into {MIN_DOT_DEPTH}-word GEMM steps")
     words = weight.contiguous().view(torch.uint8).view(torch.int32)  # [E, N, K/4]: 4 codes a word
     return _launch(x, words, scale, None, expert_ids, n, k // 4, (1, words.stride(1)), (1, scale.stride(1)),
-                   config, FMT=FMT_FP8, GROUP=block_k, SN=block_rows, OFFSET=0, TILED=False)
+                   config, FMT=FMT_FP8, GROUP=block_k, SN=block_rows, OFFSET=0)
