@@ -16,7 +16,7 @@ import time
 import torch
 
 from spillover import LLM, SamplingParams
-from spillover.models.registry import demo_model_path
+from spillover.weights.resolve import demo_model_path
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def check_kernels(llm: LLM, prompts: list[list[int]]) -> None:
     outs = []
     for force in ("", "ref"):
         os.environ["SPILLOVER_KERNELS"] = force
-        engine = Engine.from_llm(llm, EngineConfig(max_num_seqs=8, enable_prefix_caching=False))
+        engine = llm.make_engine(EngineConfig(max_num_seqs=8, enable_prefix_caching=False))
         toks: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             engine.add_request(f"c{i}", p, params)
@@ -111,7 +111,7 @@ def main() -> None:
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
     results = []
     for seqs in [int(s) for s in args.max_num_seqs.split(",")]:
-        engine = Engine.from_llm(llm, EngineConfig(max_num_seqs=seqs,
+        engine = llm.make_engine(EngineConfig(max_num_seqs=seqs,
                                                    max_num_batched_tokens=args.max_num_batched_tokens,
                                                    enable_prefix_caching=False))
         run(engine, prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), args.device)

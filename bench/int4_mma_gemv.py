@@ -13,7 +13,7 @@ timed --reps times, alternating, in the harness of bench/quant_gemv.py (a differ
 expert set per call, calls replayed from a CUDA graph); the median is printed.
 --l2 also times every variant with all calls on the first weight copy or expert set, which then stays
 in L2: how long the kernel takes when HBM is not the limit (its compute and fixed costs).
-`spillover.quant.dispatch` uses the tensor-core kernel where these rows showed it faster on Hopper:
+`spillover.kernels.quant_dispatch` uses the tensor-core kernel where these rows showed it faster on Hopper:
 int4 experts, with `default_mma_config` (BENCHMARKS.md, "int4 GEMV on tensor cores", "register caps").
 """
 

@@ -37,9 +37,9 @@ CHILD = r"""
 import json, sys, time
 import torch
 from spillover import LLM
-from spillover.models.registry import load_config, load_model, resolve_model
-from spillover.engine.llm import resolve_dtype
-from spillover.quant.load import quantize_for_load
+from spillover.weights.resolve import load_config, load_model, resolve_model
+from spillover.llm import resolve_dtype
+from spillover.weights.build import quantize_for_load
 mode, folder, quant, dtype = sys.argv[1:5]
 torch.set_num_threads(int(sys.argv[5]))
 

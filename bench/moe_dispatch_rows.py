@@ -27,17 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref  # noqa: E402
-from spillover.kernels.triton.fp8_gemv import fp8_gemv  # noqa: E402
-from spillover.kernels.triton.quant_gemm import fp8_gemm, quant_gemm  # noqa: E402
-from spillover.kernels.triton.quant_gemv import quant_gemv  # noqa: E402
-from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
-from spillover.quant.dispatch import (  # noqa: E402
+from spillover.kernels.quant_dispatch import (  # noqa: E402
     SYNC_FREE_ROWS,
     busiest_expert_rows,
     choose_fp8_kernel,
     choose_kernel,
 )
+from spillover.kernels.ref_quant import fp8_matmul_ref, quant_matmul_kn_ref  # noqa: E402
+from spillover.kernels.triton.fp8_gemv import fp8_gemv  # noqa: E402
+from spillover.kernels.triton.quant_gemm import fp8_gemm, quant_gemm  # noqa: E402
+from spillover.kernels.triton.quant_gemv import quant_gemv  # noqa: E402
+from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
 from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
 SHAPES = ((1024, 2048, "w13"), (2048, 512, "w2"))

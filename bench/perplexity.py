@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from spillover.layers.linear import Linear  # noqa: E402
-from spillover.quant.apply import QuantPolicy, quantize_model  # noqa: E402
+from spillover.weights.quantize import QuantPolicy, quantize_model  # noqa: E402
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "perplexity_en.txt"
 

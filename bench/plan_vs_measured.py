@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spillover.catalog import get_config  # noqa: E402
+from spillover.config import ModelConfig  # noqa: E402
 from spillover.hw.info import fmt_bytes, with_overrides  # noqa: E402
 from spillover.hw.probe import probe  # noqa: E402
-from spillover.models.config import ModelConfig  # noqa: E402
 from spillover.plan.advice import make_plan  # noqa: E402
 from spillover.plan.inventory import inventory_from_config  # noqa: E402
 from spillover.plan.measure import compare_peaks, measured_bytes_by_component  # noqa: E402
@@ -53,7 +53,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def build(cfg: ModelConfig, dev: torch.device, dtype: torch.dtype, on: torch.device | None = None) -> Any:
-    from spillover.models.registry import build_model
+    from spillover.weights.resolve import build_model
 
     model = build_model(cfg, on or dev, dtype)
     with torch.no_grad():

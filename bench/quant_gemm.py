@@ -34,9 +34,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from quant_gemv import reference  # noqa: E402  (bench/quant_gemv.py: a format's float32 reference)
 
+from spillover.kernels.quant_dispatch import per_expert  # noqa: E402
 from spillover.kernels.triton.quant_gemm import GemmConfig  # noqa: E402
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight  # noqa: E402
-from spillover.quant.dispatch import per_expert  # noqa: E402
 from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
 Fmt = GroupedIntWeight | Fp8BlockWeight

@@ -14,5 +14,5 @@ for f in Path(".gpu_assets/smol_tok").iterdir():
 print(folder)
 PY
 F=$(ls -d /tmp/synth/*)
-mkdir -p /tmp/bin; printf '#!/bin/sh\nexec python3 -m spillover.cli "$@"\n' > /tmp/bin/spillover; chmod +x /tmp/bin/spillover; export PATH=/tmp/bin:$PATH
+mkdir -p /tmp/bin; printf '#!/bin/sh\nexec python3 -m spillover "$@"\n' > /tmp/bin/spillover; chmod +x /tmp/bin/spillover; export PATH=/tmp/bin:$PATH
 python3 bench/serve_latency.py --serve-args "$F --device cuda --dtype bfloat16 --max-num-seqs 32" --input-words 40 --output-len 64

@@ -128,7 +128,7 @@ def main() -> None:
     base = args.base_url
     if base is None:
         base = f"http://127.0.0.1:{args.port}"
-        cmd = [sys.executable, "-m", "spillover.cli", "serve", "--port", str(args.port),
+        cmd = [sys.executable, "-m", "spillover.cli.main", "serve", "--port", str(args.port),
                "--max-num-seqs", str(max(args.concurrency)), *shlex.split(args.serve_args)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spillover import LLM, kernels  # noqa: E402
 from spillover.engine.runner import SeqStep  # noqa: E402
 from spillover.kernels import ref  # noqa: E402
-from spillover.layers.context import ForwardContext  # noqa: E402
+from spillover.kernels.context import ForwardContext  # noqa: E402
 from tests.models.tiny import CONFIGS, build_hf, save_hf  # noqa: E402
 
 FP32_TOL = 2e-3  # fla uses tf32 dots in its chunked form
@@ -173,7 +173,7 @@ def check_tiled_experts() -> int:
     with kn within BF16_TOL (two bf16 runs that sum in other orders) and be no further than kn from the
     bf16 CPU run (1.5x, or BF16_TOL). Weights are scaled to std 0.02: at hidden 512 the tiny models' 0.08
     made bf16 and fp32 runs disagree by 10 %."""
-    from spillover.quant import dispatch
+    from spillover.kernels import quant_dispatch as dispatch
     from spillover.quant.grouped import GroupedIntWeight
 
     name = "qwen3_next-h512-allexperts"

@@ -1,7 +1,7 @@
 """spillover: run LLMs bigger than your GPU, fast, behind an OpenAI-compatible API."""
 
-from spillover.engine.llm import LLM
-from spillover.engine.sampling import RequestOutput, SamplingParams
+from spillover.engine.params import RequestOutput, SamplingParams
+from spillover.llm import LLM
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

@@ -10,27 +10,24 @@ import logging
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from spillover.config import ModelConfig
 from spillover.engine.outputs import EngineStats, QueueFullError, TokenEvent
+from spillover.engine.params import SamplingParams
 from spillover.engine.request import Request
 from spillover.engine.runner import CacheLayout, ModelRunner
 from spillover.engine.sampler import Sampler, prompt_logprobs
-from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import RequestDelta, Scheduler, SchedulerConfig
 from spillover.engine.step_sampler import sample_rows
 from spillover.hw.info import HardwareInfo, with_overrides
 from spillover.hw.probe import probe
 from spillover.models.causal_lm import CausalLM
-from spillover.models.config import ModelConfig
 from spillover.plan.engine_cache import cache_plan_for_engine, engine_limits
 from spillover.plan.measure import PeakComparison, compare_peaks, measured_bytes_by_component
 from spillover.plan.memory import KV_CACHE, LINEAR_STATE, MemoryPlan
-
-if TYPE_CHECKING:
-    from spillover.engine.llm import LLM
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "TokenEvent", "cache_sizes"]
 
@@ -180,11 +177,6 @@ class Engine:
         self._computed_prompt_tokens = 0
         log.info("engine: %d KV blocks of %d tokens, %d state slots, max_model_len %d, max_num_seqs %d",
                  num_blocks, config.block_size, num_slots, self.max_model_len, config.max_num_seqs)
-
-    @classmethod
-    def from_llm(cls, llm: LLM, config: EngineConfig | None = None) -> Engine:
-        tokenizer = llm.tokenizer if llm._has_tokenizer() else None
-        return cls(llm.model, llm.config, tokenizer, llm.device, llm.dtype, config or llm.engine_config)
 
     # ---- intake ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

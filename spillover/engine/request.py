@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from spillover.engine.sampling import SamplingParams
+from spillover.engine.params import SamplingParams
 from spillover.engine.stop import IncrementalText
 
 if TYPE_CHECKING:

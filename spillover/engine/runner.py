@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from spillover.config import ModelConfig
 from spillover.engine.batch import FlatInputs, StepPlan
-from spillover.layers.context import AttentionCache, ForwardContext, LinearStateCache
+from spillover.kernels.context import AttentionCache, ForwardContext, LinearStateCache
 from spillover.models.causal_lm import CausalLM
-from spillover.models.config import ModelConfig
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from spillover.kernels import ref
-from spillover.layers.context import AttentionCache, ForwardContext
+from spillover.kernels.context import AttentionCache, ForwardContext
 
 log = logging.getLogger("spillover.kernels")
 _logged: set[tuple[str, str]] = set()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spillover.layers.context import AttentionCache, ForwardContext
+from spillover.kernels.context import AttentionCache, ForwardContext
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

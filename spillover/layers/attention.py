@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from spillover import kernels
-from spillover.layers.context import ForwardContext
+from spillover.config import ModelConfig
+from spillover.kernels.context import ForwardContext
 from spillover.layers.linear import Linear
 from spillover.layers.norm import RMSNorm
 from spillover.layers.rotary import apply_rotary
-from spillover.models.config import ModelConfig
 
 
 class Attention(nn.Module):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from spillover import kernels
-from spillover.layers.context import ForwardContext
+from spillover.config import ModelConfig
+from spillover.kernels.context import ForwardContext
 from spillover.layers.linear import Linear
 from spillover.layers.norm import GatedRMSNorm
-from spillover.models.config import ModelConfig
 
 
 class GatedDeltaNet(nn.Module):

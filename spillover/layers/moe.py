@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spillover.config import ModelConfig
 from spillover.layers.linear import Linear
 from spillover.layers.mlp import GatedMLP
-from spillover.models.config import ModelConfig
 from spillover.offload.bank import ExpertBank, ResidentExpertBank
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from spillover.models.config import RopeConfig
+from spillover.config import RopeConfig
 
 
 def inv_frequencies(rotary_dim: int, rope: RopeConfig) -> torch.Tensor:

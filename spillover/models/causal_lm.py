@@ -14,15 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spillover.config import FULL_ATTENTION, ModelConfig
+from spillover.kernels.context import ForwardContext
 from spillover.layers.attention import Attention
-from spillover.layers.context import ForwardContext
 from spillover.layers.linear import Linear
 from spillover.layers.linear_attn import GatedDeltaNet
 from spillover.layers.mlp import GatedMLP
 from spillover.layers.moe import SparseMoE
 from spillover.layers.norm import RMSNorm
 from spillover.layers.rotary import RotaryEmbedding
-from spillover.models.config import FULL_ATTENTION, ModelConfig
 
 
 class DecoderLayer(nn.Module):

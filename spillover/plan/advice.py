@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from spillover.catalog import CONFIGS
+from spillover.config import ModelConfig
 from spillover.hw.info import GiB, HardwareInfo, fmt_bytes
-from spillover.models.config import ModelConfig
 from spillover.plan.formats import INT4, WeightScheme, auto_candidates, scheme_for
 from spillover.plan.inventory import Inventory, inventory_from_config
 from spillover.plan.memory import Limits, MemoryPlan, host_budget, plan_memory

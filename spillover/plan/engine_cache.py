@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+from spillover.config import ModelConfig
 from spillover.hw.info import HardwareInfo
-from spillover.models.config import ModelConfig
 from spillover.plan.memory import (
     ACTIVATIONS,
     KV_CACHE,

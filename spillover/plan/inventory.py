@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-from spillover.models.config import ModelConfig
+from spillover.config import ModelConfig
 from spillover.plan.formats import BF16_BYTES, WeightScheme
 
 EMBEDDINGS = "embeddings"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from spillover.config import ModelConfig
 from spillover.hw.info import fmt_bytes
-from spillover.layers.context import AttentionCache, LinearStateCache
-from spillover.models.config import ModelConfig
+from spillover.kernels.context import AttentionCache, LinearStateCache
 from spillover.plan.inventory import component_of
 from spillover.plan.memory import KV_CACHE, LINEAR_STATE, RUNTIME, MemoryPlan
 

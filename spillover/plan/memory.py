@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from spillover.config import ModelConfig
 from spillover.hw.info import HardwareInfo, fmt_bytes
-from spillover.models.config import ModelConfig
 from spillover.plan.formats import WeightScheme
 from spillover.plan.inventory import EMBEDDINGS, LM_HEAD, ROUTED_EXPERTS, Inventory
 from spillover.plan.speed import Prediction, Traffic, predict

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from spillover.catalog import CONFIGS, UnknownModelError, lookup
-from spillover.models.config import ModelConfig
+from spillover.config import ModelConfig
 from spillover.plan.formats import WeightScheme, checkpoint_scheme
 from spillover.plan.inventory import (
     SAFETENSORS_DTYPE_BYTES,

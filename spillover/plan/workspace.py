@@ -7,7 +7,7 @@ The GPU benchmark (bench/plan_vs_measured.py) measures it.
 
 from __future__ import annotations
 
-from spillover.models.config import ModelConfig
+from spillover.config import ModelConfig
 
 FP32 = 4
 

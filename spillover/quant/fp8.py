@@ -79,13 +79,13 @@ class Fp8BlockWeight:
         return dequant_fp8_block_ref(w, s, self.block_shape).to(self.act_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from spillover.quant.dispatch import fp8_matmul
+        from spillover.kernels.quant_dispatch import fp8_matmul
 
         y = fp8_matmul(self, x.reshape(-1, x.shape[-1]), None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        from spillover.quant.dispatch import fp8_matmul
+        from spillover.kernels.quant_dispatch import fp8_matmul
 
         return fp8_matmul(self, x, expert_ids)
 

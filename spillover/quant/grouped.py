@@ -5,7 +5,7 @@ expert axis (E = 1 for dense) so that every kernel sees one layout:
   qweight [E, N, K/2] uint8 (int4) | [E, N, K] int8, scales [E, N, K/G], mins [E, N, K/G] | None.
 On CUDA the same codes are held transposed as int32 words ("kn" layout, see `to_layout`), for int4
 experts that take the tensor-core GEMV in that kernel's load order ("tiled", `ref_quant.tile_words`).
-The matmul itself is chosen by `spillover.quant.dispatch.quant_matmul` (Triton on CUDA, torch's
+The matmul itself is chosen by `spillover.kernels.quant_dispatch.quant_matmul` (Triton on CUDA, torch's
 weight-only CPU ops for small batches on the CPU, otherwise the reference).
 """
 
@@ -66,7 +66,7 @@ class GroupedIntWeight:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] for a dense weight."""
         assert not self.stacked, "stacked experts: use forward_experts"
-        from spillover.quant.dispatch import quant_matmul
+        from spillover.kernels.quant_dispatch import quant_matmul
 
         y = quant_matmul(self, x.reshape(-1, self.in_features), None)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -87,7 +87,7 @@ class GroupedIntWeight:
 
         The MoE bank flattens (token, slot) pairs into rows; one call covers every routed expert.
         """
-        from spillover.quant.dispatch import quant_matmul
+        from spillover.kernels.quant_dispatch import quant_matmul
 
         return quant_matmul(self, x, expert_ids)
 
@@ -120,7 +120,7 @@ class GroupedIntWeight:
     def to(self, device: torch.device | str) -> GroupedIntWeight:
         """Move; on CUDA the codes are re-laid out "kn" or "tiled" (what the Triton kernels read, chosen by
         `dispatch.gpu_layout`), on the CPU "nk"."""
-        from spillover.quant.dispatch import gpu_layout
+        from spillover.kernels.quant_dispatch import gpu_layout
 
         mins = self.mins.to(device) if self.mins is not None else None
         moved = type(self)(self.qweight.to(device), self.scales.to(device), mins, group_size=self.group_size,

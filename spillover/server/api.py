@@ -20,7 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import spillover
 from spillover.server.bridge import EngineBridge, EngineDead
 from spillover.server.chat import render_messages
 from spillover.server.grammar import GrammarCompiler
@@ -212,4 +211,10 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
 
 
 def spillover_version() -> str:
-    return str(getattr(spillover, "__version__", "0.1.0"))
+    """The installed package's version (the package root sits above the server's floor)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spillover")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from spillover.engine.outputs import QueueFullError
-from spillover.engine.sampling import SamplingParams
+from spillover.engine.params import SamplingParams
 from spillover.server.bridge import EngineBridge, EngineDead
 from spillover.server.grammar import GrammarCompiler
 from spillover.server.metrics import RequestTimer, ServerMetrics

@@ -30,7 +30,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from spillover.kernels.ref_quant import dequant_fp8_block_ref
 from spillover.quant import pack_weight
-from spillover.quant.apply import QuantPolicy
 from spillover.quant.importers.checkpoint import (
     Entry,
     detect_quantization,
@@ -43,6 +42,7 @@ from spillover.quant.importers.fp8_block import import_fp8_block
 from spillover.quant.importers.gguf import import_gguf
 from spillover.quant.importers.source import Source, SourceTensor
 from spillover.weights.convert_stream import ShardFinisher, Streamer, mark_done
+from spillover.weights.quantize import QuantPolicy
 from spillover.weights.store import (
     MANIFEST,
     STORE_VERSION,

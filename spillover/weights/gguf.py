@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spillover.models.config import ModelConfig
+from spillover.config import ModelConfig
 from spillover.weights.loader import WeightLoadError
 from spillover.weights.names import GGUF_IGNORED, gguf_to_hf
 

@@ -10,7 +10,7 @@ on the target device when its first float tensor arrives, so peak RAM is what th
 holding plus the tensor in flight, never a float copy of packed weights.
 
 A source may also yield a packed weight format (spillover.quant: native GGUF blocks, a converted
-store, a tensor quantized on the fly by spillover.quant.stream) instead of a tensor. Packed parts of
+store, a tensor quantized on the fly by spillover.weights.quantize_stream) instead of a tensor. Packed parts of
 one `Linear` or expert bank are collected and, as soon as all arrived, concatenated along the output
 rows (merged q|k|v, gate|up) and the expert axis, then installed with `set_format` / `w13_fmt`; such
 a parameter never gets a float tensor. Parts whose layouts differ are dequantized into the dense
@@ -43,7 +43,7 @@ class WeightLoadError(ValueError):
     pass
 
 
-# gate_up_proj per expert: one expert's merged rows (what spillover.quant.stream yields for block formats)
+# gate_up_proj per expert: one expert's merged rows (what spillover.weights.quantize_stream yields for block formats)
 _EXPERT = re.compile(
     r"^(?P<p>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_up_proj|gate_proj|up_proj|down_proj)\.weight$")
 _STACKED_EXPERT = re.compile(r"^(?P<p>.*\.mlp\.experts)\.(?P<w>gate_up_proj|gate_proj|up_proj|down_proj)$")

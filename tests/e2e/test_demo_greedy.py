@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spillover import LLM, SamplingParams
-from spillover.models.registry import demo_model_path
+from spillover.weights.resolve import demo_model_path
 
 PROMPTS = [
     "What is the capital of France?",

@@ -51,7 +51,7 @@ def demo() -> LLM:
 
 def make_engine(llm: LLM, **kw: object) -> Engine:
     """A fresh engine over the LLM's model (own caches, own counters)."""
-    return Engine.from_llm(llm, EngineConfig(**kw))  # type: ignore[arg-type]
+    return llm.make_engine(EngineConfig(**kw))  # type: ignore[arg-type]
 
 
 def run_all(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

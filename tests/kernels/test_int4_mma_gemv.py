@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
 
+from spillover.kernels.quant_dispatch import int4_mma_fits  # noqa: E402
 from spillover.kernels.ref_quant import quant_matmul_kn_ref  # noqa: E402
 from spillover.kernels.triton.int4_mma_gemv import (  # noqa: E402
     MmaConfig,
@@ -25,7 +26,6 @@ from spillover.kernels.triton.int4_mma_gemv import (  # noqa: E402
     unsupported,
 )
 from spillover.quant import Int4Weight  # noqa: E402
-from spillover.quant.dispatch import int4_mma_fits  # noqa: E402
 
 HAS_MMA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
@@ -110,7 +110,7 @@ def test_dispatch_rule() -> None:
 def test_dispatcher_sends_experts_to_it(n: int, k: int, sym: bool) -> None:
     """The integrated path: a stacked g128 int4 bank moved to Hopper holds tiled words; 10 rows of picked
     experts take the tensor-core GEMV, 1400 rows (past SYNC_FREE_ROWS: counted) the grouped GEMM."""
-    from spillover.quant.dispatch import SYNC_FREE_ROWS, busiest_expert_rows, choose_kernel
+    from spillover.kernels.quant_dispatch import SYNC_FREE_ROWS, busiest_expert_rows, choose_kernel
 
     w = torch.randn(16, n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
     fmt = Int4Weight.pack(w, 128, sym, act_dtype=torch.bfloat16).to("cuda")

@@ -341,7 +341,7 @@ def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> No
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
     fmt = Int4Weight.pack(w, 32, True, act_dtype=torch.float32).to(DEVICE)
     x = torch.randn(2, 128, device=DEVICE)
-    from spillover.quant.dispatch import choose_kernel
+    from spillover.kernels.quant_dispatch import choose_kernel
 
     assert choose_kernel(fmt, x.device, 2)[0] == "triton_gemv"
     torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
@@ -364,7 +364,7 @@ def test_layout_round_trip_and_cuda_move() -> None:
 def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     if DEVICE == "cpu":
         monkeypatch.setenv("SPILLOVER_QUANT_KERNEL", "triton")
-    from spillover.quant.dispatch import choose_fp8_kernel
+    from spillover.kernels.quant_dispatch import choose_fp8_kernel
 
     fmt = Fp8BlockWeight.pack(torch.randn(2, 64, 128), act_dtype=torch.float32).to(DEVICE)
     assert choose_fp8_kernel(fmt, torch.device(DEVICE), 3)[0] == "triton_fp8_gemv"
@@ -382,8 +382,8 @@ def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -
 def test_dense_weights_with_many_rows_dequantize_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA a dense weight past GEMV_MAX_ROWS rows goes to bf16 + cuBLAS, unless its bf16 copy would pass
     DEQUANT_MAX_BYTES; routed experts keep the grouped GEMM at any row count (plain Python: no GPU needed)."""
-    from spillover.quant import dispatch
-    from spillover.quant.dispatch import GEMV_MAX_ROWS, choose_fp8_kernel, choose_kernel
+    from spillover.kernels import quant_dispatch as dispatch
+    from spillover.kernels.quant_dispatch import GEMV_MAX_ROWS, choose_fp8_kernel, choose_kernel
 
     cuda = torch.device("cuda")
     dense = Int4Weight.pack(torch.randn(64, 256), 128, False)
@@ -403,7 +403,7 @@ def test_dense_weights_with_many_rows_dequantize_once(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("kind", ["int4", "int8", "fp8"])
 def test_dense_many_rows_on_cuda_match_reference(kind: str) -> None:
     """GEMV rows, then bf16 + cuBLAS rows, through the format's forward with bf16 x."""
-    from spillover.quant.dispatch import GEMV_MAX_ROWS
+    from spillover.kernels.quant_dispatch import GEMV_MAX_ROWS
 
     w = torch.randn(96, 512, generator=torch.Generator().manual_seed(5)) * 0.05
     fmt = (Fp8BlockWeight.pack(w) if kind == "fp8" else Int4Weight.pack(w, 128, False) if kind == "int4"

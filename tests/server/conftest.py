@@ -53,7 +53,7 @@ class Served:
 def real_server() -> Iterator[Served]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    cmd = [sys.executable, "-m", "spillover.cli", "serve", "--port", str(port), "--device", "cpu",
+    cmd = [sys.executable, "-m", "spillover.cli.main", "serve", "--port", str(port), "--device", "cpu",
            "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"

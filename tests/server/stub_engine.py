@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from spillover.engine.outputs import EngineStats, QueueFullError, TokenEvent
-from spillover.engine.sampling import SamplingParams
+from spillover.engine.params import SamplingParams
 
 END = "<|im_end|>"
 

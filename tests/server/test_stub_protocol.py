@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from spillover.models.registry import load_tokenizer, resolve_model
 from spillover.server.api import create_app
 from spillover.server.serving import ServerState
+from spillover.weights.resolve import load_tokenizer, resolve_model
 from tests.server.conftest import Served, ThreadServer
 from tests.server.stub_engine import ScriptedEngine
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spillover.catalog import CONFIGS, UnknownModelError, get_config, lookup
-from spillover.models.config import ModelConfig
+from spillover.config import ModelConfig
 from spillover.plan.inventory import inventory_from_config
 
 # Parameter counts published on each model's hub page (safetensors "Model size"); they check that

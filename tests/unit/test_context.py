@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spillover.layers.context import ForwardContext
+from spillover.kernels.context import ForwardContext
 
 
 def test_linear_meta_built_once() -> None:

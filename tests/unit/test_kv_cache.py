@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from spillover.engine.batch import BlockCopy
 from spillover.engine.kv_cache import BlockManager, extend_block_hashes
+from spillover.engine.params import SamplingParams
 from spillover.engine.request import Request
-from spillover.engine.sampling import SamplingParams
 
 
 def req(rid: str, prompt: list[int]) -> Request:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from spillover.models.config import UnsupportedArchitectureError
-from spillover.models.registry import demo_model_path, load_config, load_model, resolve_model
+from spillover.config import UnsupportedArchitectureError
 from spillover.weights.loader import WeightLoadError
+from spillover.weights.resolve import demo_model_path, load_config, load_model, resolve_model
 from tests.models.tiny import save_hf
 
 
@@ -102,7 +102,7 @@ def test_truncated_gguf_names_file(tmp_path: Path) -> None:
 
 
 def test_cli_reports_errors_without_traceback() -> None:
-    proc = subprocess.run([sys.executable, "-m", "spillover.cli", "generate", "/no/such/model", "--prompt", "hi"],
+    proc = subprocess.run([sys.executable, "-m", "spillover.cli.main", "generate", "/no/such/model", "--prompt", "hi"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error: model not found: /no/such/model" in proc.stderr

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from spillover.config import ModelConfig
 from spillover.hw.info import nominal_hardware
-from spillover.models.config import ModelConfig
 from spillover.plan.formats import scheme_for
 from spillover.plan.inventory import inventory_from_config
 from spillover.plan.measure import allocate_from_plan, compare_peaks, measured_bytes_by_component

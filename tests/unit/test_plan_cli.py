@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spillover.cli_plan import main
+from spillover.cli.plan import main
 
 HW = ["--gpu", "rtx5090", "--ram", "60GB", "--disk", "1.9TB", "--ram-bw", "80GB/s", "--disk-bw", "3GB/s"]
 KEYS = {
@@ -97,7 +97,7 @@ def test_local_folder_is_read_from_config_and_headers(tmp_path: Path, capsys: py
     from safetensors.torch import save_file
 
     from spillover.catalog import CONFIGS
-    from spillover.models.config import ModelConfig
+    from spillover.config import ModelConfig
     from spillover.plan.inventory import inventory_from_config
 
     raw = dict(CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"], num_hidden_layers=2, vocab_size=64)
@@ -114,7 +114,7 @@ def test_local_folder_is_read_from_config_and_headers(tmp_path: Path, capsys: py
 
 def _quantized_folder(tmp_path: Path, qcfg: dict) -> tuple[Path, object]:  # type: ignore[type-arg]
     from spillover.catalog import CONFIGS
-    from spillover.models.config import ModelConfig
+    from spillover.config import ModelConfig
     from spillover.plan.inventory import inventory_from_config
 
     raw = dict(CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"], num_hidden_layers=2, vocab_size=64,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from spillover.catalog import CONFIGS
+from spillover.config import ModelConfig
 from spillover.hw.info import GiB, nominal_hardware, with_overrides
-from spillover.models.config import ModelConfig
 from spillover.plan.advice import make_plan
 from spillover.plan.formats import BF16, FP8, INT4, INT4_ZP, INT8, WeightScheme, scheme_for
 from spillover.plan.inventory import COMPONENTS, inventory_from_config

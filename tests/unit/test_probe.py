@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spillover.cli_plan import main
+from spillover.cli.plan import main
 from spillover.hw.gpus import GPUS, UnknownGpuError, find_gpu, match_gpu_name, pcie_bandwidth
 from spillover.hw.info import GiB, nominal_hardware, parse_bytes, parse_rate, with_overrides
 from spillover.hw.probe import apply_measurements, load_measurements, measure_links, probe, probe_gpus

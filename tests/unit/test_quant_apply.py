@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spillover.layers.linear import Linear
-from spillover.quant.apply import QuantPolicy, quantize_model
+from spillover.weights.quantize import QuantPolicy, quantize_model
 
 H, I, E, V, TOPK = 64, 32, 4, 100, 2
 

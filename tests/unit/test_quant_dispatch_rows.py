@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spillover.quant.dispatch import GEMV_MAX_ROWS, SYNC_FREE_ROWS, busiest_expert_rows
+from spillover.kernels.quant_dispatch import GEMV_MAX_ROWS, SYNC_FREE_ROWS, busiest_expert_rows
 
 
 def test_cpu_counts_the_busiest_expert() -> None:

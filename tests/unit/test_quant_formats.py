@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spillover.kernels.quant_dispatch import choose_kernel
 from spillover.kernels.ref_quant import dequant_int_ref, quant_matmul_ref
 from spillover.quant import Bf16Weight, Fp8BlockWeight, Int4Weight, Int8Weight, format_from_tensors
-from spillover.quant.dispatch import choose_kernel
 from spillover.quant.packing import pack_int4, unpack_int4
 
 F32 = torch.float32

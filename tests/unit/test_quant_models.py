@@ -28,9 +28,9 @@ import torch
 from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
-from spillover.models.registry import load_config, load_model, resolve_model
 from spillover.offload.bank import ResidentExpertBank
-from spillover.quant.load import quantize_for_load
+from spillover.weights.build import quantize_for_load
+from spillover.weights.resolve import load_config, load_model, resolve_model
 from tests.models.tiny import CONFIGS, save_hf
 
 CPU = torch.device("cpu")

@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 import torch
 
+from spillover.config import ModelConfig
 from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
-from spillover.models.config import ModelConfig
-from spillover.models.registry import build_model, load_config, resolve_model
 from spillover.offload.bank import ResidentExpertBank
 from spillover.quant.grouped import GroupedIntWeight
-from spillover.quant.load import iter_store, load_for_llm, load_from_store
+from spillover.weights.build import iter_store, load_for_llm, load_from_store
 from spillover.weights.gguf import iter_gguf, open_gguf
 from spillover.weights.loader import load_weights
+from spillover.weights.resolve import build_model, load_config, resolve_model
 from tests.models.tiny import save_hf
 
 CPU = torch.device("cpu")

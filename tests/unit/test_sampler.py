@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from spillover.engine.params import SamplingParams
 from spillover.engine.request import Request
 from spillover.engine.sampler import (
     Sampler,
@@ -13,7 +14,6 @@ from spillover.engine.sampler import (
     apply_top_k_top_p,
     prompt_logprobs,
 )
-from spillover.engine.sampling import SamplingParams
 
 V = 32
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from spillover.engine.batch import StepPlan
+from spillover.engine.params import SamplingParams
 from spillover.engine.request import Request, RequestStatus
-from spillover.engine.sampling import SamplingParams
 from spillover.engine.scheduler import RequestDelta, Scheduler, SchedulerConfig
 
 VOCAB = 50

@@ -4,8 +4,8 @@ import pytest
 
 from spillover.engine.batch import BlockCopy, SlotCopy
 from spillover.engine.kv_cache import BlockManager
+from spillover.engine.params import SamplingParams
 from spillover.engine.request import Request
-from spillover.engine.sampling import SamplingParams
 from spillover.engine.state_cache import PromptStateCache, StateSlotPool
 
 

@@ -22,11 +22,11 @@ import spillover.weights.loader as loader_mod
 from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
-from spillover.models.registry import META, ModelSource, build_model, load_config, load_model, resolve_model
 from spillover.offload.bank import ResidentExpertBank
-from spillover.quant.load import load_for_llm, load_policy, quantize_for_load
-from spillover.quant.stream import StreamQuantizer
+from spillover.weights.build import load_for_llm, load_policy, quantize_for_load
 from spillover.weights.loader import WeightLoadError, iter_safetensors
+from spillover.weights.quantize_stream import StreamQuantizer
+from spillover.weights.resolve import META, ModelSource, build_model, load_config, load_model, resolve_model
 from tests.models.tiny import CONFIGS, save_hf
 
 CPU = torch.device("cpu")
@@ -196,7 +196,7 @@ def test_bad_tensor_is_named_on_the_streaming_path(folders: dict[str, Path], tmp
 
 def test_store_targets_never_get_a_float_tensor(tmp_path: Path, allocated: list[str]) -> None:
     """A converted store (per-expert int4 parts, q|k|v and gate|up parts) on the meta-built model."""
-    from spillover.quant.load import load_from_store
+    from spillover.weights.build import load_from_store
     from spillover.weights.convert import convert
 
     save_hf("qwen3_moe-norm", tmp_path / "hf")
@@ -210,7 +210,7 @@ def test_store_targets_never_get_a_float_tensor(tmp_path: Path, allocated: list[
 def test_formats_move_with_or_without_their_own_to() -> None:
     """move_model's path for every format (meta stands in for CUDA on this CPU-only box)."""
     from spillover.quant import pack_weight
-    from spillover.quant.load import format_to
+    from spillover.weights.build import format_to
 
     w = torch.randn(4, 256, 128)
     for quant in ("int4", "int8", "fp8_block", "bf16"):
@@ -223,7 +223,7 @@ def test_formats_move_with_or_without_their_own_to() -> None:
 def test_parts_in_gpu_layout_are_merged_in_storage_layout(folders: dict[str, Path],
                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
     """Parts already laid out for the GPU kernels ("kn") merge like storage-layout ones."""
-    from spillover.quant.load import load_items
+    from spillover.weights.build import load_items
 
     src = _source(folders, "qwen3_moe-norm", tmp_path_factory)
     cfg = load_config(src)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spillover.kernels import quant_dispatch as dispatch
 from spillover.kernels.ref_quant import quant_matmul_kn_ref, tile_words, tiled_word_offset, untile_words
-from spillover.quant import Int4Weight, Int8Weight, dispatch
+from spillover.quant import Int4Weight, Int8Weight
 
 
 def _int4(e: int | None, n: int, k: int, sym: bool = False, act: torch.dtype = torch.bfloat16) -> Int4Weight:

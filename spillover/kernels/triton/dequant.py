@@ -10,7 +10,7 @@ kernel reads the packed bytes and writes the bf16 weight in one pass.
 BN x BK block). One kernel reads both through word and scale strides, like `quant_gemm`: a program
 decodes a [BLOCK_N, BLOCK_W] tile of words (codes as in the GEMV, `_codes`) and writes its
 [BLOCK_N, BLOCK_W * VALS] outputs as contiguous rows. This module imports triton at the top: import it
-only through spillover.quant.dispatch.
+only through spillover.kernels.quant_dispatch.
 """
 
 from __future__ import annotations

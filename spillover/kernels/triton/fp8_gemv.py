@@ -4,7 +4,7 @@ Words [E, N, K/4] (four FP8 codes each), float32 block scales [E, ceil(N/B), K/B
 accumulates a [BLOCK_N, BLOCK_K/4] tile over its K range and reduces once at the end. Codes,
 split-K finish and workspace are shared with the int GEMV (`quant_gemv.py`); the kn layout
 measured no faster for FP8. This module imports triton at the top: import it only through
-spillover.quant.dispatch.
+spillover.kernels.quant_dispatch.
 """
 
 from __future__ import annotations

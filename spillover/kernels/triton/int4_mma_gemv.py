@@ -8,7 +8,7 @@ quantization group from a per-group sum of x. Measured (bench/int4_mma_gemv.py, 
 GEMV on tensor cores" and "int4 GEMV: runs of word rows, register caps"): faster than the CUDA-core
 GEMV for int4 experts at Qwen3-Next's MoE shapes on Hopper (asymmetric w13 1024x2048: +14-16 %, w2 2048x512: +4-7 %;
 symmetric w13 with `default_mma_config`'s register cap: +16-20 %), slower for dense 4096x4096, so
-`spillover.quant.dispatch` uses it only for g128 experts at those K, on sm_90. There the experts' words
+`spillover.kernels.quant_dispatch` uses it only for g128 experts at those K, on sm_90. There the experts' words
 are held tiled (`ref_quant.tile_words`, `tiled=True`): each warp step loads 256 contiguous bytes instead
 of four 64-byte pieces 4 N bytes apart, which cut MoE w13 from 6.41 to 5.76 us on an H100 (BENCHMARKS.md
 "tiled word layout"). The kn layout stays supported (tests, the bench, other callers).
@@ -24,7 +24,7 @@ codes of word row 4 s + t of its warp's K range (32 word rows = 256 codes per wa
 [threads, 2] so that Triton has one layout without replication (a 4D [w, g, t, v] tile gets a thread
 order that changes between Triton versions); a guard turns the output into NaN if a thread's hardware
 id is not the row it was given. Inline PTX does not run in the Triton interpreter: GPU tests only.
-This module imports triton at the top: import it only through spillover.quant.dispatch.
+This module imports triton at the top: import it only through spillover.kernels.quant_dispatch.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ At batch 1 a GEMV of these sizes is bound by instruction issue and by its fixed 
   then wait (`gdc_wait`) before reading x or expert ids; with expert ids nothing is loaded early.
   In a chain of decode GEMVs this hides most of each call's ramp-up and tail.
 bench/quant_gemv.py measures them (and sweeps the configs `default_config` was fitted to).
-This module imports triton at the top: import it only through spillover.quant.dispatch.
+This module imports triton at the top: import it only through spillover.kernels.quant_dispatch.
 """
 
 from __future__ import annotations

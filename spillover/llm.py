@@ -11,9 +11,9 @@ import torch
 
 from spillover.engine.engine import Engine, EngineConfig
 from spillover.engine.outputs import TokenEvent
+from spillover.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
-from spillover.engine.sampling import CompletionOutput, RequestOutput, SamplingParams
-from spillover.models.registry import load_config, load_tokenizer, resolve_model
+from spillover.weights.resolve import load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger("spillover.llm")
 
@@ -55,7 +55,7 @@ class LLM:
         quant: str | None = None,
         quant_group_size: int = 128,
     ) -> None:
-        from spillover.quant.load import load_for_llm
+        from spillover.weights.build import load_for_llm
 
         self.source = resolve_model(model)
         self.config = load_config(self.source)
@@ -106,11 +106,17 @@ class LLM:
             return False
 
     # ---- engine ------------------------------------------------------------------------------
+    def make_engine(self, config: EngineConfig | None = None) -> Engine:
+        """A new Engine over this model (the server's engine thread owns one)."""
+        tokenizer = self.tokenizer if self._has_tokenizer() else None
+        return Engine(self.model, self.config, tokenizer, self.device, self.dtype,
+                      config or self.engine_config)
+
     @property
     def engine(self) -> Engine:
         """The batching engine (built on first use: it allocates the KV cache and state slots)."""
         if self._engine is None:
-            self._engine = Engine.from_llm(self, self.engine_config)
+            self._engine = self.make_engine(self.engine_config)
         return self._engine
 
     def _runner_for(self, max_tokens: int) -> ModelRunner:

@@ -1,4 +1,4 @@
-"""`spillover plan` and `spillover probe`: argparse sub-commands wired into spillover/cli.py.
+"""`spillover plan` and `spillover probe`: argparse sub-commands wired into spillover/cli/main.py.
 
 add_plan_parsers(subparsers)   # each parser sets `func` to its handler: handler(args) -> exit code
 """
@@ -167,7 +167,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry for these two commands: python -m spillover.cli_plan plan qwen3-8b --gpu 4090."""
+    """Stand-alone entry for these two commands: python -m spillover.cli.plan plan qwen3-8b --gpu 4090."""
     parser = argparse.ArgumentParser(prog="spillover")
     add_plan_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -100,7 +100,7 @@ def is_expert_bank(module: nn.Module) -> bool:
 
 def policy_record(model: nn.Module, policy: QuantPolicy, packed: dict[str, str]) -> dict[str, str]:
     """The record `quantize_model` returns, for a model whose formats were installed while loading
-    (spillover.quant.stream): `packed` holds "format (reason)" for what was packed, the rest is read
+    (spillover.weights.quantize_stream): `packed` holds "format (reason)" for what was packed, the rest is read
     off the policy and the model, in the same module order."""
     record: dict[str, str] = {}
     for name, module in model.named_modules():

@@ -43,15 +43,15 @@ def served_name(model: str | None, override: str | None) -> str:
 
 def make_loader(args: argparse.Namespace) -> Any:
     def load() -> Any:
-        from spillover import LLM
-        from spillover.engine.engine import Engine, EngineConfig
+        from spillover.engine.engine import EngineConfig
+        from spillover.llm import LLM
 
         llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                   quant=args.quant)
         config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
                               max_model_len=args.max_model_len, max_queue_len=args.max_queue_len)
-        engine = Engine.from_llm(llm, config)
+        engine = llm.make_engine(config)
         engine.tokenizer  # noqa: B018 - load the tokenizer now, not on the first request
         return engine
 

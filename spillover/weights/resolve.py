@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from spillover.config import ModelConfig
 from spillover.models.causal_lm import CausalLM
-from spillover.models.config import ModelConfig
 from spillover.weights.loader import WeightItem, iter_safetensors, load_weights
 
 log = logging.getLogger("spillover.models")

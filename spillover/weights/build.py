@@ -1,7 +1,7 @@
 """Model-side entry points of the quant package: quantize a loaded model, or load a converted store.
 
 `load_for_llm` is what `LLM(quant=...)` calls: it maps the user-facing choice (none | int8 | int4 |
-fp8) onto a `QuantPolicy` (`load_policy`) and quantizes while loading (spillover.quant.stream: each
+fp8) onto a `QuantPolicy` (`load_policy`) and quantizes while loading (spillover.weights.quantize_stream: each
 float tensor packed as it arrives, the float model never held). `quantize_for_load(model, quant)`
 quantizes an already loaded float model in place with the same policy, through `quantize_model`
 (linears via `Linear.set_format`, MoE experts via the bank's `w13_fmt` / `w2_fmt`): the reference.
@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from spillover.config import ModelConfig
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
-from spillover.models.config import ModelConfig
-from spillover.quant.apply import QuantPolicy, quantize_model
+from spillover.weights.quantize import QuantPolicy, quantize_model
 
 if TYPE_CHECKING:
-    from spillover.models.registry import ModelSource
+    from spillover.weights.resolve import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,11 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
         model = load_items(iter_gguf(source.path, cfg, native=True, act_dtype=dtype), cfg, device, dtype)
         return model, {n: f"{m.fmt.name} (native {source.path.name})" for n, m in model.named_modules()
                        if isinstance(m, Linear) and m.fmt is not None}
-    from spillover.models.registry import iter_source, load_model
+    from spillover.weights.resolve import iter_source, load_model
 
     if quant is None or quant == "none":
         return load_model(source, cfg, device, dtype), {}
-    from spillover.quant.stream import load_quantized
+    from spillover.weights.quantize_stream import load_quantized
 
     # Each float tensor is packed as it arrives (same result as load_model + quantize_for_load,
     # without ever holding the float model).
@@ -162,8 +162,8 @@ def load_items(items: Iterable[tuple[str, Any, str]], cfg: ModelConfig, device: 
     parameters land on `device` directly; formats stay where the source made them (the CPU) and
     `move_model` moves them.
     """
-    from spillover.models.registry import META, build_model
     from spillover.weights.loader import load_weights
+    from spillover.weights.resolve import META, build_model
 
     device = torch.device(device)
     model = build_model(cfg, META, dtype)

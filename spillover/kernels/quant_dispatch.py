@@ -20,17 +20,14 @@ import logging
 import os
 from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING
 
 import torch
 
+from spillover.kernels import cpu_quant as cpu_kernels
 from spillover.kernels import triton_interpreted
+from spillover.kernels.formats import Fp8Weight as Fp8BlockWeight
+from spillover.kernels.formats import IntWeight as GroupedIntWeight
 from spillover.kernels.ref_quant import quant_matmul_ref
-from spillover.quant import cpu_kernels
-from spillover.quant.grouped import GroupedIntWeight
-
-if TYPE_CHECKING:
-    from spillover.quant.fp8 import Fp8BlockWeight
 
 log = logging.getLogger(__name__)
 

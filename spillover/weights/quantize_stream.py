@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from spillover.quant.apply import QuantPolicy, pack_with_policy, policy_record
 from spillover.weights.loader import WeightItem, WeightLoadError, load_weights, packable, param_target, skipped
+from spillover.weights.quantize import QuantPolicy, pack_with_policy, policy_record
 
 if TYPE_CHECKING:
+    from spillover.config import ModelConfig
     from spillover.models.causal_lm import CausalLM
-    from spillover.models.config import ModelConfig
 
 # Formats whose scales span output rows: parts of one matrix are packed together.
 ROW_BLOCKED = frozenset({"fp8_block"})
@@ -129,8 +129,8 @@ def load_quantized(items: Iterable[WeightItem], cfg: ModelConfig, device: torch.
 
     Returns (model, record), the record equal to what `quantize_model` reports for the same policy.
     """
-    from spillover.models.registry import META, build_model
-    from spillover.quant.load import move_model
+    from spillover.weights.build import move_model
+    from spillover.weights.resolve import META, build_model
 
     model = build_model(cfg, META, dtype)
     stream = StreamQuantizer(model, policy, device, cfg.tie_word_embeddings)

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from spillover.models.config import UnsupportedArchitectureError
+from spillover.config import UnsupportedArchitectureError
 from spillover.weights.loader import WeightLoadError
 
 
@@ -30,14 +30,14 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _params(args: argparse.Namespace) -> Any:
-    from spillover import SamplingParams
+    from spillover.engine.params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed)
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from spillover import LLM
+    from spillover.llm import LLM
 
     return LLM(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant)
 
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     # Sub-commands owned by other packages register themselves when present.
-    for module, fn in (("spillover.cli_plan", "add_plan_parsers"), ("spillover.cli_convert", "add_convert_parser"),
-                       ("spillover.server.cli", "add_serve_parser"), ("spillover.cli_bench", "add_bench_parser")):
+    for module, fn in (("spillover.cli.plan", "add_plan_parsers"), ("spillover.cli.convert", "add_convert_parser"),
+                       ("spillover.cli.serve", "add_serve_parser"), ("spillover.cli_bench", "add_bench_parser")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from spillover.quant.grouped import GroupedIntWeight
-from spillover.quant.packing import unpack_int4
+from spillover.kernels.formats import IntWeight as GroupedIntWeight
+from spillover.kernels.ref_quant import unpack_int4
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)
 
