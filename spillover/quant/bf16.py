@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,3 +47,17 @@ class Bf16Weight:
     def from_tensors(cls, parts: dict[str, torch.Tensor], meta: dict[str, Any],
                      act_dtype: torch.dtype = torch.bfloat16) -> Bf16Weight:
         return cls(parts["weight"], stacked=bool(meta.get("stacked", False)))
+
+    # ---- expert subsets (tiered banks: GPU slots, host rows, staging) ---------------------------
+    def take_experts(self, experts: Sequence[int]) -> Bf16Weight:
+        """The stacked weight of `experts` (in that order), same layout and device: a copy."""
+        idx = torch.as_tensor(list(experts), dtype=torch.int64, device=self.weight.device)
+        return type(self)(self.weight[idx], stacked=True)
+
+    def put_experts_(self, slots: Sequence[int], src: Bf16Weight) -> None:
+        """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
+        idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.weight.device)
+        for dst, part in zip((self.weight,), (src.weight,), strict=True):
+            if dst is not None and part is not None:
+                dst[idx] = part
+

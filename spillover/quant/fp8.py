@@ -9,6 +9,7 @@ block); elsewhere, and for prefill, the needed weight is dequantized on the fly 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -115,3 +116,17 @@ class Fp8BlockWeight:
                      act_dtype: torch.dtype = torch.bfloat16) -> Fp8BlockWeight:
         block = int(meta.get("block", 128))
         return cls(parts["weight"], parts["scale"], (int(meta.get("block_n", block)), block), act_dtype)
+
+    # ---- expert subsets (tiered banks: GPU slots, host rows, staging) ---------------------------
+    def take_experts(self, experts: Sequence[int]) -> Fp8BlockWeight:
+        """The stacked weight of `experts` (in that order), same layout and device: a copy."""
+        idx = torch.as_tensor(list(experts), dtype=torch.int64, device=self.weight.device)
+        return type(self)(self.weight[idx], self.scale[idx], self.block_shape, self.act_dtype)
+
+    def put_experts_(self, slots: Sequence[int], src: Fp8BlockWeight) -> None:
+        """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
+        idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.weight.device)
+        for dst, part in zip((self.weight, self.scale), (src.weight, src.scale), strict=True):
+            if dst is not None and part is not None:
+                dst[idx] = part
+

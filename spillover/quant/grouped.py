@@ -11,6 +11,7 @@ weight-only CPU ops for small batches on the CPU, otherwise the reference).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -171,3 +172,18 @@ class GroupedIntWeight:
         shape = [self.num_experts] if self.stacked else []
         return (f"{type(self).__name__}(shape={shape + [self.out_features, self.in_features]}, "
                 f"group={self.group_size}, sym={self.symmetric})")
+
+    # ---- expert subsets (tiered banks: GPU slots, host rows, staging) ---------------------------
+    def take_experts(self, experts: Sequence[int]) -> GroupedIntWeight:
+        """The stacked weight of `experts` (in that order), same layout and device: a copy."""
+        idx = torch.as_tensor(list(experts), dtype=torch.int64, device=self.qweight.device)
+        return self._relaid(self.qweight[idx], self.scales[idx],
+                           self.mins[idx] if self.mins is not None else None, self.layout)
+
+    def put_experts_(self, slots: Sequence[int], src: GroupedIntWeight) -> None:
+        """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
+        idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.qweight.device)
+        for dst, part in zip((self.qweight, self.scales, self.mins), (src.qweight, src.scales, src.mins), strict=True):
+            if dst is not None and part is not None:
+                dst[idx] = part
+
