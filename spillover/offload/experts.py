@@ -1,0 +1,47 @@
+"""The expert math, written once: every bank (resident, tiered slots, host RAM, staging) and every
+format computes routed experts through `grouped_experts`.
+
+Each (token, k) pair is one row; rows are sorted by expert so that a format's grouped kernel sees
+each expert's rows contiguous, and each projection is one `forward_experts` call. Nothing here
+reads a device tensor back to the host: the choice between GEMV and GEMM is the format's
+(`spillover.kernels`), which answers decode-sized batches without counting rows per expert.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class StackedExperts(Protocol):
+    """A stacked weight format as the expert math sees it (`spillover.quant.WeightFormat`)."""
+
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def grouped_experts(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: StackedExperts,
+    w2: StackedExperts,
+) -> torch.Tensor:
+    """sum_k weights[t, k] * SwiGLU_{expert_ids[t, k]}(hidden[t]) -> [T, H] in hidden's dtype.
+
+    `expert_ids` index the stacks `w13` [E, 2I, H] (gate rows, then up rows) and `w2` [E, H, I]:
+    a bank that holds a subset of the experts (GPU slots, a staging buffer) passes its own indices.
+    A row whose weight is 0 contributes nothing, which lets a bank mask rows without a sync.
+    """
+    k = expert_ids.shape[1]
+    flat = expert_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    ids = flat[order]
+    token_of = order // k
+    gate, up = w13.forward_experts(hidden[token_of], ids).chunk(2, dim=-1)
+    y = w2.forward_experts(F.silu(gate) * up, ids)
+    y = y * weights.flatten()[order, None].to(y.dtype)
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, token_of, y.to(out.dtype))
+    return out

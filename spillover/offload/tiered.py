@@ -1,0 +1,273 @@
+"""TieredExpertBank: one MoE layer's experts over three tiers, behind the ExpertBank protocol.
+
+- GPU slots: `num_slots` experts stacked in one format on the compute device, in the kernels'
+  layout; hits run through `grouped_experts` with expert ids mapped to slots by a device table
+  (a miss maps to slot 0 with weight 0, so the hit pass has static shapes and no sync).
+- Host RAM: experts with a (pinned) copy in RAM, stacked in one format in the storage layout;
+  a miss there is computed by the CPU or copied into a slot.
+- Disk: the rest, read from the store when routed (`ExpertSource`).
+
+The bank asks the host once per layer which experts were routed (the one sync of a tiered
+layer; a layer whose experts all sit in slots never needs it: see `all_resident`). Which miss
+goes where is `MissRouter`'s decision; which expert keeps a slot is the residency policy's.
+The function computed equals the resident bank's: tests hold the two equal, tier by tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from spillover.offload.experts import grouped_experts
+from spillover.offload.residency import LayerResidency, NoSlotError, Tier
+
+log = logging.getLogger("spillover.offload")
+
+
+class TierFormat(Protocol):
+    """What the tiers need of a stacked format (`spillover.quant.WeightFormat`)."""
+
+    num_experts: int
+
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def to(self, device: torch.device | str) -> Any: ...
+
+    def take_experts(self, experts: Sequence[int]) -> Any: ...
+
+    def put_experts_(self, slots: Sequence[int], src: Any) -> None: ...
+
+
+class ExpertSource(Protocol):
+    """Experts read from the store on disk: (w13, w2) stacked formats of `experts`, in order."""
+
+    def load(self, layer: int, experts: Sequence[int]) -> tuple[Any, Any]: ...
+
+
+@dataclass
+class MissRouter:
+    """Where a step's misses run.
+
+    - "stream": more routed rows than `stream_rows` (prefill): every non-resident expert of the
+      layer goes to the device in one staging copy and runs there (layerwise prefill).
+    - "copy": a miss the policy admits is copied into a slot and runs with the hits.
+    - "cpu": a miss in host RAM runs on the CPU beside the device's work on the hits.
+    `mode` "auto" admits what the policy admits and computes the rest on the CPU; "copy" and
+    "cpu" force one path (tests, A/B runs).
+    """
+
+    mode: str = "auto"
+    stream_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "copy", "cpu"):
+            raise ValueError(f"miss mode {self.mode!r}: expected auto, copy or cpu")
+
+
+@dataclass
+class TierStats:
+    """Per-layer timings and bytes, read by the bench's report of where decode time goes."""
+
+    steps: int = 0
+    copied_experts: int = 0
+    cpu_experts: int = 0
+    streamed_experts: int = 0
+    disk_experts: int = 0
+    copy_bytes: int = 0
+    copy_s: float = 0.0
+    cpu_s: float = 0.0
+    disk_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class TieredExpertBank(nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        residency: LayerResidency,
+        slots: tuple[Any, Any] | None,
+        host: tuple[Any, Any] | None,
+        host_experts: Sequence[int],
+        source: ExpertSource | None,
+        device: torch.device,
+        router: MissRouter | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = residency.num_experts
+        self.residency = residency
+        self.slots = slots  # (w13, w2) with residency.num_slots experts on `device`
+        self.host = host  # (w13, w2) of `host_experts`, in RAM
+        self.host_row = {e: i for i, e in enumerate(host_experts)}
+        self.source = source
+        self.device = device
+        self.router = router or MissRouter()
+        self.tier_stats = TierStats()
+        table = torch.tensor(residency.slot_table(), dtype=torch.int64)
+        self.slot_map: torch.Tensor
+        self.register_buffer("slot_map", table.to(device), persistent=False)
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def all_resident(self) -> bool:
+        """Every expert has a slot: the layer needs no host decision (a CUDA graph keeps it)."""
+        return self.residency.num_slots == self.num_experts
+
+    # ---- the ExpertBank protocol --------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.all_resident:
+            assert self.slots is not None
+            return grouped_experts(hidden, self.slot_map[topk_ids], topk_weights, *self.slots)
+        self.tier_stats.steps += 1
+        ids_host = topk_ids.to("cpu")  # the tiered layer's one sync: misses are the host's call
+        hits, misses = self.residency.lookup(ids_host.flatten().tolist())
+        streamed: list[int] = []
+        on_cpu: list[int] = []
+        if misses and topk_ids.numel() > self.router.stream_rows:
+            streamed = misses
+        else:
+            on_cpu = self._admit(misses, set(hits))
+        out = self._slot_pass(hidden, topk_ids, topk_weights) if self.slots else None
+        if streamed:
+            part = self._stream_pass(hidden, topk_ids, topk_weights, ids_host, streamed)
+            out = part if out is None else out + part
+        if on_cpu:
+            part = self._cpu_pass(hidden, ids_host, topk_weights, on_cpu)
+            out = part if out is None else out + part
+        return out if out is not None else torch.zeros_like(hidden)
+
+    # ---- hits --------------------------------------------------------------------------------
+    def _slot_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> torch.Tensor:
+        assert self.slots is not None
+        slot = self.slot_map[topk_ids]
+        resident = slot >= 0
+        weights = torch.where(resident, topk_weights, torch.zeros_like(topk_weights))
+        return grouped_experts(hidden, slot.clamp(min=0), weights, *self.slots)
+
+    # ---- misses ------------------------------------------------------------------------------
+    def _admit(self, misses: list[int], protect: set[int]) -> list[int]:
+        """Copy the misses the router and policy admit into slots; returns those left for the
+        CPU. Experts this step reads from slots (`protect`, growing as misses are admitted) are
+        never evicted. A disk expert that is not admitted is read into RAM for this step only."""
+        if not misses:
+            return []
+        mode = self.router.mode
+        admitted: list[tuple[int, int]] = []
+        left: list[int] = []
+        for e in misses:
+            want = mode == "copy" or (mode == "auto" and self.residency.should_admit(e, protect))
+            if want and self.slots is not None and self.residency.num_slots:
+                try:
+                    slot, _ = self.residency.admit(e, protect)
+                except NoSlotError:
+                    left.append(e)
+                    continue
+                protect.add(e)
+                admitted.append((e, slot))
+            else:
+                left.append(e)
+        if admitted:
+            self._fill_slots(admitted)
+        return left
+
+    def _gather_host(self, experts: Sequence[int]) -> tuple[Any, Any]:
+        """(w13, w2) of `experts` in RAM: host rows, plus a read from disk for the others."""
+        in_ram = [e for e in experts if e in self.host_row]
+        on_disk = [e for e in experts if e not in self.host_row]
+        if not on_disk:
+            assert self.host is not None
+            rows = [self.host_row[e] for e in experts]
+            return self.host[0].take_experts(rows), self.host[1].take_experts(rows)
+        if self.source is None:
+            raise RuntimeError(f"MoE layer {self.layer}: experts {on_disk} are on no tier "
+                               "(no store to read them from)")
+        t0 = time.perf_counter()
+        disk13, disk2 = self.source.load(self.layer, on_disk)
+        self.tier_stats.disk_s += time.perf_counter() - t0
+        self.tier_stats.disk_experts += len(on_disk)
+        if not in_ram:
+            return disk13, disk2
+        # Join RAM rows and disk rows in the order asked: take from a concatenated index space.
+        assert self.host is not None
+        ram13 = self.host[0].take_experts([self.host_row[e] for e in in_ram])
+        ram2 = self.host[1].take_experts([self.host_row[e] for e in in_ram])
+        pos = {e: i for i, e in enumerate(in_ram)}
+        pos.update({e: len(in_ram) + i for i, e in enumerate(on_disk)})
+        order = [pos[e] for e in experts]
+        both13 = type(ram13).concat([ram13, disk13], dim=0)
+        both2 = type(ram2).concat([ram2, disk2], dim=0)
+        return both13.take_experts(order), both2.take_experts(order)
+
+    def _fill_slots(self, admitted: list[tuple[int, int]]) -> None:
+        assert self.slots is not None
+        experts = [e for e, _ in admitted]
+        slots = [s for _, s in admitted]
+        w13, w2 = self._gather_host(experts)
+        t0 = time.perf_counter()
+        stream = self.copy_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                d13, d2 = w13.to(self.device), w2.to(self.device)
+                self.slots[0].put_experts_(slots, d13)
+                self.slots[1].put_experts_(slots, d2)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        else:
+            self.slots[0].put_experts_(slots, w13.to(self.device))
+            self.slots[1].put_experts_(slots, w2.to(self.device))
+        self.tier_stats.copy_s += time.perf_counter() - t0
+        self.tier_stats.copied_experts += len(experts)
+        self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
+        table = torch.tensor(self.residency.slot_table(), dtype=torch.int64)
+        self.slot_map.copy_(table, non_blocking=False)
+
+    def _cpu_pass(self, hidden: torch.Tensor, ids_host: torch.Tensor, topk_weights: torch.Tensor,
+                  experts: list[int]) -> torch.Tensor:
+        """The rows routed to `experts`, computed by the CPU from RAM (or a disk read): the hidden
+        state goes to the host once and the partial sum comes back once."""
+        t0 = time.perf_counter()
+        w13, w2 = self._gather_host(experts)
+        local = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        local[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts))
+        mapped = local[ids_host]
+        rows = (mapped >= 0).any(dim=1).nonzero().squeeze(1)
+        h = hidden.to("cpu")[rows]
+        ids = mapped[rows]
+        w = torch.where(ids >= 0, topk_weights.to("cpu")[rows], 0.0)
+        part = grouped_experts(h, ids.clamp(min=0), w, w13, w2)
+        out = torch.zeros_like(hidden)
+        out[rows.to(hidden.device)] = part.to(hidden.device, non_blocking=True)
+        self.tier_stats.cpu_s += time.perf_counter() - t0
+        self.tier_stats.cpu_experts += len(experts)
+        return out
+
+    def _stream_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, ids_host: torch.Tensor,
+                     experts: list[int]) -> torch.Tensor:
+        """Many rows (prefill): every routed non-resident expert goes to the device in one
+        staging copy and runs there with the device's kernels."""
+        t0 = time.perf_counter()
+        w13, w2 = self._gather_host(experts)
+        d13, d2 = w13.to(self.device), w2.to(self.device)
+        self.tier_stats.copy_s += time.perf_counter() - t0
+        self.tier_stats.streamed_experts += len(experts)
+        self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
+        local = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        local[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts))
+        mapped = local.to(hidden.device)[topk_ids]
+        w = torch.where(mapped >= 0, topk_weights, torch.zeros_like(topk_weights))
+        return grouped_experts(hidden, mapped.clamp(min=0), w, d13, d2)
+
+    def tier_counts(self) -> dict[Tier, int]:
+        counts = dict.fromkeys(Tier, 0)
+        for e in range(self.num_experts):
+            counts[self.residency.tier_of(e)] += 1
+        return counts
