@@ -6,20 +6,25 @@ experts live; tiered (GPU slots + pinned host + disk) banks implement the same p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from spillover.quant import QuantFormat
+    from spillover.quant import QuantFormat, WeightFormat
 
 
 class ExpertBank(Protocol):
     num_experts: int
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        """nn.Module's call (forward hooks, e.g. `spillover profile`'s routing recorder)."""
         ...
 
 
@@ -40,6 +45,8 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
 class ResidentExpertBank(nn.Module):
     """All experts of one layer stacked on one device: w13 [E, 2I, H], w2 [E, H, I]."""
 
+    SLOTS = ("w13", "w2")  # the stacked projections, named as their float parameters
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -49,6 +56,25 @@ class ResidentExpertBank(nn.Module):
         # set, the matching float parameter is released and forward takes the grouped path.
         self.w13_fmt: QuantFormat | None = None
         self.w2_fmt: QuantFormat | None = None
+
+    def install(self, name: str, fmt: WeightFormat, device: torch.device | None = None) -> None:
+        """Hold `fmt` (stacked experts) as projection `name` ("w13" or "w2") and release its float
+        parameter, leaving a 0-element stand-in on `device` (default: where the parameter was; a
+        loader filling a model built on meta passes a real device, so no meta tensor survives)."""
+        if name not in self.SLOTS:
+            raise KeyError(f"an expert bank holds {self.SLOTS}, not {name!r}")
+        param: nn.Parameter = getattr(self, name)
+        shape = (self.num_experts, fmt.out_features, fmt.in_features)
+        if not fmt.stacked or fmt.num_experts != self.num_experts or (
+                param.dim() == 3 and tuple(param.shape) != shape):
+            raise ValueError(f"{name}: a stacked {list(param.shape)} format expected, got {fmt!r}")
+        setattr(self, f"{name}_fmt", fmt)
+        where = param.device if device is None else device
+        setattr(self, name, nn.Parameter(torch.empty(0, device=where), requires_grad=False))
+
+    def formats(self) -> dict[str, WeightFormat | None]:
+        """{"w13": format or None, "w2": ...}: None where the projection is still a float parameter."""
+        return {"w13": self.w13_fmt, "w2": self.w2_fmt}
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.w13_fmt is not None or self.w2_fmt is not None:
@@ -87,3 +113,9 @@ class ResidentExpertBank(nn.Module):
         out = torch.zeros_like(hidden)
         out.index_add_(0, token_of, y.to(out.dtype))
         return out
+
+
+def is_expert_bank(module: nn.Module) -> TypeGuard[ResidentExpertBank]:
+    """Whether loading and quantization fill `module` as an expert bank (through `install`); tiered
+    banks are built afterwards from a filled resident one."""
+    return isinstance(module, ResidentExpertBank)
