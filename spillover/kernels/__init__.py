@@ -1,14 +1,15 @@
-"""The one kernel dispatch point.
+"""The one kernel dispatch point, and the public entry of `spillover.kernels`.
 
-Each op picks an implementation from the tensor's device and what is importable, logs the choice
-and the reason once, and otherwise forwards to it. References live in `ref.py`.
+Every kernel choice is made here or in `quant_dispatch.py` (the quantized matmuls, re-exported
+below): each op resolves its implementation once per shape class from the tensor's device and
+dtype, what is importable and the `SPILLOVER_KERNELS` override, logs it once with its reason
+(`select.choose`), and otherwise forwards to it. `SPILLOVER_KERNELS=ref` sends every op to its
+torch reference (`ref.py`, `ref_quant.py`); `cpu` and `triton` force a quantized-matmul family
+(tests); any other value raises. `chosen()` lists what ran so far.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,69 +17,92 @@ import torch
 
 from spillover.kernels import ref
 from spillover.kernels.context import AttentionCache, ForwardContext
+from spillover.kernels.quant_dispatch import (
+    choose_fp8_kernel,
+    choose_kernel,
+    fp8_matmul,
+    gpu_layout,
+    quant_matmul,
+)
+from spillover.kernels.select import (
+    choices,
+    choose,
+    chosen,
+    force_ref,
+    has_fla,
+    has_triton,
+    kernels_mode,
+    reset,
+    resolve,
+    triton_interpreted,
+)
 
-log = logging.getLogger("spillover.kernels")
-_logged: set[tuple[str, str]] = set()
+__all__ = [
+    "AttentionCache", "ForwardContext",
+    "rms_norm", "paged_attention", "causal_conv1d", "gated_delta_rule",
+    "quant_matmul", "fp8_matmul", "choose_kernel", "choose_fp8_kernel", "gpu_layout",
+    "kernels_mode", "force_ref", "choose", "resolve", "chosen", "choices", "reset",
+    "has_triton", "has_fla", "triton_interpreted",
+]
+
+FORCED = "forced by SPILLOVER_KERNELS=ref"
 
 
-def _force_ref() -> bool:
-    """SPILLOVER_KERNELS=ref forces the torch references everywhere (debugging, A/B checks)."""
-    return os.environ.get("SPILLOVER_KERNELS", "") == "ref"
-
-
-def _choose(op: str, impl: str, reason: str) -> None:
-    if (op, impl) not in _logged:
-        _logged.add((op, impl))
-        log.info("kernel %s -> %s (%s)", op, impl, reason)
-
-
-def has_fla() -> bool:
-    return importlib.util.find_spec("fla") is not None
-
-
-def chosen() -> list[tuple[str, str]]:
-    """Which implementation each op has used so far (for tests and reports)."""
-    return sorted(_logged)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    _choose("rms_norm", "torch", "reference is fused enough by torch for now")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             offset: float = 0.0) -> torch.Tensor:
+    why = "reference is fused enough by torch for now"
+    resolve("rms_norm", x.device.type, lambda: ("torch", FORCED if force_ref() else why))
     return ref.rms_norm(x, weight, eps, offset)
 
 
-def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreted() -> bool:
-    """Triton runs under its CPU interpreter (TRITON_INTERPRET=1: tests): no inline asm there."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _pick_attention(cuda: bool, decode_ready: bool) -> tuple[str, str]:
+    if force_ref():
+        return "torch-sdpa", FORCED
+    if cuda and decode_ready and has_triton():
+        return "triton-decode", "pure-decode step on CUDA, triton importable"
+    if not decode_ready:
+        return "torch-sdpa", "per-sequence SDPA over gathered blocks (not a pure-decode step)"
+    why = "triton not importable" if cuda else "CPU tensors"
+    return "torch-sdpa", f"padded SDPA over gathered blocks (pure decode; {why})"
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext,
+    scale: float,
 ) -> torch.Tensor:
-    decode_ready = ctx.is_pure_decode and ctx.block_tables is not None and ctx.context_lens_tensor is not None
-    if q.is_cuda and decode_ready and not _force_ref() and has_triton():
+    decode_ready = (ctx.is_pure_decode and ctx.block_tables is not None
+                    and ctx.context_lens_tensor is not None)
+    shape_class = f"{q.device.type} {'decode' if decode_ready else 'mixed'}"
+    impl = resolve("paged_attention", shape_class, lambda: _pick_attention(q.is_cuda, decode_ready))
+    if impl == "triton-decode":
         from spillover.kernels.triton.paged_attention import paged_attention_decode
 
         assert ctx.slot_mapping is not None and ctx.block_tables is not None
         assert ctx.context_lens_tensor is not None
-        _choose("paged_attention", "triton-decode", "pure-decode step on CUDA, triton importable")
         ref.write_kv(cache, k, v, ctx.slot_mapping)
-        return paged_attention_decode(q, cache.k, cache.v, ctx.block_tables, ctx.context_lens_tensor, scale)
-    reason = "forced by SPILLOVER_KERNELS=ref" if _force_ref() else (
-        "padded SDPA over gathered blocks (pure decode)" if decode_ready else "per-sequence SDPA over gathered blocks"
-    )
-    _choose("paged_attention", "torch-sdpa", reason)
+        return paged_attention_decode(q, cache.k, cache.v, ctx.block_tables,
+                                      ctx.context_lens_tensor, scale)
     return ref.paged_attention(q, k, v, cache, ctx, scale)
 
 
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, ctx: ForwardContext
 ) -> torch.Tensor:
-    _choose("causal_conv1d", "torch", "depthwise conv1d per sequence")
+    resolve("causal_conv1d", x.device.type,
+            lambda: ("torch", FORCED if force_ref() else "depthwise conv1d per sequence"))
     return ref.causal_conv1d(x, weight, conv_state, ctx)
+
+
+def _pick_gated_delta_rule(cuda: bool, dtype: torch.dtype) -> tuple[str, str]:
+    # fla's chunked form multiplies in TF32 for float32 inputs (an error that
+    # `python scripts/gpu_check.py` shows on tiny random Qwen3-Next): float32 keeps the reference.
+    if force_ref():
+        return "torch-recurrent", FORCED
+    if cuda and has_fla() and dtype != torch.float32:
+        return "fla", "flash-linear-attention importable on CUDA, 16-bit inputs"
+    why = ("float32 inputs: fla would use TF32" if cuda and has_fla() else
+           "fla not importable" if cuda else "CPU tensors")
+    return "torch-recurrent", why
 
 
 def gated_delta_rule(
@@ -90,16 +114,11 @@ def gated_delta_rule(
     ssm_state: torch.Tensor,
     ctx: ForwardContext,
 ) -> torch.Tensor:
-    # fla's chunked form multiplies in TF32 for float32 inputs (rel ~6e-3 on tiny random Qwen3-Next,
-    # measured by scripts/gpu_check.py): float32 models keep full precision on the reference instead.
-    if q.is_cuda and not _force_ref() and has_fla() and q.dtype != torch.float32:
-        _choose("gated_delta_rule", "fla", "flash-linear-attention importable on CUDA, 16-bit inputs")
+    shape_class = f"{q.device.type} {str(q.dtype).removeprefix('torch.')}"
+    impl = resolve("gated_delta_rule", shape_class,
+                   lambda: _pick_gated_delta_rule(q.is_cuda, q.dtype))
+    if impl == "fla":
         return _fla_gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
-    reason = "forced by SPILLOVER_KERNELS=ref" if _force_ref() else (
-        "float32 inputs: fla would use TF32" if q.is_cuda and has_fla() else (
-            "fla not importable" if q.is_cuda else "CPU tensors")
-    )
-    _choose("gated_delta_rule", "torch-recurrent", reason)
     return ref.gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
 
 
@@ -117,7 +136,8 @@ def _fla_gated_delta_rule(
     slots, fresh, cu_seqlens = ctx.linear_meta(q.device)
     init = ssm_state.index_select(0, slots)
     init = torch.where(fresh[:, None, None, None], torch.zeros_like(init), init)
-    fn: Callable[..., Any] = fused_recurrent_gated_delta_rule if ctx.is_pure_decode else chunk_gated_delta_rule
+    fn: Callable[..., Any] = (fused_recurrent_gated_delta_rule if ctx.is_pure_decode
+                              else chunk_gated_delta_rule)
     o, final = fn(
         q=q.unsqueeze(0),
         k=k.unsqueeze(0),

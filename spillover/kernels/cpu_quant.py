@@ -3,7 +3,8 @@
 `aten._weight_int4pack_mm_for_cpu` computes w = (q - 8) * scale + zero from an opaque packing of
 int32 codes and a [K/G, N, 2] (scale, zero) tensor; our `q * s + m` form maps to zero = m + 8 s.
 `aten._weight_int8pack_mm` takes plain int8 [N, K] and per-channel scales [N]. Both are fast for a
-handful of rows only (quantization.md §5): the dispatcher sends larger batches to dequant + matmul.
+handful of rows only (`python bench/quant_gemv.py --cpu`): the dispatcher sends larger batches to
+dequant + matmul (`quant_dispatch.CPU_WOQ_MAX_ROWS`).
 """
 
 from __future__ import annotations

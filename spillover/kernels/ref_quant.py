@@ -111,10 +111,10 @@ def kn_to_nk(words: torch.Tensor, bits: int) -> torch.Tensor:
 # The "tiled" kn layout: the words of each 16-channel tile are contiguous, in the order the tensor-core
 # GEMV's threads load them (kernels/triton/int4_mma_gemv.py): per tile, per warp of 32 word rows, per
 # step of 4 word rows, lane 4 g + t takes word row 4 step + t of channels 2 g and 2 g + 1. Each warp's
-# load is then 256 contiguous bytes, where the plain kn layout gives 64-byte pieces 4 N bytes apart;
-# a read of ten int4 w13 experts in the kn pattern took 6.25 us on an H100, tiled 4.71 us (BENCHMARKS.md
-# "tiled word layout"). The tensor keeps the logical shape [E, K/VALS, N]; word (kw, n) sits at
-# `tiled_word_offset(kw, n, K/VALS)` of its expert.
+# load is then 256 contiguous bytes, where the plain kn layout gives 64-byte pieces 4 N bytes apart
+# (faster to read: python bench/int4_mma_gemv.py; figures in docs/kernel_notes.md). The tensor keeps
+# the logical shape [E, K/VALS, N]; word (kw, n) sits at `tiled_word_offset(kw, n, K/VALS)` of its
+# expert.
 TILE_N = 16
 TILE_KW = 32
 

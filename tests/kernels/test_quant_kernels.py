@@ -337,7 +337,7 @@ def test_gemm_skips_padding_blocks(kind: str, monkeypatch: pytest.MonkeyPatch) -
 
 def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     if DEVICE == "cpu":
-        monkeypatch.setenv("SPILLOVER_QUANT_KERNEL", "triton")
+        monkeypatch.setenv("SPILLOVER_KERNELS", "triton")
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
     fmt = Int4Weight.pack(w, 32, True, act_dtype=torch.float32).to(DEVICE)
     x = torch.randn(2, 128, device=DEVICE)
@@ -363,7 +363,7 @@ def test_layout_round_trip_and_cuda_move() -> None:
 
 def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     if DEVICE == "cpu":
-        monkeypatch.setenv("SPILLOVER_QUANT_KERNEL", "triton")
+        monkeypatch.setenv("SPILLOVER_KERNELS", "triton")
     from spillover.kernels.quant_dispatch import choose_fp8_kernel
 
     fmt = Fp8BlockWeight.pack(torch.randn(2, 64, 128), act_dtype=torch.float32).to(DEVICE)

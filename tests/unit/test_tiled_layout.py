@@ -63,7 +63,7 @@ def test_reference_on_tiled_words() -> None:
 
 def test_gpu_layout_is_tiled_only_where_the_tensor_core_gemv_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")
-    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "has_triton", lambda: True)
     monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
     assert dispatch.gpu_layout(_int4(4, 1024, 2048), cuda) == "tiled"  # Qwen3-Next's w13
     assert dispatch.gpu_layout(_int4(4, 2048, 512, sym=True), cuda) == "tiled"  # w2, GPTQ-style
@@ -79,10 +79,10 @@ def test_gpu_layout_is_tiled_only_where_the_tensor_core_gemv_reads(monkeypatch: 
 
 def test_tiled_weight_never_reaches_a_kernel_that_reads_kn(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiled weight on the CPU (only made by hand) with Triton forced: a clear error, not wrong numbers."""
-    if not dispatch.triton_available():
+    if not dispatch.has_triton():
         pytest.skip("triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # routes the CPU to Triton; the error comes before any launch
-    monkeypatch.setenv("SPILLOVER_QUANT_KERNEL", "triton")
+    monkeypatch.setenv("SPILLOVER_KERNELS", "triton")
     tiled = _int4(3, 32, 512).to_layout("tiled")
     with pytest.raises(RuntimeError, match="tiled layout"):
         tiled.forward_experts(torch.randn(2, 512, dtype=torch.bfloat16), torch.tensor([0, 1]))

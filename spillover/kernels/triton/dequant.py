@@ -1,9 +1,10 @@
 """Triton dequantization of one packed weight to 16 bits, for prefill with many rows on a dense layer.
 
-Past a few hundred rows torch's bf16 matmul (cuBLAS) beats any of our GEMMs on dequantized tiles, so
-the dispatcher dequantizes the weight once per call and hands it to cuBLAS. Done with torch ops (a
-layout transpose, float32 intermediates) that took 230-440 us for a 4096x4096 weight on an H100; this
-kernel reads the packed bytes and writes the bf16 weight in one pass.
+On a dense weight with more than a few rows torch's bf16 matmul (cuBLAS) beats our GEMMs on
+dequantized tiles, so the dispatcher dequantizes the weight once per call and hands it to cuBLAS.
+With torch ops (a layout transpose, float32 intermediates) that dequantization was slow; this kernel
+reads the packed bytes and writes the bf16 weight in one pass (`python bench/quant_gemm.py`, the
+deq+mm rows).
 
 `dequant_kn` has the signature of `ref_quant.dequant_kn_ref` (int4/int8, the GPU "kn" layout: words
 [E, K/VALS, N]); `dequant_fp8` that of `ref_quant.dequant_fp8_block_ref` (e4m3 [N, K], float32 scales per
@@ -44,7 +45,7 @@ def _dequant_kernel(
              mask=(offs_n < N)[:, None] & (k < K)[None, :])
 
 
-BLOCK_N, BLOCK_W, NUM_WARPS = 32, 32, 4
+BLOCK_N, BLOCK_W, NUM_WARPS = 32, 32, 4  # a tile sweep kept these; python bench/quant_gemm.py
 
 
 def _run(words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, n: int, k: int, vals: int,

@@ -4,19 +4,18 @@ The CUDA-core GEMV (`quant_gemv.py`) spends about 4.4 SASS instructions per int4
 become bf16 on the CUDA cores with one shift and one LOP3 per 2 codes (a nibble under the bf16
 exponent of 128 reads as 128 + c) and are multiplied on the tensor cores, x in every column of B,
 one column used: about 2 instructions per code. Every product carries 128 * x; that is taken off per
-quantization group from a per-group sum of x. Measured (bench/int4_mma_gemv.py, BENCHMARKS.md "int4
-GEMV on tensor cores" and "int4 GEMV: runs of word rows, register caps"): faster than the CUDA-core
-GEMV for int4 experts at Qwen3-Next's MoE shapes on Hopper (asymmetric w13 1024x2048: +14-16 %, w2 2048x512: +4-7 %;
-symmetric w13 with `default_mma_config`'s register cap: +16-20 %), slower for dense 4096x4096, so
-`spillover.kernels.quant_dispatch` uses it only for g128 experts at those K, on sm_90. There the experts' words
-are held tiled (`ref_quant.tile_words`, `tiled=True`): each warp step loads 256 contiguous bytes instead
-of four 64-byte pieces 4 N bytes apart, which cut MoE w13 from 6.41 to 5.76 us on an H100 (BENCHMARKS.md
-"tiled word layout"). The kn layout stays supported (tests, the bench, other callers).
+quantization group from a per-group sum of x. `python bench/int4_mma_gemv.py` measures it against
+the CUDA-core GEMV: faster for int4 experts at Qwen3-Next's MoE shapes (w13 1024x2048, w2 2048x512)
+on Hopper, asymmetric and symmetric, slower for dense 4096x4096, so `spillover.kernels.quant_dispatch`
+uses it only for g128 experts at those K, on sm_90 (its INT4_MMA_* constants). There the experts'
+words are held tiled (`ref_quant.tile_words`, `tiled=True`): each warp step loads 256 contiguous
+bytes instead of four 64-byte pieces 4 N bytes apart, which is faster again. The kn layout stays
+supported (tests, the bench, other callers). Figures: docs/kernel_notes.md.
 
 The kernel is latency-bound, so ptxas's schedule decides its speed more than its instruction count:
-the same source compiled under different register caps ran 11 % apart at the same register count,
-and up to 24 % apart overall. `default_mma_config` holds the measured choice per case; re-measure it
-after a Triton upgrade.
+the same source compiled under different register caps runs measurably apart at the same register
+count. `default_mma_config` holds the measured choice per case; re-measure it with the bench after
+a Triton upgrade.
 
 Lane mapping: thread r of a program is warp r // 32, lane r % 32 = 4 g + t; its 2 output channels
 n0 + 2 g + v are rows g (v = 0) and g + 8 (v = 1) of one m16n8k16 tile; at step s lane t supplies the
@@ -218,11 +217,11 @@ class MmaConfig:
 
 
 def default_mma_config(symmetric: bool, k: int, tiled: bool = False) -> MmaConfig:
-    """Measured on an H100 and an H200 (Triton 3.6; BENCHMARKS.md "int4 GEMV: runs of word rows,
-    register caps", "tiled word layout"). Tiled words (what the dispatcher holds): x by shuffles with a
-    48-register cap, both formats and both MoE shapes. The kn layout: asymmetric int4 takes x from L1 at
-    K >= 1024 and by shuffles below, uncapped; symmetric int4 takes x from L1 with a 48-register cap
-    (uncapped it got a slower schedule: MoE w13 7.8 against 6.3 us on the H100)."""
+    """The fastest variant per case (re-derive: `python bench/int4_mma_gemv.py`, after a Triton
+    upgrade too). Tiled words (what the dispatcher holds): x by shuffles with a 48-register cap,
+    both formats and both MoE shapes. The kn layout: asymmetric int4 takes x from L1 at K >= 1024
+    and by shuffles below, uncapped; symmetric int4 takes x from L1 with a 48-register cap (uncapped,
+    ptxas picks a slower schedule)."""
     if tiled:
         return MmaConfig(x_l1=False, max_regs=48)
     if symmetric:

@@ -101,7 +101,7 @@ def _load_tiled_words(w_expert, pid_n, kw0, KW, N, BLOCK_N: tl.constexpr, BLOCK_
     """Words [BLOCK_N, BLOCK_W] (channels pid_n * BLOCK_N on, word rows kw0 on) from the tiled layout. A
     16-channel tile's BLOCK_W word rows (kw0 a multiple of BLOCK_W, 16 or 32) are BLOCK_W * 16 contiguous
     words (`ref_quant.tile_words`): loaded as such, in wide vectors, then put in [n, kw] order in registers.
-    Addressing each word instead (a sum of an n and a kw part) measured 20-45 % slower on an H100."""
+    Addressing each word instead (a sum of an n and a kw part) was slower (python bench/quant_gemm.py)."""
     tl.static_assert(BLOCK_N % 16 == 0 and (BLOCK_W == 16 or BLOCK_W == 32), "whole tiles and half/whole warps")
     NT: tl.constexpr = BLOCK_N // 16
     tile = pid_n * NT + tl.arange(0, NT)
@@ -158,17 +158,17 @@ def gemm_ok(k: int, bits: int, group_size: int) -> bool:
     return k % (MIN_DOT_DEPTH * vals) == 0 and group_size % vals == 0
 
 
-TARGET_PROGRAMS = 264  # two per SM on a 132-SM H100/H200
+TARGET_PROGRAMS = 264  # two per SM on a 132-SM H100/H200 (python bench/quant_gemm.py --sweep)
 
 
 def default_gemm_config(m_blocks: int, n: int, kw: int, vals: int, tiled: bool = False) -> GemmConfig:
     """16-row blocks; 128 codes of K a step (16 int4 words, 32 int8/FP8 words) where K allows: each step
     unpacks a [BLOCK_N, 128] tile, and int4's 256-code tiles held 240-255 registers a thread (2 programs an
     SM); 32 output channels a program while 64 would leave fewer than TARGET_PROGRAMS programs (a dense
-    weight with few rows), else 64. From tile sweeps on an H100 (bench/quant_gemm.py --sweep).
-    Tiled int4 experts: 32 channels x 32 words (256 codes) a step, the best of 8 configs at Qwen3-Next's
-    w13 and w2 for 1280-5120 rows (H100, BENCHMARKS.md "tiled word layout"): 3-18 % faster than the kn
-    default there; with 16 words a step the tiled GEMM was 7-13 % slower than kn."""
+    weight with few rows), else 64. Tiled int4 experts: 32 channels x 32 words (256 codes) a step,
+    the best of 8 configs at Qwen3-Next's w13 and w2 for 1280-5120 rows, and faster there than the kn
+    default (with 16 words a step the tiled GEMM was slower than kn). Re-derive:
+    `python bench/quant_gemm.py --sweep`; figures in docs/kernel_notes.md."""
     if tiled and kw % 32 == 0:
         return GemmConfig(16, 32, 32, 4)
     block_n = 32 if m_blocks * triton.cdiv(n, 64) < TARGET_PROGRAMS else 64

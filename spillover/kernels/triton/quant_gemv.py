@@ -7,7 +7,7 @@ accumulates over K in registers with a single cross-thread reduction at the end.
 kernel (`fp8_gemv.py`) reads FP8 weights in their checkpoint layout; for FP8 it measured as fast.
 At batch 1 a GEMV of these sizes is bound by instruction issue and by its fixed costs, so:
 - a program covers its channels' whole K range in a few unrolled steps (loads in flight while the
-  previous step computes), with no split-K: the cross-program reduction cost ~1.3 us per call;
+  previous step computes), with no split-K: its cross-program reduction costs more than it saves;
 - int4 codes become floats with the exponent trick: (w & (15 << 4p)) | 0x4B000000 read as float32
   is 2^23 + c * 2^(4p), so one LOP3 and one FADD replace shift, mask and int->float conversion
   (quarter rate on Hopper); x carries the 2^(-4p) instead (`_codes`, `_x_scale`);
@@ -281,7 +281,7 @@ def pdl_launch(device: torch.device, pdl: bool | None) -> tuple[bool, dict[str, 
     return on, ({"launch_pdl": True} if on else {})
 
 
-TARGET_PROGRAMS = 1024  # FP8: ~8 per SM on a 132-SM H100/H200 (bench/quant_gemv.py sweep, H200)
+TARGET_PROGRAMS = 1024  # FP8: ~8 per SM on a 132-SM H100/H200 (python bench/quant_gemv.py)
 MAX_STEPS = 16  # the int kernel unrolls its K loop: a bound on code size and compile time
 
 
@@ -292,11 +292,11 @@ def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False, symm
     on an H200 and an H100 with programmatic dependent launch, bench/quant_gemv.py).
 
     int (kn layout): a program covers its outputs' whole K range (no split-K, whose cross-program
-    reduction cost about 1.3 us) in up to 8 unrolled steps of 1024 codes for one row, 512 for
+    reduction costs more than it saves) in up to 8 unrolled steps of 1024 codes for one row, 512 for
     several; 16 output channels, 32 where that still leaves 256 programs (int8) or for one row of
     N >= 8192 (int4). Warps: one row, so that each thread loads 8 words (int8) or 4 (int4) a step,
-    4-16; several rows, 8. Register caps (ptxas schedules differently under each: BENCHMARKS.md
-    "int4 GEMV: runs of word rows, register caps"): at 16 warps 64, so two programs fit an SM; int4 where runs fit
+    4-16; several rows, 8. Register caps (ptxas schedules differently under each; figures in
+    docs/kernel_notes.md): at 16 warps 64, so two programs fit an SM; int4 where runs fit
     (`runs_fit`: `group`, and `biased` for 16-bit x) one row 48 (asymmetric, 16 channels), 56
     (symmetric) or 64 (32 channels), several rows 48.
     FP8 (nk layout): 64 x 128, split-K while the grid stays within TARGET_PROGRAMS.
