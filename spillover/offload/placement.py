@@ -23,7 +23,7 @@ from torch import nn
 
 from spillover.offload.bank import ResidentExpertBank
 from spillover.offload.residency import ExpertStats, PlanLike, ResidencyMap
-from spillover.offload.tiered import MissRouter, TieredExpertBank
+from spillover.offload.tiered import MissRouter, Staging, TieredExpertBank
 
 log = logging.getLogger("spillover.offload")
 
@@ -123,6 +123,8 @@ def place_experts(
                         policy=placement.policy, pin_per_layer=min(placement.pin, slots))
     router = MissRouter(placement.miss_mode, placement.stream_rows)
     spill: SpillSource | None = None
+    staging = Staging(device)
+    placed: list[TieredExpertBank] = []
     for i, (parent, name, bank) in enumerate(banks):
         res = rmap.layers[i]
         w13, w2 = _bank_formats(bank)
@@ -146,7 +148,11 @@ def place_experts(
                 folder.mkdir(parents=True, exist_ok=True)
                 spill = SpillSource(folder)
             spill.write(i, to_disk, w13.take_experts(to_disk), w2.take_experts(to_disk))
-        tiered = TieredExpertBank(i, res, dev_pair, host_pair, host_experts, spill, device, router)
+        tiered = TieredExpertBank(i, res, dev_pair, host_pair, host_experts, spill, device, router,
+                                  staging)
+        if placed:
+            placed[-1].link_next(tiered)
+        placed.append(tiered)
         setattr(parent, name, tiered)
     log.info("experts placed: %d MoE layers x %d experts: %d slots on %s, %d in RAM, %d on disk "
              "per layer (policy %s, misses %s)%s", len(banks), num_experts, slots, device.type,

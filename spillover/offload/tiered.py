@@ -86,6 +86,31 @@ class TierStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class Staging:
+    """The copy stream of a device and the staging buffers still read by queued work.
+
+    A buffer allocated on the copy stream returns to that stream's pool when dropped; the stream
+    first waits for the events of the compute that read it, so no copy overwrites it early."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.retired: list[tuple[Any, torch.cuda.Event]] = []
+
+    def retire(self, buffers: Any, device: torch.device) -> None:
+        if self.stream is None:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self.retired.append((buffers, event))
+
+    def reclaim(self) -> None:
+        """Called on the copy stream before it allocates: wait for the readers, then drop."""
+        assert self.stream is not None
+        for _, event in self.retired:
+            self.stream.wait_event(event)
+        self.retired.clear()
+
+
 class TieredExpertBank(nn.Module):
     def __init__(
         self,
@@ -97,22 +122,33 @@ class TieredExpertBank(nn.Module):
         source: ExpertSource | None,
         device: torch.device,
         router: MissRouter | None = None,
+        staging: Staging | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.num_experts = residency.num_experts
         self.residency = residency
         self.slots = slots  # (w13, w2) with residency.num_slots experts on `device`
-        self.host = host  # (w13, w2) of `host_experts`, in RAM
+        self.host = host  # (w13, w2) of `host_experts`, in (pinned) RAM, storage layout
         self.host_row = {e: i for i, e in enumerate(host_experts)}
+        host_map = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        if host_experts:
+            host_map[torch.tensor(list(host_experts))] = torch.arange(len(host_experts))
+        self.host_map = host_map  # expert -> host row, -1 elsewhere (on the CPU)
         self.source = source
         self.device = device
         self.router = router or MissRouter()
+        self.staging = staging or Staging(device)
+        # The next MoE layer (prefetch target), kept out of the module tree.
+        self._next: list[TieredExpertBank] = []
+        self._staged: tuple[Any, Any, torch.cuda.Event | None] | None = None
         self.tier_stats = TierStats()
         table = torch.tensor(residency.slot_table(), dtype=torch.int64)
         self.slot_map: torch.Tensor
         self.register_buffer("slot_map", table.to(device), persistent=False)
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def link_next(self, bank: TieredExpertBank) -> None:
+        self._next = [bank]
 
     @property
     def all_resident(self) -> bool:
@@ -126,20 +162,22 @@ class TieredExpertBank(nn.Module):
             assert self.slots is not None
             return grouped_experts(hidden, self.slot_map[topk_ids], topk_weights, *self.slots)
         self.tier_stats.steps += 1
+        streaming = topk_ids.numel() > self.router.stream_rows
+        if streaming and self._next:
+            self._next[0].prefetch()  # its copy overlaps this layer's compute
         ids_host = topk_ids.to("cpu")  # the tiered layer's one sync: misses are the host's call
         hits, misses = self.residency.lookup(ids_host.flatten().tolist())
-        streamed: list[int] = []
         on_cpu: list[int] = []
-        if misses and topk_ids.numel() > self.router.stream_rows:
-            streamed = misses
-        else:
+        if misses and not streaming:
             on_cpu = self._admit(misses, set(hits))
+        # The rows the CPU computes leave before the device's queue grows (the copy would wait).
+        cpu_in = self._cpu_inputs(hidden, ids_host, topk_weights, on_cpu) if on_cpu else None
         out = self._slot_pass(hidden, topk_ids, topk_weights) if self.slots else None
-        if streamed:
-            part = self._stream_pass(hidden, topk_ids, topk_weights, ids_host, streamed)
+        if misses and streaming:
+            part = self._stream_pass(hidden, topk_ids, topk_weights, misses)
             out = part if out is None else out + part
-        if on_cpu:
-            part = self._cpu_pass(hidden, ids_host, topk_weights, on_cpu)
+        if cpu_in is not None:
+            part = self._cpu_pass(hidden, on_cpu, *cpu_in)
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(hidden)
 
@@ -186,13 +224,7 @@ class TieredExpertBank(nn.Module):
             assert self.host is not None
             rows = [self.host_row[e] for e in experts]
             return self.host[0].take_experts(rows), self.host[1].take_experts(rows)
-        if self.source is None:
-            raise RuntimeError(f"MoE layer {self.layer}: experts {on_disk} are on no tier "
-                               "(no store to read them from)")
-        t0 = time.perf_counter()
-        disk13, disk2 = self.source.load(self.layer, on_disk)
-        self.tier_stats.disk_s += time.perf_counter() - t0
-        self.tier_stats.disk_experts += len(on_disk)
+        disk13, disk2 = self._read_disk(on_disk)
         if not in_ram:
             return disk13, disk2
         # Join RAM rows and disk rows in the order asked: take from a concatenated index space.
@@ -212,7 +244,7 @@ class TieredExpertBank(nn.Module):
         slots = [s for _, s in admitted]
         w13, w2 = self._gather_host(experts)
         t0 = time.perf_counter()
-        stream = self.copy_stream
+        stream = self.staging.stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -229,42 +261,113 @@ class TieredExpertBank(nn.Module):
         table = torch.tensor(self.residency.slot_table(), dtype=torch.int64)
         self.slot_map.copy_(table, non_blocking=False)
 
-    def _cpu_pass(self, hidden: torch.Tensor, ids_host: torch.Tensor, topk_weights: torch.Tensor,
-                  experts: list[int]) -> torch.Tensor:
-        """The rows routed to `experts`, computed by the CPU from RAM (or a disk read): the hidden
-        state goes to the host once and the partial sum comes back once."""
-        t0 = time.perf_counter()
-        w13, w2 = self._gather_host(experts)
+    def _cpu_inputs(self, hidden: torch.Tensor, ids_host: torch.Tensor,
+                    topk_weights: torch.Tensor, experts: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, their hidden states, local ids, weights) on the host for the CPU's experts."""
         local = torch.full((self.num_experts,), -1, dtype=torch.int64)
         local[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts))
         mapped = local[ids_host]
         rows = (mapped >= 0).any(dim=1).nonzero().squeeze(1)
-        h = hidden.to("cpu")[rows]
-        ids = mapped[rows]
-        w = torch.where(ids >= 0, topk_weights.to("cpu")[rows], 0.0)
-        part = grouped_experts(h, ids.clamp(min=0), w, w13, w2)
+        dev_rows = rows.to(hidden.device)
+        h = hidden[dev_rows].to("cpu")
+        w = topk_weights[dev_rows].to("cpu")
+        return rows, h, mapped[rows], w
+
+    def _cpu_pass(self, hidden: torch.Tensor, experts: list[int], rows: torch.Tensor,
+                  h: torch.Tensor, mapped: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The rows routed to `experts`, computed by the CPU: RAM experts straight from the host
+        stack (whose CPU kernels keep their packing between steps), disk experts read for this
+        step. The partial sum goes back to the device once."""
+        t0 = time.perf_counter()
+        ids = torch.tensor(experts, dtype=torch.int64)[mapped.clamp(min=0)]
+        part = torch.zeros_like(h)
+        in_ram = self.host_map[ids]
+        ram = (mapped >= 0) & (in_ram >= 0)
+        if bool(ram.any()):
+            assert self.host is not None
+            part += grouped_experts(h, in_ram.clamp(min=0), torch.where(ram, w, 0.0), *self.host)
+        disk = (mapped >= 0) & (in_ram < 0)
+        if bool(disk.any()):
+            on_disk = sorted({int(e) for e in ids[disk].tolist()})
+            d13, d2 = self._read_disk(on_disk)
+            local = torch.full((self.num_experts,), -1, dtype=torch.int64)
+            local[torch.tensor(on_disk)] = torch.arange(len(on_disk))
+            part += grouped_experts(h, local[ids].clamp(min=0), torch.where(disk, w, 0.0), d13, d2)
         out = torch.zeros_like(hidden)
         out[rows.to(hidden.device)] = part.to(hidden.device, non_blocking=True)
         self.tier_stats.cpu_s += time.perf_counter() - t0
         self.tier_stats.cpu_experts += len(experts)
         return out
 
-    def _stream_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, ids_host: torch.Tensor,
-                     experts: list[int]) -> torch.Tensor:
-        """Many rows (prefill): every routed non-resident expert goes to the device in one
-        staging copy and runs there with the device's kernels."""
+    def _read_disk(self, experts: list[int]) -> tuple[Any, Any]:
+        if self.source is None:
+            raise RuntimeError(f"MoE layer {self.layer}: experts {experts} are on no tier "
+                               "(no store to read them from)")
         t0 = time.perf_counter()
-        w13, w2 = self._gather_host(experts)
-        d13, d2 = w13.to(self.device), w2.to(self.device)
+        pair = self.source.load(self.layer, experts)
+        self.tier_stats.disk_s += time.perf_counter() - t0
+        self.tier_stats.disk_experts += len(experts)
+        return pair
+
+    # ---- layerwise streaming (prefill) ---------------------------------------------------------
+    def prefetch(self) -> None:
+        """Start copying this layer's host stack to the device on the copy stream (idempotent)."""
+        if self._staged is not None or self.host is None:
+            return
+        stream = self.staging.stream
+        if stream is None:  # CPU "device": the host stack is where it runs
+            self._staged = (self.host[0], self.host[1], None)
+            return
+        t0 = time.perf_counter()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.staging.reclaim()
+            d13 = self.host[0].to(self.device, non_blocking=True)
+            d2 = self.host[1].to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._staged = (d13, d2, event)
         self.tier_stats.copy_s += time.perf_counter() - t0
+        self.tier_stats.copy_bytes += self.host[0].nbytes + self.host[1].nbytes
+
+    def _stream_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """Many rows (prefill): the layer's whole host stack is on the device (prefetched while
+        the previous layer computed, else copied now), and the misses run there; experts only on
+        disk are read and copied for this step."""
+        out: torch.Tensor | None = None
+        in_ram = [e for e in experts if e in self.host_row]
+        on_disk = [e for e in experts if e not in self.host_row]
         self.tier_stats.streamed_experts += len(experts)
-        self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
+        if in_ram:
+            self.prefetch()
+            assert self._staged is not None
+            d13, d2, event = self._staged
+            self._staged = None
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+            out = self._local_pass(hidden, topk_ids, topk_weights, in_ram, d13, d2,
+                                   [self.host_row[e] for e in in_ram])
+            self.staging.retire((d13, d2), self.device)
+        if on_disk:
+            w13, w2 = self._read_disk(on_disk)
+            d13, d2 = w13.to(self.device), w2.to(self.device)
+            self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
+            part = self._local_pass(hidden, topk_ids, topk_weights, on_disk, d13, d2,
+                                    list(range(len(on_disk))))
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    def _local_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    experts: list[int], w13: Any, w2: Any, rows: list[int]) -> torch.Tensor:
+        """The rows routed to `experts`, which sit at `rows` of the device stacks (w13, w2)."""
         local = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        local[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts))
-        mapped = local.to(hidden.device)[topk_ids]
+        local[torch.tensor(experts, dtype=torch.int64)] = torch.tensor(rows, dtype=torch.int64)
+        mapped = local.to(hidden.device, non_blocking=True)[topk_ids]
         w = torch.where(mapped >= 0, topk_weights, torch.zeros_like(topk_weights))
-        return grouped_experts(hidden, mapped.clamp(min=0), w, d13, d2)
+        return grouped_experts(hidden, mapped.clamp(min=0), w, w13, w2)
 
     def tier_counts(self) -> dict[Tier, int]:
         counts = dict.fromkeys(Tier, 0)

@@ -21,6 +21,22 @@ class Bf16Weight:
     def pack(cls, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> Bf16Weight:
         return cls(weight.to(dtype).contiguous())
 
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0] if self.stacked else 1
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
@@ -61,3 +77,26 @@ class Bf16Weight:
             if dst is not None and part is not None:
                 dst[idx] = part
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Bf16Weight:
+        return type(self)(self.weight.to(device, non_blocking=non_blocking), self.stacked)
+
+    @classmethod
+    def concat(cls, formats: Sequence[Any], dim: int) -> Bf16Weight | None:
+        """Rows (dim 1) or experts (dim 0) of the [E, N, K] view joined; None for another type or
+        dtype (see `WeightFormat.concat`)."""
+        first = formats[0]
+        if any(type(f) is not type(first) or f.weight.dtype != first.weight.dtype for f in formats):
+            return None
+        if dim == 1:
+            if any(f.stacked != first.stacked for f in formats):
+                return None
+            if len(formats) == 1:
+                return first
+            return type(first)(torch.cat([f.weight for f in formats], -2), first.stacked)
+        if dim != 0:
+            raise ValueError(f"concat along rows (1) or experts (0), not {dim}")
+        stacks = [f.weight if f.stacked else f.weight.unsqueeze(0) for f in formats]
+        return type(first)(stacks[0] if len(stacks) == 1 else torch.cat(stacks), stacked=True)
+
+    def take_rows(self, rows: torch.Tensor) -> Bf16Weight:
+        return type(self)(self.weight[..., rows, :], self.stacked)

@@ -41,6 +41,23 @@ class Fp8BlockWeight:
     def block_shape(self) -> tuple[int, int]:
         return self.block_n, self.block
 
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0] if self.stacked else 1
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """One byte per weight plus a float32 scale per block."""
+        return self.weight.numel() + self.scale.numel() * self.scale.element_size()
+
     @classmethod
     def pack(cls, weight: torch.Tensor, block: int = 128,
              act_dtype: torch.dtype = torch.bfloat16) -> Fp8BlockWeight:
@@ -99,8 +116,10 @@ class Fp8BlockWeight:
             return self.weight, self.scale
         return self.weight.unsqueeze(0), self.scale.unsqueeze(0)
 
-    def to(self, device: torch.device | str) -> Fp8BlockWeight:
-        return type(self)(self.weight.to(device), self.scale.to(device), self.block_shape, self.act_dtype)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Fp8BlockWeight:
+        nb = non_blocking
+        return type(self)(self.weight.to(device, non_blocking=nb), self.scale.to(device, non_blocking=nb),
+                          self.block_shape, self.act_dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "scale": self.scale}
@@ -130,3 +149,34 @@ class Fp8BlockWeight:
             if dst is not None and part is not None:
                 dst[idx] = part
 
+    @classmethod
+    def concat(cls, formats: Sequence[Any], dim: int) -> Fp8BlockWeight | None:
+        """Rows (dim 1) or experts (dim 0) of the [E, N, K] view joined (see `WeightFormat.concat`).
+        Rows join only where no scale block would span two parts: every part but the last a whole
+        number of blocks of rows."""
+        first = formats[0]
+        key = (type(first), first.block_shape, first.act_dtype)
+        if any((type(f), f.block_shape, f.act_dtype) != key for f in formats):
+            return None
+        if dim == 1:
+            if any(f.stacked != first.stacked for f in formats):
+                return None
+            if any(f.out_features % first.block_n for f in formats[:-1]):
+                return None
+            if len(formats) == 1:
+                return first
+            w, s = (torch.cat(ts, -2) for ts in zip(*(f.stacked_views() for f in formats), strict=True))
+            return type(first)(w if first.stacked else w[0], s if first.stacked else s[0],
+                               first.block_shape, first.act_dtype)
+        if dim != 0:
+            raise ValueError(f"concat along rows (1) or experts (0), not {dim}")
+        if len(formats) == 1 and first.stacked:
+            return first
+        w, s = (torch.cat(ts) for ts in zip(*(f.stacked_views() for f in formats), strict=True))
+        return type(first)(w, s, first.block_shape, first.act_dtype)
+
+    def take_rows(self, rows: torch.Tensor) -> Fp8BlockWeight | None:
+        if self.block_n != 1:  # a scale covers block_n rows
+            return None
+        return type(self)(self.weight[..., rows, :], self.scale[..., rows, :], self.block_shape,
+                          self.act_dtype)

@@ -12,7 +12,7 @@ weight-only CPU ops for small batches on the CPU, otherwise the reference).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -62,6 +62,11 @@ class GroupedIntWeight:
     @property
     def symmetric(self) -> bool:
         return self.mins is None
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, *args: Any, **kwargs: Any) -> Self:
+        """RTN-quantize a float weight: each width packs its own way (Int4Weight, Int8Weight)."""
+        raise NotImplementedError(f"{cls.__name__} has no packer: use Int4Weight or Int8Weight")
 
     # ---- the WeightFormat protocol ------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,27 +119,82 @@ class GroupedIntWeight:
 
     @classmethod
     def from_tensors(cls, parts: dict[str, torch.Tensor], meta: dict[str, Any],
-                     act_dtype: torch.dtype = torch.bfloat16) -> GroupedIntWeight:
+                     act_dtype: torch.dtype = torch.bfloat16) -> Self:
         return cls(parts["qweight"], parts["scales"], parts.get("mins"), group_size=int(meta["group_size"]),
                    stacked=bool(meta["stacked"]), act_dtype=act_dtype)
 
-    def to(self, device: torch.device | str) -> GroupedIntWeight:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Self:
         """Move; on CUDA the codes are re-laid out "kn" or "tiled" (what the Triton kernels read, chosen by
-        `dispatch.gpu_layout`), on the CPU "nk"."""
+        `dispatch.gpu_layout`), on the CPU "nk". non_blocking: from pinned RAM, on the current stream."""
         from spillover.kernels.quant_dispatch import gpu_layout
 
-        mins = self.mins.to(device) if self.mins is not None else None
-        moved = type(self)(self.qweight.to(device), self.scales.to(device), mins, group_size=self.group_size,
+        nb = non_blocking
+        mins = self.mins.to(device, non_blocking=nb) if self.mins is not None else None
+        moved = type(self)(self.qweight.to(device, non_blocking=nb), self.scales.to(device, non_blocking=nb),
+                           mins, group_size=self.group_size,
                            stacked=self.stacked, act_dtype=self.act_dtype, layout=self.layout)
         dev = torch.device(device)
         return moved.to_layout(gpu_layout(self, dev) if dev.type == "cuda" and self.kn_ok else "nk")
+
+    # ---- joining and reordering (storage layout: rows are axis 1, experts axis 0) ---------------
+    def _join_key(self) -> tuple[Any, ...]:
+        """What parts must share to be joined into one weight: one kernel call reads them all."""
+        mins = None if self.mins is None else self.mins.dtype
+        return type(self), self.group_size, self.qweight.dtype, self.scales.dtype, mins, self.act_dtype
+
+    @classmethod
+    def concat(cls, formats: Sequence[Any], dim: int) -> Self | None:
+        """Rows (dim 1) or experts (dim 0) joined (see `WeightFormat.concat`). Parts laid out for the
+        GPU ("kn", "tiled") go back to the storage layout first: `to` lays out the whole again."""
+        if dim not in (0, 1):
+            raise ValueError(f"concat along rows (1) or experts (0), not {dim}")
+        if any(type(f) is not cls for f in formats):
+            return None
+        parts: list[Self] = [f.to_layout("nk") for f in formats]
+        first = parts[0]
+        if any(f._join_key() != first._join_key() for f in parts):
+            return None
+        stacked = first.stacked or dim == 0
+        if dim == 1 and any(f.stacked != first.stacked for f in parts):
+            return None
+        if len(parts) == 1:
+            return first if stacked == first.stacked else first._relaid(
+                first.qweight, first.scales, first.mins, "nk", stacked)
+        mins = None
+        if first.mins is not None:
+            mins = torch.cat([f.mins for f in parts if f.mins is not None], dim)
+        return cls(torch.cat([f.qweight for f in parts], dim), torch.cat([f.scales for f in parts], dim), mins,
+                   group_size=first.group_size, stacked=stacked, act_dtype=first.act_dtype)
+
+    @classmethod
+    def concat_experts(cls, rows: Sequence[Sequence[Any]]) -> Self | None:
+        """Each expert's dense row parts joined into one stack with a single copy: the rows of all
+        parts, concatenated in (expert, row) order, are the [E, N, ...] stack in memory."""
+        sizes = {sum(f.out_features for f in r) for r in rows}
+        if len(sizes) != 1 or any(f.stacked for r in rows for f in r):
+            return None
+        flat = cls.concat([f for r in rows for f in r], 1)
+        if flat is None:
+            return None
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(len(rows), -1, t.shape[-1])
+
+        mins = split(flat.mins) if flat.mins is not None else None
+        return flat._relaid(split(flat.qweight), split(flat.scales), mins, "nk", stacked=True)
+
+    def take_rows(self, rows: torch.Tensor) -> Self:
+        """Output rows `rows` of every expert; codes, scales and mins move with their row."""
+        nk = self.to_layout("nk")
+        mins = nk.mins[:, rows] if nk.mins is not None else None
+        return nk._relaid(nk.qweight[:, rows], nk.scales[:, rows], mins, "nk")
 
     @property
     def kn_ok(self) -> bool:
         """Whether rows pack into whole int32 words (K a multiple of 8 codes for int4, 4 for int8)."""
         return self.in_features % (32 // self.bits) == 0
 
-    def to_layout(self, layout: str) -> GroupedIntWeight:
+    def to_layout(self, layout: str) -> Self:
         """The same weight with codes [E, N, K'] ("nk", storage and CPU), words [E, K/VALS, N] ("kn"), or
         those words in the tensor-core GEMV's load order ("tiled"; scales and mins as in "kn").
 
@@ -158,8 +218,9 @@ class GroupedIntWeight:
         return self._relaid(q, swap_nk(self.scales), mins, layout)
 
     def _relaid(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                layout: str) -> GroupedIntWeight:
-        return type(self)(qweight, scales, mins, group_size=self.group_size, stacked=self.stacked,
+                layout: str, stacked: bool | None = None) -> Self:
+        return type(self)(qweight, scales, mins, group_size=self.group_size,
+                          stacked=self.stacked if stacked is None else stacked,
                           act_dtype=self.act_dtype, layout=layout)
 
     @property
