@@ -9,10 +9,18 @@ from typing import Any
 
 import torch
 
+from spillover.config import ModelConfig
+from spillover.engine.batch import StepPlan
 from spillover.engine.engine import Engine, EngineConfig
 from spillover.engine.outputs import TokenEvent
 from spillover.engine.params import CompletionOutput, RequestOutput, SamplingParams
-from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
+from spillover.engine.runner import CacheLayout, ModelRunner
+from spillover.models.causal_lm import CausalLM
+from spillover.offload.budget import MemoryBudgets, plan_experts
+from spillover.offload.placement import ExpertPlacement, place_experts
+from spillover.offload.residency import ExpertStats, ResidencyMap
+from spillover.plan.engine_cache import resolve_max_model_len
+from spillover.plan.memory import KV_CACHE, MemoryPlan
 from spillover.weights.resolve import load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger("spillover.llm")
@@ -52,8 +60,14 @@ class LLM:
         num_state_slots: int | None = None,
         enable_prefix_caching: bool = True,
         max_prompt_checkpoints: int = 8,
-        quant: str | None = None,
+        quant: str | None = "auto",
         quant_group_size: int = 128,
+        gpu_memory: str | int | float | None = None,
+        cpu_memory: str | int | float | None = None,
+        experts: ExpertPlacement | None = None,
+        expert_policy: str = "lrfu",
+        expert_stats: str | None = None,
+        expert_misses: str = "auto",
     ) -> None:
         from spillover.weights.build import load_for_llm
 
@@ -61,12 +75,23 @@ class LLM:
         self.config = load_config(self.source)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        # quant: None keeps the checkpoint's dtype; int8 / int4 / fp8 quantize at load; "native" keeps a
+        # quant: one of spillover.quant.QUANT_CHOICES (legacy spellings via normalize_quant): auto keeps
+        # the checkpoint's formats; int8 / int4 / fp8 / int4-experts quantize at load; "native" keeps a
         # GGUF file's own blocks packed. The record says which format each tensor got and why.
+        # Budgets (gpu_memory / cpu_memory: "32GiB", "60GB", a fraction, or bytes) or an explicit
+        # placement tier the MoE experts: the model is loaded on the CPU, the placement keeps each
+        # layer's slot experts on the device, its host experts in RAM and spills the rest to disk.
+        self.budgets = MemoryBudgets.parse(gpu_memory, cpu_memory, self.device)
+        tiered = experts is not None or (self.budgets.given and self.config.num_experts > 0)
+        load_device = torch.device("cpu") if tiered else self.device
         self.model, self.quant_record = load_for_llm(
-            self.source, self.config, self.device, self.dtype, quant, quant_group_size
+            self.source, self.config, load_device, self.dtype, quant, quant_group_size
         )
-        self.max_model_len = min(max_model_len or self.config.max_position, self.config.max_position)
+        self.model = self._tier_experts(
+            tiered, experts, expert_policy, expert_misses, expert_stats,
+            max_num_seqs=max_num_seqs, token_budget=max_num_batched_tokens, context=max_model_len)
+        if kv_cache_memory_bytes is None and self.placement_plan is not None:
+            kv_cache_memory_bytes = self.placement_plan.tiers.get(self._cache_tier, {}).get(KV_CACHE)
         self.block_size = block_size
         self.engine_config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -77,12 +102,74 @@ class LLM:
             num_state_slots=num_state_slots,
             max_prompt_checkpoints=max_prompt_checkpoints,
             enable_prefix_caching=enable_prefix_caching,
-            max_model_len=self.max_model_len,
+            max_model_len=max_model_len,
         )
         self._tokenizer: Any = None
         self._runner: ModelRunner | None = None  # scoring only (forward_logits); the engine has its own
         self._engine: Engine | None = None
         self._ids = itertools.count()
+
+    @property
+    def _cache_tier(self) -> str:
+        return "gpu" if self.device.type == "cuda" else "host"
+
+    def _tier_experts(self, tiered: bool, experts: ExpertPlacement | None, policy: str,
+                      misses: str, stats_file: str | None, **limits: Any) -> CausalLM:
+        """Place the MoE experts over the tiers (the model is on the CPU when `tiered`), then move
+        the rest of the model to the device. The placement comes from an explicit `experts`, or
+        from the planner's MemoryPlan for the budgets."""
+        from spillover.weights.build import move_model
+
+        self.residency: ResidencyMap | None = None
+        self.placement_plan: MemoryPlan | None = None
+        if not tiered:
+            return self.model
+        if experts is None:
+            self.placement_plan, experts = plan_experts(
+                self.config, self.model, self.device, self.budgets, policy=policy,
+                miss_mode=misses, **limits)
+        stats = ExpertStats.load(stats_file) if stats_file else None
+        self.residency = place_experts(self.model, experts, self.device, stats)
+        return move_model(self.model, self.device)
+
+    @classmethod
+    def from_model(cls, model: CausalLM, config: ModelConfig, device: str | torch.device = "auto",
+                   dtype: str | torch.dtype = "auto", tokenizer: Any = None, *,
+                   gpu_memory: str | int | float | None = None,
+                   cpu_memory: str | int | float | None = None,
+                   experts: ExpertPlacement | None = None, expert_policy: str = "lrfu",
+                   expert_misses: str = "auto", **engine_kwargs: Any) -> LLM:
+        """An LLM around a model already in memory (spillover.bench.synthetic builds one): nothing is
+        loaded, the model stays where it is, and without `tokenizer` requests pass token ids.
+        `engine_kwargs` are EngineConfig fields (max_num_seqs, max_model_len, ...)."""
+        llm = cls.__new__(cls)
+        llm.source = None  # type: ignore[assignment]  # no files: nothing to load a tokenizer from
+        llm.config = config
+        llm.device = device if isinstance(device, torch.device) else resolve_device(device)
+        llm.dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, llm.device)
+        llm.budgets = MemoryBudgets.parse(gpu_memory, cpu_memory, llm.device)
+        llm.model, llm.quant_record = model, {}
+        tiered = experts is not None or (llm.budgets.given and config.num_experts > 0)
+        llm.model = llm._tier_experts(
+            tiered, experts, expert_policy, expert_misses, None,
+            max_num_seqs=engine_kwargs.get("max_num_seqs", 16),
+            token_budget=engine_kwargs.get("max_num_batched_tokens", 2048),
+            context=engine_kwargs.get("max_model_len"))
+        if llm.placement_plan is not None and engine_kwargs.get("kv_cache_memory_bytes") is None:
+            engine_kwargs["kv_cache_memory_bytes"] = llm.placement_plan.tiers.get(
+                llm._cache_tier, {}).get(KV_CACHE)
+        llm.engine_config = EngineConfig(**engine_kwargs)
+        llm.block_size = llm.engine_config.block_size
+        llm._tokenizer = tokenizer
+        llm._runner = None
+        llm._engine = None
+        llm._ids = itertools.count()
+        return llm
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence this model serves (resolve_max_model_len of the engine config)."""
+        return resolve_max_model_len(self.config, self.engine_config.max_model_len)
 
     # ---- tokenizer ---------------------------------------------------------------------------
     @property
@@ -131,8 +218,8 @@ class LLM:
         if not token_ids:
             raise ValueError("token_ids is empty")
         runner = self._runner_for(len(token_ids))
-        step = SeqStep(list(token_ids), 0, list(range(runner.layout.num_blocks)), 0)
-        return runner.run([step], all_logits=True).cpu()
+        plan = StepPlan.one_sequence(list(token_ids), list(range(runner.layout.num_blocks)), self.block_size)
+        return runner.execute(plan).logits.cpu()
 
     # ---- generation --------------------------------------------------------------------------
     def generate(

@@ -81,6 +81,7 @@ class TierStats:
     disk_experts: int = 0
     copy_bytes: int = 0
     copy_s: float = 0.0
+    disk_copy_s: float = 0.0  # read from disk into RAM, then to the device (not a pinned copy)
     cpu_s: float = 0.0
     disk_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
@@ -142,10 +143,27 @@ class TieredExpertBank(nn.Module):
         # The next MoE layer (prefetch target), kept out of the module tree.
         self._next: list[TieredExpertBank] = []
         self._staged: tuple[Any, Any, torch.cuda.Event | None] | None = None
+        # Host-to-device copies timed on the copy stream (start, end, bytes), folded into
+        # tier_stats by `settle` once they have run: a host clock would time only the launch.
+        self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self.tier_stats = TierStats()
         table = torch.tensor(residency.slot_table(), dtype=torch.int64)
         self.slot_map: torch.Tensor
         self.register_buffer("slot_map", table.to(device), persistent=False)
+
+    def settle(self, wait: bool = False) -> None:
+        """Fold finished timed copies into tier_stats (copy_s is GPU time, copy_bytes their bytes);
+        wait=True first waits for all of them (benchmarks, before reading the stats)."""
+        keep = []
+        for start, end, nbytes in self._timed:
+            if wait:
+                end.synchronize()
+            if end.query():
+                self.tier_stats.copy_s += start.elapsed_time(end) / 1e3
+                self.tier_stats.copy_bytes += nbytes
+            else:
+                keep.append((start, end, nbytes))
+        self._timed = keep
 
     def link_next(self, bank: TieredExpertBank) -> None:
         self._next = [bank]
@@ -162,6 +180,8 @@ class TieredExpertBank(nn.Module):
             assert self.slots is not None
             return grouped_experts(hidden, self.slot_map[topk_ids], topk_weights, *self.slots)
         self.tier_stats.steps += 1
+        if self._timed:
+            self.settle()
         streaming = topk_ids.numel() > self.router.stream_rows
         if streaming and self._next:
             self._next[0].prefetch()  # its copy overlaps this layer's compute
@@ -243,21 +263,24 @@ class TieredExpertBank(nn.Module):
         experts = [e for e, _ in admitted]
         slots = [s for _, s in admitted]
         w13, w2 = self._gather_host(experts)
-        t0 = time.perf_counter()
         stream = self.staging.stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
                 d13, d2 = w13.to(self.device), w2.to(self.device)
                 self.slots[0].put_experts_(slots, d13)
                 self.slots[1].put_experts_(slots, d2)
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(stream)
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._timed.append((start, end, w13.nbytes + w2.nbytes))
         else:
             self.slots[0].put_experts_(slots, w13.to(self.device))
             self.slots[1].put_experts_(slots, w2.to(self.device))
-        self.tier_stats.copy_s += time.perf_counter() - t0
+            self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
         self.tier_stats.copied_experts += len(experts)
-        self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
         table = torch.tensor(self.residency.slot_table(), dtype=torch.int64)
         self.slot_map.copy_(table, non_blocking=False)
 
@@ -319,17 +342,17 @@ class TieredExpertBank(nn.Module):
         if stream is None:  # CPU "device": the host stack is where it runs
             self._staged = (self.host[0], self.host[1], None)
             return
-        t0 = time.perf_counter()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self.staging.reclaim()
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
             d13 = self.host[0].to(self.device, non_blocking=True)
             d2 = self.host[1].to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(stream)
         self._staged = (d13, d2, event)
-        self.tier_stats.copy_s += time.perf_counter() - t0
-        self.tier_stats.copy_bytes += self.host[0].nbytes + self.host[1].nbytes
+        self._timed.append((start, event, self.host[0].nbytes + self.host[1].nbytes))
 
     def _stream_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
@@ -352,8 +375,9 @@ class TieredExpertBank(nn.Module):
             self.staging.retire((d13, d2), self.device)
         if on_disk:
             w13, w2 = self._read_disk(on_disk)
-            d13, d2 = w13.to(self.device), w2.to(self.device)
-            self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
+            t0 = time.perf_counter()
+            d13, d2 = w13.to(self.device), w2.to(self.device)  # pageable: returns when copied
+            self.tier_stats.disk_copy_s += time.perf_counter() - t0
             part = self._local_pass(hidden, topk_ids, topk_weights, on_disk, d13, d2,
                                     list(range(len(on_disk))))
             out = part if out is None else out + part
@@ -368,6 +392,15 @@ class TieredExpertBank(nn.Module):
         mapped = local.to(hidden.device, non_blocking=True)[topk_ids]
         w = torch.where(mapped >= 0, topk_weights, torch.zeros_like(topk_weights))
         return grouped_experts(hidden, mapped.clamp(min=0), w, w13, w2)
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes of this layer's experts held per tier ("gpu" slots, "host" RAM), as allocated."""
+        out = {"gpu": 0, "host": 0}
+        if self.slots is not None:
+            out["gpu" if self.device.type == "cuda" else "host"] += sum(f.nbytes for f in self.slots)
+        if self.host is not None:
+            out["host"] += sum(f.nbytes for f in self.host)
+        return out
 
     def tier_counts(self) -> dict[Tier, int]:
         counts = dict.fromkeys(Tier, 0)
