@@ -74,7 +74,7 @@ def runner_for(model: Any, plan: MemoryPlan, dev: torch.device, dtype: torch.dty
 
 def run_steps(runner: Any, cfg: ModelConfig, prompt: int, chunk: int, decode: int) -> list[float]:
     """Prefill `prompt` tokens in chunks, then `decode` single-token steps; seconds per decode step."""
-    from spillover.engine.runner import SeqStep
+    from spillover.engine.batch import StepPlan
 
     bs = runner.layout.block_size
     table = list(range(runner.layout.num_blocks))
@@ -83,13 +83,15 @@ def run_steps(runner: Any, cfg: ModelConfig, prompt: int, chunk: int, decode: in
     done = 0
     while done < prompt:
         n = min(chunk, prompt - done)
-        runner.run([SeqStep(ids[done : done + n], done, table[: (done + n + bs - 1) // bs], 0, done + n == prompt)])
+        last = "last" if done + n == prompt else "none"
+        runner.execute(StepPlan.one_sequence(ids[: done + n], table, bs, start=done, logits=last))
         done += n
     times = []
     for i in range(decode):
+        plan = StepPlan.one_sequence(ids[: prompt + i + 1], table, bs, start=prompt + i, logits="last")
         _sync(runner.device)
         t = time.perf_counter()
-        runner.run([SeqStep([ids[prompt + i]], prompt + i, table[: (prompt + i + 1 + bs - 1) // bs], 0)])
+        runner.execute(plan)
         _sync(runner.device)
         times.append(time.perf_counter() - t)
     return times

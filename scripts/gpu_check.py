@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spillover import LLM, kernels  # noqa: E402
-from spillover.engine.runner import SeqStep  # noqa: E402
+from spillover.engine.batch import StepPlan  # noqa: E402
 from spillover.kernels import ref  # noqa: E402
 from spillover.kernels.context import ForwardContext  # noqa: E402
 from tests.models.tiny import CONFIGS, build_hf, save_hf  # noqa: E402
@@ -74,10 +74,11 @@ def check_gdn_kernel() -> int:
 def run(llm: LLM, chunks: list[list[int]]) -> torch.Tensor:
     runner = llm._runner_for(sum(len(c) for c in chunks))
     table = list(range(runner.layout.num_blocks))
-    out, done = [], 0
+    out, seen = [], []
     for c in chunks:
-        out.append(runner.run([SeqStep(c, done, table, 0)], all_logits=True).float().cpu())
-        done += len(c)
+        start, seen = len(seen), seen + c
+        plan = StepPlan.one_sequence(seen, table, llm.block_size, start=start)
+        out.append(runner.execute(plan).logits.float().cpu())
     return torch.cat(out)
 
 

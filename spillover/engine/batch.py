@@ -12,7 +12,9 @@ The runner consumes a plan in this order:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from spillover.engine.params import SamplingParams
 from spillover.engine.request import Request
 
 
@@ -90,6 +92,39 @@ class StepPlan:
     # runner with per-request caches (persistent batch, CUDA graph inputs) can drop them.
     finished_request_ids: list[str] = field(default_factory=list)
     num_preempted: int = 0  # preemptions made while building this plan
+
+    @classmethod
+    def one_sequence(
+        cls,
+        token_ids: list[int],
+        block_table: list[int],
+        block_size: int,
+        *,
+        start: int = 0,
+        state_slot: int = 0,
+        logits: Literal["all", "last", "none"] = "all",
+    ) -> StepPlan:
+        """A plan of one sequence outside the scheduler (scoring, model tests, benches): compute
+        positions [start, len(token_ids)) of `token_ids` (the sequence so far) on a cache whose
+        blocks `block_table` (and state slot `state_slot`, hybrid models) already hold the first
+        `start` tokens. logits: of every new position ("all", as prompt logprob rows), of the
+        last one ("last", the sampled row) or none."""
+        end = len(token_ids)
+        if not 0 <= start < end:
+            raise ValueError(f"no tokens to compute: start {start} of a {end}-token sequence")
+        blocks = -(-end // block_size)
+        if len(block_table) < blocks:
+            raise ValueError(f"block table of {len(block_table)} blocks cannot hold {end} tokens")
+        seq = ScheduledSeq(
+            request=Request("one-sequence", list(token_ids), SamplingParams()),
+            start=start,
+            num_new_tokens=end - start,
+            block_table=list(block_table[:blocks]),
+            state_slot=state_slot,
+            sample=logits == "last",
+            prompt_logprob_positions=range(start, end) if logits == "all" else range(0),
+        )
+        return cls([seq], block_size)
 
     @property
     def num_tokens(self) -> int:

@@ -25,7 +25,7 @@ from spillover.engine.step_sampler import sample_rows
 from spillover.hw.info import HardwareInfo, with_overrides
 from spillover.hw.probe import probe
 from spillover.models.causal_lm import CausalLM
-from spillover.plan.engine_cache import cache_plan_for_engine, engine_limits
+from spillover.plan.engine_cache import cache_plan_for_engine, engine_limits, resolve_max_model_len
 from spillover.plan.measure import PeakComparison, compare_peaks, measured_bytes_by_component
 from spillover.plan.memory import KV_CACHE, LINEAR_STATE, MemoryPlan
 
@@ -47,7 +47,7 @@ class EngineConfig:
     num_state_slots: int | None = None
     max_prompt_checkpoints: int = 8
     enable_prefix_caching: bool = True
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # None: the model's; resolve_max_model_len decides
     max_queue_len: int = 1024  # add_request raises QueueFullError beyond this many waiting
 
 
@@ -86,7 +86,8 @@ def memory_plan(
     KV blocks for max_num_seqs sequences of up to ENGINE_TOKENS_PER_SEQ tokens within
     `kv_cache_memory_bytes` (default: 1 GiB on the CPU, half the free memory on a GPU), state slots
     for every running sequence plus checkpoints; explicit num_kv_blocks / num_state_slots win."""
-    max_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+    # A no-op on an Engine's own config (resolved in Engine.__init__); other callers pass the user's.
+    max_len = resolve_max_model_len(cfg, config.max_model_len)
     limits = engine_limits(
         max_num_seqs=config.max_num_seqs,
         max_len=max_len,
@@ -138,6 +139,8 @@ class Engine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = device
+        # max_model_len resolved once: the caches, the scheduler and add_request read this value.
+        config = replace(config, max_model_len=resolve_max_model_len(model_config, config.max_model_len))
         self.config = config
         if device.type == "cuda":  # the peak compared with the plan after warm-up starts here
             torch.cuda.reset_peak_memory_stats(device)
@@ -153,13 +156,12 @@ class Engine:
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
-        max_len = min(config.max_model_len or model_config.max_position, model_config.max_position)
         sched_cfg = SchedulerConfig(
             num_blocks=num_blocks,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
-            max_model_len=max_len,
+            max_model_len=config.max_model_len,
             hybrid=hybrid,
             num_state_slots=num_slots if hybrid else 0,
             enable_prefix_caching=config.enable_prefix_caching,

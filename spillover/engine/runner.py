@@ -2,31 +2,28 @@
 
 The scheduler decides *what* to compute (which tokens of which sequences, in which KV blocks and
 state slots); the runner performs the plan's cache copies, builds the flat varlen batch and the
-`ForwardContext`, runs the model and returns logits for the rows that need them.
-
-`SeqStep` + `run` is the older single-purpose entry (scoring, model tests): same context, no
-scheduler.
+whole `ForwardContext` (rotary rows and linear-attention metadata included: the model only reads
+it, so a CUDA graph can capture it), runs the model and returns logits for the rows that need
+them. `execute(plan)` is its one entry: scoring and model tests build a one-sequence plan
+(`StepPlan.one_sequence`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from spillover.config import ModelConfig
 from spillover.engine.batch import FlatInputs, StepPlan
-from spillover.kernels.context import AttentionCache, ForwardContext, LinearStateCache
+from spillover.kernels.context import (
+    AttentionCache,
+    ForwardContext,
+    LinearStateCache,
+    build_linear_meta,
+)
 from spillover.models.causal_lm import CausalLM
-
-
-@dataclass
-class SeqStep:
-    token_ids: list[int]  # the new tokens of this sequence computed in this step
-    num_cached: int  # tokens of this sequence already in its KV blocks / state slot
-    block_table: list[int]  # KV blocks covering at least num_cached + len(token_ids) tokens
-    state_slot: int = 0  # linear-attention state slot (hybrid models)
-    want_logits: bool = True  # sample after this step (false for a non-final prefill chunk)
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,11 @@ def pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
     return out
 
 
+class StepOutput(NamedTuple):
+    logits: torch.Tensor  # float32 [len(inputs.logits_indices), vocab]
+    inputs: FlatInputs  # the flat batch the plan became (sample_rows, prompt_logprob_spans)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, layout: CacheLayout, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
@@ -74,89 +76,64 @@ class ModelRunner:
         self.dtype = dtype
         self.kv_caches, self.state_caches = allocate_caches(self.cfg, layout, device, dtype)
 
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """The runner's one entry: the plan's cache copies, then one forward pass; logits of the
+        rows `inputs.logits_indices` names, in that order."""
+        if plan.block_size != self.layout.block_size:
+            raise ValueError(f"plan of {plan.block_size}-token blocks for a cache of "
+                             f"{self.layout.block_size}-token blocks")
+        self._apply_copies(plan)
+        # Attention reads block tables; per-token kv index lists would cost O(context) Python.
+        inp = plan.build_inputs(kv_indices=False)
+        input_ids, ctx = self._build_context(inp)
+        hidden = self.model(input_ids, ctx)
+        if not inp.logits_indices:
+            return StepOutput(torch.empty(0, self.cfg.vocab_size, device=self.device), inp)
+        return StepOutput(self.model.compute_logits(hidden, ctx), inp)
+
     # ---- cache copies ------------------------------------------------------------------------
-    def copy_state_slot(self, src: int, dst: int) -> None:
-        """Duplicate a linear-attention state (prompt reuse checkpoints, n > 1 forks)."""
-        for c in self.state_caches.values():
-            c.conv[dst].copy_(c.conv[src])
-            c.ssm[dst].copy_(c.ssm[src])
-
-    def copy_block(self, src: int, dst: int) -> None:
-        """Duplicate one KV block in every full-attention layer (a shared, partly filled block)."""
-        for c in self.kv_caches.values():
-            c.k[dst].copy_(c.k[src])
-            c.v[dst].copy_(c.v[src])
-
-    def apply_copies(self, plan: StepPlan) -> None:
+    def _apply_copies(self, plan: StepPlan) -> None:
         # In list order: a later copy may read a block or slot an earlier one wrote.
         for b in plan.block_copies:
-            self.copy_block(b.src, b.dst)
+            # Duplicate one KV block in every full-attention layer (a shared, partly filled block).
+            for c in self.kv_caches.values():
+                c.k[b.dst].copy_(c.k[b.src])
+                c.v[b.dst].copy_(c.v[b.src])
         for s in plan.slot_copies:
-            self.copy_state_slot(s.src, s.dst)
+            # Duplicate a linear-attention state (prompt reuse checkpoints, n > 1 forks).
+            for st in self.state_caches.values():
+                st.conv[s.dst].copy_(st.conv[s.src])
+                st.ssm[s.dst].copy_(st.ssm[s.src])
 
-    # ---- StepPlan path (the engine) ------------------------------------------------------------
-    def context_from_inputs(self, inp: FlatInputs) -> tuple[torch.Tensor, ForwardContext]:
+    # ---- the forward's context -----------------------------------------------------------------
+    def _build_context(self, inp: FlatInputs) -> tuple[torch.Tensor, ForwardContext]:
+        """Token ids [T] and the complete ForwardContext of one step: everything a layer reads
+        is computed here, before the forward."""
         dev = self.device
 
         def put(x: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
+        positions = put(inp.positions)
+        # Sequences without a slot (attention-only models) never touch state caches.
+        state_slots = [max(s, 0) for s in inp.state_slots]
+        linear = None
+        if self.cfg.linear_layers:
+            linear = build_linear_meta(inp.query_lens, inp.context_lens, state_slots, dev)
         ctx = ForwardContext(
-            positions=put(inp.positions),
+            positions=positions,
             query_lens=inp.query_lens,
             context_lens=inp.context_lens,
             slot_mapping=put(inp.slot_mapping),
             kv_indices=[put(ix) for ix in inp.kv_indices],
             block_tables=pad_block_tables(inp.block_tables).to(dev, non_blocking=True),
             context_lens_tensor=put(inp.context_lens, torch.int32),
-            # Sequences without a slot (attention-only models) never touch state caches.
-            state_slots=[max(s, 0) for s in inp.state_slots],
+            state_slots=state_slots,
             kv_caches=self.kv_caches,
             state_caches=self.state_caches,
             logits_indices=put(inp.logits_indices),
+            rope_cos_sin=self.model.rope_cos_sin(positions, max(inp.context_lens, default=0)),
+            linear=linear,
         )
         return put(inp.token_ids), ctx
-
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, FlatInputs]:
-        """Copies, forward, logits: float32 [len(inp.logits_indices), vocab] and the flat inputs."""
-        self.apply_copies(plan)
-        # Attention reads block tables; per-token kv index lists would cost O(context) Python.
-        inp = plan.build_inputs(kv_indices=False)
-        input_ids, ctx = self.context_from_inputs(inp)
-        hidden = self.model(input_ids, ctx)
-        if not inp.logits_indices:
-            return torch.empty(0, self.cfg.vocab_size, device=self.device), inp
-        return self.model.compute_logits(hidden, ctx), inp
-
-    # ---- SeqStep path (scoring, model tests) ---------------------------------------------------
-    def build_context(self, steps: list[SeqStep], all_logits: bool = False) -> tuple[torch.Tensor, ForwardContext]:
-        bs = self.layout.block_size
-        inp = FlatInputs([], [], [], [], [], [], [], [], [], [], [])
-        for s in steps:
-            n, start = len(s.token_ids), s.num_cached
-            end = start + n
-            if len(s.block_table) * bs < end:
-                raise ValueError(f"block table of {len(s.block_table)} blocks cannot hold {end} tokens")
-            row0 = len(inp.token_ids)
-            inp.token_ids += s.token_ids
-            inp.positions += range(start, end)
-            inp.slot_mapping += [s.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-            inp.query_lens.append(n)
-            inp.context_lens.append(end)
-            inp.block_tables.append(s.block_table[: -(-end // bs)])
-            inp.state_slots.append(s.state_slot)
-            if all_logits:
-                inp.logits_indices += range(row0, row0 + n)
-            elif s.want_logits:
-                inp.logits_indices.append(row0 + n - 1)
-        return self.context_from_inputs(inp)
-
-    @torch.inference_mode()
-    def run(self, steps: list[SeqStep], all_logits: bool = False) -> torch.Tensor:
-        """One forward pass; float32 logits [rows, vocab] for the rows that want them, in order."""
-        input_ids, ctx = self.build_context(steps, all_logits)
-        hidden = self.model(input_ids, ctx)
-        if ctx.logits_indices is not None and ctx.logits_indices.numel() == 0:
-            return torch.empty(0, self.cfg.vocab_size, device=self.device)
-        return self.model.compute_logits(hidden, ctx)

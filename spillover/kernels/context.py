@@ -1,7 +1,9 @@
 """ForwardContext: what one forward pass needs to know besides the token ids.
 
-The runner builds it from a StepPlan; layers read it. A batch is a flat list of T new tokens
-belonging to N sequences laid out one after another (varlen, no padding).
+The runner builds it from a StepPlan, whole, before the forward; the model and its layers only
+read it (it is frozen: a CUDA graph captures the tensors it holds, so nothing may be swapped in
+during a forward). A batch is a flat list of T new tokens belonging to N sequences laid out one
+after another (varlen, no padding).
 """
 
 from __future__ import annotations
@@ -35,7 +37,25 @@ class LinearStateCache:
     ssm: torch.Tensor
 
 
-@dataclass
+LinearMeta = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def build_linear_meta(
+    query_lens: list[int], context_lens: list[int], state_slots: list[int], device: torch.device
+) -> LinearMeta:
+    """(state slots [N] int64, fresh-sequence mask [N] bool, cu_seqlens [N+1] int64) on `device`:
+    the per-step tensors the linear-attention kernels need, shared by every layer."""
+    cu = [0]
+    for n in query_lens:
+        cu.append(cu[-1] + n)
+    return (
+        torch.tensor(state_slots, device=device, dtype=torch.long),
+        torch.tensor([c == q for c, q in zip(context_lens, query_lens, strict=True)], device=device),
+        torch.tensor(cu, device=device, dtype=torch.long),
+    )
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     positions: torch.Tensor  # [T] int64, absolute position of every new token
     query_lens: list[int]  # [N] new tokens per sequence (sum == T)
@@ -50,24 +70,17 @@ class ForwardContext:
     state_caches: dict[int, LinearStateCache] = field(default_factory=dict)  # layer index -> slots
     # Rows of the hidden state whose logits are needed (last token of each sequence by default).
     logits_indices: torch.Tensor | None = None
-    # Filled by the model at the start of a forward pass: rotary cos/sin rows [T, 1, rotary_dim].
+    # Rotary cos/sin rows [T, 1, rotary_dim] of `positions` (models with attention layers).
     rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+    # `build_linear_meta(...)` of this step (hybrid models), built once by the runner.
+    linear: LinearMeta | None = field(default=None, repr=False)
 
-    # Per-step tensors the linear-attention kernels need; built once, shared by every layer.
-    _linear_meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-
-    def linear_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(state slots [N] int64, fresh-sequence mask [N] bool, cu_seqlens [N+1] int64) on `device`."""
-        if self._linear_meta is None:
-            cu = [0]
-            for n in self.query_lens:
-                cu.append(cu[-1] + n)
-            self._linear_meta = (
-                torch.tensor(self.state_slots, device=device, dtype=torch.long),
-                torch.tensor([c == 0 for c in self.cached_lens], device=device),
-                torch.tensor(cu, device=device, dtype=torch.long),
-            )
-        return self._linear_meta
+    def linear_meta(self, device: torch.device) -> LinearMeta:
+        """The step's linear-attention tensors (`build_linear_meta`): the runner's, or, for a
+        context built by hand (kernel tests), computed on each call; never stored on the context."""
+        if self.linear is not None:
+            return self.linear
+        return build_linear_meta(self.query_lens, self.context_lens, self.state_slots, device)
 
     @property
     def num_seqs(self) -> int:

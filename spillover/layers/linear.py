@@ -1,30 +1,20 @@
 """Linear layer whose weight format is injected.
 
 A `Linear` starts as a plain dense weight [out, in]. The quantization package may replace it with
-a `WeightFormat` object (`linear.set_format(fmt)`), which then owns the packed tensors and the
-matmul; model files never know which format runs.
+a packed `spillover.quant.WeightFormat` (`linear.set_format(fmt)`), which then owns the packed
+tensors and the matmul; model files never know which format runs.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@runtime_checkable
-class WeightFormat(Protocol):
-    """What a packed weight must offer to stand in for a dense [out, in] matrix."""
-
-    name: str
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
-        ...
-
-    def dequantize(self) -> torch.Tensor:  # [out, in] in the activation dtype
-        ...
+if TYPE_CHECKING:
+    from spillover.quant import WeightFormat
 
 
 class Linear(nn.Module):

@@ -66,11 +66,18 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 
+    def rope_cos_sin(
+        self, positions: torch.Tensor, max_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary cos/sin rows [T, 1, rotary_dim] for `positions` in the activations' dtype, or
+        None without attention layers: the runner puts them in the ForwardContext it builds."""
+        if not self.config.attention_layers:
+            return None
+        return self.rotary.cos_sin(positions, max_pos, self.model.embed_tokens.weight.dtype)
+
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids [T] (flat varlen batch) -> final hidden states [T, H]."""
+        """input_ids [T] (flat varlen batch) -> final hidden states [T, H]. Reads `ctx` only."""
         x = self.model.embed_tokens(input_ids)  # [T, H]
-        if self.config.attention_layers:
-            ctx.rope_cos_sin = self.rotary.cos_sin(ctx.positions, max(ctx.context_lens), x.dtype)
         for layer in self.model.layers:
             x = layer(x, ctx)
         return self.model.norm(x)

@@ -32,6 +32,14 @@ ENGINE_GPU_FREE_FRACTION = 0.5
 _CACHE_ENTRIES = (KV_CACHE, LINEAR_STATE, ACTIVATIONS, STAGING, RUNTIME)
 
 
+def resolve_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
+    """The longest sequence (prompt + output) the engine serves: `requested`, never above the
+    model's `max_position`; the model's own limit when None or 0. The one place this is decided:
+    the engine resolves it once, sizes its caches and scheduler with the result, and everyone
+    else reads `Engine.max_model_len` (which the scheduler may cut further to the cache)."""
+    return min(requested or cfg.max_position, cfg.max_position)
+
+
 def engine_limits(
     *,
     max_num_seqs: int,

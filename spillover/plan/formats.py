@@ -1,8 +1,9 @@
 """Weight formats as byte arithmetic: exact bytes of one [out, in] matrix, scales included.
 
-These mirror the storage of the quant/ package (one class per format); the planner only needs the
-sizes. Tensors that are not quantised (embeddings, lm_head, router, norms, conv, A_log, dt_bias)
-stay in the model dtype, bf16.
+`FormatSize` predicts what the quant/ package's formats hold (`WeightFormat.nbytes`, equal byte
+for byte: tests/unit/test_plan_format_size.py); the planner only needs the sizes. Tensors that are
+not quantised (embeddings, lm_head, router, norms, conv, A_log, dt_bias) stay in the model dtype,
+bf16.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 @dataclass(frozen=True)
-class WeightFormat:
+class FormatSize:
     name: str  # bf16 | fp8 | int8 | int4 | native
     description: str
     quality_rank: int  # lower is closer to the original weights; `auto` tries them in this order
@@ -43,19 +44,27 @@ class WeightFormat:
             return _ceil_div(n, 2) + per_group * groups
         raise ValueError(f"format {self.name!r} has no matrix size (stored bytes come from the file)")
 
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of a [N, K] matrix or a stack of experts [E, N, K]: each expert is its own matrix."""
+        *lead, out_features, in_features = shape
+        experts = lead[0] if lead else 1
+        return experts * self.matrix_bytes(out_features, in_features)
+
     def bits_per_weight(self, out_features: int = 4096, in_features: int = 4096) -> float:
         return 8 * self.matrix_bytes(out_features, in_features) / (out_features * in_features)
 
 
-BF16 = WeightFormat("bf16", "bfloat16, as released", 0)
-FP8 = WeightFormat("fp8", "FP8 E4M3, fp32 scale per 128x128 block", 1)
-INT8 = WeightFormat("int8", "int8 per-channel, bf16 scales", 2)
-INT4 = WeightFormat("int4", "int4 group 128, bf16 scale", 3)
-INT4_ZP = WeightFormat("int4", "int4 group 128, bf16 scale + bf16 zero", 3, zero_point=True)
-# Bytes exactly as stored in the file (GGUF, pre-quantised safetensors): no re-quantisation.
-NATIVE = WeightFormat("native", "as stored in the checkpoint", -1)
+WeightFormat = FormatSize  # the old name, kept until offload/budget.py imports FormatSize
 
-FORMATS: dict[str, WeightFormat] = {"bf16": BF16, "fp8": FP8, "int8": INT8, "int4": INT4}
+BF16 = FormatSize("bf16", "bfloat16, as released", 0)
+FP8 = FormatSize("fp8", "FP8 E4M3, fp32 scale per 128x128 block", 1)
+INT8 = FormatSize("int8", "int8 per-channel, bf16 scales", 2)
+INT4 = FormatSize("int4", "int4 group 128, bf16 scale", 3)
+INT4_ZP = FormatSize("int4", "int4 group 128, bf16 scale + bf16 zero", 3, zero_point=True)
+# Bytes exactly as stored in the file (GGUF, pre-quantised safetensors): no re-quantisation.
+NATIVE = FormatSize("native", "as stored in the checkpoint", -1)
+
+FORMATS: dict[str, FormatSize] = {"bf16": BF16, "fp8": FP8, "int8": INT8, "int4": INT4}
 QUANT_CHOICES = ("auto", "bf16", "fp8", "int8", "int4-experts", "int4", "native")
 
 
@@ -63,8 +72,8 @@ QUANT_CHOICES = ("auto", "bf16", "fp8", "int8", "int4-experts", "int4", "native"
 class WeightScheme:
     """Which format each kind of tensor gets: dense projections and routed experts may differ."""
 
-    dense: WeightFormat
-    experts: WeightFormat
+    dense: FormatSize
+    experts: FormatSize
 
     @property
     def name(self) -> str:
@@ -85,7 +94,7 @@ class WeightScheme:
         return max(self.dense.quality_rank, self.experts.quality_rank)
 
     @classmethod
-    def uniform(cls, fmt: WeightFormat) -> WeightScheme:
+    def uniform(cls, fmt: FormatSize) -> WeightScheme:
         return cls(fmt, fmt)
 
 
@@ -123,14 +132,14 @@ def checkpoint_scheme(method: str, checkpoint_format: str, bits: int, group_size
     if fp8_block is not None:
         per_row = fp8_block[1] == 0
         how = "per row" if per_row else f"per {fp8_block[0]}x{fp8_block[1]} block"
-        return WeightScheme.uniform(WeightFormat("fp8", f"FP8 E4M3, fp32 scale {how} (as in the checkpoint)", 1,
+        return WeightScheme.uniform(FormatSize("fp8", f"FP8 E4M3, fp32 scale {how} (as in the checkpoint)", 1,
                                                  group_size=0 if per_row else fp8_block[0]))
     if bits == 8 and (method, checkpoint_format) == ("compressed-tensors", "int-quantized"):
-        return WeightScheme.uniform(WeightFormat("int8", "int8 per-channel (as in the checkpoint)", 2))
+        return WeightScheme.uniform(FormatSize("int8", "int8 per-channel (as in the checkpoint)", 2))
     if bits != 4:
         return None
     g = group_size or 0
     group = f"group {g}" if g else "per channel"
     zero = "" if symmetric else " + float32 min"
-    return WeightScheme.uniform(WeightFormat("int4", f"int4 {group}, scale{zero} (as in the checkpoint)", 3,
+    return WeightScheme.uniform(FormatSize("int4", f"int4 {group}, scale{zero} (as in the checkpoint)", 3,
                                              group_size=g, zero_point=not symmetric, zero_bytes=4))

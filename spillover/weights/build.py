@@ -4,7 +4,7 @@
 fp8) onto a `QuantPolicy` (`load_policy`) and quantizes while loading (spillover.weights.quantize_stream: each
 float tensor packed as it arrives, the float model never held). `quantize_for_load(model, quant)`
 quantizes an already loaded float model in place with the same policy, through `quantize_model`
-(linears via `Linear.set_format`, MoE experts via the bank's `w13_fmt` / `w2_fmt`): the reference.
+(linears via `Linear.set_format`, MoE experts via the bank's `install`): the reference.
 `load_from_store(path, cfg, device, dtype)` builds the model and fills it from a store written by
 `spillover convert`, handing packed tensors to the loader as format objects (no dequantization).
 """
@@ -21,6 +21,7 @@ import torch
 from spillover.config import ModelConfig
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
+from spillover.offload.bank import is_expert_bank
 from spillover.weights.quantize import QuantPolicy, quantize_model
 
 if TYPE_CHECKING:
@@ -179,18 +180,10 @@ def move_model(model: CausalLM, device: torch.device) -> CausalLM:
         return model
     model.to(device)
     for mod in model.modules():
-        for attr in ("fmt", "w13_fmt", "w2_fmt"):
-            fmt = getattr(mod, attr, None)
-            if fmt is not None:
-                setattr(mod, attr, format_to(fmt, device))
+        if isinstance(mod, Linear) and mod.fmt is not None:
+            mod.set_format(mod.fmt.to(device))
+        elif is_expert_bank(mod):
+            for name, fmt in mod.formats().items():
+                if fmt is not None:
+                    mod.install(name, fmt.to(device))
     return model
-
-
-def format_to(fmt: Any, device: torch.device) -> Any:
-    """A packed format on `device`; formats without their own `to` are rebuilt from their tensors."""
-    if hasattr(fmt, "to"):
-        return fmt.to(device)
-    from spillover.quant import format_from_tensors
-
-    parts = {k: t.to(device) for k, t in fmt.tensors().items()}
-    return format_from_tensors(parts, fmt.meta(), fmt.act_dtype)

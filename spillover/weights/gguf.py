@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from spillover.config import ModelConfig
+from spillover.quant import WeightFormat
 from spillover.weights.loader import WeightLoadError
 from spillover.weights.names import GGUF_IGNORED, gguf_to_hf
 
@@ -84,16 +85,8 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def _unpermute_packed(fmt: Any, n_heads: int) -> Any:
-    """The same row permutation on a packed [1, N, ...] format: codes, scales and mins move with
-    their row, so the packed weight dequantizes to `_unpermute` of the dense one."""
-    perm = _unpermute(torch.arange(fmt.out_features), n_heads)
-    mins = fmt.mins[:, perm] if fmt.mins is not None else None
-    return type(fmt)(fmt.qweight[:, perm], fmt.scales[:, perm], mins, group_size=fmt.group_size,
-                     stacked=fmt.stacked, act_dtype=fmt.act_dtype)
-
-
-def gguf_rows_fix(gguf_name: str, item: Any, cfg: ModelConfig) -> Any:
+def gguf_rows_fix(gguf_name: str, item: torch.Tensor | WeightFormat, cfg: ModelConfig
+                  ) -> torch.Tensor | WeightFormat:
     """Undo llama.cpp's q/k row permutation (Llama only) on a dense tensor or a packed format."""
     if cfg.extra.get("gguf_architecture") != "llama":
         return item
@@ -105,9 +98,10 @@ def gguf_rows_fix(gguf_name: str, item: Any, cfg: ModelConfig) -> Any:
         return item
     if isinstance(item, torch.Tensor):
         return _unpermute(item, heads)
-    if not hasattr(item, "qweight"):  # e.g. FP8 blocks span rows: permute the dequantized weight
-        return _unpermute(item.dequantize(), heads)
-    return _unpermute_packed(item, heads)
+    # a packed format moves each row with its scales; where a scale block spans rows (FP8), the
+    # dequantized weight is permuted instead
+    moved = item.take_rows(_unpermute(torch.arange(item.out_features), heads))
+    return moved if moved is not None else _unpermute(item.dequantize(), heads)
 
 
 def iter_gguf(path: str | Path, cfg: ModelConfig, native: bool = False,

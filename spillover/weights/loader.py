@@ -11,10 +11,11 @@ holding plus the tensor in flight, never a float copy of packed weights.
 
 A source may also yield a packed weight format (spillover.quant: native GGUF blocks, a converted
 store, a tensor quantized on the fly by spillover.weights.quantize_stream) instead of a tensor. Packed parts of
-one `Linear` or expert bank are collected and, as soon as all arrived, concatenated along the output
-rows (merged q|k|v, gate|up) and the expert axis, then installed with `set_format` / `w13_fmt`; such
-a parameter never gets a float tensor. Parts whose layouts differ are dequantized into the dense
-parameter instead. Packed tensors aimed at anything else (embeddings, norms) are dequantized.
+one `Linear` or expert bank are collected and, as soon as all arrived, joined by the format's own
+`concat` along the output rows (merged q|k|v, gate|up) and the expert axis, then installed with
+`Linear.set_format` / the bank's `install`; such a parameter never gets a float tensor. Parts that
+cannot be joined (their layouts differ) are dequantized into the dense parameter instead. Packed
+tensors aimed at anything else (embeddings, norms) are dequantized.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from spillover.layers.linear import Linear
+from spillover.offload.bank import is_expert_bank
+from spillover.quant import WeightFormat, concat_experts
 from spillover.weights.names import IGNORED_PREFIXES, IGNORED_SUFFIXES
 
 WeightItem = tuple[str, torch.Tensor, str]
-# A packed weight format (spillover.quant.QuantFormat); duck-typed so the loader stays import-light.
-PackedOrTensor = Any
-Piece = tuple[tuple[slice | int, ...], Any]  # (index into the dense parameter, packed format)
+PackedOrTensor = WeightFormat | torch.Tensor
+Piece = tuple[tuple[slice | int, ...], WeightFormat]  # (index into the dense parameter, packed format)
 Owners = dict[str, list[tuple[nn.Module, str]]]  # parameter name -> every (module, attr) holding it
 
 
@@ -151,14 +152,13 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, PackedOrTensor, 
             raise WeightLoadError(f"{src}: unexpected tensor {name} (no matching parameter in the model)")
         pname, index = target
         expected = tuple(params[pname][index].shape) if index else tuple(params[pname].shape)
-        packed = not isinstance(item, torch.Tensor)
-        shape = packed_shape(item) if packed else tuple(item.shape)
+        shape = tuple(item.shape) if isinstance(item, torch.Tensor) else packed_shape(item)
         if expected != shape:
             raise WeightLoadError(f"{src}: tensor {name} has shape {shape}, expected {expected} ({pname})")
-        if packed and packable(pname, modules):
+        if not isinstance(item, torch.Tensor) and packable(pname, modules):
             pending.setdefault(pname, []).append((index, item))
         else:
-            tensor = item.dequantize() if packed else item
+            tensor = item if isinstance(item, torch.Tensor) else item.dequantize()
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise WeightLoadError(f"{src}: tensor {name} contains NaN or Inf values")
             param = _materialize(pname, params, owners, device)
@@ -215,12 +215,10 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
             assert not p.is_meta, f"{mod_name}.{pname} still on meta after loading"
 
 
-def packed_shape(fmt: Any) -> tuple[int, ...]:
+def packed_shape(fmt: WeightFormat) -> tuple[int, ...]:
     """Logical [N, K] / [E, N, K] shape of a packed format."""
-    if hasattr(fmt, "out_features"):
-        lead = (fmt.num_experts,) if fmt.stacked else ()
-        return (*lead, fmt.out_features, fmt.in_features)
-    return tuple(fmt.tensors()["weight"].shape)
+    lead = (fmt.num_experts,) if fmt.stacked else ()
+    return (*lead, fmt.out_features, fmt.in_features)
 
 
 def packable(pname: str, modules: dict[str, nn.Module]) -> bool:
@@ -229,64 +227,7 @@ def packable(pname: str, modules: dict[str, nn.Module]) -> bool:
     mod = modules.get(mod_name)
     if isinstance(mod, Linear):
         return attr == "weight"
-    return attr in ("w13", "w2") and hasattr(mod, f"{attr}_fmt")
-
-
-def _concat(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
-    """One format from parts along `dim` (1: output rows, 0: experts), or None when their layouts
-    differ (format, group, mins, dtypes) and the parts cannot share one kernel call."""
-    if not hasattr(fmts[0], "qweight"):
-        return _concat_tensors(fmts, dim, stacked)
-    # Rows and experts are axes 1 and 0 of the storage ("nk") layout only; a part already laid out
-    # for the GPU kernels ("kn") goes back to it, and move_model re-lays out the whole.
-    fmts = [f.to_layout("nk") if getattr(f, "layout", "nk") != "nk" else f for f in fmts]
-    f0 = fmts[0]
-
-    def layout(f: Any) -> tuple[Any, ...]:
-        mins = None if f.mins is None else f.mins.dtype
-        return type(f), f.group_size, f.qweight.dtype, f.scales.dtype, mins, f.act_dtype
-
-    if any(not hasattr(f, "qweight") or layout(f) != layout(f0) for f in fmts):
-        return None
-    mins = torch.cat([f.mins for f in fmts], dim) if f0.mins is not None else None
-    return type(f0)(torch.cat([f.qweight for f in fmts], dim), torch.cat([f.scales for f in fmts], dim), mins,
-                    group_size=f0.group_size, stacked=stacked, act_dtype=f0.act_dtype)
-
-
-def _concat_tensors(fmts: list[Any], dim: int, stacked: bool) -> Any | None:
-    """Formats without a grouped-int layout (FP8 blocks, float) joined through their tensors: per-expert
-    parts stacked on a new leading axis (dim 0), output rows concatenated only where no scale block
-    would span two parts (FP8 scales cover `block` rows)."""
-    from spillover.quant import format_from_tensors
-
-    f0 = fmts[0]
-    meta = f0.meta()
-    if any(type(f) is not type(f0) or f.meta() != meta or f.act_dtype != f0.act_dtype for f in fmts):
-        return None
-    if len(fmts) == 1:
-        return f0 if f0.stacked == stacked else None
-    parts = [f.tensors() for f in fmts]
-    if dim == 0:
-        if f0.stacked or not stacked:
-            return None
-        joined = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
-    else:
-        rows = 1 if stacked else 0
-        if f0.stacked != stacked or any(p["weight"].shape[rows] % int(meta.get("block_n", meta.get("block", 1)))
-                                       for p in parts[:-1]):
-            return None
-        joined = {k: torch.cat([p[k] for p in parts], rows) for k in parts[0]}
-    return format_from_tensors(joined, {**meta, "stacked": stacked}, f0.act_dtype)
-
-
-def _as_experts(flat: Any, experts: int) -> Any:
-    """A grouped-int [1, E*N, ...] format viewed as the stacked [E, N, ...] one (no copy)."""
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(experts, -1, t.shape[-1])
-
-    mins = split(flat.mins) if flat.mins is not None else None
-    return type(flat)(split(flat.qweight), split(flat.scales), mins, group_size=flat.group_size, stacked=True,
-                      act_dtype=flat.act_dtype)
+    return mod is not None and is_expert_bank(mod) and attr in mod.formats()
 
 
 def _row_start(index: tuple[slice | int, ...]) -> tuple[int, int]:
@@ -303,20 +244,14 @@ def _install(pname: str, pieces: list[Piece], mixed: bool, params: dict[str, nn.
     mod = modules[mod_name]
     pieces = sorted(pieces, key=lambda p: _row_start(p[0]))
     experts = sorted({_row_start(ix)[0] for ix, _ in pieces})
-    stacked = params[pname].dim() == 3
-    fmt: Any = None
+    fmt: WeightFormat | None = None
     if mixed:
         fmt = None
     elif experts == [-1]:  # dense Linear parts, or stacked expert tensors split by rows
-        fmt = _concat([f for _, f in pieces], 1, stacked)
-    elif all(hasattr(f, "qweight") for _, f in pieces):
-        # Per-expert grouped-int parts, sorted (expert, row): one concatenation of all their rows is
-        # already the [E, N, ...] stack in memory, without a per-expert intermediate copy.
-        flat = _concat([f for _, f in pieces], 1, False)
-        fmt = None if flat is None else _as_experts(flat, len(experts))
-    else:  # per-expert checkpoint tensors: rows within each expert, then stack the experts
-        per = [_concat([f for ix, f in pieces if _row_start(ix)[0] == e], 1, False) for e in experts]
-        fmt = None if any(p is None for p in per) else _concat(per, 0, True)
+        fmts = [f for _, f in pieces]
+        fmt = fmts[0].concat(fmts, 1)
+    else:  # per-expert checkpoint tensors: rows within each expert, then the experts stacked
+        fmt = concat_experts([[f for ix, f in pieces if _row_start(ix)[0] == e] for e in experts])
     if fmt is None:  # layouts disagree: keep this parameter dense (still exact)
         param = _materialize(pname, params, owners, device)
         for index, f in pieces:
@@ -328,6 +263,5 @@ def _install(pname: str, pieces: list[Piece], mixed: bool, params: dict[str, nn.
     where = device if held.is_meta else held.device
     if isinstance(mod, Linear):
         mod.set_format(fmt, where)
-    else:
-        setattr(mod, f"{attr}_fmt", fmt)
-        setattr(mod, attr, nn.Parameter(torch.empty(0, device=where), requires_grad=False))
+    elif is_expert_bank(mod):
+        mod.install(attr, fmt, where)

@@ -1,10 +1,10 @@
 """Quantize a built model in place, following a per-component policy, and record what was done.
 
 Walks the module tree: every `spillover.layers.linear.Linear` gets a format through `set_format`;
-every module exposing stacked expert parameters `w13` [E, 2I, H] and `w2` [E, H, I] (duck typing,
-so the MoE layer needs no import from here) gets `module.w13_fmt` / `module.w2_fmt` and its float
-parameters released. Components matched by `keep` patterns stay in float (router, gates, norms,
-embeddings, conv, lm_head by default); `overrides` pick a format per component pattern.
+every expert bank (`spillover.offload.bank.is_expert_bank`) gets its stacked `w13` [E, 2I, H] and
+`w2` [E, H, I] packed through `install`, which releases the float parameters. Components matched by
+`keep` patterns stay in float (router, gates, norms, embeddings, conv, lm_head by default);
+`overrides` pick a format per component pattern.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from spillover.layers.linear import Linear
-from spillover.quant import QuantFormat, pack_weight
+from spillover.offload.bank import is_expert_bank
+from spillover.quant import WeightFormat, pack_weight
 
 # Module-name patterns (fnmatch) kept unquantized unless overridden; quantization.md §4 / §7.
 DEFAULT_KEEP: tuple[str, ...] = (
@@ -46,7 +47,8 @@ class QuantPolicy:
         return self.default, "policy default"
 
 
-def pack_with_policy(weight: torch.Tensor, fmt: str, why: str, policy: QuantPolicy) -> tuple[QuantFormat, str]:
+def pack_with_policy(weight: torch.Tensor, fmt: str, why: str, policy: QuantPolicy
+                     ) -> tuple[WeightFormat, str]:
     """`weight` packed into `fmt` as the policy says; (format, reason), the reason naming a fallback."""
     group = policy.group_size if fmt == "int4" else policy.int8_group_size
     if group is not None and weight.shape[-1] % group:
@@ -75,27 +77,19 @@ def _quantize(model: nn.Module, policy: QuantPolicy) -> dict[str, str]:
             module.set_format(packed)
             record[name] = f"{packed.name} ({why})"
         elif is_expert_bank(module):
-            for attr in ("w13", "w2"):
+            for attr, done in module.formats().items():
                 full = f"{name}.{attr}"
                 fmt, why = policy.format_for(full)
-                done = getattr(module, f"{attr}_fmt", None)
                 if done is not None:
                     record[full] = f"{done.name} (already quantized)"
                     continue
                 if fmt == "keep":
                     record[full] = f"dense ({why})"
                     continue
-                param: nn.Parameter = getattr(module, attr)
-                packed, why = pack_with_policy(param.data, fmt, why, policy)
-                setattr(module, f"{attr}_fmt", packed)
-                setattr(module, attr, nn.Parameter(torch.empty(0, device=param.device), requires_grad=False))
+                packed, why = pack_with_policy(module.get_parameter(attr).data, fmt, why, policy)
+                module.install(attr, packed)
                 record[full] = f"{packed.name} ({why})"
     return record
-
-
-def is_expert_bank(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "w13", None), nn.Parameter) and isinstance(
-        getattr(module, "w2", None), nn.Parameter)
 
 
 def policy_record(model: nn.Module, policy: QuantPolicy, packed: dict[str, str]) -> dict[str, str]:
@@ -107,7 +101,7 @@ def policy_record(model: nn.Module, policy: QuantPolicy, packed: dict[str, str])
         if isinstance(module, Linear):
             slots = [(name, module.fmt)]
         elif is_expert_bank(module):
-            slots = [(f"{name}.{attr}", getattr(module, f"{attr}_fmt", None)) for attr in ("w13", "w2")]
+            slots = [(f"{name}.{attr}", fmt) for attr, fmt in module.formats().items()]
         else:
             continue
         for full, fmt in slots:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spillover import LLM
-from spillover.engine.runner import SeqStep
+from spillover.engine.batch import StepPlan
 from tests.models.tiny import CONFIGS, save_hf
 
 TOL = 1e-4
@@ -33,10 +33,10 @@ def run_chunks(llm: LLM, chunks: list[list[int]]) -> torch.Tensor:
     total = sum(len(c) for c in chunks)
     runner = llm._runner_for(total)
     table = list(range(runner.layout.num_blocks))
-    out, done = [], 0
+    out, seen = [], []
     for c in chunks:
-        out.append(runner.run([SeqStep(c, done, table, 0)], all_logits=True))
-        done += len(c)
+        start, seen = len(seen), seen + c
+        out.append(runner.execute(StepPlan.one_sequence(seen, table, llm.block_size, start=start)).logits)
     return torch.cat(out)
 
 

@@ -145,12 +145,12 @@ def test_prequantized_checkpoint_is_planned_in_its_own_format(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], qcfg: dict, quant: str, kind: tuple  # type: ignore[type-arg]
 ) -> None:
     """What loads is the checkpoint's format, whatever --quant says: the plan sizes that, and says so."""
-    from spillover.plan.formats import WeightFormat, WeightScheme
+    from spillover.plan.formats import FormatSize, WeightScheme
 
     folder, inv = _quantized_folder(tmp_path, qcfg)
     out = _json(capsys, str(folder), "--quant", "bf16", "--context", "1024", *HW)
     name, group, zero = kind
-    fmt = WeightFormat(name, "", 0, group_size=group, zero_point=zero, zero_bytes=4)
+    fmt = FormatSize(name, "", 0, group_size=group, zero_point=zero, zero_bytes=4)
     assert out["quant"] == quant
     assert out["weights_total_bytes"] == sum(inv.bytes_by_component(WeightScheme.uniform(fmt)).values())  # type: ignore[attr-defined]
     assert any("--quant bf16 ignored" in r for r in out["reasons"])

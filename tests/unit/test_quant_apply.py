@@ -1,40 +1,24 @@
-"""quantize_model on a tiny Linear stack with an MoE-like expert bank (built here, no model package)."""
+"""quantize_model on a tiny Linear stack with an expert bank (built here, no model package)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spillover.layers.linear import Linear
+from spillover.offload.bank import ResidentExpertBank
 from spillover.weights.quantize import QuantPolicy, quantize_model
 
 H, I, E, V, TOPK = 64, 32, 4, 100, 2
 
 
-class Experts(nn.Module):
-    """Stacked experts, using `w13_fmt`/`w2_fmt` when quantization installed them."""
+class Experts(ResidentExpertBank):
+    """The routed experts: a resident bank, whose formats `quantize_model` installs."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.w13 = nn.Parameter(torch.randn(E, 2 * I, H) / H**0.5, requires_grad=False)
-        self.w2 = nn.Parameter(torch.randn(E, H, I) / I**0.5, requires_grad=False)
-
-    def _w13(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        fmt = getattr(self, "w13_fmt", None)
-        return fmt.forward_experts(x, ids) if fmt else torch.einsum("th,tnh->tn", x, self.w13[ids])
-
-    def _w2(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        fmt = getattr(self, "w2_fmt", None)
-        return fmt.forward_experts(x, ids) if fmt else torch.einsum("ti,thi->th", x, self.w2[ids])
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        flat_ids = ids.flatten()
-        rows = x.repeat_interleave(TOPK, dim=0)
-        gate, up = self._w13(rows, flat_ids).chunk(2, dim=-1)
-        out = self._w2(F.silu(gate) * up, flat_ids).view(t, TOPK, H)
-        return (out * weights.unsqueeze(-1)).sum(1)
+        super().__init__(E, H, I)
+        self.w13.copy_(torch.randn(E, 2 * I, H) / H**0.5)
+        self.w2.copy_(torch.randn(E, H, I) / I**0.5)
 
 
 class Block(nn.Module):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from spillover import LLM
 from spillover.layers.linear import Linear
+from spillover.offload.bank import is_expert_bank
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight
 from spillover.quant.importers.awq import ORDER
 from spillover.quant.importers.checkpoint import CheckpointQuantError, detect_quantization, iter_checkpoint
@@ -229,10 +230,10 @@ def _drop(qdir: Path, name: str) -> None:
 def _packed_types(llm: LLM) -> set[type]:
     found: set[type] = set()
     for m in llm.model.modules():
-        for attr in ("fmt", "w13_fmt", "w2_fmt"):
-            f = getattr(m, attr, None)
-            if f is not None:
-                found.add(type(f))
+        if isinstance(m, Linear):
+            found |= {type(m.fmt)} if m.fmt is not None else set()
+        elif is_expert_bank(m):
+            found |= {type(f) for f in m.formats().values() if f is not None}
     return found
 
 
@@ -271,9 +272,8 @@ def test_checkpoint_loads_packed_and_exact(tmp_path: Path, monkeypatch: pytest.M
     assert _packed_types(llm) == {fmt_type}
     assert not _dense_linears(llm), "quantized modules were dequantized instead of kept packed"
     if CONFIGS[model][1].get("num_experts"):
-        banks = [m for m in llm.model.modules() if hasattr(m, "w13_fmt")]
-        assert banks and all(isinstance(b.w13_fmt, fmt_type) and isinstance(b.w2_fmt, fmt_type) for b in banks)
-        assert all(b.w13_fmt.stacked and b.w2_fmt.stacked for b in banks)
+        fmts = [f for m in llm.model.modules() if is_expert_bank(m) for f in m.formats().values()]
+        assert fmts and all(isinstance(f, fmt_type) and f.stacked for f in fmts)
     probe = ("model.layers.0.mlp.down_proj.weight" if not CONFIGS[model][1].get("num_experts")
              else "model.layers.0.mlp.experts.1.down_proj.weight")
     assert llm.quant_record[probe] == f"{fmt_name} ({quant_method} checkpoint)"

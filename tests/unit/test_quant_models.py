@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
+from spillover.engine.batch import StepPlan
+from spillover.engine.runner import CacheLayout, ModelRunner
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
 from spillover.offload.bank import ResidentExpertBank
@@ -88,9 +89,9 @@ def _logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
     """Prefill N_PROMPT tokens, then decode the rest one by one; logits of every fed token."""
     runner = ModelRunner(model, CacheLayout(4, 16, 1), CPU, torch.float32)
     table = list(range(4))
-    out = [runner.run([SeqStep(ids[:N_PROMPT], 0, table, 0)], all_logits=True)]
+    out = [runner.execute(StepPlan.one_sequence(ids[:N_PROMPT], table, 16)).logits]
     for i in range(N_PROMPT, len(ids)):
-        out.append(runner.run([SeqStep([ids[i]], i, table, 0)], all_logits=True))
+        out.append(runner.execute(StepPlan.one_sequence(ids[: i + 1], table, 16, start=i)).logits)
     return torch.cat(out)
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from spillover.config import ModelConfig
-from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
+from spillover.engine.batch import StepPlan
+from spillover.engine.runner import CacheLayout, ModelRunner
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
 from spillover.offload.bank import ResidentExpertBank
@@ -40,9 +41,9 @@ def _logits(model: CausalLM, ids: list[int], n_prompt: int) -> torch.Tensor:
     blocks = -(-len(ids) // 16)
     runner = ModelRunner(model, CacheLayout(blocks, 16, 1), CPU, torch.float32)
     table = list(range(blocks))
-    out = [runner.run([SeqStep(ids[:n_prompt], 0, table, 0)], all_logits=True)]
+    out = [runner.execute(StepPlan.one_sequence(ids[:n_prompt], table, 16)).logits]
     for i in range(n_prompt, len(ids)):
-        out.append(runner.run([SeqStep([ids[i]], i, table, 0)], all_logits=True))
+        out.append(runner.execute(StepPlan.one_sequence(ids[: i + 1], table, 16, start=i)).logits)
     return torch.cat(out)
 
 

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spillover.weights.loader as loader_mod
-from spillover.engine.runner import CacheLayout, ModelRunner, SeqStep
+from spillover.engine.batch import StepPlan
+from spillover.engine.runner import CacheLayout, ModelRunner
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
 from spillover.offload.bank import ResidentExpertBank
@@ -70,9 +71,9 @@ def _logits(model: CausalLM, ids: list[int], n_prompt: int, dtype: torch.dtype) 
     blocks = -(-len(ids) // 16)
     runner = ModelRunner(model, CacheLayout(blocks, 16, 1), CPU, dtype)
     table = list(range(blocks))
-    out = [runner.run([SeqStep(ids[:n_prompt], 0, table, 0)], all_logits=True)]
+    out = [runner.execute(StepPlan.one_sequence(ids[:n_prompt], table, 16)).logits]
     for i in range(n_prompt, len(ids)):
-        out.append(runner.run([SeqStep([ids[i]], i, table, 0)], all_logits=True))
+        out.append(runner.execute(StepPlan.one_sequence(ids[: i + 1], table, 16, start=i)).logits)
     return torch.cat(out)
 
 
