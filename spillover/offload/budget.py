@@ -19,7 +19,7 @@ from spillover.config import ModelConfig
 from spillover.hw.info import HardwareInfo, fmt_bytes, with_overrides
 from spillover.offload.placement import ExpertPlacement, expert_banks
 from spillover.plan.formats import BF16, FP8, INT4, INT4_ZP, INT8, WeightFormat, WeightScheme
-from spillover.plan.inventory import ROUTED_EXPERTS
+from spillover.plan.inventory import EMBEDDINGS, ROUTED_EXPERTS
 from spillover.plan.memory import (
     ACTIVATIONS,
     KV_CACHE,
@@ -122,9 +122,11 @@ def plan_experts(
     on_gpu = device.type == "cuda"
     # Only experts may leave the compute device's tier and RAM: the engine runs dense layers
     # where they were loaded.
+    # (The embedding table may stay in RAM: `placement.embeddings_to_host` serves its rows.)
     dense_off = [c for t in ("disk",) + (("host",) if on_gpu else ())
                  for c, n in plan.tiers.get(t, {}).items()
-                 if n and c not in (ROUTED_EXPERTS, KV_CACHE, LINEAR_STATE, ACTIVATIONS)]
+                 if n and c not in (ROUTED_EXPERTS, KV_CACHE, LINEAR_STATE, ACTIVATIONS)
+                 and not (t == "host" and c == EMBEDDINGS)]
     if plan.verdict == "no" or dense_off:
         gpu = fmt_bytes(plan.gpu_budget) if on_gpu else "none"
         why = "; ".join(plan.reasons) or (
@@ -133,6 +135,8 @@ def plan_experts(
         hints = "; ".join(plan.suggestions)
         raise ValueError(f"the model does not fit the memory budgets (GPU {gpu}, RAM "
                          f"{fmt_bytes(plan.host_budget)}): {why}" + (f". Try: {hints}" if hints else ""))
+    host_embeddings = on_gpu and bool(plan.tiers.get("host", {}).get(EMBEDDINGS))
     slots = plan.expert_slots_per_layer if on_gpu else 0
     host = plan.host_experts_per_layer + (0 if on_gpu else plan.expert_slots_per_layer)
-    return plan, ExpertPlacement(slots=slots, host=host, policy=policy, miss_mode=miss_mode)
+    return plan, ExpertPlacement(slots=slots, host=host, policy=policy, miss_mode=miss_mode,
+                                 host_embeddings=host_embeddings)

@@ -40,6 +40,7 @@ class ExpertPlacement:
     miss_mode: str = "auto"
     stream_rows: int = 4096
     pin: int = 0
+    host_embeddings: bool = False  # the embedding table stays in RAM (the plan put it there)
 
     @classmethod
     def from_plan(cls, plan: PlanLike, **kwargs: Any) -> ExpertPlacement:
@@ -78,6 +79,38 @@ class SpillSource:
                 t2.from_tensors(parts["w2"], m2, act_dtype=act))
 
 
+class HostEmbedding(nn.Module):
+    """An embedding table held in (pinned) RAM, where the planner puts it when the GPU budget is
+    short: each step's rows are gathered on the CPU and copied to the device. The table is a plain
+    attribute, so moving the model leaves it in RAM."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self._table = weight.pin_memory() if torch.cuda.is_available() else weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(input_ids.to("cpu"), self._table)
+        return rows.to(input_ids.device, non_blocking=True)
+
+
+def embeddings_to_host(model: nn.Module) -> int:
+    """Keep every untied embedding table of `model` in RAM; returns the bytes moved off the GPU."""
+    tied = {id(w) for m in model.modules() if not isinstance(m, nn.Embedding)
+            and isinstance(w := getattr(m, "weight", None), torch.Tensor)}
+    moved = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Embedding) and id(child.weight) not in tied:
+                table = child.weight.data.to("cpu")
+                setattr(parent, name, HostEmbedding(table))
+                moved += table.numel() * table.element_size()
+    return moved
+
+
 def _bank_formats(bank: ResidentExpertBank) -> tuple[Any, Any]:
     from spillover.quant.bf16 import Bf16Weight
 
@@ -113,6 +146,8 @@ def place_experts(
 ) -> ResidencyMap | None:
     """Swap every resident bank of `model` (experts on the CPU, storage layout) for a tiered
     bank that follows `placement`. Returns the residency of all layers (None: no MoE layer)."""
+    if placement.host_embeddings:
+        embeddings_to_host(model)
     banks = expert_banks(model)
     if not banks:
         return None

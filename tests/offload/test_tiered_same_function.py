@@ -11,7 +11,7 @@ import torch
 
 from spillover.engine.params import SamplingParams
 from spillover.llm import LLM
-from spillover.offload.placement import ExpertPlacement
+from spillover.offload.placement import ExpertPlacement, HostEmbedding
 from spillover.offload.tiered import TieredExpertBank
 from tests.models.tiny import save_hf
 
@@ -52,6 +52,7 @@ PLACEMENTS = {
     "static": ExpertPlacement(slots=2, host=4, policy="static", miss_mode="auto"),
     "stream": ExpertPlacement(slots=3, host=3, policy="lrfu", stream_rows=4),
     "no-slots": ExpertPlacement(slots=0, host=5, miss_mode="cpu"),
+    "host-embeddings": ExpertPlacement(slots=4, host=4, host_embeddings=True),
 }
 
 
@@ -83,6 +84,8 @@ def test_tiered_equals_resident(name: str, placement: str, folders: dict[str, Pa
         assert sum(s.cpu_experts for s in stats) > 0 and sum(s.copied_experts for s in stats) == 0
     if placement == "stream":
         assert sum(s.streamed_experts for s in stats) > 0
+    if placement == "host-embeddings":
+        assert any(isinstance(m, HostEmbedding) for m in tiered.model.modules())
     if placement == "static":
         assert sum(s.copied_experts for s in stats) == 0  # a static placement never moves
     hits = sum(b.residency.counters.hits for b in banks)
