@@ -138,5 +138,11 @@ def plan_experts(
     host_embeddings = on_gpu and bool(plan.tiers.get("host", {}).get(EMBEDDINGS))
     slots = plan.expert_slots_per_layer if on_gpu else 0
     host = plan.host_experts_per_layer + (0 if on_gpu else plan.expert_slots_per_layer)
+    # RAM the plan leaves free holds copies of slot experts too, so that an eviction never
+    # sends a later miss to the disk.
+    n_moe = len(expert_banks(model))
+    per_expert = plan.weights_bytes.get(ROUTED_EXPERTS, 0) // max(cfg.num_experts * n_moe, 1)
+    free = plan.host_budget - sum(plan.tiers.get("host", {}).values())
+    copies = min(slots, max(free, 0) // max(per_expert * n_moe, 1))
     return plan, ExpertPlacement(slots=slots, host=host, policy=policy, miss_mode=miss_mode,
-                                 host_embeddings=host_embeddings)
+                                 host_embeddings=host_embeddings, slot_copies=copies)

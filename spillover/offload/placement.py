@@ -41,6 +41,7 @@ class ExpertPlacement:
     stream_rows: int = 4096
     pin: int = 0
     host_embeddings: bool = False  # the embedding table stays in RAM (the plan put it there)
+    slot_copies: int = 0  # slot experts that also keep a RAM copy (evicting them reads no disk)
 
     @classmethod
     def from_plan(cls, plan: PlanLike, **kwargs: Any) -> ExpertPlacement:
@@ -166,6 +167,8 @@ def place_experts(
         table = res.slot_table()
         slot_experts = sorted((s, e) for e, s in enumerate(table) if s >= 0)
         in_slots = [e for _, e in slot_experts]
+        if placement.slot_copies and res.policy.dynamic:  # coldest slot experts first
+            res.host = res.host | frozenset(in_slots[::-1][: placement.slot_copies])
         host_experts = sorted(res.host)
         rest = [e for e in range(num_experts) if e not in res.host]
         dev_pair = None

@@ -53,6 +53,7 @@ PLACEMENTS = {
     "stream": ExpertPlacement(slots=3, host=3, policy="lrfu", stream_rows=4),
     "no-slots": ExpertPlacement(slots=0, host=5, miss_mode="cpu"),
     "host-embeddings": ExpertPlacement(slots=4, host=4, host_embeddings=True),
+    "slot-copies": ExpertPlacement(slots=3, host=3, policy="lru", miss_mode="copy", slot_copies=3),
 }
 
 
@@ -86,6 +87,8 @@ def test_tiered_equals_resident(name: str, placement: str, folders: dict[str, Pa
         assert sum(s.streamed_experts for s in stats) > 0
     if placement == "host-embeddings":
         assert any(isinstance(m, HostEmbedding) for m in tiered.model.modules())
+    if placement == "slot-copies":  # evicted slot experts come back from RAM: disk has the 2
+        assert all(len(b.host_row) == 6 for b in banks)
     if placement == "static":
         assert sum(s.copied_experts for s in stats) == 0  # a static placement never moves
     hits = sum(b.residency.counters.hits for b in banks)
