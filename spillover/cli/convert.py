@@ -1,10 +1,10 @@
-"""`spillover convert SRC OUT --quant int4|int8|keep [--group-size N]` (wired into cli.py elsewhere)."""
+"""`spillover convert SRC OUT --quant int4|int8|auto [--group-size N]`, wired into cli/main.py."""
 
 from __future__ import annotations
 
 import argparse
 
-from spillover.weights.convert import QUANTS, convert
+from spillover.cli.args import add_quant_arg
 
 
 def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -14,9 +14,11 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     p.add_argument("src", help="HF model folder, a .safetensors file, or a .gguf file")
     p.add_argument("out", help="output store folder (created; resumed if a previous run was interrupted)")
-    p.add_argument("--quant", choices=QUANTS, default="int4",
-                   help="format of float weight matrices; GGUF blocks and GPTQ / AWQ / compressed-tensors / "
-                        "FP8 checkpoints import losslessly (default int4)")
+    add_quant_arg(p, default="int4",
+                  help_text="format of float weight matrices: int4 (default), int8, or auto to keep every "
+                            "tensor as stored; GGUF blocks and GPTQ / AWQ / compressed-tensors / FP8 "
+                            "checkpoints import losslessly (bf16, fp8, int4-experts and native apply at "
+                            "load: generate / chat / serve --quant)")
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256), help="int4 group size")
     p.add_argument("--asymmetric", action="store_true", help="int4 with a float min per group")
     p.add_argument("--shard-size-gb", type=float, default=2.0, help="target shard size in GB")
@@ -26,6 +28,8 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from spillover.weights.convert import convert
+
     out = convert(args.src, args.out, args.quant, args.group_size, symmetric=not args.asymmetric,
                   shard_bytes=int(args.shard_size_gb * 1e9), show_progress=not args.no_progress)
     print(f"store written: {out}")

@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from spillover.plan.formats import QUANT_CHOICES
+from spillover.cli.args import add_quant_arg
 
 
 def add_hardware_flags(p: argparse.ArgumentParser) -> None:
@@ -41,12 +41,7 @@ def add_plan_parsers(subparsers: Any) -> None:
     p.add_argument(
         "model", nargs="?", help="hub id, catalog name (e.g. qwen3-8b), model folder or .gguf file"
     )
-    p.add_argument(
-        "--quant",
-        default="auto",
-        choices=QUANT_CHOICES,
-        help="weight format; auto = best quality that fits (default)",
-    )
+    add_quant_arg(p, help_text="weight format; auto = best quality that fits (default)")
     p.add_argument("--context", type=int, default=32768, help="tokens per sequence (default 32768)")
     p.add_argument("--seqs", type=int, default=1, help="concurrent sequences (default 1)")
     p.add_argument("--token-budget", type=int, default=2048, help="tokens per forward pass (default 2048)")

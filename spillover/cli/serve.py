@@ -7,22 +7,19 @@ import logging
 import os
 from typing import Any
 
+from spillover.cli.args import add_model_args, llm_kwargs
+
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face model folder or .gguf file (default: the built-in demo model)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SPILLOVER_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $SPILLOVER_API_KEY, else open)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quant", default=None, choices=["int8", "int4", "fp8", "native"],
-                   help="quantize weights at load (native: keep a GGUF file's own 4/8-bit blocks)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -46,8 +43,7 @@ def make_loader(args: argparse.Namespace) -> Any:
         from spillover.engine.engine import EngineConfig
         from spillover.llm import LLM
 
-        llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                  quant=args.quant)
+        llm = LLM(**llm_kwargs(args), max_model_len=args.max_model_len)
         config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
                               max_model_len=args.max_model_len, max_queue_len=args.max_queue_len)

@@ -13,11 +13,13 @@ from spillover.hw.info import GiB, HardwareInfo, fmt_bytes
 from spillover.plan.formats import INT4, WeightScheme, auto_candidates, scheme_for
 from spillover.plan.inventory import Inventory, inventory_from_config
 from spillover.plan.memory import Limits, MemoryPlan, host_budget, plan_memory
+from spillover.quant import normalize_quant
 
 USABLE_TOK_S = 10.0  # decode speed below which a suggested model is not worth suggesting first
 
 
 def candidate_schemes(cfg: ModelConfig, inv: Inventory, hw: HardwareInfo, quant: str) -> list[WeightScheme]:
+    quant = normalize_quant(quant)
     if inv.is_native_only:
         return [scheme_for("native")]
     if quant != "auto":
@@ -41,6 +43,7 @@ def make_plan(
 ) -> MemoryPlan:
     """The plan for `quant` (for `auto`: the best-quality scheme that fits), with suggestions; `fixed`:
     the format of a pre-quantised checkpoint, which is what loads whatever `quant` says."""
+    quant = normalize_quant(quant)  # one of spillover.quant.QUANT_CHOICES, legacy spellings mapped
     schemes = [fixed] if fixed is not None else candidate_schemes(cfg, inv, hw, quant)
     plans = []
     for s in schemes:

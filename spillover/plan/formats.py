@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spillover.quant import normalize_quant
+
 BF16_BYTES = 2
 
 
@@ -65,7 +67,6 @@ INT4_ZP = FormatSize("int4", "int4 group 128, bf16 scale + bf16 zero", 3, zero_p
 NATIVE = FormatSize("native", "as stored in the checkpoint", -1)
 
 FORMATS: dict[str, FormatSize] = {"bf16": BF16, "fp8": FP8, "int8": INT8, "int4": INT4}
-QUANT_CHOICES = ("auto", "bf16", "fp8", "int8", "int4-experts", "int4", "native")
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,14 @@ class WeightScheme:
 
 
 def scheme_for(name: str) -> WeightScheme:
+    """The scheme of a `--quant` choice (spillover.quant.QUANT_CHOICES; `auto` is make_plan's to pick)."""
+    name = normalize_quant(name)
     if name == "native":
         return WeightScheme.uniform(NATIVE)
     if name == "int4-experts":  # 4-bit routed experts, 8-bit dense layers
         return WeightScheme(dense=INT8, experts=INT4)
     if name not in FORMATS:
-        raise ValueError(f"unknown --quant {name!r}; choose one of {', '.join(QUANT_CHOICES)}")
+        raise ValueError(f"--quant {name} names no single scheme: make_plan picks one")
     return WeightScheme.uniform(FORMATS[name])
 
 

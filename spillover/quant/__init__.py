@@ -113,3 +113,30 @@ def concat_experts(rows: Sequence[Sequence[WeightFormat]]) -> WeightFormat | Non
 
 __all__ = ["Bf16Weight", "Fp8BlockWeight", "GroupedIntWeight", "Int4Weight", "Int8Weight", "WeightFormat",
            "QuantFormat", "FORMATS", "pack_weight", "format_from_tensors", "concat_experts"]
+
+
+# ---- the `--quant` vocabulary, shared by every command and every `quant=` argument ----------------
+# Each choice names the format the weights end up in (docs/quantization.md):
+#   auto          the command decides: loading keeps what the checkpoint has (a float checkpoint stays
+#                 float, a pre-quantized one stays packed); `plan` picks the best quality that fits;
+#   bf16          no quantization: float weights, in the model dtype (--dtype);
+#   fp8 int8 int4 quantize every float weight matrix to that format;
+#   int4-experts  int4 routed experts, int8 everything else (MoE models);
+#   native        a GGUF file's own 4/8-bit blocks, kept packed.
+QUANT_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp8", "int8", "int4", "int4-experts", "native")
+# Older spellings: `None` and convert's "keep" kept the checkpoint's formats; "none" was float.
+LEGACY_QUANT: dict[str, str] = {"keep": "auto", "none": "bf16"}
+
+
+def normalize_quant(value: str | None) -> str:
+    """The QUANT_CHOICES spelling of `value` (None and legacy spellings mapped); ValueError otherwise."""
+    if value is None:
+        return "auto"
+    name = value.strip().lower()
+    name = LEGACY_QUANT.get(name, name)
+    if name not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {value!r}")
+    return name
+
+
+__all__ += ["QUANT_CHOICES", "LEGACY_QUANT", "normalize_quant"]

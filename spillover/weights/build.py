@@ -1,8 +1,9 @@
 """Model-side entry points of the quant package: quantize a loaded model, or load a converted store.
 
-`load_for_llm` is what `LLM(quant=...)` calls: it maps the user-facing choice (none | int8 | int4 |
-fp8) onto a `QuantPolicy` (`load_policy`) and quantizes while loading (spillover.weights.quantize_stream: each
-float tensor packed as it arrives, the float model never held). `quantize_for_load(model, quant)`
+`load_for_llm` is what `LLM(quant=...)` calls: it maps the user-facing choice (one of
+spillover.quant.QUANT_CHOICES) onto a `QuantPolicy` (`load_policy`) and quantizes while loading
+(spillover.weights.quantize_stream: each float tensor packed as it arrives, the float model never
+held). `quantize_for_load(model, quant)`
 quantizes an already loaded float model in place with the same policy, through `quantize_model`
 (linears via `Linear.set_format`, MoE experts via the bank's `install`): the reference.
 `load_from_store(path, cfg, device, dtype)` builds the model and fills it from a store written by
@@ -22,6 +23,7 @@ from spillover.config import ModelConfig
 from spillover.layers.linear import Linear
 from spillover.models.causal_lm import CausalLM
 from spillover.offload.bank import is_expert_bank
+from spillover.quant import normalize_quant
 from spillover.weights.quantize import QuantPolicy, quantize_model
 
 if TYPE_CHECKING:
@@ -29,8 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUANT_CHOICES = ("none", "int8", "int4", "fp8", "native")  # native: a GGUF's own blocks, packed
-_FORMAT = {"int8": "int8", "int4": "int4", "fp8": "fp8_block"}
+_FORMAT = {"int8": "int8", "int4": "int4", "fp8": "fp8_block", "int4-experts": "int8"}  # quantize at load
+_KEEP = ("auto", "bf16")  # no quantization at load: the checkpoint's own formats
+# int4-experts: the routed experts' slots (a bank's "<bank>.w13" / "<bank>.w2") go to int4.
+_EXPERT_SLOTS = ("*.experts.w13", "*.experts.w2")
 
 
 def load_policy(quant: str, group_size: int, act_dtype: torch.dtype) -> QuantPolicy:
@@ -38,26 +42,32 @@ def load_policy(quant: str, group_size: int, act_dtype: torch.dtype) -> QuantPol
 
     int4 is asymmetric RTN (float min per group): quantization.md §7 names it the robust data-free
     default, and it is what every int4 kernel (Triton, CPU int4pack via zero = min + 8 scale) takes.
-    int8 is symmetric per output channel, the layout torch's CPU int8 op needs.
+    int8 is symmetric per output channel, the layout torch's CPU int8 op needs (the int8 pack has
+    no zero point, so int4-experts, int4 experts over int8 layers, can be asymmetric throughout).
     """
+    quant = normalize_quant(quant)
     if quant not in _FORMAT:
-        raise ValueError(f"quant must be one of {QUANT_CHOICES[:-1]}, got {quant!r}")
-    if quant == "int4" and group_size not in (32, 64, 128):
+        raise ValueError(f"quant must be one of {', '.join(_FORMAT)} here, got {quant!r}")
+    if quant in ("int4", "int4-experts") and group_size not in (32, 64, 128):
         raise ValueError(f"int4 group size must be 32, 64 or 128, got {group_size}")
-    return QuantPolicy(default=_FORMAT[quant], group_size=group_size, symmetric=quant != "int4",
+    experts = dict.fromkeys(_EXPERT_SLOTS, "int4") if quant == "int4-experts" else {}
+    return QuantPolicy(default=_FORMAT[quant], group_size=group_size,
+                       symmetric=quant not in ("int4", "int4-experts"), overrides=experts,
                        act_dtype=act_dtype)
 
 
 def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128) -> dict[str, str]:
-    """Quantize `model` in place; returns {module/param name: "format (reason)"} ({} for none).
+    """Quantize `model` in place; returns {module/param name: "format (reason)"} ({} for auto / bf16).
 
     Formats compute in the model's dtype (float32 in CPU tests, bf16 on the GPU). Router, norms,
     embeddings, lm_head and the linear-attention conv/gate scalars stay in float (DEFAULT_KEEP).
     """
-    if quant is None or quant == "none":
+    quant = normalize_quant(quant)
+    if quant in _KEEP:
         return {}
     if quant not in _FORMAT:  # checked before touching the model
-        raise ValueError(f"quant must be one of {QUANT_CHOICES[:-1]}, got {quant!r}")
+        raise ValueError(f"quant must be one of {', '.join(_KEEP + tuple(_FORMAT))} here, got {quant!r} "
+                         "(native needs a GGUF file: load_for_llm)")
     policy = load_policy(quant, group_size, model.model.embed_tokens.weight.dtype)
     record = quantize_model(model, policy)
     _log_fallback(record, quant, group_size)
@@ -75,12 +85,14 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
                  quant: str | None = None, group_size: int = 128) -> tuple[CausalLM, dict[str, str]]:
     """What `LLM.__init__` calls: (model, per-tensor format record).
 
-    quant "native" keeps a GGUF's quantized matrices in their own blocks (lossless int4/int8 repack,
-    computed by our kernels); int8 / int4 / fp8 quantize each float tensor as it is loaded.
+    quant (spillover.quant.QUANT_CHOICES): "auto" and "bf16" load the checkpoint's formats (a GGUF
+    dequantized; a store or pre-quantized checkpoint packed as it is); "native" keeps a GGUF's
+    quantized matrices in their own blocks (lossless int4/int8 repack, computed by our kernels);
+    int8 / int4 / fp8 / int4-experts quantize each float tensor as it is loaded.
     """
+    quant = normalize_quant(quant)
     if source.kind == "store":
-        if quant not in (None, "none"):
-            raise ValueError(f"{source.path} is a converted store, already quantized; drop quant={quant!r}")
+        _loads_packed(source.path, "a converted store", quant)
         from spillover.weights.store import open_store
 
         entries = open_store(source.path).manifest["tensors"]
@@ -91,9 +103,7 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
 
         qcfg = detect_quantization(source.path)
         if qcfg is not None:  # GPTQ / AWQ / compressed-tensors / FP8 checkpoint: its modules stay packed
-            if quant not in (None, "none"):
-                raise ValueError(f"{source.path} is a {qcfg.method} checkpoint, already quantized; "
-                                 f"drop quant={quant!r}")
+            _loads_packed(source.path, f"a {qcfg.method} checkpoint", quant)
             model = load_items(iter_checkpoint(source.path, qcfg, dtype), cfg, device, dtype)
             return model, checkpoint_record(source.path, qcfg)
     if quant == "native":
@@ -106,7 +116,7 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
                        if isinstance(m, Linear) and m.fmt is not None}
     from spillover.weights.resolve import iter_source, load_model
 
-    if quant is None or quant == "none":
+    if quant in _KEEP:
         return load_model(source, cfg, device, dtype), {}
     from spillover.weights.quantize_stream import load_quantized
 
@@ -116,6 +126,14 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
                                    load_policy(quant, group_size, dtype))
     _log_fallback(record, quant, group_size)
     return model, record
+
+
+def _loads_packed(path: Path, what: str, quant: str) -> None:
+    """A store or pre-quantized checkpoint loads in its own formats: `auto`, or `bf16` said so."""
+    if quant not in _KEEP:
+        raise ValueError(f"{path} is {what}, already quantized; drop quant={quant!r}")
+    if quant == "bf16":
+        log.warning("quant bf16 ignored: %s is %s and loads in its own formats", path, what)
 
 
 def iter_store(store_path: str | Path, cfg: ModelConfig, act_dtype: torch.dtype

@@ -13,7 +13,7 @@ file, fsynced, renamed, then marked done with its checksum. A rerun with the sam
 options skips done shards and redoes the rest; since packing is deterministic and the manifest has
 no timestamps, an interrupted-and-resumed store is byte-identical to an uninterrupted one.
 GGUF blocks of supported types are imported losslessly whatever `quant` says (quant applies to
-float tensors); FP8 block weights are kept as FP8 when the policy keeps them or quant is "keep".
+float tensors); FP8 block weights are kept as FP8 when the policy keeps them or quant is "auto".
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from spillover.kernels.ref_quant import dequant_fp8_block_ref
-from spillover.quant import pack_weight
+from spillover.quant import normalize_quant, pack_weight
 from spillover.quant.importers.checkpoint import (
     Entry,
     detect_quantization,
@@ -53,7 +53,9 @@ from spillover.weights.store import (
     write_json_atomic,
 )
 
-QUANTS = ("int4", "int8", "keep")
+# The QUANT_CHOICES a store is written in: float matrices to int4 or int8, or every tensor kept as
+# stored (auto). fp8 and int4-experts quantize at load; a GGUF's blocks are imported whatever it says.
+QUANTS = ("auto", "int8", "int4")
 PROGRESS = ".progress"
 F16, F32 = torch.float16, torch.float32
 # GGUF type -> (format, group, scale dtype, has mins, code bits) of its lossless import
@@ -118,7 +120,7 @@ def _plan_tensor(t: SourceTensor, scale: SourceTensor | None, opts: ConvertOptio
         meta = {"format": fmt, "group_size": g, "symmetric": fmt == "int4" and not mins, "stacked": stacked}
         return Planned(t.name, t, fmt, meta, _int_parts(t.name, fmt, lead, k, g, sdt, mins),
                        f"lossless import of GGUF {t.gguf_type}")
-    fmt, why = (opts.quant, "policy default") if opts.quant != "keep" else ("keep", "--quant keep")
+    fmt, why = (opts.quant, "policy default") if opts.quant != "auto" else ("keep", "--quant auto")
     if fmt != "keep":
         fmt, why = opts.policy.format_for(module)
         if fmt not in ("int4", "int8"):
@@ -236,11 +238,14 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", group_size: i
 
     `on_tensor(name)` is called after each tensor is handed to the shard (tests use it to inject crashes).
     """
+    quant = normalize_quant(quant)  # legacy "keep" is auto
     if quant not in QUANTS:
-        raise ValueError(f"--quant must be one of {QUANTS}, got {quant!r}")
+        raise ValueError(f"convert --quant must be one of {', '.join(QUANTS)}, got {quant!r} "
+                         "(bf16, fp8, int4-experts and native apply at load; a GGUF's blocks are "
+                         "imported whatever --quant says)")
     # The policy's default format must be the requested one: a default QuantPolicy says int4, which made
     # `--quant int8` write int4 tensors.
-    policy = policy or QuantPolicy(default=quant if quant != "keep" else "int4", group_size=group_size,
+    policy = policy or QuantPolicy(default=quant if quant != "auto" else "int4", group_size=group_size,
                                    symmetric=symmetric)
     opts = ConvertOptions(quant, group_size, symmetric, shard_bytes, policy)
     source = Source(src)
