@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from spillover.offload.experts import grouped_experts
 
 if TYPE_CHECKING:
     from spillover.quant import QuantFormat, WeightFormat
@@ -26,20 +27,6 @@ class ExpertBank(Protocol):
                  topk_weights: torch.Tensor) -> torch.Tensor:
         """nn.Module's call (forward hooks, e.g. `spillover profile`'s routing recorder)."""
         ...
-
-
-def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU expert: x [n, H], w13 [2I, H] (gate rows then up rows), w2 [H, I] -> [n, H]."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
-
-
-def group_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
-    """Order of the flattened (token, k) pairs sorted by expert, and the count per expert."""
-    flat = topk_ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    return order, counts
 
 
 class ResidentExpertBank(nn.Module):
@@ -76,43 +63,17 @@ class ResidentExpertBank(nn.Module):
         """{"w13": format or None, "w2": ...}: None where the projection is still a float parameter."""
         return {"w13": self.w13_fmt, "w2": self.w2_fmt}
 
-    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if self.w13_fmt is not None or self.w2_fmt is not None:
-            return self._forward_formats(hidden, topk_ids, topk_weights)
-        t, k = topk_ids.shape
-        order, counts = group_by_expert(topk_ids, self.num_experts)
-        token_of = order // k  # which token each sorted pair belongs to
-        out = torch.zeros_like(hidden)
-        weights = topk_weights.flatten()[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token_of[start : start + n]
-            y = expert_ffn(hidden[rows], self.w13[e], self.w2[e]) * weights[start : start + n, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-            start += n
-        return out
-
-    def _forward_formats(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                         topk_weights: torch.Tensor) -> torch.Tensor:
-        """Grouped path: every (token, slot) pair is one row, sorted by expert, and each projection
-        is one `forward_experts` call (the format's kernel handles all routed experts at once)."""
+    def stacked(self) -> tuple[WeightFormat, WeightFormat]:
+        """(w13, w2) as stacked formats; a projection kept in float is wrapped (no copy)."""
         from spillover.quant.bf16 import Bf16Weight
 
-        k = topk_ids.shape[1]
-        flat = topk_ids.flatten()
-        order = torch.argsort(flat, stable=True)  # sorted rows keep each expert's rows contiguous
-        ids = flat[order]
-        token_of = order // k
-        # A policy may keep one of the two matrices in float: wrap it (no copy) to share the path.
         w13 = self.w13_fmt if self.w13_fmt is not None else Bf16Weight(self.w13.data, stacked=True)
         w2 = self.w2_fmt if self.w2_fmt is not None else Bf16Weight(self.w2.data, stacked=True)
-        gate, up = w13.forward_experts(hidden[token_of], ids).chunk(2, dim=-1)
-        y = w2.forward_experts(F.silu(gate) * up, ids) * topk_weights.flatten()[order, None]
-        out = torch.zeros_like(hidden)
-        out.index_add_(0, token_of, y.to(out.dtype))
-        return out
+        return w13, w2
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        return grouped_experts(hidden, topk_ids, topk_weights, *self.stacked())
 
 
 def is_expert_bank(module: nn.Module) -> TypeGuard[ResidentExpertBank]:

@@ -18,7 +18,7 @@ from torch import nn
 from spillover.config import ModelConfig
 from spillover.hw.info import HardwareInfo, fmt_bytes, with_overrides
 from spillover.offload.placement import ExpertPlacement, expert_banks
-from spillover.plan.formats import BF16, FP8, INT4, INT4_ZP, INT8, WeightFormat, WeightScheme
+from spillover.plan.formats import BF16, FP8, INT4, INT4_ZP, INT8, FormatSize, WeightScheme
 from spillover.plan.inventory import EMBEDDINGS, ROUTED_EXPERTS
 from spillover.plan.memory import (
     ACTIVATIONS,
@@ -57,7 +57,7 @@ class MemoryBudgets:
         return cls(gpu_b, cpu_b)
 
 
-def _plan_format(fmt: Any) -> WeightFormat:
+def _plan_format(fmt: Any) -> FormatSize:
     """The planner's byte model of a loaded format."""
     if fmt is None:
         return BF16
@@ -70,7 +70,7 @@ def _plan_format(fmt: Any) -> WeightFormat:
 def loaded_scheme(model: nn.Module) -> WeightScheme:
     """The weight scheme of a loaded model: its experts' format, and its dense linears'."""
     banks = expert_banks(model)
-    experts = _plan_format(banks[0][2].w13_fmt) if banks else BF16
+    experts = _plan_format(banks[0][2].formats()["w13"]) if banks else BF16
     dense = next((_plan_format(m.fmt) for m in model.modules()
                   if type(m).__name__ == "Linear" and getattr(m, "fmt", None) is not None), BF16)
     return WeightScheme(dense, experts)

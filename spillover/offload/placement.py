@@ -112,14 +112,6 @@ def embeddings_to_host(model: nn.Module) -> int:
     return moved
 
 
-def _bank_formats(bank: ResidentExpertBank) -> tuple[Any, Any]:
-    from spillover.quant.bf16 import Bf16Weight
-
-    w13 = bank.w13_fmt if bank.w13_fmt is not None else Bf16Weight(bank.w13.data, stacked=True)
-    w2 = bank.w2_fmt if bank.w2_fmt is not None else Bf16Weight(bank.w2.data, stacked=True)
-    return w13, w2
-
-
 def _pinned(fmt: Any) -> Any:
     """The format with its tensors in page-locked RAM, so copies to the GPU run asynchronously."""
     if not torch.cuda.is_available():
@@ -163,7 +155,7 @@ def place_experts(
     placed: list[TieredExpertBank] = []
     for i, (parent, name, bank) in enumerate(banks):
         res = rmap.layers[i]
-        w13, w2 = _bank_formats(bank)
+        w13, w2 = bank.stacked()
         table = res.slot_table()
         slot_experts = sorted((s, e) for e, s in enumerate(table) if s >= 0)
         in_slots = [e for _, e in slot_experts]

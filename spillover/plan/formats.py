@@ -56,7 +56,6 @@ class FormatSize:
         return 8 * self.matrix_bytes(out_features, in_features) / (out_features * in_features)
 
 
-WeightFormat = FormatSize  # the old name, kept until offload/budget.py imports FormatSize
 
 BF16 = FormatSize("bf16", "bfloat16, as released", 0)
 FP8 = FormatSize("fp8", "FP8 E4M3, fp32 scale per 128x128 block", 1)

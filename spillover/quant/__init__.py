@@ -72,6 +72,14 @@ class WeightFormat(Protocol):
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> WeightFormat: ...  # laid out there
 
+    def take_experts(self, experts: Sequence[int]) -> WeightFormat:
+        """The stacked weight of `experts`, in that order (a copy; same layout and device)."""
+        ...
+
+    def put_experts_(self, slots: Sequence[int], src: WeightFormat) -> None:
+        """Overwrite experts `slots` with `src`'s, in order (same layout and device)."""
+        ...
+
 
 QuantFormat = WeightFormat  # the older name
 

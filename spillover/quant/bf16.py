@@ -8,6 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# Rows up to which float experts on CUDA gather each row's matrix instead of grouping by expert.
+GATHER_MAX_ROWS = 16
+
 
 class Bf16Weight:
     name = "bf16"
@@ -44,6 +47,10 @@ class Bf16Weight:
         return self.weight[expert] if expert is not None else self.weight
 
     def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.shape[0] <= GATHER_MAX_ROWS:
+            # Decode-sized: each row reads its expert's matrix; listing the experts would sync.
+            w = self.weight[expert_ids]  # [T, N, K]
+            return torch.bmm(w, x.to(w.dtype).unsqueeze(-1)).squeeze(-1).to(x.dtype)
         y = torch.empty(x.shape[0], self.weight.shape[-2], dtype=x.dtype, device=x.device)
         for e in torch.unique(expert_ids).tolist():
             rows = (expert_ids == e).nonzero().squeeze(1)
@@ -70,7 +77,7 @@ class Bf16Weight:
         idx = torch.as_tensor(list(experts), dtype=torch.int64, device=self.weight.device)
         return type(self)(self.weight[idx], stacked=True)
 
-    def put_experts_(self, slots: Sequence[int], src: Bf16Weight) -> None:
+    def put_experts_(self, slots: Sequence[int], src: Any) -> None:
         """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
         idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.weight.device)
         for dst, part in zip((self.weight,), (src.weight,), strict=True):

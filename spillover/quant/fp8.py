@@ -142,7 +142,7 @@ class Fp8BlockWeight:
         idx = torch.as_tensor(list(experts), dtype=torch.int64, device=self.weight.device)
         return type(self)(self.weight[idx], self.scale[idx], self.block_shape, self.act_dtype)
 
-    def put_experts_(self, slots: Sequence[int], src: Fp8BlockWeight) -> None:
+    def put_experts_(self, slots: Sequence[int], src: Any) -> None:
         """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
         idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.weight.device)
         for dst, part in zip((self.weight, self.scale), (src.weight, src.scale), strict=True):

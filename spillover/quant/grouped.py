@@ -241,7 +241,7 @@ class GroupedIntWeight:
         return self._relaid(self.qweight[idx], self.scales[idx],
                            self.mins[idx] if self.mins is not None else None, self.layout)
 
-    def put_experts_(self, slots: Sequence[int], src: GroupedIntWeight) -> None:
+    def put_experts_(self, slots: Sequence[int], src: Any) -> None:
         """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
         idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.qweight.device)
         for dst, part in zip((self.qweight, self.scales, self.mins), (src.qweight, src.scales, src.mins), strict=True):
