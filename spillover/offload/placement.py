@@ -145,15 +145,20 @@ def place_experts(
     if not banks:
         return None
     num_experts = banks[0][2].num_experts
+    num_layers = len(banks)
     slots = min(placement.slots, num_experts)
     host = min(placement.host, num_experts - slots)
-    rmap = ResidencyMap(len(banks), num_experts, slots, host, stats=stats,
+    rmap = ResidencyMap(num_layers, num_experts, slots, host, stats=stats,
                         policy=placement.policy, pin_per_layer=min(placement.pin, slots))
     router = MissRouter(placement.miss_mode, placement.stream_rows)
     spill: SpillSource | None = None
     staging = Staging(device)
     placed: list[TieredExpertBank] = []
-    for i, (parent, name, bank) in enumerate(banks):
+    for i in range(len(banks)):
+        # Drop the list's hold on each resident bank as it is replaced: RAM peaks at one layer's
+        # copies, not at a second copy of every expert.
+        parent, name, bank = banks[i]
+        banks[i] = (parent, name, None)  # type: ignore[assignment]
         res = rmap.layers[i]
         w13, w2 = bank.stacked()
         table = res.slot_table()
