@@ -20,6 +20,7 @@ from spillover.engine.params import SamplingParams
 from spillover.llm import LLM
 from spillover.offload.placement import ExpertPlacement
 from spillover.offload.tiered import TieredExpertBank
+from spillover.weights.build import move_model
 
 MODEL = "Qwen/Qwen3-Next-80B-A3B-Instruct"
 PLACEMENTS = {
@@ -45,8 +46,9 @@ def main() -> int:
     prompts = [ids[:40].tolist(), ids[40:57].tolist(), ids[57:].tolist()]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
-    resident = LLM.from_model(build_synthetic(cfg, dev, dt, "int4", seed=0), cfg, dev, dt,
-                              max_num_batched_tokens=32)
+    # Built on the CPU like the tiered ones (random draws differ between devices), then moved.
+    resident = LLM.from_model(move_model(build_synthetic(cfg, torch.device("cpu"), dt, "int4", seed=0),
+                                         dev), cfg, dev, dt, max_num_batched_tokens=32)
     ref = resident.forward_logits(ids.tolist())
     os.environ["SPILLOVER_KERNELS"] = "ref"
     noise = rel(resident.forward_logits(ids.tolist()), ref)

@@ -32,6 +32,7 @@ from torch import nn
 from spillover.engine.engine import Engine
 from spillover.engine.params import SamplingParams
 from spillover.llm import LLM
+from spillover.offload.tiered import TieredExpertBank
 
 log = logging.getLogger("spillover.bench")
 
@@ -233,12 +234,12 @@ def memory_stats(engine: Engine | None = None) -> dict[str, Any]:
 
 
 def _has_tiers(model: nn.Module) -> bool:
-    return any(hasattr(m, "residency") for m in model.modules())
+    return any(isinstance(m, TieredExpertBank) for m in model.modules())
 
 
 def tier_snapshot(model: nn.Module) -> dict[str, float]:
-    """Counters of every module that has `residency` (slot hits and misses of a tiered bank) and
-    numeric `stats` fields (copied bytes and seconds, CPU expert time...), summed over layers."""
+    """Every tiered bank's slot counters and `tier_stats` (copied bytes and GPU-timed seconds,
+    CPU expert time, disk reads...), summed over layers; timed copies are waited for first."""
     out: dict[str, float] = {}
 
     def add(key: str, value: Any) -> None:
@@ -246,16 +247,14 @@ def tier_snapshot(model: nn.Module) -> dict[str, float]:
             out[key] = out.get(key, 0) + value
 
     for m in model.modules():
-        residency = getattr(m, "residency", None)
-        if residency is None:
+        if not isinstance(m, TieredExpertBank):
             continue
-        counters = getattr(residency, "counters", None)
+        m.settle(wait=True)
+        counters = m.residency.counters
         for key in ("lookups", "hits", "misses", "admissions", "evictions"):
-            add(key, getattr(counters, key, None))
-        stats = getattr(m, "stats", None)
-        if stats is not None and dataclasses.is_dataclass(stats):
-            for f in dataclasses.fields(stats):
-                add(f.name, getattr(stats, f.name))
+            add(key, getattr(counters, key))
+        for f in dataclasses.fields(m.tier_stats):
+            add(f.name, getattr(m.tier_stats, f.name))
     return out
 
 
@@ -268,7 +267,7 @@ def tier_rates(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     if hits + misses:
         d["slot_hit_rate"] = hits / (hits + misses)
     if d.get("copy_s"):
-        d["copy_gb_s"] = d.get("copy_bytes", 0) / d["copy_s"] / 1e9
+        d["copy_gb_s"] = d.get("copy_bytes", 0) / d["copy_s"] / 1e9  # host-to-device link
     return d
 
 
@@ -301,11 +300,18 @@ def report_lines(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"{d['tok_s']:,.1f} tok/s  ({d['ms_per_step']:.1f} ms/step{extra})",
             )
         )
+        if "slot_hit_rate" in d and d.get("steps"):
+            # where a step's time went: misses on the CPU, copies into slots, disk reads
+            per = {k: 1e3 * d.get(k, 0.0) / d["steps"] for k in ("cpu_s", "copy_s", "disk_s")}
+            rows.append(("decode", f"batch {d['batch']} time/step",
+                         f"CPU experts {per['cpu_s']:.1f} ms, copies {per['copy_s']:.1f} ms, "
+                         f"disk {per['disk_s']:.1f} ms, misses {d.get('misses', 0) / d['steps']:.1f}"))
     tiers = result.get("tiers", {})
     if "slot_hit_rate" in tiers:
         rows.append(("tiers", "slot hit rate", f"{tiers['slot_hit_rate']:.1%}"))
     if "copy_gb_s" in tiers:
-        rows.append(("tiers", "host->GPU copies", f"{tiers['copy_gb_s']:.1f} GB/s"))
+        rows.append(("tiers", "host->GPU copies", f"{tiers['copy_gb_s']:.1f} GB/s "
+                     f"({tiers.get('copy_bytes', 0) / 1e9:.1f} GB)"))
     mem = result.get("memory", {})
     for key, label in (
         ("cuda_max_allocated_bytes", "CUDA peak allocated"),

@@ -25,7 +25,10 @@ from spillover.engine.step_sampler import sample_rows
 from spillover.hw.info import HardwareInfo, with_overrides
 from spillover.hw.probe import probe
 from spillover.models.causal_lm import CausalLM
+from spillover.offload.bank import is_expert_bank
+from spillover.offload.tiered import TieredExpertBank
 from spillover.plan.engine_cache import cache_plan_for_engine, engine_limits, resolve_max_model_len
+from spillover.plan.inventory import ROUTED_EXPERTS, component_of
 from spillover.plan.measure import PeakComparison, compare_peaks, measured_bytes_by_component
 from spillover.plan.memory import KV_CACHE, LINEAR_STATE, MemoryPlan
 
@@ -70,8 +73,27 @@ def device_hardware(device: torch.device) -> HardwareInfo:
 
 
 def loaded_weight_bytes(model: torch.nn.Module) -> dict[str, dict[str, int]]:
-    """tier -> component -> bytes of the model's parameters and buffers as loaded."""
-    return measured_bytes_by_component(chain(model.named_parameters(), model.named_buffers()))
+    """tier -> component -> bytes of the model's weights as loaded: parameters and buffers, the
+    packed formats of linears and expert banks, and a tiered bank's slots and RAM experts."""
+    out = measured_bytes_by_component(chain(model.named_parameters(), model.named_buffers()))
+
+    def add(tier: str, comp: str, n: int) -> None:
+        out.setdefault(tier, {})[comp] = out.get(tier, {}).get(comp, 0) + n
+
+    tier_of = {"cuda": "gpu", "cpu": "host"}
+    for name, m in model.named_modules():
+        if isinstance(m, TieredExpertBank):
+            for tier, n in m.tier_bytes().items():
+                add(tier, ROUTED_EXPERTS, n)
+            continue
+        fmts = list(m.formats().values()) if is_expert_bank(m) else [getattr(m, "fmt", None)]
+        # a packed weight sits where its module's (released, 0-element) parameters do
+        param = next(m.parameters(recurse=False), None)
+        tier = tier_of.get(param.device.type, "gpu") if param is not None else "gpu"
+        for fmt in fmts:
+            if fmt is not None:
+                add(tier, component_of(f"{name}.weight"), fmt.nbytes)
+    return out
 
 
 def memory_plan(

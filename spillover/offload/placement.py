@@ -164,9 +164,13 @@ def place_experts(
         table = res.slot_table()
         slot_experts = sorted((s, e) for e, s in enumerate(table) if s >= 0)
         in_slots = [e for _, e in slot_experts]
-        if placement.slot_copies and res.policy.dynamic:  # coldest slot experts first
-            res.host = res.host | frozenset(in_slots[::-1][: placement.slot_copies])
+        # Host rows: the experts outside the slots first (a prefill streams that prefix in one
+        # copy), then RAM copies of slot experts, coldest first.
         host_experts = sorted(res.host)
+        if placement.slot_copies and res.policy.dynamic:
+            copies = in_slots[::-1][: placement.slot_copies]
+            res.host = res.host | frozenset(copies)
+            host_experts += copies
         rest = [e for e in range(num_experts) if e not in res.host]
         dev_pair = None
         if in_slots:
@@ -184,7 +188,8 @@ def place_experts(
                 spill = SpillSource(folder)
             spill.write(i, to_disk, w13.take_experts(to_disk), w2.take_experts(to_disk))
         tiered = TieredExpertBank(i, res, dev_pair, host_pair, host_experts, spill, device, router,
-                                  staging)
+                                  staging, stream_prefix=len(host_experts) - placement.slot_copies
+                                  if res.policy.dynamic else len(host_experts))
         if placed:
             placed[-1].link_next(tiered)
         placed.append(tiered)

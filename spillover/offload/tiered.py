@@ -81,7 +81,7 @@ class TierStats:
     disk_experts: int = 0
     copy_bytes: int = 0
     copy_s: float = 0.0
-    disk_copy_s: float = 0.0  # read from disk into RAM, then to the device (not a pinned copy)
+    disk_copy_s: float = 0.0  # gathered (disk, evicted copies) then sent to the device, pageable
     cpu_s: float = 0.0
     disk_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
@@ -124,6 +124,7 @@ class TieredExpertBank(nn.Module):
         device: torch.device,
         router: MissRouter | None = None,
         staging: Staging | None = None,
+        stream_prefix: int | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -136,6 +137,9 @@ class TieredExpertBank(nn.Module):
         if host_experts:
             host_map[torch.tensor(list(host_experts))] = torch.arange(len(host_experts))
         self.host_map = host_map  # expert -> host row, -1 elsewhere (on the CPU)
+        # Host rows 0..stream_prefix-1 (the experts outside the slots at placement) are what a
+        # prefill stages in one copy; later rows hold RAM copies of slot experts.
+        self.stream_prefix = len(host_experts) if stream_prefix is None else stream_prefix
         self.source = source
         self.device = device
         self.router = router or MissRouter()
@@ -336,50 +340,53 @@ class TieredExpertBank(nn.Module):
     # ---- layerwise streaming (prefill) ---------------------------------------------------------
     def prefetch(self) -> None:
         """Start copying this layer's host stack to the device on the copy stream (idempotent)."""
-        if self._staged is not None or self.host is None:
+        if self._staged is not None or self.host is None or not self.stream_prefix:
             return
+        n = self.stream_prefix
+        h13, h2 = self.host[0].expert_range(0, n), self.host[1].expert_range(0, n)
         stream = self.staging.stream
         if stream is None:  # CPU "device": the host stack is where it runs
-            self._staged = (self.host[0], self.host[1], None)
+            self._staged = (h13, h2, None)
             return
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self.staging.reclaim()
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            d13 = self.host[0].to(self.device, non_blocking=True)
-            d2 = self.host[1].to(self.device, non_blocking=True)
+            d13 = h13.to(self.device, non_blocking=True)
+            d2 = h2.to(self.device, non_blocking=True)
             event = torch.cuda.Event(enable_timing=True)
             event.record(stream)
         self._staged = (d13, d2, event)
-        self._timed.append((start, event, self.host[0].nbytes + self.host[1].nbytes))
+        self._timed.append((start, event, h13.nbytes + h2.nbytes))
 
     def _stream_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
-        """Many rows (prefill): the layer's whole host stack is on the device (prefetched while
-        the previous layer computed, else copied now), and the misses run there; experts only on
-        disk are read and copied for this step."""
+        """Many rows (prefill): the layer's streamed host prefix is on the device (prefetched
+        while the previous layer computed, else copied now) and the misses there run on it; the
+        other misses (on disk, or RAM copies of evicted slot experts) are gathered and copied for
+        this step."""
         out: torch.Tensor | None = None
-        in_ram = [e for e in experts if e in self.host_row]
-        on_disk = [e for e in experts if e not in self.host_row]
+        staged = [e for e in experts if self.host_row.get(e, self.stream_prefix) < self.stream_prefix]
+        others = [e for e in experts if e not in set(staged)]
         self.tier_stats.streamed_experts += len(experts)
-        if in_ram:
+        if staged:
             self.prefetch()
             assert self._staged is not None
             d13, d2, event = self._staged
             self._staged = None
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-            out = self._local_pass(hidden, topk_ids, topk_weights, in_ram, d13, d2,
-                                   [self.host_row[e] for e in in_ram])
+            out = self._local_pass(hidden, topk_ids, topk_weights, staged, d13, d2,
+                                   [self.host_row[e] for e in staged])
             self.staging.retire((d13, d2), self.device)
-        if on_disk:
-            w13, w2 = self._read_disk(on_disk)
+        if others:
+            w13, w2 = self._gather_host(others)
             t0 = time.perf_counter()
             d13, d2 = w13.to(self.device), w2.to(self.device)  # pageable: returns when copied
             self.tier_stats.disk_copy_s += time.perf_counter() - t0
-            part = self._local_pass(hidden, topk_ids, topk_weights, on_disk, d13, d2,
-                                    list(range(len(on_disk))))
+            part = self._local_pass(hidden, topk_ids, topk_weights, others, d13, d2,
+                                    list(range(len(others))))
             out = part if out is None else out + part
         assert out is not None
         return out

@@ -76,6 +76,10 @@ class WeightFormat(Protocol):
         """The stacked weight of `experts`, in that order (a copy; same layout and device)."""
         ...
 
+    def expert_range(self, start: int, stop: int) -> WeightFormat:
+        """Experts start..stop-1 as a view (no copy)."""
+        ...
+
     def put_experts_(self, slots: Sequence[int], src: WeightFormat) -> None:
         """Overwrite experts `slots` with `src`'s, in order (same layout and device)."""
         ...

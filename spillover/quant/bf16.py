@@ -77,6 +77,10 @@ class Bf16Weight:
         idx = torch.as_tensor(list(experts), dtype=torch.int64, device=self.weight.device)
         return type(self)(self.weight[idx], stacked=True)
 
+    def expert_range(self, start: int, stop: int) -> Bf16Weight:
+        """Experts start..stop-1 as a view (no copy: pinned RAM stays pinned)."""
+        return type(self)(self.weight[start:stop], stacked=True)
+
     def put_experts_(self, slots: Sequence[int], src: Any) -> None:
         """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
         idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.weight.device)

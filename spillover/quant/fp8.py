@@ -142,6 +142,11 @@ class Fp8BlockWeight:
         idx = torch.as_tensor(list(experts), dtype=torch.int64, device=self.weight.device)
         return type(self)(self.weight[idx], self.scale[idx], self.block_shape, self.act_dtype)
 
+    def expert_range(self, start: int, stop: int) -> Fp8BlockWeight:
+        """Experts start..stop-1 as a view (no copy: pinned RAM stays pinned)."""
+        return type(self)(self.weight[start:stop], self.scale[start:stop], self.block_shape,
+                          self.act_dtype)
+
     def put_experts_(self, slots: Sequence[int], src: Any) -> None:
         """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
         idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.weight.device)

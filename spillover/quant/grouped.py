@@ -241,6 +241,11 @@ class GroupedIntWeight:
         return self._relaid(self.qweight[idx], self.scales[idx],
                            self.mins[idx] if self.mins is not None else None, self.layout)
 
+    def expert_range(self, start: int, stop: int) -> Self:
+        """Experts start..stop-1 as a view (no copy: pinned RAM stays pinned)."""
+        mins = self.mins[start:stop] if self.mins is not None else None
+        return self._relaid(self.qweight[start:stop], self.scales[start:stop], mins, self.layout)
+
     def put_experts_(self, slots: Sequence[int], src: Any) -> None:
         """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
         idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.qweight.device)

@@ -53,6 +53,7 @@ PLACEMENTS = {
     "stream": ExpertPlacement(slots=3, host=3, policy="lrfu", stream_rows=4),
     "no-slots": ExpertPlacement(slots=0, host=5, miss_mode="cpu"),
     "host-embeddings": ExpertPlacement(slots=4, host=4, host_embeddings=True),
+    "stream-copies": ExpertPlacement(slots=3, host=3, policy="lru", stream_rows=4, slot_copies=2),
     "slot-copies": ExpertPlacement(slots=3, host=3, policy="lru", miss_mode="copy", slot_copies=3),
 }
 
@@ -83,7 +84,7 @@ def test_tiered_equals_resident(name: str, placement: str, folders: dict[str, Pa
         assert sum(s.disk_experts for s in stats) > 0  # disk experts were read back
     if placement in ("cpu-lfu", "no-slots"):
         assert sum(s.cpu_experts for s in stats) > 0 and sum(s.copied_experts for s in stats) == 0
-    if placement == "stream":
+    if placement in ("stream", "stream-copies"):
         assert sum(s.streamed_experts for s in stats) > 0
     if placement == "host-embeddings":
         assert any(isinstance(m, HostEmbedding) for m in tiered.model.modules())
