@@ -16,7 +16,7 @@ from spillover.engine.outputs import TokenEvent
 from spillover.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from spillover.engine.runner import CacheLayout, ModelRunner
 from spillover.models.causal_lm import CausalLM
-from spillover.offload.budget import MemoryBudgets, plan_experts
+from spillover.offload.budget import MemoryBudgets, cap_allocator, plan_experts
 from spillover.offload.placement import ExpertPlacement, place_experts
 from spillover.offload.residency import ExpertStats, ResidencyMap
 from spillover.plan.engine_cache import resolve_max_model_len
@@ -128,6 +128,7 @@ class LLM:
             self.placement_plan, experts = plan_experts(
                 self.config, self.model, self.device, self.budgets, policy=policy,
                 miss_mode=misses, **limits)
+            cap_allocator(self.device, self.placement_plan)
         stats = ExpertStats.load(stats_file) if stats_file else None
         self.residency = place_experts(self.model, experts, self.device, stats)
         return move_model(self.model, self.device)

@@ -223,6 +223,11 @@ def memory_stats(engine: Engine | None = None) -> dict[str, Any]:
     if torch.cuda.is_available() and (engine is None or engine.device.type == "cuda"):
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        # The whole device as the driver sees it now (CUDA context included; other processes
+        # too, on a shared card): what a --gpu-memory budget bounds.
+        free, total = torch.cuda.mem_get_info()
+        out["cuda_device_used_bytes"] = total - free
+        out["cuda_context_bytes"] = total - free - torch.cuda.memory_reserved()
     if engine is not None:
         plan = engine.memory_plan
         out["planned_tiers"] = {tier: dict(parts) for tier, parts in plan.tiers.items()}
@@ -316,6 +321,8 @@ def report_lines(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     for key, label in (
         ("cuda_max_allocated_bytes", "CUDA peak allocated"),
         ("cuda_max_reserved_bytes", "CUDA peak reserved"),
+        ("cuda_device_used_bytes", "device used (driver)"),
+        ("cuda_context_bytes", "CUDA context + other"),
         ("rss_bytes", "process RSS"),
         ("rss_peak_bytes", "process RSS peak"),
     ):

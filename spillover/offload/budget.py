@@ -76,6 +76,16 @@ def loaded_scheme(model: nn.Module) -> WeightScheme:
     return WeightScheme(dense, experts)
 
 
+def cap_allocator(device: torch.device, plan: MemoryPlan) -> None:
+    """Hold torch's caching allocator to the plan's GPU share of the budget (the budget less
+    the CUDA context and margin the plan reserves): past it the allocator frees its cache and
+    retries before failing, so fragmentation cannot carry the process over the budget."""
+    if device.type != "cuda" or plan.gpu_budget <= 0:
+        return
+    total = torch.cuda.mem_get_info(device)[1]
+    torch.cuda.set_per_process_memory_fraction(min(plan.gpu_budget / total, 1.0), device)
+
+
 def budget_hardware(hw: HardwareInfo, device: torch.device, budgets: MemoryBudgets) -> HardwareInfo:
     """`hw` as seen within the budgets: the GPU's memory is the budget (or what is free)."""
     if device.type != "cuda":
