@@ -2,8 +2,8 @@
 
 Two checks per (model, format):
 * plumbing: the quantized model equals, to float rounding, the float model whose weights were
-  replaced by the dequantized packed weights (so every packed Linear and the MoE bank's grouped
-  `w13_fmt`/`w2_fmt` path compute the right function; the dense expert tensors are freed);
+  replaced by the dequantized packed weights (so every packed Linear and the formats installed in
+  the MoE banks compute the right function; the dense expert tensors are freed);
 * quality: logits stay within a measured relative error of the unquantized model.
 
 Quality bounds are per architecture family because tiny random models amplify weight noise very
@@ -103,8 +103,7 @@ def _dequantized_copy(model: CausalLM, quantized: CausalLM) -> CausalLM:
             if isinstance(mod, Linear) and mod.fmt is not None:
                 mods[name].weight.copy_(mod.fmt.dequantize())
             if isinstance(mod, ResidentExpertBank):
-                for attr in ("w13", "w2"):
-                    fmt = getattr(mod, f"{attr}_fmt")
+                for attr, fmt in mod.formats().items():
                     if fmt is not None:
                         getattr(mods[name], attr).copy_(fmt.dequantize())
     return model
@@ -138,7 +137,7 @@ def test_quantized_model_logits(name: str, quant: str, group: int, wide: bool,
     banks = [m for m in model.modules() if isinstance(m, ResidentExpertBank)]
     assert bool(banks) == bool(cfg.num_experts)
     for bank in banks:  # the grouped path ran: the dense experts are gone
-        assert bank.w13_fmt is not None and bank.w2_fmt is not None
+        assert all(f is not None for f in bank.formats().values())
         assert bank.w13.numel() == 0 and bank.w2.numel() == 0
 
     exact = _logits(_dequantized_copy(ref_model, model), ids.tolist())

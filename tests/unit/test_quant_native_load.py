@@ -104,7 +104,9 @@ def test_store_loads_packed(tmp_path: Path) -> None:
     cfg = load_config(src)
     model = load_from_store(store, cfg, CPU, torch.float32)
     banks = [m for m in model.modules() if isinstance(m, ResidentExpertBank)]
-    assert banks and all(b.w13_fmt is not None and b.w13_fmt.stacked and b.w13.numel() == 0 for b in banks)
+    w13 = [b.formats()["w13"] for b in banks]
+    assert banks and all(f is not None and f.stacked for f in w13)
+    assert all(b.w13.numel() == 0 for b in banks)
     qkv = model.get_submodule("model.layers.0.self_attn.qkv_proj")
     assert isinstance(qkv, Linear)
     assert isinstance(qkv.fmt, GroupedIntWeight) and qkv.fmt.out_features == qkv.out_features

@@ -90,7 +90,7 @@ def _packed_slots(model: CausalLM) -> set[str]:
         if isinstance(mod, Linear) and mod.fmt is not None:
             out.add(f"{name}.weight")
         if isinstance(mod, ResidentExpertBank):
-            out |= {f"{name}.{a}" for a in ("w13", "w2") if getattr(mod, f"{a}_fmt") is not None}
+            out |= {f"{name}.{a}" for a, fmt in mod.formats().items() if fmt is not None}
     return out
 
 
@@ -211,12 +211,10 @@ def test_store_targets_never_get_a_float_tensor(tmp_path: Path, allocated: list[
 def test_formats_move_with_or_without_their_own_to() -> None:
     """move_model's path for every format (meta stands in for CUDA on this CPU-only box)."""
     from spillover.quant import pack_weight
-    from spillover.weights.build import format_to
-
     w = torch.randn(4, 256, 128)
     for quant in ("int4", "int8", "fp8_block", "bf16"):
         fmt = pack_weight(w, quant, 128 if quant == "int4" else None)
-        moved = format_to(fmt, META)
+        moved = fmt.to(META)
         assert type(moved) is type(fmt) and moved.stacked and moved.meta() == fmt.meta()
         assert all(t.is_meta for t in moved.tensors().values())
 
@@ -238,6 +236,8 @@ def test_parts_in_gpu_layout_are_merged_in_storage_layout(folders: dict[str, Pat
     ids = list(range(3, 13))
     ref = _logits(load_items(items(False), cfg, CPU, torch.float32), ids, 8, torch.float32)
     model = load_items(items(True), cfg, CPU, torch.float32)
-    fmts = [getattr(m, a) for m in model.modules() for a in ("fmt", "w13_fmt", "w2_fmt") if getattr(m, a, None)]
+    fmts = [m.fmt for m in model.modules() if isinstance(m, Linear) and m.fmt is not None]
+    banks = [m for m in model.modules() if isinstance(m, ResidentExpertBank)]
+    fmts += [f for b in banks for f in b.formats().values() if f is not None]
     assert fmts and all(f.layout == "nk" for f in fmts)
     assert _packed_slots(model) and torch.equal(_logits(model, ids, 8, torch.float32), ref)
