@@ -36,6 +36,7 @@ from spillover.models.causal_lm import CausalLM
 from spillover.offload.bank import ResidentExpertBank
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight, QuantFormat
 from spillover.weights.build import load_policy, move_model
+from spillover.weights.loader import materialize_buffers
 from spillover.weights.quantize import QuantPolicy
 from spillover.weights.resolve import META, build_model
 
@@ -130,12 +131,7 @@ def build_synthetic(
             if routing_skew and name.endswith("mlp.gate") and isinstance(module, Linear):
                 gen = filler.generator(f"{name}.skew", torch.device("cpu"))
                 skew_router(module.weight, routing_skew, gen)
-        for mod_name, mod in model.named_modules():
-            for bname, buf in list(mod._buffers.items()):
-                if buf is not None and buf.is_meta:
-                    mod._buffers[bname] = torch.zeros_like(buf, device=device)
-            for pname, p in mod.named_parameters(recurse=False):
-                assert not p.is_meta, f"{mod_name}.{pname} left on meta"
+        materialize_buffers(model, device, zero=True)
     log.info("synthetic %s: %d layers, quant %s, on %s", cfg.model_type, cfg.num_layers, quant,
              device)
     return move_model(model, device)

@@ -12,17 +12,11 @@ import torch.nn.functional as F
 GATHER_MAX_ROWS = 16
 
 
-class Bf16Weight:
-    name = "bf16"
+class WeightShape:
+    """Shape members of a format that holds one `weight` tensor, [N, K] or stacked [E, N, K]."""
 
-    def __init__(self, weight: torch.Tensor, stacked: bool | None = None) -> None:
-        self.weight = weight
-        self.stacked = weight.dim() == 3 if stacked is None else stacked
-        self.act_dtype = weight.dtype
-
-    @classmethod
-    def pack(cls, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> Bf16Weight:
-        return cls(weight.to(dtype).contiguous())
+    weight: torch.Tensor
+    stacked: bool
 
     @property
     def num_experts(self) -> int:
@@ -35,6 +29,19 @@ class Bf16Weight:
     @property
     def in_features(self) -> int:
         return self.weight.shape[-1]
+
+
+class Bf16Weight(WeightShape):
+    name = "bf16"
+
+    def __init__(self, weight: torch.Tensor, stacked: bool | None = None) -> None:
+        self.weight = weight
+        self.stacked = weight.dim() == 3 if stacked is None else stacked
+        self.act_dtype = weight.dtype
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> Bf16Weight:
+        return cls(weight.to(dtype).contiguous())
 
     @property
     def nbytes(self) -> int:

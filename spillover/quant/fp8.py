@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from spillover.kernels.ref_quant import dequant_fp8_block_ref, fp8_block_shape
+from spillover.quant.bf16 import WeightShape
 from spillover.quant.packing import CHUNK_ELEMS
 
 FP8_MAX = 448.0
 
 
-class Fp8BlockWeight:
+class Fp8BlockWeight(WeightShape):
     name = "fp8_block"
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: int | tuple[int, int] = 128,
@@ -40,18 +41,6 @@ class Fp8BlockWeight:
     @property
     def block_shape(self) -> tuple[int, int]:
         return self.block_n, self.block
-
-    @property
-    def num_experts(self) -> int:
-        return self.weight.shape[0] if self.stacked else 1
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[-2]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[-1]
 
     @property
     def nbytes(self) -> int:

@@ -176,7 +176,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, PackedOrTensor, 
     if missing:
         shown = ", ".join(missing[:8]) + (f" … and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise WeightLoadError(f"checkpoint is missing tensors for: {shown}")
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     return count
 
 
@@ -204,13 +204,15 @@ def _materialize(pname: str, params: dict[str, nn.Parameter], owners: Owners, de
     return new
 
 
-def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+def materialize_buffers(model: nn.Module, device: torch.device, zero: bool = False) -> None:
     """Buffers are never in a checkpoint: allocated uninitialised, as `to_empty` does (their module
-    fills them), and a parameter left on meta is a loader bug, not a checkpoint problem."""
+    fills them; `zero` for models that are never loaded), and a parameter left on meta is a loader
+    bug, not a checkpoint problem."""
+    new = torch.zeros_like if zero else torch.empty_like
     for mod_name, mod in model.named_modules():
         for bname, buf in list(mod._buffers.items()):
             if buf is not None and buf.is_meta:
-                mod._buffers[bname] = torch.empty_like(buf, device=device)
+                mod._buffers[bname] = new(buf, device=device)
         for pname, p in mod.named_parameters(recurse=False):
             assert not p.is_meta, f"{mod_name}.{pname} still on meta after loading"
 

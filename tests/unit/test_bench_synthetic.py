@@ -4,7 +4,6 @@ drives them through the engine (CPU, tiny configs of tests/models/tiny.py)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ from spillover.bench.synthetic import (
 from spillover.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
 from spillover.llm import LLM
 from spillover.offload.bank import ResidentExpertBank
+from spillover.offload.residency import LayerResidency
+from spillover.offload.tiered import TieredExpertBank
 from spillover.weights.build import load_policy
 from tests.models.tiny import BASE, CONFIGS
 
@@ -147,38 +148,18 @@ def test_run_bench_reports_every_field() -> None:
     assert not llm.engine.has_unfinished()
 
 
-@dataclass
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-
-
-@dataclass
-class _Residency:
-    counters: _Counters = field(default_factory=_Counters)
-
-
-@dataclass
-class _Stats:
-    copy_bytes: int = 0
-    copy_s: float = 0.0
-
-
-class _FakeTiered(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.residency = _Residency()
-        self.stats = _Stats()
+def _tiered(layer: int) -> TieredExpertBank:
+    return TieredExpertBank(layer, LayerResidency(8, 0), None, None, [], None, torch.device("cpu"))
 
 
 def test_tier_counters_sum_over_layers() -> None:
-    model = nn.Sequential(_FakeTiered(), _FakeTiered())
+    model = nn.Sequential(_tiered(0), _tiered(1))
     before = tier_snapshot(model)
     for layer, (hits, misses) in zip(model, [(3, 1), (5, 3)], strict=True):
         layer.residency.counters.hits += hits
         layer.residency.counters.misses += misses
-        layer.stats.copy_bytes += 2_000_000_000
-        layer.stats.copy_s += 0.5
+        layer.tier_stats.copy_bytes += 2_000_000_000
+        layer.tier_stats.copy_s += 0.5
     rates = tier_rates(before, tier_snapshot(model))
     assert rates["hits"] == 8 and rates["misses"] == 4
     assert rates["slot_hit_rate"] == pytest.approx(8 / 12)
