@@ -263,28 +263,41 @@ class TieredExpertBank(nn.Module):
         return both13.take_experts(order), both2.take_experts(order)
 
     def _fill_slots(self, admitted: list[tuple[int, int]]) -> None:
+        """Copy admitted experts into their slots on the copy stream: an expert with a RAM row
+        goes straight from its pinned row (one asynchronous copy per part), the others (disk)
+        are gathered first."""
         assert self.slots is not None
-        experts = [e for e, _ in admitted]
-        slots = [s for _, s in admitted]
-        w13, w2 = self._gather_host(experts)
+        pieces: list[tuple[list[int], Any, Any]] = []
+        in_ram = [(e, s) for e, s in admitted if e in self.host_row]
+        elsewhere = [(e, s) for e, s in admitted if e not in self.host_row]
+        if in_ram:
+            assert self.host is not None
+            for e, s in in_ram:
+                r = self.host_row[e]
+                pieces.append(([s], self.host[0].expert_range(r, r + 1),
+                               self.host[1].expert_range(r, r + 1)))
+        if elsewhere:
+            pieces.append(([s for _, s in elsewhere], *self._gather_host([e for e, _ in elsewhere])))
+        nbytes = sum(w13.nbytes + w2.nbytes for _, w13, w2 in pieces)
         stream = self.staging.stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
-                d13, d2 = w13.to(self.device), w2.to(self.device)
-                self.slots[0].put_experts_(slots, d13)
-                self.slots[1].put_experts_(slots, d2)
+                for slots, w13, w2 in pieces:
+                    self.slots[0].put_experts_(slots, w13.to(self.device, non_blocking=True))
+                    self.slots[1].put_experts_(slots, w2.to(self.device, non_blocking=True))
                 end = torch.cuda.Event(enable_timing=True)
                 end.record(stream)
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._timed.append((start, end, w13.nbytes + w2.nbytes))
+            self._timed.append((start, end, nbytes))
         else:
-            self.slots[0].put_experts_(slots, w13.to(self.device))
-            self.slots[1].put_experts_(slots, w2.to(self.device))
-            self.tier_stats.copy_bytes += w13.nbytes + w2.nbytes
-        self.tier_stats.copied_experts += len(experts)
+            for slots, w13, w2 in pieces:
+                self.slots[0].put_experts_(slots, w13.to(self.device))
+                self.slots[1].put_experts_(slots, w2.to(self.device))
+            self.tier_stats.copy_bytes += nbytes
+        self.tier_stats.copied_experts += len(admitted)
         table = torch.tensor(self.residency.slot_table(), dtype=torch.int64)
         self.slot_map.copy_(table, non_blocking=False)
 
