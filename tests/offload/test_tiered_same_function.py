@@ -103,3 +103,17 @@ def test_budget_too_small_for_the_dense_part_fails_at_start(folders: dict[str, P
     llm = LLM(str(folders["qwen3_moe-norm"]), device="cpu", dtype="float32")
     with pytest.raises(ValueError, match="does not fit"):
         plan_experts(llm.config, llm.model, torch.device("cpu"), MemoryBudgets(cpu=1000))
+
+
+def test_sixteen_concurrent_requests_equal_alone(folders: dict[str, Path]) -> None:
+    """Mixed lengths batched through a tiered bank (misses copied, evictions under pressure)
+    give each request the tokens it gets alone."""
+    llm = LLM(str(folders["qwen3_next"]), device="cpu", dtype="float32", max_num_batched_tokens=16,
+              experts=ExpertPlacement(slots=2, host=4, policy="lru", miss_mode="copy"))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 40, (16,), generator=gen)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
