@@ -10,6 +10,7 @@ lives: the model and the loader never do.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,11 +72,13 @@ class SpillSource:
         rows = [self.rows[layer][e] for e in experts]
         t13, t2, m13, m2, act = self.meta[layer]
         parts: dict[str, dict[str, torch.Tensor]] = {"w13": {}, "w2": {}}
-        with safe_open(str(self.folder / f"layer{layer}.safetensors"), framework="pt") as f:
+        path = self.folder / f"layer{layer}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 which, part = key.split(".", 1)
                 sl = f.get_slice(key)
                 parts[which][part] = torch.stack([sl[r : r + 1][0] for r in rows])
+        _drop_cached(path)
         return (t13.from_tensors(parts["w13"], m13, act_dtype=act),
                 t2.from_tensors(parts["w2"], m2, act_dtype=act))
 
@@ -110,6 +113,17 @@ def embeddings_to_host(model: nn.Module) -> int:
                 setattr(parent, name, HostEmbedding(table))
                 moved += table.numel() * table.element_size()
     return moved
+
+
+def _drop_cached(path: Path) -> None:
+    """Let the kernel drop the file's pages once read: the disk tier must not grow a page cache
+    past the RAM budget (the rows just read were copied out)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _pinned(fmt: Any) -> Any:
