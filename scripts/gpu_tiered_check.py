@@ -42,13 +42,14 @@ def main() -> int:
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     cfg = with_layers(load_synthetic_config(MODEL), args.layers)
-    ids = torch.randint(0, cfg.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.tokens,), generator=gen)
     prompts = [ids[:40].tolist(), ids[40:57].tolist(), ids[57:].tolist()]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     # Built on the CPU like the tiered ones (random draws differ between devices), then moved.
-    resident = LLM.from_model(move_model(build_synthetic(cfg, torch.device("cpu"), dt, "int4", seed=0),
-                                         dev), cfg, dev, dt, max_num_batched_tokens=32)
+    built = build_synthetic(cfg, torch.device("cpu"), dt, "int4", seed=0)
+    resident = LLM.from_model(move_model(built, dev), cfg, dev, dt, max_num_batched_tokens=32)
     ref = resident.forward_logits(ids.tolist())
     os.environ["SPILLOVER_KERNELS"] = "ref"
     noise = rel(resident.forward_logits(ids.tolist()), ref)

@@ -75,9 +75,10 @@ class LLM:
         self.config = load_config(self.source)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        # quant: one of spillover.quant.QUANT_CHOICES (legacy spellings via normalize_quant): auto keeps
-        # the checkpoint's formats; int8 / int4 / fp8 / int4-experts quantize at load; "native" keeps a
-        # GGUF file's own blocks packed. The record says which format each tensor got and why.
+        # quant: one of spillover.quant.QUANT_CHOICES (legacy spellings via normalize_quant):
+        # auto keeps the checkpoint's formats; int8 / int4 / fp8 / int4-experts quantize at load;
+        # "native" keeps a GGUF file's own blocks packed. The record says which format each tensor
+        # got and why.
         # Budgets (gpu_memory / cpu_memory: "32GiB", "60GB", a fraction, or bytes) or an explicit
         # placement tier the MoE experts: the model is loaded on the CPU, the placement keeps each
         # layer's slot experts on the device, its host experts in RAM and spills the rest to disk.
@@ -91,7 +92,8 @@ class LLM:
             tiered, experts, expert_policy, expert_misses, expert_stats,
             max_num_seqs=max_num_seqs, token_budget=max_num_batched_tokens, context=max_model_len)
         if kv_cache_memory_bytes is None and self.placement_plan is not None:
-            kv_cache_memory_bytes = self.placement_plan.tiers.get(self._cache_tier, {}).get(KV_CACHE)
+            planned = self.placement_plan.tiers.get(self._cache_tier, {})
+            kv_cache_memory_bytes = planned.get(KV_CACHE)
         self.block_size = block_size
         self.engine_config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -105,7 +107,8 @@ class LLM:
             max_model_len=max_model_len,
         )
         self._tokenizer: Any = None
-        self._runner: ModelRunner | None = None  # scoring only (forward_logits); the engine has its own
+        # scoring only (forward_logits); the engine has its own
+        self._runner: ModelRunner | None = None
         self._engine: Engine | None = None
         self._ids = itertools.count()
 
@@ -140,8 +143,8 @@ class LLM:
                    cpu_memory: str | int | float | None = None,
                    experts: ExpertPlacement | None = None, expert_policy: str = "lrfu",
                    expert_misses: str = "auto", **engine_kwargs: Any) -> LLM:
-        """An LLM around a model already in memory (spillover.bench.synthetic builds one): nothing is
-        loaded, the model stays where it is, and without `tokenizer` requests pass token ids.
+        """An LLM around a model already in memory (spillover.bench.synthetic builds one): nothing
+        is loaded, the model stays where it is, and without `tokenizer` requests pass token ids.
         `engine_kwargs` are EngineConfig fields (max_num_seqs, max_model_len, ...)."""
         llm = cls.__new__(cls)
         llm.source = None  # type: ignore[assignment]  # no files: nothing to load a tokenizer from
@@ -210,7 +213,8 @@ class LLM:
     def _runner_for(self, max_tokens: int) -> ModelRunner:
         blocks = -(-max_tokens // self.block_size)
         if self._runner is None or self._runner.layout.num_blocks < blocks:
-            self._runner = ModelRunner(self.model, CacheLayout(blocks, self.block_size, 1), self.device, self.dtype)
+            layout = CacheLayout(blocks, self.block_size, 1)
+            self._runner = ModelRunner(self.model, layout, self.device, self.dtype)
         return self._runner
 
     # ---- scoring -----------------------------------------------------------------------------
@@ -219,7 +223,8 @@ class LLM:
         if not token_ids:
             raise ValueError("token_ids is empty")
         runner = self._runner_for(len(token_ids))
-        plan = StepPlan.one_sequence(list(token_ids), list(range(runner.layout.num_blocks)), self.block_size)
+        blocks = list(range(runner.layout.num_blocks))
+        plan = StepPlan.one_sequence(list(token_ids), blocks, self.block_size)
         return runner.execute(plan).logits.cpu()
 
     # ---- generation --------------------------------------------------------------------------
@@ -251,7 +256,8 @@ class LLM:
                 eng.add_request(rid, tok_ids, params)
                 outputs[rid] = RequestOutput(
                     request_id=rid, prompt=text, prompt_token_ids=tok_ids, finished=False,
-                    outputs=[CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None)
+                    outputs=[CompletionOutput(i, "", [], None,
+                                              [] if params.logprobs is not None else None)
                              for i in range(params.n)],
                 )
             open_count = sum(len(o.outputs) for o in outputs.values())
@@ -280,11 +286,13 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self.apply_chat_template(c, **(chat_template_kwargs or {})) for c in conversations]  # type: ignore[arg-type]
+        kw = chat_template_kwargs or {}
+        prompts = [self.apply_chat_template(c, **kw) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params)
 
     def stream_chat(
-        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None, **template_kw: Any
+        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+        **template_kw: Any
     ) -> Iterator[str]:
         """Text deltas of one chat completion (index 0) as the engine produces them."""
         ids = self.apply_chat_template(messages, **template_kw)
@@ -305,7 +313,8 @@ class LLM:
                 eng.abort(rid)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, **kw)
         if isinstance(out, dict) or hasattr(out, "input_ids"):
             out = out["input_ids"]
         return list(out)
@@ -329,7 +338,8 @@ def _absorb(out: RequestOutput, ev: TokenEvent) -> bool:
 
 def _strip_eos(c: CompletionOutput, eos: set[int]) -> None:
     # The end-of-sequence token ends the completion but is not part of it (stop_token_ids are).
-    if c.finish_reason == "stop" and c.stop_reason is None and c.token_ids and c.token_ids[-1] in eos:
+    stopped = c.finish_reason == "stop" and c.stop_reason is None
+    if stopped and c.token_ids and c.token_ids[-1] in eos:
         c.token_ids.pop()
         if c.logprobs:
             c.logprobs.pop()

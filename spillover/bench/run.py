@@ -310,7 +310,8 @@ def report_lines(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             per = {k: 1e3 * d.get(k, 0.0) / d["steps"] for k in ("cpu_s", "copy_s", "disk_s")}
             rows.append(("decode", f"batch {d['batch']} time/step",
                          f"CPU experts {per['cpu_s']:.1f} ms, copies {per['copy_s']:.1f} ms, "
-                         f"disk {per['disk_s']:.1f} ms, misses {d.get('misses', 0) / d['steps']:.1f}"))
+                         f"disk {per['disk_s']:.1f} ms, "
+                         f"misses {d.get('misses', 0) / d['steps']:.1f}"))
     tiers = result.get("tiers", {})
     if "slot_hit_rate" in tiers:
         rows.append(("tiers", "slot hit rate", f"{tiers['slot_hit_rate']:.1%}"))

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 class ExpertBank(Protocol):
     num_experts: int
 
-    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
         ...
 
     def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -37,8 +38,10 @@ class ResidentExpertBank(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate),
+                               requires_grad=False)
         # Packed stacked formats (spillover.quant), installed by quantize_model or the loader; when
         # set, the matching float parameter is released and forward takes the grouped path.
         self.w13_fmt: QuantFormat | None = None
@@ -60,7 +63,8 @@ class ResidentExpertBank(nn.Module):
         setattr(self, name, nn.Parameter(torch.empty(0, device=where), requires_grad=False))
 
     def formats(self) -> dict[str, WeightFormat | None]:
-        """{"w13": format or None, "w2": ...}: None where the projection is still a float parameter."""
+        """{"w13": format or None, "w2": ...}: None where the projection is still a float
+        parameter."""
         return {"w13": self.w13_fmt, "w2": self.w2_fmt}
 
     def stacked(self) -> tuple[WeightFormat, WeightFormat]:

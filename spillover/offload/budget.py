@@ -144,7 +144,8 @@ def plan_experts(
             f"the budget ({plan.dense_layers_on_gpu} of {cfg.num_layers} layers fit)")
         hints = "; ".join(plan.suggestions)
         raise ValueError(f"the model does not fit the memory budgets (GPU {gpu}, RAM "
-                         f"{fmt_bytes(plan.host_budget)}): {why}" + (f". Try: {hints}" if hints else ""))
+                         f"{fmt_bytes(plan.host_budget)}): {why}"
+                         + (f". Try: {hints}" if hints else ""))
     host_embeddings = on_gpu and bool(plan.tiers.get("host", {}).get(EMBEDDINGS))
     slots = plan.expert_slots_per_layer if on_gpu else 0
     host = plan.host_experts_per_layer + (0 if on_gpu else plan.expert_slots_per_layer)

@@ -277,7 +277,8 @@ class TieredExpertBank(nn.Module):
                 pieces.append(([s], self.host[0].expert_range(r, r + 1),
                                self.host[1].expert_range(r, r + 1)))
         if elsewhere:
-            pieces.append(([s for _, s in elsewhere], *self._gather_host([e for e, _ in elsewhere])))
+            w13, w2 = self._gather_host([e for e, _ in elsewhere])
+            pieces.append(([s for _, s in elsewhere], w13, w2))
         nbytes = sum(w13.nbytes + w2.nbytes for _, w13, w2 in pieces)
         stream = self.staging.stream
         if stream is not None:
@@ -380,7 +381,8 @@ class TieredExpertBank(nn.Module):
         other misses (on disk, or RAM copies of evicted slot experts) are gathered and copied for
         this step."""
         out: torch.Tensor | None = None
-        staged = [e for e in experts if self.host_row.get(e, self.stream_prefix) < self.stream_prefix]
+        prefix = self.stream_prefix
+        staged = [e for e in experts if self.host_row.get(e, prefix) < prefix]
         others = [e for e in experts if e not in set(staged)]
         self.tier_stats.streamed_experts += len(experts)
         if staged:
@@ -417,7 +419,8 @@ class TieredExpertBank(nn.Module):
         """Bytes of this layer's experts held per tier ("gpu" slots, "host" RAM), as allocated."""
         out = {"gpu": 0, "host": 0}
         if self.slots is not None:
-            out["gpu" if self.device.type == "cuda" else "host"] += sum(f.nbytes for f in self.slots)
+            tier = "gpu" if self.device.type == "cuda" else "host"
+            out[tier] += sum(f.nbytes for f in self.slots)
         if self.host is not None:
             out["host"] += sum(f.nbytes for f in self.host)
         return out
