@@ -19,6 +19,7 @@ def add_profile_parser(sub: Any, add_model_args: Any) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from spillover.bench.prefetch import measure_prefetch
     from spillover.llm import LLM
     from spillover.offload.profile import record_routing, routed_banks
     from spillover.offload.residency import ExpertStats
@@ -31,9 +32,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if not ids:
         raise ValueError(f"{args.text}: no tokens")
     stats = ExpertStats(len(banks), llm.config.num_experts, model=str(llm.source.path))
-    with record_routing(llm.model, stats):
+    with record_routing(llm.model, stats), measure_prefetch(llm.model) as acc:
         for start in range(0, len(ids), args.chunk):
             llm.forward_logits(ids[start : start + args.chunk])
     stats.save(args.out)
     print(f"routing of {len(ids)} tokens over {len(banks)} MoE layers saved to {args.out}")
+    print(f"next-layer router on this layer's input predicts {acc.overall:.1%} of the next "
+          "layer's experts (the prefetch predictor)")
     return 0

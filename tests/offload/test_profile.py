@@ -36,3 +36,16 @@ def test_profile_then_place_from_stats(tmp_path: Path) -> None:
     for i, bank in enumerate(b for b in tiered.model.modules() if isinstance(b, TieredExpertBank)):
         slotted = {e for e, s in enumerate(bank.residency.slot_table()) if s >= 0}
         assert slotted == set(stats.top(i, 3))
+
+
+def test_prefetch_predictor_accuracy_is_measured(tmp_path: Path) -> None:
+    from spillover.bench.prefetch import measure_prefetch
+
+    save_hf("qwen3_moe-norm", tmp_path / "m")
+    llm = LLM(str(tmp_path / "m"), device="cpu", dtype="float32")
+    ids = torch.randint(0, llm.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    with measure_prefetch(llm.model) as acc:
+        llm.forward_logits(ids.tolist())
+    k = llm.config.num_experts_per_tok
+    assert acc.total == [40 * k] * (len(routed_banks(llm.model)) - 1)
+    assert all(0 <= h <= t for h, t in zip(acc.hits, acc.total, strict=True))
