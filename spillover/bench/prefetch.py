@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spillover.layers.moe import SparseMoE, route
+from spillover.offload.profile import pre_hooks
 
 
 @dataclass
@@ -50,9 +51,5 @@ def measure_prefetch(model: nn.Module) -> Iterator[PrefetchAccuracy]:
             inputs[i] = x.detach()
         return pre
 
-    handles = [b.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
-    try:
+    with pre_hooks(blocks, hook):
         yield acc
-    finally:
-        for h in handles:
-            h.remove()

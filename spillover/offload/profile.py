@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,9 +40,16 @@ def record_routing(model: nn.Module, stats: ExpertStats,
                     trace[-1].append(sorted(set(ids)))
         return record
 
-    handles = [bank.register_forward_pre_hook(hook(i)) for i, bank in enumerate(banks)]
-    try:
+    with pre_hooks(banks, hook):
         yield stats
+
+
+@contextmanager
+def pre_hooks(modules: Sequence[nn.Module], make: Callable[[int], Any]) -> Iterator[None]:
+    """`make(i)` as a forward pre-hook of the i-th module while the block runs."""
+    handles = [m.register_forward_pre_hook(make(i)) for i, m in enumerate(modules)]
+    try:
+        yield
     finally:
         for h in handles:
             h.remove()
