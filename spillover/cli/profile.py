@@ -20,11 +20,12 @@ def add_profile_parser(sub: Any, add_model_args: Any) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from spillover.bench.prefetch import measure_prefetch
+    from spillover.cli.args import llm_kwargs
     from spillover.llm import LLM
     from spillover.offload.profile import record_routing, routed_banks
     from spillover.offload.residency import ExpertStats
 
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, quant=args.quant)
+    llm = LLM(**llm_kwargs(args))
     banks = routed_banks(llm.model)
     if not banks:
         raise ValueError(f"{llm.source.path}: the model has no routed experts to profile")
