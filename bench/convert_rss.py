@@ -53,7 +53,8 @@ def write_checkpoint(folder: Path, gb: float) -> tuple[int, int]:
         tensors: dict[str, torch.Tensor] = {}
         size = 0
         while size < 500e6 and total + size < target:
-            shape = (32768, 2048) if i % 100 == 0 else (512, 2048)  # an lm_head-sized tensor now and then
+            # an lm_head-sized tensor now and then
+            shape = (32768, 2048) if i % 100 == 0 else (512, 2048)
             t = torch.randn(shape, generator=g).bfloat16()
             tensors[f"model.layers.{i // 100}.mlp.experts.{i % 100}.gate_proj.weight"] = t
             size += t.numel() * 2
@@ -67,8 +68,8 @@ def write_checkpoint(folder: Path, gb: float) -> tuple[int, int]:
 
 def peak_rss(code: Path, args: list[str]) -> tuple[float, float, str]:
     """(peak RSS MB, wall seconds, child stdout) of one child run."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(code), *args], cwd=code, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(code), *args], cwd=code,
+                            stdout=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
     peak, t0 = 0, time.time()
     while proc.poll() is None:
@@ -89,10 +90,12 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/spillover_rss")
     ap.add_argument("--quant", default="int4", choices=("int4", "int8", "keep"))
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in the child (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in the child (0: torch's default)")
     ap.add_argument("--code", default=str(Path(__file__).resolve().parents[1]),
                     help="checkout whose spillover package converts (default: this one)")
-    ap.add_argument("--keep-source", action="store_true", help="reuse --dir/src if present, keep it")
+    ap.add_argument("--keep-source", action="store_true",
+                    help="reuse --dir/src if present, keep it")
     a = ap.parse_args()
     root, code = Path(a.dir), Path(a.code).resolve()
     shutil.rmtree(root / "out", ignore_errors=True)
@@ -104,12 +107,14 @@ def main() -> None:
         (root / "src" / "sizes.txt").write_text(f"{total} {largest}\n")
     threads = str(a.threads)
     idle, _, _ = peak_rss(code, [threads, "idle"])
-    peak, secs, out = peak_rss(code, [threads, str(root / "src"), str(root / "out"), a.quant, str(a.group_size)])
+    child_args = [threads, str(root / "src"), str(root / "out"), a.quant, str(a.group_size)]
+    peak, secs, out = peak_rss(code, child_args)
     conv_s, cpu_s, module, nthreads = out.split("CONVERT_SECONDS ")[1].split()
     conv, cpu = float(conv_s), float(cpu_s)
     out_bytes = sum(p.stat().st_size for p in (root / "out").glob("*.safetensors"))
     shards = json.loads((root / "out" / "manifest.json").read_text())["shards"]
-    digest = hashlib.sha256("".join(shards[s]["sha256"] for s in sorted(shards)).encode()).hexdigest()
+    joined = "".join(shards[s]["sha256"] for s in sorted(shards))
+    digest = hashlib.sha256(joined.encode()).hexdigest()
     label = f"{a.quant}-g{a.group_size}" if a.quant == "int4" else a.quant
     print(f"code              {module} ({nthreads} torch threads)")
     print(f"source            {total / 1e9:8.2f} GB bf16")

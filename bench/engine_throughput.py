@@ -25,21 +25,24 @@ import torch
 from spillover import LLM, SamplingParams
 from spillover.engine.engine import Engine, EngineConfig
 
-TOPICS = ["a lighthouse", "the moon", "a lost cat", "volcanoes", "a chess game", "bread baking", "a river",
-          "an old clock", "the desert", "a violin", "winter", "a robot", "the ocean", "a library", "trains",
-          "a garden"]
+TOPICS = ["a lighthouse", "the moon", "a lost cat", "volcanoes", "a chess game", "bread baking",
+          "a river", "an old clock", "the desert", "a violin", "winter", "a robot", "the ocean",
+          "a library", "trains", "a garden"]
 
 
 def prompts_for(llm: LLM, n: int, synthetic: bool) -> list[list[int]]:
     if synthetic:
         g = torch.Generator().manual_seed(0)
-        return [torch.randint(0, llm.config.vocab_size, (int(16 + (37 * i) % 96),), generator=g).tolist()
+        return [torch.randint(0, llm.config.vocab_size, (int(16 + (37 * i) % 96),),
+                              generator=g).tolist()
                 for i in range(n)]
-    return [llm.apply_chat_template([{"role": "user", "content": f"Tell story {i} about {TOPICS[i % len(TOPICS)]}."}])
+    return [llm.apply_chat_template([
+        {"role": "user", "content": f"Tell story {i} about {TOPICS[i % len(TOPICS)]}."}])
             for i in range(n)]
 
 
-def run(engine: Engine, prompts: list[list[int]], params: SamplingParams, device: str) -> tuple[float, int, int]:
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams,
+        device: str) -> tuple[float, int, int]:
     """(seconds, generated tokens, steps) for all prompts submitted at once."""
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -74,23 +77,29 @@ def check_kernels(llm: LLM, prompts: list[list[int]]) -> None:
         outs.append(toks)
     os.environ.pop("SPILLOVER_KERNELS", None)
     same = sum(outs[0][k] == outs[1][k] for k in outs[0])
-    prefix = [next((j for j, (a, b) in enumerate(zip(outs[0][k], outs[1][k], strict=True)) if a != b), 32)
-              for k in outs[0]]
+
+    def first_difference(a: list[int], b: list[int]) -> int:
+        return next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 32)
+
+    prefix = [first_difference(outs[0][k], outs[1][k]) for k in outs[0]]
     print(f"kernel check (triton vs torch ref, greedy 32 tokens): {same}/{len(prompts)} identical, "
           f"first divergence at {prefix}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--synthetic", action="store_true", help="random SmolLM2-135M weights (no GGUF needed)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="random SmolLM2-135M weights (no GGUF needed)")
     ap.add_argument("--model", default=None, help="a model folder / GGUF instead of the demo model")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--max-num-seqs", default="16,1", help="comma-separated settings to compare")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,8 +113,10 @@ def main() -> None:
     llm = LLM(model=model, device=args.device, dtype=args.dtype)
     prompts = prompts_for(llm, args.requests, args.synthetic)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or
-                                                                               platform.machine())
+    if args.device.startswith("cuda"):
+        dev = torch.cuda.get_device_name()
+    else:
+        dev = platform.processor() or platform.machine()
     print(f"# {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}, {args.dtype}, "
           f"{args.requests} requests x {args.output_tokens} tokens, prompts "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
@@ -114,17 +125,22 @@ def main() -> None:
         engine = llm.make_engine(EngineConfig(max_num_seqs=seqs,
                                                    max_num_batched_tokens=args.max_num_batched_tokens,
                                                    enable_prefix_caching=False))
-        run(engine, prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), args.device)
+        run(engine, prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+            args.device)
         secs, tokens, steps = run(engine, prompts, params, args.device)
         st = engine.stats()
-        row = dict(max_num_seqs=seqs, seconds=round(secs, 2), tokens=tokens, tok_per_s=round(tokens / secs, 1),
-                   steps=steps, ms_per_step=round(1000 * secs / steps, 1), preemptions=st.num_preemptions)
+        row = dict(max_num_seqs=seqs, seconds=round(secs, 2), tokens=tokens,
+                   tok_per_s=round(tokens / secs, 1),
+                   steps=steps, ms_per_step=round(1000 * secs / steps, 1),
+                   preemptions=st.num_preemptions)
         results.append(row)
-        print(f"max_num_seqs {seqs:3d}: {tokens} tokens in {secs:7.2f} s = {tokens / secs:8.1f} tok/s "
-              f"({steps} steps, {1000 * secs / steps:.1f} ms/step, {st.num_preemptions} preemptions)")
+        print(f"max_num_seqs {seqs:3d}: {tokens} tokens in {secs:7.2f} s = "
+              f"{tokens / secs:8.1f} tok/s ({steps} steps, {1000 * secs / steps:.1f} ms/step, "
+              f"{st.num_preemptions} preemptions)")
         del engine
     if len(results) > 1:
-        print(f"speed-up max_num_seqs {results[0]['max_num_seqs']} vs {results[-1]['max_num_seqs']}: "
+        print(f"speed-up max_num_seqs {results[0]['max_num_seqs']} vs "
+              f"{results[-1]['max_num_seqs']}: "
               f"{results[0]['tok_per_s'] / results[-1]['tok_per_s']:.2f}x")
     from spillover import kernels
 

@@ -1,18 +1,19 @@
-"""The dispatcher's MoE path at prefill-chunk sizes against the grouped GEMM, and the GEMV/GEMM crossover.
+"""The dispatcher's MoE path at prefill-chunk sizes against the grouped GEMM; the crossover.
 
-    python bench/moe_dispatch_rows.py                    # GPU: int4 asymmetric and symmetric, T = 16-256
-    python bench/moe_dispatch_rows.py --kinds int8,fp8   # GPU: GEMV against GEMM, T = 4-128
+    python bench/moe_dispatch_rows.py                   # GPU: int4 asym and sym, T = 16-256
+    python bench/moe_dispatch_rows.py --kinds int8,fp8  # GPU: GEMV against GEMM, T = 4-128
 
 T tokens x top-10 of 512 experts (random routing), Qwen3-Next's w13 (1024x2048) and w2 (2048x512).
-- int4: `dispatch`: `Int4Weight.forward_experts` on the bank as `.to("cuda")` lays it out (tiled words on
-  Hopper), what a model layer calls (the kernel it chose is printed; up to `SYNC_FREE_ROWS` rows it
-  takes the GEMV without counting rows on the host); `gemm kn` / `gemm tiled`: the grouped Triton GEMM
-  called directly on kn words and on the bank's own layout.
-- int8 (per channel), fp8 (block 128): `gemv` (the decode GEMV kernel called on every row) against `gemm`
-  (the grouped GEMM), and the kernel the dispatcher picks: what `SYNC_FREE_ROWS` for those formats rests on.
-GPU time from CUDA-graph replay over 4 expert sets (rows above a sync-free bound are counted on the host,
-which a graph cannot capture: those dispatch rows are not timed). Max error against the float32 reference,
-relative to the largest output.
+- int4: `dispatch`: `Int4Weight.forward_experts` on the bank as `.to("cuda")` lays it out (tiled
+  words on Hopper), what a model layer calls (the kernel it chose is printed; up to `SYNC_FREE_ROWS`
+  rows it takes the GEMV without counting rows on the host); `gemm kn` / `gemm tiled`: the grouped
+  Triton GEMM called directly on kn words and on the bank's own layout.
+- int8 (per channel), fp8 (block 128): `gemv` (the decode GEMV kernel called on every row) against
+  `gemm` (the grouped GEMM), and the kernel the dispatcher picks: what `SYNC_FREE_ROWS` for those
+  formats rests on.
+GPU time from CUDA-graph replay over 4 expert sets (rows above a sync-free bound are counted on the
+host, which a graph cannot capture: those dispatch rows are not timed). Max error against the
+float32 reference, relative to the largest output.
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def int4_shape(gpu_time, gen: torch.Generator, tokens: tuple[int, ...], sym: boo
         return quant_gemm(x, kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=128)
 
     def gemm_own(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return quant_gemm(x, bank.qweight, bank.scales, bank.mins, ids, bits=4, group_size=128, tiled=tiled)
+        return quant_gemm(x, bank.qweight, bank.scales, bank.mins, ids, bits=4, group_size=128,
+                          tiled=tiled)
 
     def ref(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return quant_matmul_kn_ref(x.float(), kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=128)
+        return quant_matmul_kn_ref(x.float(), kn.qweight, kn.scales, kn.mins, ids, bits=4,
+                                   group_size=128)
 
     for t in tokens:
         id_sets, x = _inputs(gen, t, k)
@@ -86,8 +89,9 @@ def int4_shape(gpu_time, gen: torch.Generator, tokens: tuple[int, ...], sym: boo
         if x.shape[0] <= SYNC_FREE_ROWS:
             dispatch = f"{_time(gpu_time, bank.forward_experts, x, id_sets) * 1e6:6.0f} us"
         t_kn, t_own = _time(gpu_time, gemm_kn, x, id_sets), _time(gpu_time, gemm_own, x, id_sets)
-        print(f"{'int4sym' if sym else 'int4':7s} {tag} T={t:3d}: dispatch ({bank.layout}) -> {kernel:22s} "
-              f"{dispatch} (err {err:.0e}) | gemm kn {t_kn * 1e6:6.0f} us | gemm {bank.layout} {t_own * 1e6:6.0f} us",
+        print(f"{'int4sym' if sym else 'int4':7s} {tag} T={t:3d}: dispatch ({bank.layout}) -> "
+              f"{kernel:22s} {dispatch} (err {err:.0e}) | gemm kn {t_kn * 1e6:6.0f} us | gemm "
+              f"{bank.layout} {t_own * 1e6:6.0f} us",
               flush=True)
 
 
@@ -105,12 +109,14 @@ def other_rows(kind: str, gpu_time, gen: torch.Generator, tokens: tuple[int, ...
             id_sets, x = _inputs(gen, t, k)
             e_gemv, e_gemm = _err(gemv, ref, x, id_sets[0]), _err(gemm, ref, x, id_sets[0])
             t_gemv, t_gemm = _time(gpu_time, gemv, x, id_sets), _time(gpu_time, gemm, x, id_sets)
-            print(f"{kind:7s} {tag} T={t:3d} ({t * 10:4d} rows): gemv {t_gemv * 1e6:6.0f} us (err {e_gemv:.0e}) | "
-                  f"gemm {t_gemm * 1e6:6.0f} us (err {e_gemm:.0e}) | dispatch picks {pick(x, id_sets[0])} "
-                  f"(sync-free up to {SYNC_FREE_ROWS} rows)", flush=True)
+            print(f"{kind:7s} {tag} T={t:3d} ({t * 10:4d} rows): gemv {t_gemv * 1e6:6.0f} "
+                  f"us (err {e_gemv:.0e}) | gemm {t_gemm * 1e6:6.0f} us (err {e_gemm:.0e}) "
+                  f"| dispatch picks {pick(x, id_sets[0])} (sync-free up to "
+                  f"{SYNC_FREE_ROWS} rows)", flush=True)
 
 
-Calls = tuple[Call, Call, Call, Callable[[torch.Tensor, torch.Tensor], str]]  # gemv, gemm, reference, dispatch pick
+# gemv, gemm, reference, dispatch pick
+Calls = tuple[Call, Call, Call, Callable[[torch.Tensor, torch.Tensor], str]]
 
 
 def _fp8_calls(f8: Fp8BlockWeight) -> Calls:
@@ -160,7 +166,8 @@ def main() -> None:
     from quant_gemv import gpu_time  # bench/quant_gemv.py: CUDA-graph timing
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kinds", default="int4", help="int4 (asymmetric and symmetric), int8, fp8; comma-separated")
+    ap.add_argument("--kinds", default="int4",
+                    help="int4 (asymmetric and symmetric), int8, fp8; comma-separated")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     gen = torch.Generator(device="cuda").manual_seed(0)

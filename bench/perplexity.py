@@ -1,4 +1,4 @@
-"""Perplexity of the demo model (SmolLM2-135M-Instruct Q4_1 GGUF) on a fixed text, per weight format.
+"""Perplexity of the demo model (SmolLM2-135M-Instruct Q4_1 GGUF) per weight format.
 
     python bench/perplexity.py [--text tests/data/perplexity_en.txt] [--model PATH]
 
@@ -50,10 +50,13 @@ def perplexity_table(llm: object, ids: list[int]) -> dict[str, float]:
     for m in linears.values():
         m.weight.data = m.weight.data.bfloat16().float()
     out["bf16 weights"] = perplexity(llm, ids)
-    for label, policy in (("int8 per-channel", QuantPolicy(default="int8", act_dtype=torch.float32)),
-                          ("int4-g128 sym", QuantPolicy(default="int4", group_size=128, act_dtype=torch.float32)),
-                          ("int4-g32 asym", QuantPolicy(default="int4", group_size=32, symmetric=False,
-                                                        act_dtype=torch.float32))):
+    for label, policy in (("int8 per-channel",
+                           QuantPolicy(default="int8", act_dtype=torch.float32)),
+                          ("int4-g128 sym",
+                           QuantPolicy(default="int4", group_size=128, act_dtype=torch.float32)),
+                          ("int4-g32 asym",
+                           QuantPolicy(default="int4", group_size=32, symmetric=False,
+                                       act_dtype=torch.float32))):
         restore()
         quantize_model(model, policy)
         out[label] = perplexity(llm, ids)
@@ -62,7 +65,8 @@ def perplexity_table(llm: object, ids: list[int]) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", default=str(DEFAULT_TEXT))
     ap.add_argument("--model", default=None, help="model path (default: the built-in demo GGUF)")
     args = ap.parse_args()

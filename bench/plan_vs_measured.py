@@ -8,8 +8,8 @@ Weights are synthetic (uninitialised storage filled with small noise): memory an
 shapes, not values. Nothing is downloaded.
 
 1. Memory: for each model, everything on the GPU in bf16, caches from the plan's numbers
-   (num_kv_blocks, block_size, num_state_slots); one prefill chunk of --token-budget tokens and a few
-   decode steps; torch.cuda.max_memory_allocated() vs plan.gpu_torch_bytes (and per component).
+   (num_kv_blocks, block_size, num_state_slots); one prefill chunk of --token-budget tokens and a
+   few decode steps; torch.cuda.max_memory_allocated() vs plan.gpu_torch_bytes (and per component).
 2. Speed, two placements of one dense model: (a) all on the GPU, (b) the GPU budget the plan gets
    from --vram-b, with the layers the plan puts in RAM kept in pinned memory and copied into a GPU
    staging buffer before each use (the PCIe path of the speed model). Measured decode tok/s vs
@@ -52,12 +52,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def build(cfg: ModelConfig, dev: torch.device, dtype: torch.dtype, on: torch.device | None = None) -> Any:
+def build(cfg: ModelConfig, dev: torch.device, dtype: torch.dtype,
+          on: torch.device | None = None) -> Any:
     from spillover.weights.resolve import build_model
 
     model = build_model(cfg, on or dev, dtype)
     with torch.no_grad():
-        for p in model.parameters():  # uninitialised memory may hold NaN/denormals that skew timings
+        # uninitialised memory may hold NaN/denormals that skew timings
+        for p in model.parameters():
             if p.ndim == 1:
                 p.fill_(1.0)
             else:
@@ -73,7 +75,8 @@ def runner_for(model: Any, plan: MemoryPlan, dev: torch.device, dtype: torch.dty
 
 
 def run_steps(runner: Any, cfg: ModelConfig, prompt: int, chunk: int, decode: int) -> list[float]:
-    """Prefill `prompt` tokens in chunks, then `decode` single-token steps; seconds per decode step."""
+    """Prefill `prompt` tokens in chunks, then `decode` single-token steps; seconds per
+    decode step."""
     from spillover.engine.batch import StepPlan
 
     bs = runner.layout.block_size
@@ -88,7 +91,8 @@ def run_steps(runner: Any, cfg: ModelConfig, prompt: int, chunk: int, decode: in
         done += n
     times = []
     for i in range(decode):
-        plan = StepPlan.one_sequence(ids[: prompt + i + 1], table, bs, start=prompt + i, logits="last")
+        plan = StepPlan.one_sequence(ids[: prompt + i + 1], table, bs, start=prompt + i,
+                                     logits="last")
         _sync(runner.device)
         t = time.perf_counter()
         runner.execute(plan)
@@ -111,7 +115,8 @@ def memory_case(name: str, args: argparse.Namespace, dev: torch.device, hw: Any)
         base = torch.cuda.memory_allocated(dev)
     model = build(cfg, dev, dtype)
     runner = runner_for(model, plan, dev, dtype)
-    static = measured_bytes_by_component(model.named_parameters(), runner.kv_caches, runner.state_caches)
+    static = measured_bytes_by_component(model.named_parameters(), runner.kv_caches,
+                                         runner.state_caches)
     run_steps(runner, cfg, min(args.prompt, args.context - args.decode), args.token_budget, 4)
     peak = (
         torch.cuda.max_memory_allocated(dev) - base
@@ -123,10 +128,12 @@ def memory_case(name: str, args: argparse.Namespace, dev: torch.device, hw: Any)
     (cmp,) = compare_peaks(plan, {"gpu": peak}) if dev.type == "cuda" else [None]
     scale = 2 if dtype == torch.float32 else 1  # the plan is for bf16
     by_comp = {
-        c: {"planned": plan.tiers[tier].get(c, 0) * scale, "measured": v} for c, v in static.get(tier, {}).items()
+        c: {"planned": plan.tiers[tier].get(c, 0) * scale, "measured": v}
+        for c, v in static.get(tier, {}).items()
     }
     static_total = sum(static.get(tier, {}).values())
-    by_comp["activations (peak - static)"] = {"planned": plan.activation_bytes, "measured": peak - static_total}
+    by_comp["activations (peak - static)"] = {"planned": plan.activation_bytes,
+                                              "measured": peak - static_total}
     del runner, model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -141,7 +148,8 @@ def memory_case(name: str, args: argparse.Namespace, dev: torch.device, hw: Any)
 
 
 class LayerStreamer:
-    """Keeps whole decoder layers in pinned RAM and copies each into one GPU staging set before use."""
+    """Keeps whole decoder layers in pinned RAM and copies each into one GPU staging
+    set before use."""
 
     def __init__(self, layers: list[torch.nn.Module], dev: torch.device) -> None:
         self.hosts: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
@@ -152,7 +160,8 @@ class LayerStreamer:
                 pinned.copy_(p.data)
                 entries.append((p, pinned))
             self.hosts.append(entries)
-        self.staging = [torch.empty(h.shape, dtype=h.dtype, device=dev) for _, h in self.hosts[0]] if layers else []
+        self.staging = [torch.empty(h.shape, dtype=h.dtype, device=dev)
+                        for _, h in self.hosts[0]] if layers else []
         for layer, entries in zip(layers, self.hosts, strict=True):
             for (p, _), buf in zip(entries, self.staging, strict=True):
                 p.data = buf  # every streamed layer computes from the same staging storage
@@ -166,18 +175,21 @@ class LayerStreamer:
         return copy_in
 
 
-def speed_case(name: str, args: argparse.Namespace, dev: torch.device, hw: Any, vram: str | None) -> dict[str, Any]:
+def speed_case(name: str, args: argparse.Namespace, dev: torch.device, hw: Any,
+               vram: str | None) -> dict[str, Any]:
     key, raw = get_config(name)
     cfg = ModelConfig.from_hf(raw)
     if cfg.is_moe:
-        raise SystemExit("the streaming placement streams whole layers: give a dense model for --speed-model")
+        raise SystemExit("the streaming placement streams whole layers: give a dense model "
+                         "for --speed-model")
     hw_case = with_overrides(hw, vram=vram) if vram else hw
     limits = Limits(context=args.context, seqs=1, token_budget=args.token_budget)
     inv = inventory_from_config(cfg)
     plan = make_plan(key, cfg, inv, hw_case, limits, "bf16", advise=False)
     dtype = _dtype(dev)
     on_gpu = plan.dense_layers_on_gpu if dev.type == "cuda" else cfg.num_layers
-    model = build(cfg, dev, dtype)  # the model must fit the real GPU once; streamed layers then leave it
+    # the model must fit the real GPU once; streamed layers then leave it
+    model = build(cfg, dev, dtype)
     layers = list(model.model.layers)
     streamed = layers[on_gpu:]
     streamer = LayerStreamer(streamed, dev) if streamed and dev.type == "cuda" else None
@@ -189,7 +201,8 @@ def speed_case(name: str, args: argparse.Namespace, dev: torch.device, hw: Any, 
     # the bench streams over PCIe: predict that path (the plan picks the faster of CPU and PCIe)
     pred = plan.predicted
     if streamed and dev.type == "cuda":
-        links = replace(hw_case.links, host_mem=min(hw_case.links.host_mem, hw_case.links.h2d * 0.99))
+        links = replace(hw_case.links,
+                        host_mem=min(hw_case.links.host_mem, hw_case.links.h2d * 0.99))
         from spillover.plan.memory import _Bill, _place, _traffic  # same numbers as the plan
 
         bill = _Bill(cfg, inv, plan.scheme, limits)
@@ -218,7 +231,8 @@ def speed_case(name: str, args: argparse.Namespace, dev: torch.device, hw: Any, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--models", help="comma-separated catalog names for the memory check")
     ap.add_argument("--speed-model", help="dense catalog model for the two placements")
@@ -236,14 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         args.speed_model = args.speed_model or "HuggingFaceTB/SmolLM2-135M-Instruct"
         args.context, args.prompt, args.decode, args.token_budget = 256, 64, 8, 64
     hw = probe(measure=cuda)  # link rates of this machine, measured once and cached
-    print(f"hardware: {hw.describe()}; links: " + ", ".join(f"{k} {v}" for k, v in hw.links.sources.items()))
+    print(f"hardware: {hw.describe()}; links: " + ", ".join(
+        f"{k} {v}" for k, v in hw.links.sources.items()))
     out: dict[str, Any] = {"hardware": hw.to_json(), "device": str(dev), "memory": [], "speed": []}
     for name in (args.models or "Qwen/Qwen3-8B,Qwen/Qwen3-30B-A3B").split(","):
         r = memory_case(name.strip(), args, dev, hw)
         out["memory"].append(r)
         print(f"[memory] {r['model']}: {r.get('line') or r.get('skipped')}")
         for comp, v in r.get("by_component", {}).items():
-            print(f"    {comp:<28} planned {fmt_bytes(v['planned']):>12}  measured {fmt_bytes(v['measured']):>12}")
+            print(f"    {comp:<28} planned {fmt_bytes(v['planned']):>12}  measured "
+                  f"{fmt_bytes(v['measured']):>12}")
     speed_model = args.speed_model or "Qwen/Qwen3-8B"
     for vram in (None, args.vram_b if cuda else None):
         if vram is None and out["speed"]:
@@ -251,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         r = speed_case(speed_model, args, dev, hw, vram)
         out["speed"].append(r)
         print(
-            f"[speed] {r['model']} ({r['placement']}): predicted {r['predicted_decode_tok_s']} tok/s, "
-            f"measured {r['measured_decode_tok_s']} tok/s (x{r['ratio_measured_over_predicted']}); "
-            f"per link {r['predicted_ms_by_link']} ms; implied fixed {r['implied_fixed_ms']} ms"
+            f"[speed] {r['model']} ({r['placement']}): predicted {r['predicted_decode_tok_s']} "
+            f"tok/s, measured {r['measured_decode_tok_s']} tok/s "
+            f"(x{r['ratio_measured_over_predicted']}); per link {r['predicted_ms_by_link']} ms; "
+            f"implied fixed {r['implied_fixed_ms']} ms"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

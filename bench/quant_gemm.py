@@ -3,14 +3,14 @@
     python bench/quant_gemm.py            # GPU: correctness vs the torch reference, timings
     python bench/quant_gemm.py --kinds fp8
 
-Rows: `dense 4096x4096` at M rows, and `moe 1024x2048 (w13)` / `moe 2048x512 (w2)` for T tokens, each
-routed to 10 of 512 experts (Qwen3-Next), so T x 10 rows over up to 512 experts. Variants:
+Rows: `dense 4096x4096` at M rows, and `moe 1024x2048 (w13)` / `moe 2048x512 (w2)` for T tokens,
+each routed to 10 of 512 experts (Qwen3-Next), so T x 10 rows over up to 512 experts. Variants:
 - `triton`: the grouped GEMM (`kernels/triton/quant_gemm.py`; FP8 reads its e4m3 bytes directly);
 - `dequant`: what the dispatcher did for FP8 before the GEMM existed, and still does for int where
-  the GEMM cannot take K: dequantize the weight (for MoE each routed expert, one matmul each) to bf16,
-  then torch's matmul;
-- `deq+mm`: the weight dequantized to bf16 by the Triton kernel (`kernels/triton/dequant.py`, one pass),
-  then torch's matmul: what the dispatcher does for a dense weight past GEMV_MAX_ROWS rows
+  the GEMM cannot take K: dequantize the weight (for MoE each routed expert, one matmul each) to
+  bf16, then torch's matmul;
+- `deq+mm`: the weight dequantized to bf16 by the Triton kernel (`kernels/triton/dequant.py`, one
+  pass), then torch's matmul: what the dispatcher does for a dense weight past GEMV_MAX_ROWS rows
   (dense only; the `(deq)` row times the dequantization alone);
 - `bf16`: F.linear on an already-bf16 weight (dense only), the cuBLAS ceiling;
 - `best ...` (--sweep): the fastest GEMM tile of a sweep, against the default one.
@@ -70,8 +70,8 @@ def triton_call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None, cfg: GemmCo
     if isinstance(fmt, Fp8BlockWeight):
         w, s = fmt.stacked_views()
         return partial(fp8_gemm, x, w, s, ids, block=fmt.block_shape, config=cfg)
-    return partial(quant_gemm, x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits, group_size=fmt.group_size,
-                   config=cfg)
+    return partial(quant_gemm, x, fmt.qweight, fmt.scales, fmt.mins, ids, bits=fmt.bits,
+                   group_size=fmt.group_size, config=cfg)
 
 
 def dequant_call(fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None) -> Callable[[], torch.Tensor]:
@@ -88,8 +88,8 @@ def triton_dequant(fmt: Fmt, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     if isinstance(fmt, Fp8BlockWeight):
         w, s = fmt.stacked_views()
         return partial(dequant_fp8, w[0], s[0], fmt.block_shape, dtype)
-    return partial(dequant_kn, fmt.qweight, fmt.scales, fmt.mins, 0, bits=fmt.bits, group_size=fmt.group_size,
-                   out_dtype=dtype)
+    return partial(dequant_kn, fmt.qweight, fmt.scales, fmt.mins, 0, bits=fmt.bits,
+                   group_size=fmt.group_size, out_dtype=dtype)
 
 
 def timed(fn: Callable[[], object], reps: int) -> float:
@@ -105,7 +105,8 @@ def timed(fn: Callable[[], object], reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-SWEEP = [GemmConfig(bm, bn, bw, w) for bm in (16, 32, 64) for bn in (32, 64, 128) for bw in (16, 32) for w in (4, 8)]
+SWEEP = [GemmConfig(bm, bn, bw, w) for bm in (16, 32, 64) for bn in (32, 64, 128) for bw in (16, 32)
+         for w in (4, 8)]
 
 
 def run_case(kind: str, label: str, fmt: Fmt, x: torch.Tensor, ids: torch.Tensor | None, reps: int,
@@ -122,18 +123,21 @@ def run_case(kind: str, label: str, fmt: Fmt, x: torch.Tensor, ids: torch.Tensor
         deq_err = float((deq().float() - w16.float()).abs().max() / w16.float().abs().max())
         t = timed(deq, reps)
         moved = nbytes + w16.numel() * 2
-        print(f"{kind:5s} {label:34s} {'(deq)':8s} {t * 1e6:9.1f} us  Triton dequantize alone, "
-              f"{moved / t / 1e9:.0f} GB/s read + written, rel err vs the format's own {deq_err:.1e}")
+        print(f"{kind:5s} {label:34s} {'(deq)':8s} {t * 1e6:9.1f} us  Triton dequantize "
+              f"alone, {moved / t / 1e9:.0f} GB/s read + written, rel err vs the format's "
+              f"own {deq_err:.1e}")
         variants["deq+mm"] = lambda: F.linear(x, deq())
         variants["bf16"] = partial(F.linear, x, w16)
     if sweep:
         best = min((timed(triton_call(fmt, x, ids, c), 5), c) for c in SWEEP)
         variants[f"best {best[1]}"] = triton_call(fmt, x, ids, best[1])
-    if ids is not None:  # the host-side grouping every grouped call pays (argsort, counts: device syncs)
+    # the host-side grouping every grouped call pays (argsort, counts: device syncs)
+    if ids is not None:
         from spillover.kernels.triton.quant_gemm import align_rows
 
         t = timed(partial(align_rows, ids, x.shape[0], 16, x.device), reps)
-        print(f"{kind:5s} {label:34s} {'(group)':8s} {t * 1e6:9.1f} us  align_rows alone, part of `triton`")
+        print(f"{kind:5s} {label:34s} {'(group)':8s} {t * 1e6:9.1f} us  align_rows alone, "
+              "part of `triton`")
     for name, fn in variants.items():
         out = fn()
         err = float((out.float() - ref).abs().max() / ref.abs().max())
@@ -161,7 +165,8 @@ def main() -> None:
                 ids = torch.stack([torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]
                                    for _ in range(tokens)]).flatten().to(torch.int32)
                 x = torch.randn(ids.numel(), k, device="cuda", generator=gen).to(torch.bfloat16)
-                run_case(kind, f"moe {n}x{k} ({tag}) T={tokens}", bank, x, ids, args.reps, args.sweep)
+                run_case(kind, f"moe {n}x{k} ({tag}) T={tokens}", bank, x, ids, args.reps,
+                         args.sweep)
             del bank
 
 

@@ -1,9 +1,9 @@
-"""Weight-only GEMV at batch 1 (int4, int8, FP8 block): correctness vs the torch reference, bandwidth.
+"""Weight-only GEMV at batch 1 (int4, int8, FP8 block): correctness against torch, bandwidth.
 
-    python bench/quant_gemv.py             # GPU: real shapes, default config + best of a config sweep
+    python bench/quant_gemv.py             # GPU: real shapes, default config + best of a sweep
     python bench/quant_gemv.py --no-sweep  # GPU: default (heuristic) configs only
     python bench/quant_gemv.py --kinds int4,bf16  # GPU: some formats only
-    python bench/quant_gemv.py --cpu       # dry run: Triton interpreter on small shapes + CPU op timings
+    python bench/quant_gemv.py --cpu       # dry run: Triton interpreter, small shapes + CPU ops
 
 Rows: `dense NxK` (one weight, x [1, K]) and `moe 10/512 NxK` (x [10, K], each row to a different
 expert of a stacked [512, N, K] bank: one decode token with Qwen3-Next's top-10 of 512 routing).
@@ -12,11 +12,11 @@ on a different weight copy (or expert set) so that L2 cannot serve it; calls are
 CUDA graph so launch latency is not measured (split-K's reduction kernels are included). Three
 references: `copy` (device-to-device memcpy, read + write bytes), `read` (a 1 GiB sum) and `%rd@sz`,
 the best plain read of the row's own byte count in the same harness (`read_at`: torch sum or a
-one-load-per-program Triton sum, swept): the ceiling a kernel of that size can reach, fixed costs in.
-On sm_90+ the int and FP8 GEMVs use programmatic dependent launch (PDL): in a chain of calls, each one's
-programs start while the previous one finishes and load their first weights before waiting for it.
-The `no-pdl` row is the same config launched plainly; `read+pdl` is the plain read chained the same
-way (its fixed costs overlap too), what a chained kernel of that size can reach.
+one-load-per-program Triton sum, swept): the ceiling a kernel of that size can reach, fixed costs
+in. On sm_90+ the int and FP8 GEMVs use programmatic dependent launch (PDL): in a chain of calls,
+each one's programs start while the previous one finishes and load their first weights before
+waiting for it. The `no-pdl` row is the same config launched plainly; `read+pdl` is the plain read
+chained the same way (its fixed costs overlap too), what a chained kernel of that size can reach.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from spillover.quant.grouped import GroupedIntWeight  # noqa: E402
 
 
 def sweep_configs(kind: str) -> list[GemvConfig]:
-    """Around the defaults: int (kn layout) 16-32 channels, 256-2048 codes a step, split 1-2, 4-16 warps
-    (16 with 64 registers; bench_case drops those that leave a step unrolled past 8 times); FP8 (nk
-    layout) 128 codes a step."""
+    """Around the defaults: int (kn layout) 16-32 channels, 256-2048 codes a step, split 1-2, 4-16
+    warps (16 with 64 registers; bench_case drops those that leave a step unrolled past 8 times);
+    FP8 (nk layout) 128 codes a step."""
     if kind == "fp8":
         return [GemvConfig(bn, 128, sk, 4) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)]
     bks = (512, 1024, 2048) if kind.startswith("int4") else (256, 512, 1024)
@@ -155,7 +155,8 @@ def setup(kind: str, e: int, n: int, k: int, rows: int
             if isinstance(f, GroupedIntWeight):
                 f.stacked = False
         return fmts, [None] * copies, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    copies = 32  # one bank of 512 experts (Qwen3-Next's count), a different random expert set per call
+    # one bank of 512 experts (Qwen3-Next's count), a different random expert set per call
+    copies = 32
     bank = make(kind, e, n, k, "cuda")
     id_sets: list[torch.Tensor | None] = [torch.randperm(e, device="cuda")[:rows].to(torch.int32)
                                           for _ in range(copies)]
@@ -190,7 +191,8 @@ def read_at(nbytes: int, pdl: bool = False) -> float:
         for warps in (4, 8):
             grid = (triton.cdiv(n, chunk),)
             out = torch.empty(grid[0], device="cuda")
-            fns = [partial(kernel[grid], b, out, n, CHUNK=chunk, num_warps=warps, **launch) for b in bufs]
+            fns = [partial(kernel[grid], b, out, n, CHUNK=chunk, num_warps=warps, **launch)
+                   for b in bufs]
             best = min(best, gpu_time(fns))
     return nbytes / best / 1e9
 
@@ -206,14 +208,16 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
     ref = reference(fmts[0], x, id_sets[0])
 
     def time_cfg(cfg: GemvConfig, reps: int = 20) -> float:
-        return gpu_time([call(f, x, ids, cfg) for f, ids in zip(fmts, id_sets, strict=True)], reps=reps)
+        return gpu_time([call(f, x, ids, cfg) for f, ids in zip(fmts, id_sets, strict=True)],
+                        reps=reps)
 
     def row(tag: str, cfg: GemvConfig) -> None:
         err = rel_err(call(fmts[0], x, id_sets[0], cfg)(), ref)
         t = time_cfg(cfg)
         gbs = nbytes / t / 1e9
         print(f"{kind:7s} {label:28s} {tag:7s} {t * 1e6:8.2f} {gbs:7.0f} {100 * gbs / bw[0]:6.1f} "
-              f"{100 * gbs / bw[1]:6.1f} {100 * gbs / read_here:6.1f}  {cfg}; rel err {err:.1e}", flush=True)
+              f"{100 * gbs / bw[1]:6.1f} {100 * gbs / read_here:6.1f}  {cfg}; rel err {err:.1e}",
+              flush=True)
 
     def best_of(configs: list[GemvConfig]) -> GemvConfig:
         best = (1e9, configs[0])
@@ -224,13 +228,14 @@ def bench_case(kind: str, label: str, e: int, n: int, k: int, rows: int, bw: tup
 
     fp8 = kind == "fp8"
     print(f"{'':7s} {label:28s} {'read':7s} {nbytes / read_here / 1e3:8.2f} {read_here:7.0f} "
-          f"{100 * read_here / bw[0]:6.1f} {100 * read_here / bw[1]:6.1f} {100.0:6.1f}  best plain read, same bytes")
+          f"{100 * read_here / bw[0]:6.1f} {100 * read_here / bw[1]:6.1f} {100.0:6.1f}  best plain "
+          "read, same bytes")
     cfg = default_config(rows, n, k, bits, fp8=fp8, symmetric=kind == "int4sym")
     if pdl_supported(x.device):
         read_pdl = read_at(nbytes, pdl=True)
         print(f"{'':7s} {label:28s} {'read+pdl':8s}{nbytes / read_pdl / 1e3:8.2f} {read_pdl:7.0f} "
-              f"{100 * read_pdl / bw[0]:6.1f} {100 * read_pdl / bw[1]:6.1f} {100 * read_pdl / read_here:6.1f}  "
-              "plain read, same bytes, chained with PDL")
+              f"{100 * read_pdl / bw[0]:6.1f} {100 * read_pdl / bw[1]:6.1f} "
+              f"{100 * read_pdl / read_here:6.1f}  plain read, same bytes, chained with PDL")
         row("no-pdl", replace(cfg, pdl=False))
     row("default", cfg)
     if sweep:
@@ -243,20 +248,23 @@ def bench_bf16(label: str, n: int, k: int, bw: tuple[float, float]) -> None:
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     t = gpu_time([partial(torch.nn.functional.linear, x, w) for w in ws])
     gbs = n * k * 2 / t / 1e9
-    print(f"{'bf16':7s} {label:28s} {'F.lin':7s} {t * 1e6:8.2f} {gbs:7.0f} {100 * gbs / bw[0]:6.1f} "
-          f"{100 * gbs / bw[1]:6.1f} {100 * gbs / read_at(n * k * 2):6.1f}  torch F.linear baseline", flush=True)
+    print(f"{'bf16':7s} {label:28s} {'F.lin':7s} {t * 1e6:8.2f} {gbs:7.0f} "
+          f"{100 * gbs / bw[0]:6.1f} {100 * gbs / bw[1]:6.1f} "
+          f"{100 * gbs / read_at(n * k * 2):6.1f}  torch F.linear baseline", flush=True)
 
 
 def run_gpu(sweep: bool, kinds: list[str]) -> None:
     bw = bandwidths()
-    print(f"device: {torch.cuda.get_device_name()}   torch {torch.__version__}   triton {triton_version()}")
+    print(f"device: {torch.cuda.get_device_name()}   torch {torch.__version__}   triton "
+          f"{triton_version()}")
     print(f"copy (read+write) {bw[0]:.0f} GB/s, read-only (sum) {bw[1]:.0f} GB/s")
     tiny = torch.empty(1, device="cuda")
     floor = gpu_time([tiny.zero_ for _ in range(32)])
     print(f"launch floor: {floor * 1e6:.2f} us per kernel in a CUDA graph (a 1-element fill), "
           "the fixed cost every row below pays")
-    print(f"{'format':7s} {'case':28s} {'kernel':7s} {'us':>8s} {'GB/s':>7s} {'%copy':>6s} {'%read':>6s} "
-          f"{'%rd@sz':>6s}  notes (%rd@sz = of the best plain read of the same bytes)")
+    print(f"{'format':7s} {'case':28s} {'kernel':7s} {'us':>8s} {'GB/s':>7s} "
+          f"{'%copy':>6s} {'%read':>6s} {'%rd@sz':>6s}  notes (%rd@sz = of the best plain "
+          "read of the same bytes)")
     for kind in (k for k in kinds if k != "bf16"):
         for case in CASES:
             if kind in ("fp8", "int4sym") and case[1] == 1 and case[2] != 4096:
@@ -292,7 +300,8 @@ def run_cpu() -> None:
         for cfg in (default_config(3, 64, 256, bits, fp8=kind == "fp8"), GemvConfig(16, 128, 2, 4)):
             err = rel_err(call(fmt, x, ids, cfg)(), reference(fmt, x, ids))
             print(f"  {kind:7s} 3 rows x [4,64,256] {cfg}: max rel err {err:.1e}")
-    print(f"CPU decode timings (torch {torch.__version__}, {torch.get_num_threads()} threads), batch 1:")
+    print(f"CPU decode timings (torch {torch.__version__}, {torch.get_num_threads()} "
+          "threads), batch 1:")
     for _, _, n, k, _ in (CASES[0], CASES[2], CASES[3]):
         w = torch.randn(n, k) * 0.02
         x = torch.randn(1, k, dtype=torch.bfloat16)
@@ -307,10 +316,13 @@ def run_cpu() -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (small shapes, no GPU)")
-    ap.add_argument("--no-sweep", action="store_true", help="time only the default (heuristic) configs")
-    ap.add_argument("--kinds", default="int4,int8,fp8,int4sym,bf16", help="comma-separated formats to run")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="time only the default (heuristic) configs")
+    ap.add_argument("--kinds", default="int4,int8,fp8,int4sym,bf16",
+                    help="comma-separated formats to run")
     args = ap.parse_args()
     if args.cpu or not torch.cuda.is_available():
         run_cpu()

@@ -1,7 +1,7 @@
 """Serving latency and throughput of `spillover serve`: TTFT, inter-token latency, E2E and output
 tokens/s at several concurrency levels, measured at the client over streaming chat completions.
 
-    python bench/serve_latency.py                                # spawns `spillover serve` (demo model)
+    python bench/serve_latency.py          # spawns `spillover serve` (demo model)
     python bench/serve_latency.py --base-url http://127.0.0.1:8000 --concurrency 1 8 32
     python bench/serve_latency.py --serve-args "--device cuda --dtype bfloat16" --output-len 128
 
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import httpx
 
 WORDS = ("apple river stone cloud music paper garden window orange silver mountain coffee bridge "
-         "forest letter candle ocean pencil market winter lantern meadow copper violin harbor").split()
+         "forest letter candle ocean pencil market winter lantern meadow copper violin "
+         "harbor").split()
 
 
 @dataclass
@@ -44,8 +45,10 @@ def prompt(rng: random.Random, n_words: int) -> str:
 
 
 async def one(client: httpx.AsyncClient, model: str, text: str, output_len: int) -> Result:
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": output_len,
-            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": output_len,
+            "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
     r = Result()
     start = last = time.perf_counter()
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
@@ -75,7 +78,8 @@ async def level(base: str, model: str, concurrency: int, num_requests: int, inpu
     prompts = [prompt(rng, input_words) for _ in range(num_requests)]
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(1800.0), limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(1800.0),
+                                 limits=limits) as client:
         async def bounded(p: str) -> Result:
             async with sem:
                 return await one(client, model, p, output_len)
@@ -90,7 +94,8 @@ async def level(base: str, model: str, concurrency: int, num_requests: int, inpu
     def pct(xs: list[float], q: float) -> float:
         return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
 
-    return {"concurrency": concurrency, "requests": num_requests, "failed": sum(not r.ok for r in results),
+    return {"concurrency": concurrency, "requests": num_requests,
+            "failed": sum(not r.ok for r in results),
             "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
             "itl_ms_p50": pct(itl, 0.5), "itl_ms_p99": pct(itl, 0.99),
             "e2e_s_mean": statistics.mean(r.e2e for r in results),
@@ -112,13 +117,18 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes] | None, timeout: float =
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base-url", default=None, help="an already running server (default: spawn one)")
-    ap.add_argument("--serve-args", default="", help="extra arguments for the spawned `spillover serve`")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", default=None,
+                    help="an already running server (default: spawn one)")
+    ap.add_argument("--serve-args", default="",
+                    help="extra arguments for the spawned `spillover serve`")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=0, help="per level (default: max(4, concurrency))")
-    ap.add_argument("--input-words", type=int, default=40, help="~1.3 tokens per word with the demo tokenizer")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="per level (default: max(4, concurrency))")
+    ap.add_argument("--input-words", type=int, default=40,
+                    help="~1.3 tokens per word with the demo tokenizer")
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
@@ -134,8 +144,8 @@ def main() -> None:
     try:
         model = wait_ready(base, proc)
         asyncio.run(level(base, model, 1, 1, 8, 2, args.seed + 999))  # warm-up
-        print("| concurrency | requests | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | E2E mean (s) | out tok/s "
-              "| req/s |")
+        print("| concurrency | requests | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | E2E mean (s) "
+              "| out tok/s | req/s |")
         print("|---|---|---|---|---|---|---|")
         for c in args.concurrency:
             n = args.requests or max(4, c)

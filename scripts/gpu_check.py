@@ -42,7 +42,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_gdn_kernel() -> int:
     fails = 0
-    for hk, hv, d, lens, cached in [(2, 4, 16, [37, 5, 64], [0, 3, 10]), (16, 32, 128, [300, 1, 77], [0, 20, 5]),
+    for hk, hv, d, lens, cached in [(2, 4, 16, [37, 5, 64], [0, 3, 10]),
+                                    (16, 32, 128, [300, 1, 77], [0, 20, 5]),
                                     (16, 32, 128, [1, 1, 1, 1], [9, 3, 0, 50])]:
         for dtype in (torch.float32, torch.bfloat16):
             t = sum(lens)
@@ -54,20 +55,22 @@ def check_gdn_kernel() -> int:
             beta = torch.rand(t, hv, device=dev).to(dtype)
             slots = 8
             state = torch.randn(slots, hv, d, d, device=dev) * 0.1
-            ctx = ForwardContext(positions=torch.zeros(t, dtype=torch.long, device=dev), query_lens=lens,
+            ctx = ForwardContext(positions=torch.zeros(t, dtype=torch.long, device=dev),
+                                 query_lens=lens,
                                  context_lens=[c + n for c, n in zip(cached, lens, strict=True)],
                                  state_slots=[5, 1, 3, 7][: len(lens)])
             s_ref, s_fla = state.clone(), state.clone()
             o_ref = ref.gated_delta_rule(q, k, v, g, beta, s_ref, ctx)
-            # fla itself in both dtypes (the dispatcher sends float32 to the reference since fla uses TF32)
+            # fla itself in both dtypes (the dispatcher sends float32 to the reference
+            # since fla uses TF32)
             gdn = kernels._fla_gated_delta_rule if kernels.has_fla() else kernels.gated_delta_rule
             o_fla = gdn(q, k, v, g, beta, s_fla, ctx)
             tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
             eo, es = rel(o_fla, o_ref), rel(s_fla, s_ref)
             ok = eo <= tol and es <= tol
             fails += not ok
-            print(f"gdn-kernel hk={hk} hv={hv} d={d} lens={lens} {str(dtype)[6:]:8s} out {eo:.2e} state {es:.2e} "
-                  f"{'OK' if ok else 'FAIL'}")
+            print(f"gdn-kernel hk={hk} hv={hv} d={d} lens={lens} {str(dtype)[6:]:8s} out {eo:.2e} "
+                  f"state {es:.2e} {'OK' if ok else 'FAIL'}")
     return fails
 
 
@@ -84,17 +87,21 @@ def run(llm: LLM, chunks: list[list[int]]) -> torch.Tensor:
 
 # Routing-stable variants: with every expert active, no top-k choice can flip between precisions,
 # so these isolate the kernels from the discontinuity of routing on random tiny models.
-CONFIGS["qwen3_moe-allexperts"] = ("Qwen3MoeConfig", {**CONFIGS["qwen3_moe-norm"][1], "num_experts_per_tok": 8})
-CONFIGS["qwen3_next-allexperts"] = ("Qwen3NextConfig", {**CONFIGS["qwen3_next"][1], "num_experts_per_tok": 8})
-GPU_SET = ["llama-untied", "qwen2-tied", "qwen3", "qwen3_moe-norm", "qwen3_moe-allexperts", "qwen3_next",
-           "qwen3_next-allexperts", "qwen3_next-dense-layer"]
+CONFIGS["qwen3_moe-allexperts"] = ("Qwen3MoeConfig",
+                                   {**CONFIGS["qwen3_moe-norm"][1], "num_experts_per_tok": 8})
+CONFIGS["qwen3_next-allexperts"] = ("Qwen3NextConfig",
+                                    {**CONFIGS["qwen3_next"][1], "num_experts_per_tok": 8})
+GPU_SET = ["llama-untied", "qwen2-tied", "qwen3", "qwen3_moe-norm", "qwen3_moe-allexperts",
+           "qwen3_next", "qwen3_next-allexperts", "qwen3_next-dense-layer"]
 ROUTING_SENSITIVE = {"qwen3_moe-norm", "qwen3_next", "qwen3_next-dense-layer"}
 
 
 def hf_bf16_rel(hf: torch.nn.Module, ids: list[int], expected: torch.Tensor) -> float:
-    """How far transformers' own bf16 prefill lands from the fp32 logits: the model's bf16 noise floor."""
+    """How far transformers' own bf16 prefill lands from the fp32 logits: the model's bf16
+    noise floor."""
     with torch.no_grad():
-        got = hf.to("cuda", torch.bfloat16)(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
+        out = hf.to("cuda", torch.bfloat16)(torch.tensor([ids], device="cuda"))
+        got = out.logits[0].float().cpu()
     return rel(got, expected)
 
 
@@ -114,7 +121,8 @@ def check_models() -> int:
             expected = run(cpu, [ids])
             floor = hf_bf16_rel(hf, ids, expected)
             bf16_tol = max(BF16_TOL, 2 * floor)
-            print(f"{name:24s} transformers bf16 vs fp32 rel {floor:.2e}: bf16 tolerance {bf16_tol:.2e}")
+            print(f"{name:24s} transformers bf16 vs fp32 rel {floor:.2e}: bf16 "
+                  f"tolerance {bf16_tol:.2e}")
             variants = [("float32", "fast", FP32_TOL), ("bfloat16", "fast", bf16_tol)]
             if CONFIGS[name][0] == "Qwen3NextConfig":
                 variants.append(("bfloat16", "ref", bf16_tol))
@@ -127,10 +135,12 @@ def check_models() -> int:
                     top1 = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
                     ok: bool | None = bool(e <= tol and not torch.isnan(got).any())
                     if name in ROUTING_SENSITIVE and not ok:
-                        ok = None  # reported, not counted: a top-k flip on a near-tie, see the allexperts twin
+                        # reported, not counted: a top-k flip on a near-tie, see the allexperts twin
+                        ok = None
                     fails += ok is False
+                    max_abs = (got - expected).abs().max().item()
                     print(f"{name:24s} {dtype:8s} {kern:4s} {plan:8s} rel {e:.2e} max_abs "
-                          f"{(got - expected).abs().max().item():.2e} top1 {top1:.3f} {verdict(ok)}")
+                          f"{max_abs:.2e} top1 {top1:.3f} {verdict(ok)}")
             os.environ["SPILLOVER_KERNELS"] = ""
     return fails
 
@@ -139,9 +149,9 @@ QUANT_SET = ["qwen3", "qwen3_moe-allexperts", "qwen3_next-allexperts"]
 
 
 def check_quant_models() -> int:
-    """Quantized models on CUDA (kn layout, Triton GEMV/GEMM, FP8 GEMV) vs the same quantized model on the
-    CPU (storage layout, reference / torch CPU kernels), float32 both: offloading the kernels must not
-    change the function."""
+    """Quantized models on CUDA (kn layout, Triton GEMV/GEMM, FP8 GEMV) vs the same quantized model
+    on the CPU (storage layout, reference / torch CPU kernels), float32 both: offloading the kernels
+    must not change the function."""
     fails = 0
     g = torch.Generator().manual_seed(2)
     for name in QUANT_SET:
@@ -151,29 +161,33 @@ def check_quant_models() -> int:
             for quant in ("int4", "int8", "fp8"):
                 expected = run(LLM(model=d, device="cpu", dtype="float32", quant=quant), [ids])
                 gpu = LLM(model=d, device="cuda", dtype="float32", quant=quant)
-                for plan, chunks in (("prefill", [ids]), ("decode16", [ids[:32]] + [[t] for t in ids[32:]])):
+                for plan, chunks in (("prefill", [ids]),
+                                     ("decode16", [ids[:32]] + [[t] for t in ids[32:]])):
                     got = run(gpu, chunks)
                     e = rel(got, expected)
                     ok = bool(e <= FP32_TOL and not torch.isnan(got).any())
                     fails += not ok
-                    print(f"{name:24s} quant={quant:5s} float32 {plan:8s} rel {e:.2e} {verdict(ok)}")
+                    print(f"{name:24s} quant={quant:5s} float32 {plan:8s} rel {e:.2e} "
+                          f"{verdict(ok)}")
     return fails
 
 
-# Qwen3-Next's expert shapes (w13 1024 x 512, w2 512 x 512: K = 512, whole 16-channel tiles), every expert
-# active: on sm_90 the int4 experts are held in the tiled layout and take the tensor-core GEMV / GEMM.
+# Qwen3-Next's expert shapes (w13 1024 x 512, w2 512 x 512: K = 512, whole 16-channel tiles),
+# every expert active: on sm_90 the int4 experts are held in the tiled layout and take the
+# tensor-core GEMV / GEMM.
 CONFIGS["qwen3_next-h512-allexperts"] = ("Qwen3NextConfig", {
     **CONFIGS["qwen3_next"][1], "hidden_size": 512, "moe_intermediate_size": 512,
-    "shared_expert_intermediate_size": 512, "num_hidden_layers": 4, "num_experts": 16, "num_experts_per_tok": 16})
+    "shared_expert_intermediate_size": 512, "num_hidden_layers": 4, "num_experts": 16,
+    "num_experts_per_tok": 16})
 
 
 def check_tiled_experts() -> int:
-    """bf16 int4 model whose experts CUDA holds tiled, against the same model held in the kn layout (the
-    same codes, other word order and kernels): a 96-token prefill (1536 expert rows: counted, the grouped
-    GEMM) and an 80-token prefill (1280 rows: the tensor-core GEMV) then 16 decode steps. Tiled must agree
-    with kn within BF16_TOL (two bf16 runs that sum in other orders) and be no further than kn from the
-    bf16 CPU run (1.5x, or BF16_TOL). Weights are scaled to std 0.02: at hidden 512 the tiny models' 0.08
-    made bf16 and fp32 runs disagree by 10 %."""
+    """bf16 int4 model whose experts CUDA holds tiled, against the same model held in the kn layout
+    (the same codes, other word order and kernels): a 96-token prefill (1536 expert rows: counted,
+    the grouped GEMM) and an 80-token prefill (1280 rows: the tensor-core GEMV) then 16 decode
+    steps. Tiled must agree with kn within BF16_TOL (two bf16 runs that sum in other orders) and be
+    no further than kn from the bf16 CPU run (1.5x, or BF16_TOL). Weights are scaled to std 0.02: at
+    hidden 512 the tiny models' 0.08 made bf16 and fp32 runs disagree by 10 %."""
     from spillover.kernels import quant_dispatch as dispatch
     from spillover.quant.grouped import GroupedIntWeight
 
@@ -188,7 +202,8 @@ def check_tiled_experts() -> int:
         hf.save_pretrained(d, safe_serialization=True)
         ids = torch.randint(0, 128, (96,), generator=torch.Generator().manual_seed(3)).tolist()
         plans = {"prefill": [ids], "decode16": [ids[:80]] + [[t] for t in ids[80:]]}
-        cpu = LLM(model=d, device="cpu", dtype="bfloat16", quant="int4")  # bf16 weights packed: the same codes
+        # bf16 weights packed: the same codes
+        cpu = LLM(model=d, device="cpu", dtype="bfloat16", quant="int4")
         expected = {plan: run(cpu, chunks) for plan, chunks in plans.items()}
         got: dict[str, dict[str, torch.Tensor]] = {}
         real_layout = dispatch.gpu_layout
@@ -207,31 +222,36 @@ def check_tiled_experts() -> int:
         for plan, tiled in got["tiled"].items():
             kn = got["kn"][plan]
             e, e_tiled, e_kn = rel(tiled, kn), rel(tiled, expected[plan]), rel(kn, expected[plan])
-            ok = bool(e <= BF16_TOL and e_tiled <= max(BF16_TOL, 1.5 * e_kn) and not torch.isnan(tiled).any())
+            ok = bool(
+                e <= BF16_TOL and e_tiled <= max(BF16_TOL, 1.5 * e_kn)
+                and not torch.isnan(tiled).any())
             fails += not ok
-            print(f"{name} int4 bf16 {plan:8s} tiled vs kn rel {e:.2e} | vs bf16 CPU: tiled {e_tiled:.2e}, "
-                  f"kn {e_kn:.2e} {verdict(ok)}")
+            print(f"{name} int4 bf16 {plan:8s} tiled vs kn rel {e:.2e} | vs bf16 CPU: tiled "
+                  f"{e_tiled:.2e}, kn {e_kn:.2e} {verdict(ok)}")
     return fails
 
 
 def check_hf_bf16(names: list[str]) -> None:
-    """How far transformers' own bf16 run lands from the fp32 reference: the bf16 noise floor of a model."""
+    """How far transformers' own bf16 run lands from the fp32 reference: the bf16 noise
+    floor of a model."""
     g = torch.Generator().manual_seed(1)
     for name in names:
         with tempfile.TemporaryDirectory() as d:
             hf = save_hf(name, Path(d))
             ids = torch.randint(0, 128, (48,), generator=g).tolist()
-            # our fp32 CPU run stands in for transformers' fp32 (tests/models hold them within 1e-4), since
-            # transformers 5 would route CPU tensors into an installed fla and fail
+            # our fp32 CPU run stands in for transformers' fp32 (tests/models hold them within
+            # 1e-4), since transformers 5 would route CPU tensors into an installed fla and fail
             expected = run(LLM(model=d, device="cpu", dtype="float32"), [ids])
             ours = run(LLM(model=d, device="cuda", dtype="bfloat16"), [ids])
-            print(f"{name:24s} bf16 noise floor: transformers-bf16 vs fp32 rel {hf_bf16_rel(hf, ids, expected):.2e}"
-                  f" | spillover-bf16 vs fp32 rel {rel(ours, expected):.2e}")
+            print(f"{name:24s} bf16 noise floor: transformers-bf16 vs fp32 rel "
+                  f"{hf_bf16_rel(hf, ids, expected):.2e} | spillover-bf16 vs fp32 rel "
+                  f"{rel(ours, expected):.2e}")
 
 
 def main() -> int:
     if "--hf-bf16" in sys.argv:
-        check_hf_bf16(["qwen3_next-allexperts", "qwen3_next", "qwen3_next-dense-layer", "qwen3_moe-norm", "qwen3"])
+        check_hf_bf16(["qwen3_next-allexperts", "qwen3_next", "qwen3_next-dense-layer",
+                       "qwen3_moe-norm", "qwen3"])
         return 0
     assert torch.cuda.is_available(), "needs a CUDA device"
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} fla={kernels.has_fla()}")
@@ -241,7 +261,8 @@ def main() -> int:
     elif "--quant-only" in sys.argv:
         fails = check_quant_models()
     else:
-        fails = (0 if "--models-only" in sys.argv else check_gdn_kernel()) + check_models() + check_quant_models()
+        fails = 0 if "--models-only" in sys.argv else check_gdn_kernel()
+        fails += check_models() + check_quant_models()
     print("kernels chosen:", kernels.chosen())
     print(f"{fails} failed")
     return 1 if fails else 0

@@ -23,7 +23,8 @@ LINEAR_ATTENTION = "linear_attention"
 class UnsupportedArchitectureError(ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(
-            f"unsupported architecture {name!r}; spillover supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported architecture {name!r}; spillover supports: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
 
@@ -134,7 +135,8 @@ class ModelConfig:
             lt = cfg.get("layer_types")
             if lt is None:
                 interval = int(cfg.get("full_attention_interval", 4))
-                lt = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(n_layers)]
+                lt = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION
+                      for i in range(n_layers)]
             layer_types = tuple(lt)
         else:
             layer_types = (FULL_ATTENTION,) * n_layers
@@ -182,14 +184,16 @@ class ModelConfig:
             attn_output_gate=mt == "qwen3_next",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            extra={"architectures": cfg.get("architectures"), "torch_dtype": cfg.get("torch_dtype")},
+            extra={"architectures": cfg.get("architectures"),
+                   "torch_dtype": cfg.get("torch_dtype")},
         )
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{folder}: no config.json found (expected a Hugging Face model folder)")
+            raise FileNotFoundError(f"{folder}: no config.json found (expected a Hugging "
+                                    "Face model folder)")
         try:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -219,7 +223,7 @@ class ModelConfig:
         scaling = g("rope.scaling.type", "none")
         rope = RopeConfig(
             theta=float(g("rope.freq_base", 10000.0)),
-            scaling_type="linear" if scaling == "linear" else ("yarn" if scaling == "yarn" else "default"),
+            scaling_type=scaling if scaling in ("linear", "yarn") else "default",
             factor=float(g("rope.scaling.factor", 1.0) or 1.0),
             original_max_position=g("rope.scaling.original_context_length"),
         )
@@ -262,7 +266,8 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     src = {**scaling, **params}
     rtype = str(src.get("rope_type", src.get("type", "default")) or "default")
     if rtype not in ("default", "linear", "llama3", "yarn"):
-        raise ValueError(f"unsupported rope scaling type {rtype!r} (supported: default, linear, llama3, yarn)")
+        raise ValueError(f"unsupported rope scaling type {rtype!r} (supported: default, "
+                         "linear, llama3, yarn)")
     return RopeConfig(
         theta=theta,
         partial_factor=partial,

@@ -49,9 +49,11 @@ def get_config(name: str) -> tuple[str, dict[str, Any]]:
     key = lookup(name)
     if key is None:
         q = _norm(name.split("/")[-1])
-        close = [k for k in CONFIGS if any(part and part in _norm(k) for part in re.split(r"[-_.]", q))]
+        close = [k for k in CONFIGS
+                 if any(part and part in _norm(k) for part in re.split(r"[-_.]", q))]
         hint = f" Close: {', '.join(close[:6])}." if close else ""
         raise UnknownModelError(
-            f"{name!r} is not in the built-in catalog ({len(CONFIGS)} models: run with --list-models).{hint}"
+            f"{name!r} is not in the built-in catalog ({len(CONFIGS)} models: run with "
+            f"--list-models).{hint}"
         )
     return key, copy.deepcopy(CONFIGS[key])

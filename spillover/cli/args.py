@@ -9,9 +9,10 @@ from spillover.offload.residency import POLICIES
 from spillover.quant import QUANT_CHOICES, normalize_quant
 
 LOAD_QUANT_HELP = (
-    "weight format (default auto: keep the checkpoint's own; a GGUF is dequantized unless native); "
-    "bf16: no quantization; fp8 / int8 / int4: quantize every float matrix while loading; "
-    "int4-experts: int4 routed experts, int8 the rest; native: keep a GGUF file's own 4/8-bit blocks"
+    "weight format (default auto: keep the checkpoint's own; a GGUF is dequantized unless "
+    "native); bf16: no quantization; fp8 / int8 / int4: quantize every float matrix while "
+    "loading; int4-experts: int4 routed experts, int8 the rest; native: keep a GGUF file's "
+    "own 4/8-bit blocks"
 )
 
 
@@ -23,16 +24,21 @@ def quant_type(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_quant_arg(p: argparse._ActionsContainer, default: str = "auto", help_text: str = LOAD_QUANT_HELP) -> None:
-    """`--quant`, the same QUANT_CHOICES for every command (one that cannot apply a choice says so)."""
-    p.add_argument("--quant", type=quant_type, choices=QUANT_CHOICES, default=default, help=help_text)
+def add_quant_arg(p: argparse._ActionsContainer, default: str = "auto",
+                  help_text: str = LOAD_QUANT_HELP) -> None:
+    """`--quant`, the same QUANT_CHOICES for every command (one that cannot apply a
+    choice says so)."""
+    p.add_argument("--quant", type=quant_type, choices=QUANT_CHOICES, default=default,
+                   help=help_text)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """MODEL, --device, --dtype, --quant: what `LLM(...)` takes (see llm_kwargs). Returns the group,
-    where arguments about loading the model belong (the memory budgets --gpu-memory / --cpu-memory)."""
+    where arguments about loading the model belong (the memory budgets
+    --gpu-memory / --cpu-memory)."""
     p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face model folder or .gguf file (default: the built-in demo model)")
+                   help="Hugging Face model folder or .gguf file "
+                        "(default: the built-in demo model)")
     g = p.add_argument_group("model loading")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -45,8 +51,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     """Memory budgets and the tiered experts' options (a MoE model bigger than the GPU)."""
     b = p.add_argument_group("memory budgets (MoE experts go to GPU slots, pinned RAM, disk)")
     b.add_argument("--gpu-memory", default=None, metavar="SIZE",
-                   help="GPU memory this process may hold: 32GiB, 30GB, bytes, or a fraction of the "
-                        "card (0.9); the planner fits dense weights, caches and expert slots in it")
+                   help="GPU memory this process may hold: 32GiB, 30GB, bytes, or a fraction "
+                        "of the card (0.9); the planner fits dense weights, caches and "
+                        "expert slots in it")
     b.add_argument("--cpu-memory", default=None, metavar="SIZE",
                    help="RAM for weights (60GB, 0.5, ...): experts beyond it are read from disk")
     b.add_argument("--expert-policy", default="lrfu", choices=sorted(POLICIES),
@@ -81,5 +88,5 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def sampling_params(args: argparse.Namespace) -> Any:
     from spillover.engine.params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)

@@ -13,13 +13,16 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         description="Streams SRC tensor by tensor into OUT; rerun to resume after a kill.",
     )
     p.add_argument("src", help="HF model folder, a .safetensors file, or a .gguf file")
-    p.add_argument("out", help="output store folder (created; resumed if a previous run was interrupted)")
+    p.add_argument("out",
+                   help="output store folder (created; resumed if a previous run was interrupted)")
     add_quant_arg(p, default="int4",
-                  help_text="format of float weight matrices: int4 (default), int8, or auto to keep every "
-                            "tensor as stored; GGUF blocks and GPTQ / AWQ / compressed-tensors / FP8 "
-                            "checkpoints import losslessly (bf16, fp8, int4-experts and native apply at "
-                            "load: generate / chat / serve --quant)")
-    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256), help="int4 group size")
+                  help_text="format of float weight matrices: int4 (default), int8, or "
+                            "auto to keep every tensor as stored; GGUF blocks and GPTQ / "
+                            "AWQ / compressed-tensors / FP8 checkpoints import losslessly "
+                            "(bf16, fp8, int4-experts and native apply at load: generate / "
+                            "chat / serve --quant)")
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256),
+                   help="int4 group size")
     p.add_argument("--asymmetric", action="store_true", help="int4 with a float min per group")
     p.add_argument("--shard-size-gb", type=float, default=2.0, help="target shard size in GB")
     p.add_argument("--no-progress", action="store_true")

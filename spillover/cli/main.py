@@ -68,14 +68,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spillover", description="Run, serve, plan and convert LLMs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log kernel choices and loading")
+    parser = argparse.ArgumentParser(prog="spillover",
+                                     description="Run, serve, plan and convert LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log kernel choices and loading")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="complete one prompt and print the text")
     add_model_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template")
     add_sampling_args(g, 128)
     g.set_defaults(func=cmd_generate)
 
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (FileNotFoundError, UnsupportedArchitectureError, WeightLoadError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, UnsupportedArchitectureError, WeightLoadError, ValueError,
+            RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

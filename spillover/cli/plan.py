@@ -20,7 +20,8 @@ def add_hardware_flags(p: argparse.ArgumentParser) -> None:
         "hardware (default: this machine; naming any of --gpu/--vram/--ram/--no-gpu plans "
         "for that machine and ignores this one's cached measurements)"
     )
-    g.add_argument("--gpu", help="a known GPU: rtx5090, 4090, h100, 'RTX PRO 6000' ... (see `probe --gpus`)")
+    g.add_argument("--gpu",
+                   help="a known GPU: rtx5090, 4090, h100, 'RTX PRO 6000' ... (see `probe --gpus`)")
     g.add_argument("--no-gpu", action="store_true", help="plan for CPU only")
     g.add_argument("--vram", help="GPU memory, e.g. 32GiB (overrides the table)")
     g.add_argument("--ram", help="system RAM, e.g. 60GB")
@@ -44,7 +45,8 @@ def add_plan_parsers(subparsers: Any) -> None:
     add_quant_arg(p, help_text="weight format; auto = best quality that fits (default)")
     p.add_argument("--context", type=int, default=32768, help="tokens per sequence (default 32768)")
     p.add_argument("--seqs", type=int, default=1, help="concurrent sequences (default 1)")
-    p.add_argument("--token-budget", type=int, default=2048, help="tokens per forward pass (default 2048)")
+    p.add_argument("--token-budget", type=int, default=2048,
+                   help="tokens per forward pass (default 2048)")
     p.add_argument("--offline", action="store_true", help="never contact the hub")
     p.add_argument("--list-models", action="store_true", help="list the built-in catalog and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -52,8 +54,10 @@ def add_plan_parsers(subparsers: Any) -> None:
     p.set_defaults(func=run_plan)
 
     q = subparsers.add_parser("probe", help="GPUs, CPU, RAM, disk and link speeds of this machine")
-    q.add_argument("--measure", action="store_true", help="run short link micro-benchmarks and cache them")
-    q.add_argument("--disk-path", help="where to measure free disk / read speed (default: the HF cache)")
+    q.add_argument("--measure", action="store_true",
+                   help="run short link micro-benchmarks and cache them")
+    q.add_argument("--disk-path",
+                   help="where to measure free disk / read speed (default: the HF cache)")
     q.add_argument("--gpus", action="store_true", help="list the built-in GPU table and exit")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=run_probe)
@@ -104,7 +108,8 @@ def run_plan(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         return _error(
-            "give a MODEL (hub id, catalog name, folder or .gguf); --list-models shows the catalog", args.json
+            "give a MODEL (hub id, catalog name, folder or .gguf); --list-models shows the catalog",
+            args.json
         )
     if args.context < 1 or args.seqs < 1 or args.token_budget < 1:
         return _error("--context, --seqs and --token-budget must be positive", args.json)
@@ -150,7 +155,8 @@ def run_probe(args: argparse.Namespace) -> int:
         else:
             for r in rows:
                 print(
-                    f"{r['key']:<16} {r['name']:<52} {r['vram_gb']:>5} GB {r['mem_bw_gbs']:>6} GB/s {r['sm']}"
+                    f"{r['key']:<16} {r['name']:<52} {r['vram_gb']:>5} GB "
+                    f"{r['mem_bw_gbs']:>6} GB/s {r['sm']}"
                 )
         return 0
     hw = probe(measure=args.measure, disk_path=args.disk_path)
@@ -162,7 +168,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry for these two commands: python -m spillover.cli.plan plan qwen3-8b --gpu 4090."""
+    """Stand-alone entry for these two commands (`python -m spillover.cli.plan plan qwen3-8b`)."""
     parser = argparse.ArgumentParser(prog="spillover")
     add_plan_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -18,8 +18,10 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SPILLOVER_API_KEY"),
-                   help="require `Authorization: Bearer KEY` (default: $SPILLOVER_API_KEY, else open)")
-    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: from MODEL)")
+                   help="require `Authorization: Bearer KEY` (default: "
+                        "$SPILLOVER_API_KEY, else open)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: from MODEL)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -44,8 +46,10 @@ def make_loader(args: argparse.Namespace) -> Any:
         from spillover.llm import LLM
 
         llm = LLM(**llm_kwargs(args), max_model_len=args.max_model_len)
-        config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                              num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
+        config = EngineConfig(max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              num_kv_blocks=args.num_kv_blocks,
+                              enable_prefix_caching=not args.no_prefix_caching,
                               max_model_len=args.max_model_len, max_queue_len=args.max_queue_len)
         engine = llm.make_engine(config)
         engine.tokenizer  # noqa: B018 - load the tokenizer now, not on the first request
@@ -65,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = ServerState(model_name=name, aliases=aliases, api_key=args.api_key)
     app = create_app(state, make_loader(args))
     logging.getLogger("spillover").setLevel(args.log_level.upper())
-    print(f"spillover: serving {name} on http://{args.host}:{args.port}/v1 (GET /health is 503 until loaded)",
+    print(f"spillover: serving {name} on http://{args.host}:{args.port}/v1 (GET /health is "
+          "503 until loaded)",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5)

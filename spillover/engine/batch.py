@@ -73,7 +73,8 @@ class FlatInputs:
     query_lens: list[int]  # [N]
     context_lens: list[int]  # [N]
     slot_mapping: list[int]  # [T] flat KV slot = block_id * block_size + offset
-    kv_indices: list[list[int]]  # [N][context_len] flat slots of each seq's context (empty if not asked)
+    # [N][context_len] flat slots of each seq's context (empty if not asked)
+    kv_indices: list[list[int]]
     block_tables: list[list[int]]  # [N] ragged; the runner pads with -1 for GPU kernels
     state_slots: list[int]  # [N], -1 for sequences without one
     logits_indices: list[int]  # rows of the hidden state that need logits
@@ -153,7 +154,8 @@ class StepPlan:
             inp.context_lens.append(seq.context_len)
             inp.slot_mapping += [table[p // bs] * bs + p % bs for p in positions]
             if kv_indices:
-                inp.kv_indices.append([table[p // bs] * bs + p % bs for p in range(seq.context_len)])
+                inp.kv_indices.append([table[p // bs] * bs + p % bs
+                                       for p in range(seq.context_len)])
             inp.block_tables.append(list(table))
             inp.state_slots.append(-1 if seq.state_slot is None else seq.state_slot)
             if seq.prompt_logprob_positions:

@@ -108,7 +108,8 @@ def memory_plan(
     KV blocks for max_num_seqs sequences of up to ENGINE_TOKENS_PER_SEQ tokens within
     `kv_cache_memory_bytes` (default: 1 GiB on the CPU, half the free memory on a GPU), state slots
     for every running sequence plus checkpoints; explicit num_kv_blocks / num_state_slots win."""
-    # A no-op on an Engine's own config (resolved in Engine.__init__); other callers pass the user's.
+    # A no-op on an Engine's own config (resolved in Engine.__init__); other callers
+    # pass the user's.
     max_len = resolve_max_model_len(cfg, config.max_model_len)
     limits = engine_limits(
         max_num_seqs=config.max_num_seqs,
@@ -131,7 +132,8 @@ def memory_plan(
     )
 
 
-def cache_sizes(cfg: ModelConfig, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+def cache_sizes(cfg: ModelConfig, config: EngineConfig, device: torch.device,
+                dtype: torch.dtype) -> tuple[int, int]:
     """(num_kv_blocks, num_state_slots) of the engine's MemoryPlan (see `memory_plan`)."""
     plan = memory_plan(cfg, config, device, dtype)
     return plan.num_kv_blocks, plan.num_state_slots
@@ -162,7 +164,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         # max_model_len resolved once: the caches, the scheduler and add_request read this value.
-        config = replace(config, max_model_len=resolve_max_model_len(model_config, config.max_model_len))
+        config = replace(config,
+                         max_model_len=resolve_max_model_len(model_config, config.max_model_len))
         self.config = config
         if device.type == "cuda":  # the peak compared with the plan after warm-up starts here
             torch.cuda.reset_peak_memory_stats(device)
@@ -187,10 +190,12 @@ class Engine:
             hybrid=hybrid,
             num_state_slots=num_slots if hybrid else 0,
             enable_prefix_caching=config.enable_prefix_caching,
-            max_prompt_checkpoints=config.max_prompt_checkpoints if config.enable_prefix_caching else 0,
+            max_prompt_checkpoints=(config.max_prompt_checkpoints
+                                    if config.enable_prefix_caching else 0),
             eos_token_ids=self.eos_token_ids,
         )
-        detokenize = partial(tokenizer.decode, skip_special_tokens=True) if tokenizer is not None else None
+        detokenize = (partial(tokenizer.decode, skip_special_tokens=True)
+                      if tokenizer is not None else None)
         self.scheduler = Scheduler(sched_cfg, detokenize)
         self.max_model_len: int = self.scheduler.max_model_len
         self.sampler = Sampler()
@@ -199,11 +204,13 @@ class Engine:
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._computed_prompt_tokens = 0
-        log.info("engine: %d KV blocks of %d tokens, %d state slots, max_model_len %d, max_num_seqs %d",
+        log.info("engine: %d KV blocks of %d tokens, %d state slots, max_model_len "
+                 "%d, max_num_seqs %d",
                  num_blocks, config.block_size, num_slots, self.max_model_len, config.max_num_seqs)
 
     # ---- intake ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         if request_id in self._tracked:
@@ -211,8 +218,8 @@ class Engine:
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"the model's context length of {self.max_model_len} tokens"
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{total} exceeds the model's context length of {self.max_model_len} tokens"
             )
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
@@ -278,7 +285,8 @@ class Engine:
                 sampled[s.request_id] = tok
                 token_logprobs[s.request_id] = lp
         for seq in plan.seqs:
-            self._computed_prompt_tokens += max(0, min(seq.end, seq.request.num_prompt_tokens) - seq.start)
+            prompt_end = min(seq.end, seq.request.num_prompt_tokens)
+            self._computed_prompt_tokens += max(0, prompt_end - seq.start)
         # The Request objects, since update() retires finished ones from the scheduler's table.
         requests = {s.request_id: s.request for s in plan.seqs}
         for delta in self.scheduler.update(plan, sampled):

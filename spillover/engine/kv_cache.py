@@ -27,7 +27,7 @@ _ROOT_HASH = 0  # parent hash of the first block
 def chain_hash(parent_hash: int, tokens: Sequence[int]) -> int:
     """128-bit hash naming a block *and everything before it*. Python's hash() would be faster,
     but its collisions can be crafted, and a crafted collision would serve one user's KV to
-    another's prompt; blake2b costs about a microsecond per block."""
+    another's prompt; blake2b is cheap next to the forward pass that fills the block."""
     data = parent_hash.to_bytes(16, "little") + array("q", tokens).tobytes()
     return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
 
@@ -56,9 +56,11 @@ class PrefixCacheStats:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+            raise ValueError("need num_blocks >= 1 and block_size >= 1, got "
+                             f"{num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -125,7 +127,8 @@ class BlockManager:
         if self._blocks_short(req, num_new_tokens, cached) > 0:
             return False
         if cached:
-            assert not req.block_table and req.num_computed_tokens == 0, "prefix hits only on a fresh table"
+            fresh = not req.block_table and req.num_computed_tokens == 0
+            assert fresh, "prefix hits only on a fresh table"
             self.share(cached)
             req.block_table.extend(cached)
             req.num_computed_tokens = len(cached) * self.block_size
@@ -216,7 +219,8 @@ class BlockManager:
 
     def _key(self, req: Request, hashes: list[int], i: int) -> tuple[int, tuple[int, ...]]:
         bs = self.block_size
-        return (hashes[i - 1] if i else _ROOT_HASH, tuple(req.token_ids_slice(i * bs, (i + 1) * bs)))
+        return (hashes[i - 1] if i else _ROOT_HASH,
+                tuple(req.token_ids_slice(i * bs, (i + 1) * bs)))
 
     def _pop_free(self) -> int:
         block, _ = self._free.popitem(last=False)

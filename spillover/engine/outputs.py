@@ -20,7 +20,8 @@ class TokenEvent:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     stop_reason: str | int | None  # the stop string or stop token id; None for eos / length
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # first event of index 0 only; leading None
+    # first event of index 0 only; leading None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from prefix cache / prompt checkpoint
 

@@ -30,9 +30,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
-    logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
+    # number of top logprobs per generated token (0: only the chosen one)
+    logprobs: int | None = None
     prompt_logprobs: int | None = None
-    # Applied per row after logit_bias / penalties and before temperature, top-k/p and greedy argmax.
+    # Applied per row after logit_bias / penalties and before temperature, top-k/p
+    # and greedy argmax.
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:

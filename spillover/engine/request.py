@@ -54,7 +54,8 @@ class Request:
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     eos_token_ids: tuple[int, ...] = ()  # set by the scheduler from its config if left empty
-    parent_id: str | None = None  # children of an n > 1 request point to the request the caller added
+    # children of an n > 1 request point to the request the caller added
+    parent_id: str | None = None
     index: int = 0  # completion index within the parent (CompletionOutput.index)
 
     # --- state owned by the scheduler -----------------------------------------------------------
@@ -70,7 +71,8 @@ class Request:
     # so they stay valid across preemption). Filled by BlockManager.
     block_hashes: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0  # leading blocks of block_table published to the prefix cache
-    num_prompt_logprobs_done: int = 0  # prompt positions already scored (not redone after preemption)
+    # prompt positions already scored (not redone after preemption)
+    num_prompt_logprobs_done: int = 0
     text: IncrementalText | None = None  # set by the scheduler when it has a detokenizer
     _generator: torch.Generator | None = field(default=None, repr=False)
 

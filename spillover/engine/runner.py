@@ -44,10 +44,11 @@ def allocate_caches(
                                torch.zeros(shape, dtype=dtype, device=device))
     states: dict[int, LinearStateCache] = {}
     for i in cfg.linear_layers:
-        conv = torch.zeros(layout.num_state_slots, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1,
-                           dtype=dtype, device=device)
-        ssm = torch.zeros(layout.num_state_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                          cfg.linear_value_head_dim, dtype=torch.float32, device=device)
+        conv = torch.zeros(layout.num_state_slots, cfg.linear_conv_dim,
+                           cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
+        ssm = torch.zeros(layout.num_state_slots, cfg.linear_num_value_heads,
+                          cfg.linear_key_head_dim, cfg.linear_value_head_dim,
+                          dtype=torch.float32, device=device)
         states[i] = LinearStateCache(conv, ssm)
     return kv, states
 
@@ -68,7 +69,8 @@ class StepOutput(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, layout: CacheLayout, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: CausalLM, layout: CacheLayout, device: torch.device,
+                 dtype: torch.dtype) -> None:
         self.model = model
         self.cfg = model.config
         self.layout = layout

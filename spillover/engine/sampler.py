@@ -45,7 +45,8 @@ class SamplingBatch:
     num_logprobs: list[int | None]
 
     @classmethod
-    def from_requests(cls, requests: Sequence[Request], device: torch.device | str = "cpu") -> SamplingBatch:
+    def from_requests(cls, requests: Sequence[Request],
+                      device: torch.device | str = "cpu") -> SamplingBatch:
         b = cls([], [], [], [], [], [], [], [], [], [], [], [], [], [])
         for r in requests:
             sp = r.sampling_params
@@ -215,7 +216,8 @@ def apply_penalties(
     output; frequency: subtracts count-in-output times the penalty; presence: subtracts the
     penalty once for each token present in the output."""
     rows = [
-        i for i in range(logits.shape[0]) if repetition[i] != 1.0 or frequency[i] != 0.0 or presence[i] != 0.0
+        i for i in range(logits.shape[0]) if repetition[i] != 1.0 or frequency[i] != 0.0
+        or presence[i] != 0.0
     ]
     if not rows:
         return logits
@@ -243,7 +245,8 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, _NEG_INF)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
+def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int],
+                      top_p: Sequence[float]) -> torch.Tensor:
     """Keeps each row's top_k tokens (0: all), then the smallest set of them whose probability
     (renormalised over the survivors) reaches top_p. The most likely token always survives."""
     dev, vocab = logits.device, logits.shape[1]
@@ -260,7 +263,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequenc
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], num: int) -> list[dict[int, float]]:
+def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int],
+                    num: int) -> list[dict[int, float]]:
     """Prompt logprobs from the logits of consecutive prompt positions: row i scores
     `next_token_ids[i]` (the prompt token after that position). Each dict holds that token's
     logprob and the `num` most likely tokens'."""
@@ -272,7 +276,8 @@ def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], num: in
     chosen = lps.gather(1, targets[:, None]).squeeze(1).tolist()
     top_lps, top_ids = lps.topk(num, dim=-1) if num > 0 else (lps[:, :0], targets[:, None][:, :0])
     out = []
-    for t, lp, ids, vals in zip(next_token_ids, chosen, top_ids.tolist(), top_lps.tolist(), strict=True):
+    for t, lp, ids, vals in zip(next_token_ids, chosen, top_ids.tolist(), top_lps.tolist(),
+                                strict=True):
         d = {t: lp}
         for tid, v in zip(ids, vals, strict=True):
             d.setdefault(tid, v)

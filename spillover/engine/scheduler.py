@@ -74,7 +74,8 @@ class Scheduler:
         )
         self.state_slots = StateSlotPool(config.num_state_slots if config.hybrid else 0)
         self.prompt_cache = PromptStateCache(
-            self.state_slots, self.block_manager, config.max_prompt_checkpoints if config.hybrid else 0
+            self.state_slots, self.block_manager,
+            config.max_prompt_checkpoints if config.hybrid else 0
         )
         cache_tokens = config.num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or cache_tokens, cache_tokens)
@@ -92,7 +93,8 @@ class Scheduler:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         if req.num_prompt_tokens > self.max_model_len:
             raise ValueError(
-                f"prompt of {req.num_prompt_tokens} tokens exceeds the limit of {self.max_model_len}"
+                f"prompt of {req.num_prompt_tokens} tokens exceeds the limit of "
+                f"{self.max_model_len}"
             )
         if req.sampling_params.stop and self.detokenize is None:
             raise ValueError("stop strings need a detokenizer (Scheduler(detokenize=...))")
@@ -270,7 +272,8 @@ class Scheduler:
 
     # --- n > 1 -----------------------------------------------------------------------------------
     def _fork_ready_parents(self, plan: StepPlan) -> None:
-        for parent in [r for r in self.running if r.is_fork_parent and r.num_tokens_to_compute == 0]:
+        for parent in [r for r in self.running
+                       if r.is_fork_parent and r.num_tokens_to_compute == 0]:
             pos = self.running.index(parent)
             children = [parent.fork(i) for i in range(parent.sampling_params.n)]
             # Child 0 takes over the parent's blocks and slot as they are.
@@ -321,7 +324,8 @@ class Scheduler:
         if not req.eos_token_ids:
             req.eos_token_ids = self.config.eos_token_ids
         if self.detokenize is not None and req.text is None and not req.is_fork_parent:
-            req.text = IncrementalText(self.detokenize, req.sampling_params.stop, req.prompt_token_ids[-8:])
+            req.text = IncrementalText(self.detokenize, req.sampling_params.stop,
+                                       req.prompt_token_ids[-8:])
         self._requests[req.request_id] = req
         if req.parent_id is not None:
             self._children.setdefault(req.parent_id, []).append(req.request_id)

@@ -119,7 +119,8 @@ class PromptStateCache:
         self._entries.move_to_end(key)
         block_copy = self.blocks.adopt(req, ck.blocks, n)
         req.state_slot = slot
-        return RestoredPrompt(num_tokens=n, slot_copy=SlotCopy(src=ck.slot, dst=slot), block_copy=block_copy)
+        return RestoredPrompt(num_tokens=n, slot_copy=SlotCopy(src=ck.slot, dst=slot),
+                              block_copy=block_copy)
 
     def store(self, req: Request) -> bool:
         """Turns a finished request's slot and blocks into a checkpoint of its computed tokens.

@@ -24,7 +24,8 @@ class IncrementalText:
     `prompt_tail` (the last few prompt ids) is decoding context only; it is never part of `text`.
     """
 
-    def __init__(self, decode: Decode, stop: Sequence[str] = (), prompt_tail: Sequence[int] = ()) -> None:
+    def __init__(self, decode: Decode, stop: Sequence[str] = (),
+                 prompt_tail: Sequence[int] = ()) -> None:
         self._decode = decode
         self._stop = [s for s in stop if s]
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
@@ -36,7 +37,8 @@ class IncrementalText:
         self.stopped_on: str | None = None
 
     def append(self, token_id: int, check_stop: bool = True) -> str | None:
-        """Adds one token; returns the stop string if one now occurs (then `text` ends before it)."""
+        """Adds one token; returns the stop string if one now occurs (then `text`
+        ends before it)."""
         if self.stopped_on is not None:
             return self.stopped_on
         self._ids.append(token_id)

@@ -1,7 +1,7 @@
 """Known GPUs, so a plan can be made for hardware that is not in this machine.
 
-Data from docs/planning_and_hardware.md §3.1 (datasheet peaks; BF16 dense tensor TFLOPS with FP32
-accumulation, no sparsity). Host-link practical rates from §3.2.
+Datasheet peaks (BF16 dense tensor TFLOPS with FP32 accumulation, no sparsity) and practical
+host-link rates per PCIe generation. How the planner uses them: docs/planning.md, "1. Inputs".
 """
 
 from __future__ import annotations
@@ -30,44 +30,36 @@ class GpuSpec:
 GPUS: tuple[GpuSpec, ...] = (
     GpuSpec("rtx3060", "NVIDIA GeForce RTX 3060 12GB", 12, 360, 25.5, "sm_86", 4, 16, False, False),
     GpuSpec("rtx3090", "NVIDIA GeForce RTX 3090", 24, 936, 71, "sm_86", 4, 16, False, False),
-    GpuSpec("rtx4060ti", "NVIDIA GeForce RTX 4060 Ti 16GB", 16, 288, 44.1, "sm_89", 4, 8, True, False),
-    GpuSpec("rtx4070tisuper", "NVIDIA GeForce RTX 4070 Ti SUPER", 16, 672, 88.2, "sm_89", 4, 16, True, False),
+    GpuSpec("rtx4060ti", "NVIDIA GeForce RTX 4060 Ti 16GB",
+            16, 288, 44.1, "sm_89", 4, 8, True, False),
+    GpuSpec("rtx4070tisuper", "NVIDIA GeForce RTX 4070 Ti SUPER",
+            16, 672, 88.2, "sm_89", 4, 16, True, False),
     GpuSpec("rtx4080", "NVIDIA GeForce RTX 4080", 16, 716.8, 97.5, "sm_89", 4, 16, True, False),
     GpuSpec("rtx4090", "NVIDIA GeForce RTX 4090", 24, 1008, 165.2, "sm_89", 4, 16, True, False),
     GpuSpec("rtx5070ti", "NVIDIA GeForce RTX 5070 Ti", 16, 896, 87.9, "sm_120", 5, 16, True, True),
     GpuSpec("rtx5080", "NVIDIA GeForce RTX 5080", 16, 960, 112.6, "sm_120", 5, 16, True, True),
     GpuSpec("rtx5090", "NVIDIA GeForce RTX 5090", 32, 1792, 209.5, "sm_120", 5, 16, True, True),
-    GpuSpec("a6000", "NVIDIA RTX A6000", 48, 768, 154.8, "sm_86", 4, 16, False, False, ("rtxa6000",)),
-    GpuSpec("rtx6000ada", "NVIDIA RTX 6000 Ada Generation", 48, 960, 364.2, "sm_89", 4, 16, True, False),
-    GpuSpec(
-        "rtxpro6000",
-        "NVIDIA RTX PRO 6000 Blackwell Workstation Edition",
-        96,
-        1792,
-        504,
-        "sm_120",
-        5,
-        16,
-        True,
-        True,
-        ("rtxpro6000blackwell", "pro6000"),
-    ),
+    GpuSpec("a6000", "NVIDIA RTX A6000",
+            48, 768, 154.8, "sm_86", 4, 16, False, False, ("rtxa6000",)),
+    GpuSpec("rtx6000ada", "NVIDIA RTX 6000 Ada Generation",
+            48, 960, 364.2, "sm_89", 4, 16, True, False),
+    GpuSpec("rtxpro6000", "NVIDIA RTX PRO 6000 Blackwell Workstation Edition",
+            96, 1792, 504, "sm_120", 5, 16, True, True, ("rtxpro6000blackwell", "pro6000")),
     GpuSpec("l4", "NVIDIA L4", 24, 300, 121, "sm_89", 4, 16, True, False),
     GpuSpec("l40s", "NVIDIA L40S", 48, 864, 362, "sm_89", 4, 16, True, False),
-    GpuSpec("a100-40gb", "NVIDIA A100-SXM4-40GB", 40, 1555, 312, "sm_80", 4, 16, False, False, ("a10040",)),
-    GpuSpec(
-        "a100-80gb", "NVIDIA A100-SXM4-80GB", 80, 2039, 312, "sm_80", 4, 16, False, False, ("a100", "a10080")
-    ),
+    GpuSpec("a100-40gb", "NVIDIA A100-SXM4-40GB",
+            40, 1555, 312, "sm_80", 4, 16, False, False, ("a10040",)),
+    GpuSpec("a100-80gb", "NVIDIA A100-SXM4-80GB",
+            80, 2039, 312, "sm_80", 4, 16, False, False, ("a100", "a10080")),
     GpuSpec("a100-80gb-pcie", "NVIDIA A100 80GB PCIe", 80, 1935, 312, "sm_80", 4, 16, False, False),
     GpuSpec("h100-pcie", "NVIDIA H100 PCIe", 80, 2000, 756, "sm_90", 5, 16, True, False),
-    GpuSpec(
-        "h100-sxm", "NVIDIA H100 80GB HBM3", 80, 3350, 989, "sm_90", 5, 16, True, False, ("h100", "h100sxm5")
-    ),
+    GpuSpec("h100-sxm", "NVIDIA H100 80GB HBM3",
+            80, 3350, 989, "sm_90", 5, 16, True, False, ("h100", "h100sxm5")),
     GpuSpec("h200", "NVIDIA H200", 141, 4800, 989, "sm_90", 5, 16, True, False, ("h200sxm",)),
     GpuSpec("b200", "NVIDIA B200", 180, 8000, 2250, "sm_100", 5, 16, True, True),
 )
 
-# Practical pinned host<->device rate per direction for an x16 link (§3.2); narrower links scale.
+# Practical pinned host<->device rate per direction for an x16 link; narrower links scale.
 PCIE_X16_GBS = {3: 12.5, 4: 25.0, 5: 54.0, 6: 100.0}
 
 
@@ -111,7 +103,8 @@ def find_gpu(query: str) -> GpuSpec:
 
 
 def match_gpu_name(nvml_name: str) -> GpuSpec | None:
-    """Best table row for a name reported by the driver, for bandwidth/TFLOPS the driver does not give."""
+    """Best table row for a name reported by the driver, for bandwidth/TFLOPS the driver
+    does not give."""
     n = _norm(nvml_name)
     best: GpuSpec | None = None
     best_len = 0

@@ -11,7 +11,7 @@ from spillover.hw.gpus import GpuSpec, find_gpu, pcie_bandwidth
 GiB = 1 << 30
 GB = 1e9
 
-# Priors used when nothing was measured (planning_and_hardware.md §3.2, §5.1).
+# Priors used when nothing was measured (docs/planning.md, "1. Inputs").
 DEFAULT_HOST_MEM_BW = 60e9  # dual-channel DDR5 desktop, all threads reading
 DEFAULT_DISK_BW = 2.0e9  # NVMe read through mmap page faults, well under the sequential peak
 GPU_BW_EFFICIENCY = 0.8  # achieved/datasheet for bandwidth-bound GEMV on the GPU
@@ -124,7 +124,7 @@ class HardwareInfo:
         }
 
 
-# ---- units ----------------------------------------------------------------------------------------
+# ---- units ---------------------------------------------------------------------------------------
 _UNITS = {
     "": 1,
     "b": 1,
@@ -272,7 +272,8 @@ def with_overrides(
     )
 
 
-def nominal_hardware(gpu: str | None = "rtx5090", ram: str = "64GB", cores: int = 16) -> HardwareInfo:
+def nominal_hardware(gpu: str | None = "rtx5090", ram: str = "64GB",
+                     cores: int = 16) -> HardwareInfo:
     """A named machine with default links, for tests, bench dry runs and docs."""
     base = HardwareInfo(
         gpus=(),

@@ -65,7 +65,8 @@ def probe_gpus() -> tuple[list[GpuInfo], str]:
                 bw, flops, fp8 = spec.mem_bw_gbs * GB, spec.bf16_tflops * 1e12, spec.fp8
             else:
                 bus = _try(lambda h=h: pynvml.nvmlDeviceGetMemoryBusWidth(h), 256)
-                clk = _try(lambda h=h: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM), 7000)
+                clk = _try(lambda h=h: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                           7000)
                 bw, flops, fp8 = 2 * clk * 1e6 * bus / 8, 50e12, (major, minor) >= (8, 9)
             gpus.append(
                 GpuInfo(
@@ -123,7 +124,8 @@ def probe_cpu() -> CpuInfo:
     )
 
 
-def probe(measure: bool = False, disk_path: str | Path | None = None, use_cache: bool = True) -> HardwareInfo:
+def probe(measure: bool = False, disk_path: str | Path | None = None,
+          use_cache: bool = True) -> HardwareInfo:
     gpus, gpu_reason = probe_gpus()
     vm = psutil.virtual_memory()
     path = Path(disk_path) if disk_path else model_cache_dir()
@@ -157,7 +159,11 @@ def probe(measure: bool = False, disk_path: str | Path | None = None, use_cache:
         reasons=(gpu_reason,),
         probed=True,
     )
-    measured = measure_links(hw, path) if measure else (load_measurements(hw) if use_cache else None)
+    measured: dict[str, float] | None
+    if measure:
+        measured = measure_links(hw, path)
+    else:
+        measured = load_measurements(hw) if use_cache else None
     if measured:
         hw = apply_measurements(hw, measured)
         if measure:
@@ -165,7 +171,7 @@ def probe(measure: bool = False, disk_path: str | Path | None = None, use_cache:
     return hw
 
 
-# ---- measurements ----------------------------------------------------------------------------------
+# ---- measurements --------------------------------------------------------------------------------
 def _machine_key(hw: HardwareInfo) -> str:
     gpus = ",".join(g.name for g in hw.gpus) or "cpu"
     return f"{socket.gethostname()}|{hw.cpu.model}|{gpus}"
@@ -205,7 +211,8 @@ def apply_measurements(hw: HardwareInfo, m: dict[str, float]) -> HardwareInfo:
         if m.get(key):
             value = m[key]
             if key == "gpu_copy":
-                value = value / 2 * 0.9  # a copy reads and writes every byte; GEMV reads ~0.9 as fast
+                # a copy reads and writes every byte; GEMV reads ~0.9 as fast
+                value = value / 2 * 0.9
             links = _set_link(links, field_name, value)
             sources[field_name] = f"measured {m[key] / GB:.1f} GB/s ({key}, {when})"
     return replace(hw, links=replace(links, sources=sources))
@@ -232,7 +239,8 @@ def _time_best(fn: Any, repeat: int = 3) -> float:
     return best
 
 
-def measure_links(hw: HardwareInfo, disk_path: Path | None = None, size_mib: int = 256) -> dict[str, float]:
+def measure_links(hw: HardwareInfo, disk_path: Path | None = None,
+                  size_mib: int = 256) -> dict[str, float]:
     """Short micro-benchmarks (a few seconds): bytes/s per link. GPU links only with CUDA."""
     import torch
 

@@ -15,7 +15,9 @@ import torch
 
 @dataclass
 class AttentionCache:
-    """Paged KV cache of one full-attention layer: [num_blocks, block_size, n_kv_heads, head_dim]."""
+    """Paged KV cache of one full-attention layer.
+
+    k and v: [num_blocks, block_size, n_kv_heads, head_dim]."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -50,7 +52,8 @@ def build_linear_meta(
         cu.append(cu[-1] + n)
     return (
         torch.tensor(state_slots, device=device, dtype=torch.long),
-        torch.tensor([c == q for c, q in zip(context_lens, query_lens, strict=True)], device=device),
+        torch.tensor([c == q for c, q in zip(context_lens, query_lens, strict=True)],
+                     device=device),
         torch.tensor(cu, device=device, dtype=torch.long),
     )
 
@@ -62,10 +65,12 @@ class ForwardContext:
     context_lens: list[int]  # [N] tokens in the sequence's cache after this step (>= query_lens)
     # KV addressing (full-attention layers); flat slot = block_id * block_size + offset
     slot_mapping: torch.Tensor | None = None  # [T] int64 where each new token's K/V is written
-    kv_indices: list[torch.Tensor] = field(default_factory=list)  # [N] each [context_len] int64 flat slots
+    # [N] each [context_len] int64 flat slots
+    kv_indices: list[torch.Tensor] = field(default_factory=list)
     block_tables: torch.Tensor | None = None  # [N, max_blocks] int32 (-1 padded), for GPU kernels
     context_lens_tensor: torch.Tensor | None = None  # [N] int32 on the device, for GPU kernels
-    state_slots: list[int] = field(default_factory=list)  # [N] linear-attention state slot per sequence
+    # [N] linear-attention state slot per sequence
+    state_slots: list[int] = field(default_factory=list)
     kv_caches: dict[int, AttentionCache] = field(default_factory=dict)  # layer index -> cache
     state_caches: dict[int, LinearStateCache] = field(default_factory=dict)  # layer index -> slots
     # Rows of the hidden state whose logits are needed (last token of each sequence by default).

@@ -32,7 +32,8 @@ def int8_cpu_ok(fmt: GroupedIntWeight) -> str | None:
     return None
 
 
-def _int4_packed(fmt: GroupedIntWeight, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_packed(fmt: GroupedIntWeight, e: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     key = (e, dtype)
     if key not in fmt.cpu_cache:
         codes = unpack_int4(fmt.qweight[e]).to(torch.int32)

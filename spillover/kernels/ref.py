@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from spillover.kernels.context import AttentionCache, ForwardContext
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             offset: float = 0.0) -> torch.Tensor:
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -21,14 +22,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return weight * xf.to(dtype)
 
 
-def write_kv(cache: AttentionCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(cache: AttentionCache, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V rows [T, Hkv, D] into their paged slots."""
     hkv, d = cache.k.shape[2], cache.k.shape[3]
     cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(cache.k.dtype))
     cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
 
 
-def _context_kv(cache: AttentionCache, ctx: ForwardContext, i: int, clen: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _context_kv(cache: AttentionCache, ctx: ForwardContext, i: int,
+                clen: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [clen, Hkv, D] of sequence i's whole context, gathered from its blocks."""
     hkv, d = cache.k.shape[2], cache.k.shape[3]
     if ctx.kv_indices and ctx.kv_indices[i].numel():
@@ -41,7 +44,8 @@ def _context_kv(cache: AttentionCache, ctx: ForwardContext, i: int, clen: int) -
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache, ctx: ForwardContext,
+    scale: float
 ) -> torch.Tensor:
     """Causal attention of the new tokens over each sequence's whole context.
 
@@ -51,7 +55,8 @@ def paged_attention(
     assert ctx.slot_mapping is not None
     write_kv(cache, k, v, ctx.slot_mapping)
     if ctx.is_pure_decode and ctx.block_tables is not None and ctx.context_lens_tensor is not None:
-        return paged_attention_decode(q, cache.k, cache.v, ctx.block_tables, ctx.context_lens_tensor, scale)
+        return paged_attention_decode(q, cache.k, cache.v, ctx.block_tables,
+                                      ctx.context_lens_tensor, scale)
     out = torch.empty_like(q)
     start = 0
     for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
@@ -65,11 +70,13 @@ def paged_attention(
         if qlen == 1:
             oi = F.scaled_dot_product_attention(qi, ki, vi, scale=scale, enable_gqa=True)
         elif qlen == clen:
-            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
+                                                enable_gqa=True)
         else:
             qpos = torch.arange(clen - qlen, clen, device=q.device)
             mask = qpos[:, None] >= torch.arange(clen, device=q.device)[None, :]
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale,
+                                                enable_gqa=True)
         out[start : start + qlen] = oi[0].transpose(0, 1)
         start += qlen
     return out
@@ -94,7 +101,8 @@ def paged_attention_decode(
     # Padding entries (-1) read block 0 and are masked out below; cache tensors start zeroed.
     tables = block_tables.long().clamp_min(0).view(-1)
     width = block_tables.shape[1] * bs
-    keys = k_cache.index_select(0, tables).view(n, width, hkv, d).transpose(1, 2).to(q.dtype)  # [N, Hkv, C, D]
+    # [N, Hkv, C, D]
+    keys = k_cache.index_select(0, tables).view(n, width, hkv, d).transpose(1, 2).to(q.dtype)
     values = v_cache.index_select(0, tables).view(n, width, hkv, d).transpose(1, 2).to(q.dtype)
     mask = torch.arange(width, device=q.device)[None, :] < context_lens.to(q.device).long()[:, None]
     o = F.scaled_dot_product_attention(
@@ -117,7 +125,8 @@ def causal_conv1d(
         xi = x[start : start + qlen].t()  # [C, L]
         prev = conv_state[slot] if cached > 0 else xi.new_zeros(xi.shape[0], kw - 1)
         full = torch.cat((prev.to(xi.dtype), xi), dim=-1)  # [C, K-1+L]
-        y = F.conv1d(full.unsqueeze(0), weight.unsqueeze(1).to(xi.dtype), groups=xi.shape[0])[0]  # [C, L]
+        # [C, L]
+        y = F.conv1d(full.unsqueeze(0), weight.unsqueeze(1).to(xi.dtype), groups=xi.shape[0])[0]
         out[start : start + qlen] = F.silu(y).t()
         conv_state[slot] = full[:, -(kw - 1) :].to(conv_state.dtype)
         start += qlen
@@ -139,8 +148,9 @@ def gated_delta_rule(
 ) -> torch.Tensor:
     """Gated delta rule, token by token in fp32, per sequence from / into its state slot.
 
-    q, k [T, Hk, dk]; v [T, Hv, dv]; g (log decay), beta [T, Hv]; ssm_state [slots, Hv, dk, dv] fp32.
-    q and k are L2-normalised here and q scaled by dk^-0.5. Returns o [T, Hv, dv] in v's dtype.
+    q, k [T, Hk, dk]; v [T, Hv, dv]; g (log decay), beta [T, Hv]; ssm_state
+    [slots, Hv, dk, dv] fp32. q and k are L2-normalised here and q scaled by dk^-0.5. Returns
+    o [T, Hv, dv] in v's dtype.
     """
     hk, dk = q.shape[1], q.shape[2]
     hv = v.shape[1]

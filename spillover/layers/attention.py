@@ -28,8 +28,9 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias,
                                shards=[q_out, kv_out, kv_out])
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        norm_args = (self.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+        self.q_norm = RMSNorm(*norm_args) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(*norm_args) if cfg.qk_norm else None
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 class Linear(nn.Module):
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, shards: list[int] | None = None
+        self, in_features: int, out_features: int, bias: bool = False,
+        shards: list[int] | None = None
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -50,4 +51,5 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = self.fmt.name if self.fmt is not None else "dense"
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, fmt={fmt}"
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"bias={self.bias is not None}, fmt={fmt}")

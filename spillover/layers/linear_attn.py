@@ -46,7 +46,8 @@ class GatedDeltaNet(nn.Module):
         z = z.reshape(t, self.hv, self.dv)
         b, a = b.reshape(t, self.hv), a.reshape(t, self.hv)
 
-        mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)  # [T, conv_dim]
+        # [T, conv_dim]
+        mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
         cache = ctx.state_caches[self.layer_idx]
         mixed = kernels.causal_conv1d(mixed, self.conv1d.weight.squeeze(1), cache.conv, ctx)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -55,7 +56,8 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(t, self.hv, self.dv)
 
         beta = b.sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay, fp32, <= 0
+        # log decay, fp32, <= 0
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         o = kernels.gated_delta_rule(q, k, v, g, beta, cache.ssm, ctx)  # [T, Hv, dv]
         o = self.norm(o, z)
         return self.out_proj(o.reshape(t, self.value_dim))

@@ -29,7 +29,8 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_experts)  # the router stays dense
-        self.experts: ExpertBank = ResidentExpertBank(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts: ExpertBank = ResidentExpertBank(cfg.num_experts, cfg.hidden_size,
+                                                      cfg.moe_intermediate_size)
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: Linear | None = None
         if cfg.shared_expert_intermediate_size:

@@ -1,4 +1,5 @@
-"""RMSNorm variants: plain (w·x̂), zero-centred ((1+w)·x̂, Qwen3-Next) and gated (Gated DeltaNet output)."""
+"""RMSNorm variants: plain (w·x̂), zero-centred ((1+w)·x̂, Qwen3-Next) and gated (Gated
+DeltaNet output)."""
 
 from __future__ import annotations
 

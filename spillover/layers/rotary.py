@@ -1,4 +1,5 @@
-"""Rotary position embedding (NeoX rotate-half), optionally on a prefix of the head (partial RoPE)."""
+"""Rotary position embedding (NeoX rotate-half), optionally on a prefix of the head
+(partial RoPE)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from spillover.config import RopeConfig
 
 
 def inv_frequencies(rotary_dim: int, rope: RopeConfig) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
     if rope.scaling_type == "linear":
         return inv_freq / rope.factor
     if rope.scaling_type == "llama3":
@@ -20,7 +22,8 @@ def inv_frequencies(rotary_dim: int, rope: RopeConfig) -> torch.Tensor:
         high_wavelen = old_ctx / rope.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (old_ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smooth = ((old_ctx / wavelen - rope.low_freq_factor)
+                  / (rope.high_freq_factor - rope.low_freq_factor))
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
@@ -54,8 +57,10 @@ class RotaryEmbedding(nn.Module):
         assert self._sin is not None
         return self._cos, self._sin
 
-    def cos_sin(self, positions: torch.Tensor, max_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for the given positions, [T, 1, rotary_dim]; computed once per forward pass."""
+    def cos_sin(self, positions: torch.Tensor, max_pos: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for the given positions, [T, 1, rotary_dim]; computed once per
+        forward pass."""
         cos_t, sin_t = self._table(max_pos, positions.device)
         return cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
 

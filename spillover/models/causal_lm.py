@@ -30,9 +30,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.is_attention = cfg.layer_types[idx] == FULL_ATTENTION
         self.self_attn: Attention | None = Attention(cfg, idx) if self.is_attention else None
-        self.linear_attn: GatedDeltaNet | None = None if self.is_attention else GatedDeltaNet(cfg, idx)
+        self.linear_attn: GatedDeltaNet | None = (
+            None if self.is_attention else GatedDeltaNet(cfg, idx))
         self.mlp: GatedMLP | SparseMoE = (
-            SparseMoE(cfg) if cfg.moe_layers[idx] else GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+            SparseMoE(cfg) if cfg.moe_layers[idx]
+            else GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
@@ -82,7 +84,8 @@ class CausalLM(nn.Module):
             x = layer(x, ctx)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor,
+                       ctx: ForwardContext | None = None) -> torch.Tensor:
         """Logits (float32) of the rows named by ctx.logits_indices (all rows if None)."""
         if ctx is not None and ctx.logits_indices is not None:
             hidden = hidden.index_select(0, ctx.logits_indices)

@@ -18,7 +18,8 @@ from spillover.quant import normalize_quant
 USABLE_TOK_S = 10.0  # decode speed below which a suggested model is not worth suggesting first
 
 
-def candidate_schemes(cfg: ModelConfig, inv: Inventory, hw: HardwareInfo, quant: str) -> list[WeightScheme]:
+def candidate_schemes(cfg: ModelConfig, inv: Inventory, hw: HardwareInfo,
+                      quant: str) -> list[WeightScheme]:
     quant = normalize_quant(quant)
     if inv.is_native_only:
         return [scheme_for("native")]
@@ -41,8 +42,8 @@ def make_plan(
     advise: bool = True,
     fixed: WeightScheme | None = None,
 ) -> MemoryPlan:
-    """The plan for `quant` (for `auto`: the best-quality scheme that fits), with suggestions; `fixed`:
-    the format of a pre-quantised checkpoint, which is what loads whatever `quant` says."""
+    """The plan for `quant` (for `auto`: the best-quality scheme that fits), with suggestions;
+    `fixed`: the format of a pre-quantised checkpoint, which is what loads whatever `quant` says."""
     quant = normalize_quant(quant)  # one of spillover.quant.QUANT_CHOICES, legacy spellings mapped
     schemes = [fixed] if fixed is not None else candidate_schemes(cfg, inv, hw, quant)
     plans = []
@@ -60,15 +61,19 @@ def make_plan(
     if inv.is_native_only and quant not in ("auto", "native"):
         notes.insert(0, f"--quant {quant} ignored: a GGUF file keeps the formats it was saved with")
     elif fixed is not None and quant not in ("auto", "native"):
-        notes.insert(0, f"--quant {quant} ignored: a pre-quantised checkpoint loads in its own format")
+        notes.insert(0,
+                     f"--quant {quant} ignored: a pre-quantised checkpoint loads in its own format")
     chosen = replace(chosen, reasons=tuple(notes))
     if advise:
-        chosen = replace(chosen, suggestions=tuple(suggest(chosen, inv, hw, limits, fixed is not None)))
+        chosen = replace(chosen,
+                         suggestions=tuple(suggest(chosen, inv, hw, limits, fixed is not None)))
     return chosen
 
 
-def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits, fixed: bool = False) -> list[str]:
-    """What would make the plan fit (or run faster); `fixed`: the format cannot change (pre-quantised)."""
+def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits,
+            fixed: bool = False) -> list[str]:
+    """What would make the plan fit (or run faster); `fixed`: the format cannot change
+    (pre-quantised)."""
     cfg = plan.config
     requant = not inv.is_native_only and not fixed
     out: list[str] = []
@@ -76,7 +81,8 @@ def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits, 
     if not plan.fits:
         if requant:
             for s in auto_candidates(fp8_native=True):
-                if s.quality_rank <= plan.scheme.quality_rank or (s.dense != s.experts and not cfg.is_moe):
+                if (s.quality_rank <= plan.scheme.quality_rank
+                        or (s.dense != s.experts and not cfg.is_moe)):
                     continue
                 p = plan_memory(plan.model, cfg, inv, s, hw, limits)
                 if p.fits:
@@ -87,7 +93,8 @@ def suggest(plan: MemoryPlan, inv: Inventory, hw: HardwareInfo, limits: Limits, 
                     )
                     break
         if 0 < plan.max_context < ctx:
-            out.append(f"use --context {plan.max_context} (the longest that fits with {plan.scheme.name})")
+            out.append(f"use --context {plan.max_context} (the longest that fits with "
+                       f"{plan.scheme.name})")
         elif plan.max_context == 0 and plan.verdict == "no":
             out.append("lower --context or --seqs: the caches alone do not fit on the GPU")
         need = _ram_needed(plan, hw)
@@ -133,6 +140,7 @@ def _smaller_models(plan: MemoryPlan, hw: HardwareInfo, limits: Limits) -> list[
     fitting.sort(key=lambda x: x[0], reverse=True)
     usable = [f for f in fitting if f[2].predicted.decode_tok_s >= USABLE_TOK_S] or fitting
     return [
-        f"a smaller model: {key} ({n / 1e9:.1f}B) fits with {p.scheme.name}, ~{p.predicted.decode_tok_s:.0f} tok/s"
+        f"a smaller model: {key} ({n / 1e9:.1f}B) fits with {p.scheme.name}, "
+        f"~{p.predicted.decode_tok_s:.0f} tok/s"
         for n, key, p in usable[:2]
     ]

@@ -1,7 +1,7 @@
 """Cache sizes for the engine, from the planner: one estimator for the plan and the allocation.
 
-`cache_plan_for_engine` runs `plan_memory` for the engine's limits and cuts the KV blocks to its budget;
-the engine allocates exactly `num_kv_blocks` and `num_state_slots` from the result.
+`cache_plan_for_engine` runs `plan_memory` for the engine's limits and cuts the KV blocks to its
+budget; the engine allocates exactly `num_kv_blocks` and `num_state_slots` from the result.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def cache_plan_for_engine(
     gpu_free_fraction: float = ENGINE_GPU_FREE_FRACTION,
 ) -> MemoryPlan:
     """The MemoryPlan the engine allocates from: plan_memory for `limits`, with the KV blocks cut to
-    the engine's budget and the weights replaced by what is already loaded (tier -> component -> bytes).
+    the engine's budget and the weights replaced by what is already loaded
+    (tier -> component -> bytes).
 
     KV blocks: `num_kv_blocks` if given; else `kv_budget_bytes // block bytes` if given; else room
     for limits.seqs x limits.context tokens within `cpu_kv_cap_bytes` (no GPU in `hw`) or
@@ -117,7 +118,8 @@ def cache_plan_for_engine(
         for d in tiers.values():
             for k in [k for k in d if k not in _CACHE_ENTRIES]:
                 del d[k]
-            d.pop(STAGING, None)  # the engine keeps every weight where it was loaded: nothing streams
+            # the engine keeps every weight where it was loaded: nothing streams
+            d.pop(STAGING, None)
         weights = {}
         for tier, comps in loaded_weights.items():
             for comp, n in comps.items():
@@ -134,5 +136,6 @@ def cache_plan_for_engine(
         staging_bytes=plan.staging_bytes if loaded_weights is None else 0,
         num_kv_blocks=blocks,
         num_state_slots=slots,
-        extra={**plan.extra, "kv_budget_bytes": budget, "kv_blocks_wanted": wanted, "max_len": max_len},
+        extra={**plan.extra, "kv_budget_bytes": budget, "kv_blocks_wanted": wanted,
+               "max_len": max_len},
     )

@@ -24,7 +24,8 @@ class FormatSize:
     name: str  # bf16 | fp8 | int8 | int4 | native
     description: str
     quality_rank: int  # lower is closer to the original weights; `auto` tries them in this order
-    group_size: int = 128  # int4: 0 = one group per row; fp8: 0 = one scale per row, else square blocks
+    # int4: 0 = one group per row; fp8: 0 = one scale per row, else square blocks
+    group_size: int = 128
     zero_point: bool = False  # int4 only: a zero (or min) per group next to the bf16 scale
     zero_bytes: int = BF16_BYTES  # its size: imported asymmetric checkpoints hold float32 mins
 
@@ -33,21 +34,28 @@ class FormatSize:
         if self.name == "bf16":
             return n * BF16_BYTES
         if self.name == "fp8":
-            # 1 B per weight plus one fp32 scale per block (DeepSeek/Qwen block-FP8) or per row (FP8_DYNAMIC)
+            # 1 B per weight plus one fp32 scale per block (DeepSeek/Qwen block-FP8) or per
+            # row (FP8_DYNAMIC)
             b = self.group_size
-            blocks = out_features if b == 0 else _ceil_div(out_features, b) * _ceil_div(in_features, b)
+            if b == 0:
+                blocks = out_features
+            else:
+                blocks = _ceil_div(out_features, b) * _ceil_div(in_features, b)
             return n + 4 * blocks
         if self.name == "int8":
             # symmetric per-output-channel, bf16 scale per row
             return n + BF16_BYTES * out_features
         if self.name == "int4":
-            groups = out_features * (1 if self.group_size == 0 else _ceil_div(in_features, self.group_size))
+            per_row = 1 if self.group_size == 0 else _ceil_div(in_features, self.group_size)
+            groups = out_features * per_row
             per_group = BF16_BYTES + (self.zero_bytes if self.zero_point else 0)
             return _ceil_div(n, 2) + per_group * groups
-        raise ValueError(f"format {self.name!r} has no matrix size (stored bytes come from the file)")
+        raise ValueError(f"format {self.name!r} has no matrix size (stored bytes "
+                         "come from the file)")
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes of a [N, K] matrix or a stack of experts [E, N, K]: each expert is its own matrix."""
+        """Bytes of a [N, K] matrix or a stack of experts [E, N, K]: each expert is
+        its own matrix."""
         *lead, out_features, in_features = shape
         experts = lead[0] if lead else 1
         return experts * self.matrix_bytes(out_features, in_features)
@@ -99,7 +107,8 @@ class WeightScheme:
 
 
 def scheme_for(name: str) -> WeightScheme:
-    """The scheme of a `--quant` choice (spillover.quant.QUANT_CHOICES; `auto` is make_plan's to pick)."""
+    """The scheme of a `--quant` choice (spillover.quant.QUANT_CHOICES; `auto` is
+    make_plan's to pick)."""
     name = normalize_quant(name)
     if name == "native":
         return WeightScheme.uniform(NATIVE)
@@ -126,22 +135,25 @@ def auto_candidates(fp8_native: bool) -> list[WeightScheme]:
     return out
 
 
-def checkpoint_scheme(method: str, checkpoint_format: str, bits: int, group_size: int | None, symmetric: bool,
-                      fp8_block: tuple[int, int] | None) -> WeightScheme | None:
-    """The format a pre-quantised checkpoint loads in (spillover.quant.importers), None if it loads in
-    none: GPTQ / AWQ / compressed-tensors W4A16 -> int4 (asymmetric: float32 mins), Qwen and
+def checkpoint_scheme(method: str, checkpoint_format: str, bits: int, group_size: int | None,
+                      symmetric: bool, fp8_block: tuple[int, int] | None) -> WeightScheme | None:
+    """The format a pre-quantised checkpoint loads in (spillover.quant.importers), None if it loads
+    in none: GPTQ / AWQ / compressed-tensors W4A16 -> int4 (asymmetric: float32 mins), Qwen and
     compressed-tensors FP8 -> fp8 (per block or per row), compressed-tensors int8 -> int8."""
     if fp8_block is not None:
         per_row = fp8_block[1] == 0
         how = "per row" if per_row else f"per {fp8_block[0]}x{fp8_block[1]} block"
-        return WeightScheme.uniform(FormatSize("fp8", f"FP8 E4M3, fp32 scale {how} (as in the checkpoint)", 1,
-                                                 group_size=0 if per_row else fp8_block[0]))
+        fmt = FormatSize("fp8", f"FP8 E4M3, fp32 scale {how} (as in the checkpoint)", 1,
+                         group_size=0 if per_row else fp8_block[0])
+        return WeightScheme.uniform(fmt)
     if bits == 8 and (method, checkpoint_format) == ("compressed-tensors", "int-quantized"):
-        return WeightScheme.uniform(FormatSize("int8", "int8 per-channel (as in the checkpoint)", 2))
+        fmt = FormatSize("int8", "int8 per-channel (as in the checkpoint)", 2)
+        return WeightScheme.uniform(fmt)
     if bits != 4:
         return None
     g = group_size or 0
     group = f"group {g}" if g else "per channel"
     zero = "" if symmetric else " + float32 min"
-    return WeightScheme.uniform(FormatSize("int4", f"int4 {group}, scale{zero} (as in the checkpoint)", 3,
-                                             group_size=g, zero_point=not symmetric, zero_bytes=4))
+    fmt = FormatSize("int4", f"int4 {group}, scale{zero} (as in the checkpoint)", 3,
+                     group_size=g, zero_point=not symmetric, zero_bytes=4)
+    return WeightScheme.uniform(fmt)

@@ -99,7 +99,8 @@ class Inventory:
 # ---- from a ModelConfig -------------------------------------------------------------------------
 def inventory_from_config(cfg: ModelConfig) -> Inventory:
     h, nh, nkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    ts: list[TensorSpec] = [TensorSpec("model.embed_tokens.weight", EMBEDDINGS, (cfg.vocab_size, h))]
+    ts: list[TensorSpec] = [TensorSpec("model.embed_tokens.weight", EMBEDDINGS,
+                                       (cfg.vocab_size, h))]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         ts += [
@@ -165,9 +166,11 @@ def _gated_deltanet(cfg: ModelConfig, p: str, i: int) -> list[TensorSpec]:
     nk, nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
     return [
-        TensorSpec(p + "in_proj_qkvz.weight", LINEAR_ATTENTION, (2 * nk * dk + 2 * nv * dv, h), i, True),
+        TensorSpec(p + "in_proj_qkvz.weight", LINEAR_ATTENTION,
+                   (2 * nk * dk + 2 * nv * dv, h), i, True),
         TensorSpec(p + "in_proj_ba.weight", LINEAR_ATTENTION, (2 * nv, h), i, True),
-        TensorSpec(p + "conv1d.weight", LINEAR_ATTENTION, (cfg.linear_conv_dim, 1, cfg.linear_conv_kernel_dim), i),
+        TensorSpec(p + "conv1d.weight", LINEAR_ATTENTION,
+                   (cfg.linear_conv_dim, 1, cfg.linear_conv_kernel_dim), i),
         TensorSpec(p + "dt_bias", LINEAR_ATTENTION, (nv,), i),
         TensorSpec(p + "A_log", LINEAR_ATTENTION, (nv,), i),
         TensorSpec(p + "norm.weight", LINEAR_ATTENTION, (dv,), i),
@@ -175,7 +178,7 @@ def _gated_deltanet(cfg: ModelConfig, p: str, i: int) -> list[TensorSpec]:
     ]
 
 
-# ---- names -> components (HF checkpoint names, GGUF names, and our module names) -------------------
+# ---- names -> components (HF checkpoint names, GGUF names, and our module names) -----------------
 _LAYER_RE = re.compile(r"(?:layers|blk|h)\.(\d+)\.")
 _RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(embed_tokens|token_embd|wte)\.", EMBEDDINGS),
@@ -192,7 +195,8 @@ _RULES: tuple[tuple[str, str], ...] = (
 
 
 def component_of(name: str) -> str:
-    """Component of a tensor from its name; q/k norms belong to attention, GDN norm to linear attn."""
+    """Component of a tensor from its name; q/k norms belong to attention, GDN norm to
+    linear attn."""
     if re.search(r"(q_norm|k_norm|attn_q_norm|attn_k_norm)", name):
         return ATTENTION
     for pattern, comp in _RULES:

@@ -36,7 +36,8 @@ def allocate_cache_tensors(
     for i in cfg.attention_layers:
         shape = (num_kv_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         kv[i] = AttentionCache(
-            torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device)
         )
     states: dict[int, LinearStateCache] = {}
     for i in cfg.linear_layers:
@@ -48,7 +49,8 @@ def allocate_cache_tensors(
             cfg.linear_value_head_dim,
         )
         states[i] = LinearStateCache(
-            torch.zeros(conv, dtype=dtype, device=device), torch.zeros(ssm, dtype=ssm_dtype, device=device)
+            torch.zeros(conv, dtype=dtype, device=device),
+            torch.zeros(ssm, dtype=ssm_dtype, device=device)
         )
     return kv, states
 
@@ -57,7 +59,8 @@ def allocate_from_plan(
     plan: MemoryPlan, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "meta"
 ) -> tuple[dict[int, AttentionCache], dict[int, LinearStateCache]]:
     return allocate_cache_tensors(
-        plan.config, plan.num_kv_blocks, plan.block_size, plan.num_state_slots, dtype=dtype, device=device
+        plan.config, plan.num_kv_blocks, plan.block_size, plan.num_state_slots, dtype=dtype,
+        device=device
     )
 
 
@@ -84,7 +87,10 @@ def measured_bytes_by_component(
 
     def add(tier: str, comp: str, t: torch.Tensor) -> None:
         # storage identity, so that tied weights and views are not counted twice
-        key = (t.untyped_storage().data_ptr(), int(t.storage_offset())) if t.device.type != "meta" else (id(t), 0)
+        if t.device.type == "meta":
+            key = (id(t), 0)
+        else:
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
         if key in seen:
             return
         seen.add(key)
@@ -115,13 +121,15 @@ class PeakComparison:
 
     def line(self) -> str:
         return (
-            f"{self.device}: planned {fmt_bytes(self.planned)}, measured {fmt_bytes(self.measured)} "
-            f"({(self.ratio - 1) * 100:+.1f} %)"
+            f"{self.device}: planned {fmt_bytes(self.planned)}, measured "
+            f"{fmt_bytes(self.measured)} ({(self.ratio - 1) * 100:+.1f} %)"
         )
 
 
 def compare_peaks(plan: MemoryPlan, measured_peak: Mapping[str, int]) -> list[PeakComparison]:
-    """Planned vs measured peak per device; `measured_peak` like {"gpu": torch.cuda.max_memory_allocated()}.
+    """Planned vs measured peak per device.
+
+    `measured_peak` like {"gpu": torch.cuda.max_memory_allocated()}.
 
     The GPU figure excludes the runtime entry (CUDA context is not in torch's allocator stats).
     """

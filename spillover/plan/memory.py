@@ -19,9 +19,12 @@ from spillover.plan.workspace import activation_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
-CUDA_CONTEXT_BYTES = 800 * MiB  # context + cuBLAS state of a PyTorch process (§4.5: 783 MiB on H100)
+# CUDA context + cuBLAS state of a PyTorch process, rounded up; torch's allocator never sees it
+# (docs/planning.md, "2. The bill")
+CUDA_CONTEXT_BYTES = 800 * MiB
 STAGING_CAP_BYTES = 2 * GiB
-PREFILL_PROMPT_TOKENS = 8192  # prompt length the prefill speed is quoted at (or the context if shorter)
+# prompt length the prefill speed is quoted at (or the context if shorter)
+PREFILL_PROMPT_TOKENS = 8192
 # cache / runtime entries of the tier tables, next to the weight components
 KV_CACHE, LINEAR_STATE, ACTIVATIONS, STAGING, RUNTIME = (
     "kv_cache",
@@ -95,9 +98,11 @@ class MemoryPlan:
 
 
 def state_bytes_per_sequence(cfg: ModelConfig, conv_dtype_bytes: int, ssm_dtype_bytes: int) -> int:
-    """Exactly the engine's slots: conv [conv_dim, kernel-1] in the model dtype + ssm [Hv, Dk, Dv]."""
+    """Exactly the engine's slots: conv [conv_dim, kernel-1] in the model dtype + ssm
+    [Hv, Dk, Dv]."""
     conv = cfg.linear_conv_dim * max(cfg.linear_conv_kernel_dim - 1, 0) * conv_dtype_bytes
-    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * ssm_dtype_bytes
+    ssm = (cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+           * ssm_dtype_bytes)
     return len(cfg.linear_layers) * (conv + ssm)
 
 
@@ -106,7 +111,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def gpu_runtime_bytes(vram_total: int) -> int:
-    # allocator slack and fragmentation: a few large pre-allocated buffers keep it small (§4.6)
+    # allocator slack and fragmentation: a few large pre-allocated buffers keep it small
     return CUDA_CONTEXT_BYTES + max(256 * MiB, int(0.02 * vram_total))
 
 
@@ -123,12 +128,14 @@ def host_budget(hw: HardwareInfo, limits: Limits) -> int:
 class _Bill:
     """The sizes that do not depend on placement, shared by the plan and the limit searches."""
 
-    def __init__(self, cfg: ModelConfig, inv: Inventory, scheme: WeightScheme, limits: Limits) -> None:
+    def __init__(self, cfg: ModelConfig, inv: Inventory, scheme: WeightScheme,
+                 limits: Limits) -> None:
         self.cfg, self.limits = cfg, limits
         self.weights = inv.bytes_by_component(scheme)
         self.weights_total = sum(self.weights.values())
         self.kv_per_token = cfg.kv_bytes_per_token(limits.kv_dtype_bytes)
-        self.state_per_seq = state_bytes_per_sequence(cfg, limits.model_dtype_bytes, limits.ssm_state_dtype_bytes)
+        self.state_per_seq = state_bytes_per_sequence(cfg, limits.model_dtype_bytes,
+                                                      limits.ssm_state_dtype_bytes)
         routed = inv.layer_bytes(scheme, ROUTED_EXPERTS)
         self.moe_layers = sorted(routed)
         e = max(cfg.num_experts, 1)
@@ -150,7 +157,8 @@ class _Bill:
     def caches(self, context: int, seqs: int) -> tuple[int, int, int]:
         kv = self.kv_blocks(context, seqs) * self.limits.block_size * self.kv_per_token
         slots = seqs + self.limits.prompt_cache_slots if self.state_per_seq else 0
-        act = activation_bytes(self.cfg, self.limits.token_budget, seqs, self.limits.model_dtype_bytes)
+        act = activation_bytes(self.cfg, self.limits.token_budget, seqs,
+                               self.limits.model_dtype_bytes)
         return kv, slots * self.state_per_seq, act
 
 
@@ -176,8 +184,12 @@ class _Placement:
 FITS = ("gpu", "gpu+ram", "ram")
 
 
-def _place(bill: _Bill, gpu_budget: int, host: int, has_gpu: bool, context: int, seqs: int) -> _Placement:
-    """Dense and caches on the GPU first, then expert slots, then RAM, then disk (architecture.md)."""
+def _place(bill: _Bill, gpu_budget: int, host: int, has_gpu: bool, context: int,
+           seqs: int) -> _Placement:
+    """Dense and caches on the GPU first, then expert slots, then RAM, then disk.
+
+    The order, step by step: docs/planning.md, "3. Placement".
+    """
     kv, state, act = bill.caches(context, seqs)
     e, n_moe = bill.cfg.num_experts, len(bill.moe_layers)
     emb = bill.weights.get(EMBEDDINGS, 0)
@@ -195,8 +207,11 @@ def _place(bill: _Bill, gpu_budget: int, host: int, has_gpu: bool, context: int,
         dense = bill.global_dense + sum(bill.layer_dense[:layers])
         slots = 0
         if layers == n_layers and n_moe:
-            slots = min(e, (room - dense) // (bill.expert_bytes * n_moe)) if bill.expert_bytes else e
-        all_in = layers == n_layers and slots == (e if n_moe else 0) and dense + slots * per + emb <= room
+            slots = e
+            if bill.expert_bytes:
+                slots = min(e, (room - dense) // (bill.expert_bytes * n_moe))
+        all_in = (layers == n_layers and slots == (e if n_moe else 0)
+                  and dense + slots * per + emb <= room)
         return layers, slots, all_in, dense
 
     room = gpu_budget - (kv + state + act) if has_gpu else -1
@@ -209,7 +224,10 @@ def _place(bill: _Bill, gpu_budget: int, host: int, has_gpu: bool, context: int,
             # weights stream to the GPU during prefill: keep a double buffer for them
             staging = min(2 * bill.largest_unit, STAGING_CAP_BYTES)
             caches_fit = room - staging >= 0
-            layers, slots, emb_gpu, dense_gpu = fill(room - staging) if caches_fit else (0, 0, False, 0)
+            if caches_fit:
+                layers, slots, emb_gpu, dense_gpu = fill(room - staging)
+            else:
+                layers, slots, emb_gpu, dense_gpu = 0, 0, False, 0
     gpu_ok = has_gpu and caches_fit
     host_room = host - (0 if has_gpu else kv + state + act)
     off_dense = sum(bill.layer_dense) + bill.global_dense - dense_gpu
@@ -219,7 +237,8 @@ def _place(bill: _Bill, gpu_budget: int, host: int, has_gpu: bool, context: int,
     host_experts = min(off_experts, max(host_room, 0) // per) if per else 0
     host_room -= host_experts * per
     emb_where = "gpu" if emb_gpu else ("host" if emb <= host_room else "disk")
-    disk = off_dense - dense_host + (off_experts - host_experts) * per + (emb if emb_where == "disk" else 0)
+    disk = (off_dense - dense_host + (off_experts - host_experts) * per
+            + (emb if emb_where == "disk" else 0))
     on_host = dense_host + host_experts * per + (emb if emb_where == "host" else 0)
     if has_gpu and not caches_fit:
         verdict = "no"
@@ -249,7 +268,8 @@ def _place(bill: _Bill, gpu_budget: int, host: int, has_gpu: bool, context: int,
 
 
 def plan_memory(
-    model: str, cfg: ModelConfig, inv: Inventory, scheme: WeightScheme, hw: HardwareInfo, limits: Limits
+    model: str, cfg: ModelConfig, inv: Inventory, scheme: WeightScheme, hw: HardwareInfo,
+    limits: Limits
 ) -> MemoryPlan:
     bill = _Bill(cfg, inv, scheme, limits)
     gpu = hw.gpu
@@ -281,16 +301,16 @@ def plan_memory(
     if pl.verdict == "no":
         reasons.append(
             f"the KV cache ({fmt_bytes(pl.kv)}), state ({fmt_bytes(pl.state)}) and activations "
-            f"({fmt_bytes(pl.act)}) for {context} tokens x {seqs} sequence(s), plus a streaming buffer, "
-            f"exceed the GPU budget of {fmt_bytes(gpu_budget)}"
+            f"({fmt_bytes(pl.act)}) for {context} tokens x {seqs} sequence(s), plus a streaming "
+            f"buffer, exceed the GPU budget of {fmt_bytes(gpu_budget)}"
         )
     elif pl.verdict == "disk":
         vram = f"{fmt_bytes(gpu.vram_total)} VRAM + " if gpu else ""
         reasons.append(
             f"weights are {fmt_bytes(bill.weights_total)} ({scheme.name}), more than {vram}"
-            f"{fmt_bytes(hw.ram_total)} RAM can hold ({fmt_bytes(gpu_budget)} + {fmt_bytes(host)} usable "
-            f"after the caches, CUDA runtime and OS reserve): {fmt_bytes(sum(tiers['disk'].values()))} "
-            "would be read from disk"
+            f"{fmt_bytes(hw.ram_total)} RAM can hold ({fmt_bytes(gpu_budget)} + {fmt_bytes(host)} "
+            "usable after the caches, CUDA runtime and OS reserve): "
+            f"{fmt_bytes(sum(tiers['disk'].values()))} would be read from disk"
         )
     if hw.disk_free is not None and hw.disk_free < bill.weights_total:
         reasons.append(
@@ -383,13 +403,15 @@ def _active_params(cfg: ModelConfig, params: dict[str, int]) -> int:
 
 
 def _traffic(
-    cfg: ModelConfig, bill: _Bill, inv: Inventory, pl: _Placement, context: int, gpu_ok: bool, limits: Limits
+    cfg: ModelConfig, bill: _Bill, inv: Inventory, pl: _Placement, context: int, gpu_ok: bool,
+    limits: Limits
 ) -> Traffic:
     n_moe, e, k = len(bill.moe_layers), max(cfg.num_experts, 1), cfg.num_experts_per_tok
     per = bill.expert_bytes * n_moe
     touched = k / e if n_moe else 0.0  # uniform routing: each expert is hit with probability k/E
     chunk = min(limits.token_budget, min(context, PREFILL_PROMPT_TOKENS))
-    chunk_hit = 1.0 - (1.0 - touched) ** chunk if n_moe else 0.0  # experts a chunk needs at least once
+    # experts a chunk needs at least once
+    chunk_hit = 1.0 - (1.0 - touched) ** chunk if n_moe else 0.0
     caches = bill.kv_per_token * context + 2 * bill.state_per_seq  # KV read; state read + written
     row = cfg.hidden_size * limits.model_dtype_bytes  # one embedding row
     gpu_b = pl.dense_gpu + pl.slots * per * touched + (caches + row if gpu_ok else 0)
@@ -398,7 +420,8 @@ def _traffic(
     params = inv.params_by_component()
     active_no_head = _active_params(cfg, params) - params.get(LM_HEAD, 0)
     p = min(context, PREFILL_PROMPT_TOKENS)
-    attn = 4 * len(cfg.attention_layers) * cfg.num_heads * cfg.head_dim * p / 2  # QK^T and PV, mean position
+    # QK^T and PV, mean position
+    attn = 4 * len(cfg.attention_layers) * cfg.num_heads * cfg.head_dim * p / 2
     return Traffic(
         gpu_bytes=gpu_b,
         host_bytes=host_b,

@@ -68,7 +68,8 @@ def to_json(plan: MemoryPlan) -> dict[str, Any]:
             "decode_tok_s": round(p.decode_tok_s, 2),
             "prefill_tok_s": round(p.prefill_tok_s, 1),
             "decode_ms_by_link": {k: round(v, 4) for k, v in p.decode_ms_by_link.items()},
-            "prefill_ms_by_link_per_chunk": {k: round(v, 3) for k, v in p.prefill_ms_by_link.items()},
+            "prefill_ms_by_link_per_chunk": {k: round(v, 3)
+                                             for k, v in p.prefill_ms_by_link.items()},
             "prefill_chunk_tokens": p.prefill_chunk_tokens,
             "host_experts_path": p.host_path,
             "notes": list(p.notes),
@@ -108,7 +109,8 @@ def hardware_table(hw: HardwareInfo) -> Table:
     if not hw.gpus:
         t.add_row("GPU", "none")
     c = hw.cpu
-    isa = ", ".join(n for n, ok in (("AVX2", c.avx2), ("AVX-512", c.avx512), ("AMX", c.amx)) if ok) or "no AVX2"
+    flags = (("AVX2", c.avx2), ("AVX-512", c.avx512), ("AMX", c.amx))
+    isa = ", ".join(n for n, ok in flags if ok) or "no AVX2"
     t.add_row("CPU", f"{c.model}, {c.cores} cores / {c.threads} threads, {isa}")
     avail = f", {fmt_bytes(hw.ram_available)} available" if hw.ram_available is not None else ""
     t.add_row("RAM", f"{fmt_bytes(hw.ram_total)}{avail}")
@@ -123,7 +125,8 @@ def hardware_table(hw: HardwareInfo) -> Table:
         ("disk", links.disk),
     ):
         if rate:
-            t.add_row(f"  {name}", f"{rate / 1e9:.1f} GB/s  [dim]{links.sources.get(name, '')}[/dim]")
+            t.add_row(f"  {name}",
+                      f"{rate / 1e9:.1f} GB/s  [dim]{links.sources.get(name, '')}[/dim]")
     for r in hw.reasons:
         t.add_row("", f"[dim]{r}[/dim]")
     return t
@@ -140,7 +143,8 @@ def render(plan: MemoryPlan, console: Console | None = None) -> None:
         f"  ({cfg.model_type}, {plan.params_total / 1e9:.2f}B params, "
         f"{plan.params_active_per_token / 1e9:.2f}B active per token)\n"
     )
-    head.append(f"{plan.scheme.name}: {plan.scheme.description}; context {ctx} x {seqs} sequence(s)\n")
+    head.append(f"{plan.scheme.name}: {plan.scheme.description}; context {ctx} x "
+                f"{seqs} sequence(s)\n")
     head.append(f"on {plan.hardware.describe()}")
     console.print(Panel(head, title="spillover plan"))
     console.print(hardware_table(plan.hardware))
@@ -163,7 +167,8 @@ def render(plan: MemoryPlan, console: Console | None = None) -> None:
             _gib(total),
             *(_gib(plan.tiers[t].get(comp, 0)) for t in TIERS),
         )
-    comps.add_row("total", f"{plan.params_total:,}", "", *(_gib(plan.tier_total(t)) for t in TIERS), style="bold")
+    comps.add_row("total", f"{plan.params_total:,}", "", *(_gib(plan.tier_total(t)) for t in TIERS),
+                  style="bold")
     console.print(comps)
     console.print(memory_bar(plan))
 
@@ -182,14 +187,15 @@ def render(plan: MemoryPlan, console: Console | None = None) -> None:
             f"({len(cfg.linear_layers)} linear-attention layers, fixed, any length)",
         )
     facts.add_row(
-        "KV blocks / state slots", f"{plan.num_kv_blocks} x {plan.block_size} tokens / {plan.num_state_slots}"
+        "KV blocks / state slots",
+        f"{plan.num_kv_blocks} x {plan.block_size} tokens / {plan.num_state_slots}"
     )
     if plan.num_experts:
         facts.add_row(
             "experts per layer",
-            f"{plan.expert_slots_per_layer} GPU slots, {plan.host_experts_per_layer}"
-            f" in RAM, {plan.num_experts - plan.expert_slots_per_layer - plan.host_experts_per_layer}"
-            f" on disk (of {plan.num_experts})",
+            f"{plan.expert_slots_per_layer} GPU slots, {plan.host_experts_per_layer} in RAM, "
+            f"{plan.num_experts - plan.expert_slots_per_layer - plan.host_experts_per_layer} on "
+            f"disk (of {plan.num_experts})",
         )
     facts.add_row("longest context", f"{plan.max_context:,} tokens x {seqs} sequence(s)")
     facts.add_row("most sequences", f"{plan.max_seqs} at {ctx} tokens")

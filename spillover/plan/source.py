@@ -109,7 +109,8 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def _checkpoint_quant(raw: dict[str, Any]) -> tuple[WeightScheme | None, list[str]]:
-    """(the format a pre-quantised checkpoint loads in, a note); (None, []) for a float checkpoint."""
+    """(the format a pre-quantised checkpoint loads in, a note); (None, []) for a
+    float checkpoint."""
     from spillover.quant.importers.checkpoint_config import CheckpointQuantError, parse_quantization
 
     q = raw.get("quantization_config")
@@ -119,19 +120,21 @@ def _checkpoint_quant(raw: dict[str, Any]) -> tuple[WeightScheme | None, list[st
     try:
         cq = parse_quantization(q, "config.json")
     except CheckpointQuantError as e:
-        return None, [f"checkpoint is pre-quantised in a way spillover cannot load ({e}); the plan sizes "
-                      "the format chosen with --quant for a float checkpoint of this model"]
+        return None, [f"checkpoint is pre-quantised in a way spillover cannot load ({e}); the plan "
+                      "sizes the format chosen with --quant for a float checkpoint of this model"]
     scheme = checkpoint_scheme(cq.method, cq.checkpoint_format, cq.bits, cq.group_size, cq.sym,
                                cq.weight_block_size)
     if scheme is None:
-        return None, [f"checkpoint is pre-quantised ({method}, {cq.bits}-bit), which spillover cannot load "
-                      "(4-bit GPTQ/AWQ/compressed-tensors, FP8 and compressed-tensors int8 only); the plan "
-                      "sizes the format chosen with --quant for a float checkpoint of this model"]
-    return scheme, [f"checkpoint is pre-quantised ({method}): it loads as stored, {scheme.description}; "
-                    "the plan sizes that"]
+        return None, [f"checkpoint is pre-quantised ({method}, {cq.bits}-bit), which spillover "
+                      "cannot load (4-bit GPTQ/AWQ/compressed-tensors, FP8 and compressed-tensors "
+                      "int8 only); the plan sizes the format chosen with --quant for a float "
+                      "checkpoint of this model"]
+    return scheme, [f"checkpoint is pre-quantised ({method}): it loads as stored, "
+                    f"{scheme.description}; the plan sizes that"]
 
 
-def _checkpoint_notes(params_on_disk: int | None, inv: Inventory, quant_notes: list[str]) -> list[str]:
+def _checkpoint_notes(params_on_disk: int | None, inv: Inventory,
+                      quant_notes: list[str]) -> list[str]:
     notes = list(quant_notes)
     if params_on_disk and params_on_disk != inv.total_params:
         extra = params_on_disk - inv.total_params
@@ -176,9 +179,11 @@ def _offline() -> bool:
 
 
 def _hub_unreachable() -> str | None:
-    """One quick connection attempt, instead of the client's retries with back-off (~25 s offline)."""
+    """One quick connection attempt, instead of the client's retries with back-off, which stall an
+    offline run."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
     except OSError as e:
@@ -215,7 +220,8 @@ def from_hub(repo_id: str) -> ModelSource:
                     n *= int(d)
                 size += n * SAFETENSORS_DTYPE_BYTES.get(t.dtype, 2)
     except Exception as e:
-        notes.append(f"safetensors headers not read ({type(e).__name__}); sizes come from config.json")
+        notes.append(f"safetensors headers not read ({type(e).__name__}); sizes come "
+                     "from config.json")
     scheme, quant_notes = _checkpoint_quant(raw)
     notes = _checkpoint_notes(params, inv, quant_notes) + notes
     return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes), scheme)

@@ -1,6 +1,7 @@
-"""Predicted tokens/s from the bytes each link moves per token (planning_and_hardware.md §5.1).
+"""Predicted tokens/s from the bytes each link moves per token (docs/planning.md, "4. Speed").
 
-Decode: t = Σ_links bytes / rate + t_fixed (links do not overlap in a step; validated to a few %).
+Decode: t = Σ_links bytes / rate + t_fixed (links do not overlap in a step; how close that comes:
+docs/planning.md, "8. How well it predicts", re-measured by `python bench/plan_vs_measured.py`).
 Prefill: a chunk of T tokens streams the non-resident weights once while the GPU computes, so the
 GPU and PCIe terms overlap (double-buffered layerwise prefill): t = max(compute, HBM, PCIe) + disk.
 """
@@ -13,8 +14,9 @@ from spillover.hw.info import HardwareInfo
 
 GPU_FLOPS_EFFICIENCY = 0.5  # achieved/peak for bf16 GEMMs of prefill chunk shapes
 CPU_FLOPS_EFFICIENCY = 0.3
-# Launches, sync, sampling and Python per decode step, with CUDA graphs / fused kernels (§5.1:
-# ~3 us per op with graphs, ~10-20 us eager; ~10 ops per layer).
+# Launches, sync, sampling and Python per decode step and per layer (about ten ops a layer), as
+# they cost with CUDA graphs or fused kernels; an eager step costs more (docs/planning.md,
+# "8. How well it predicts"; `python bench/plan_vs_measured.py` measures the fixed term).
 STEP_OVERHEAD_S = 0.4e-3
 LAYER_OVERHEAD_S = 25e-6
 CPU_LAYER_OVERHEAD_S = 50e-6
@@ -25,7 +27,8 @@ class Traffic:
     """Bytes one decode token reads from each place, and what a prefill chunk must move."""
 
     gpu_bytes: float  # weights + KV + state read from VRAM
-    host_bytes: float  # bytes in RAM touched (CPU computes them or they cross PCIe); all, without GPU
+    # bytes in RAM touched (CPU computes them or they cross PCIe); all, without GPU
+    host_bytes: float
     disk_bytes: float  # weights only on disk touched
     host_stream_bytes_per_chunk: float  # host-resident weights a prefill chunk streams to the GPU
     disk_bytes_per_chunk: float
@@ -49,7 +52,8 @@ def predict(traffic: Traffic, hw: HardwareInfo, chunk_tokens: int) -> Prediction
     has_gpu = hw.gpu is not None
     notes: list[str] = []
     # Host-resident weights at decode: computed by the CPU (reads DRAM) or copied to a GPU slot
-    # (crosses PCIe), whichever link is faster on this machine (architecture.md, tiered experts).
+    # (crosses PCIe), whichever link is faster on this machine (docs/architecture.md,
+    # "Tiered experts").
     if has_gpu and links.h2d > links.host_mem:
         host_path, host_rate = "pcie", links.h2d
     else:
@@ -69,13 +73,15 @@ def predict(traffic: Traffic, hw: HardwareInfo, chunk_tokens: int) -> Prediction
     pre: dict[str, float] = {}
     if has_gpu:
         gpu = hw.gpus[0]
-        pre["gpu_compute"] = t * traffic.flops_per_token / (gpu.bf16_flops * GPU_FLOPS_EFFICIENCY) * 1e3
+        flops = gpu.bf16_flops * GPU_FLOPS_EFFICIENCY
+        pre["gpu_compute"] = t * traffic.flops_per_token / flops * 1e3
         pre["gpu_mem"] = traffic.gpu_bytes / links.gpu_mem * 1e3
         if traffic.host_stream_bytes_per_chunk:
             pre["pcie"] = traffic.host_stream_bytes_per_chunk / links.h2d * 1e3
         overlapped = max(pre.values())
     else:
-        pre["cpu_compute"] = t * traffic.flops_per_token / (hw.cpu.fp32_flops * CPU_FLOPS_EFFICIENCY) * 1e3
+        flops = hw.cpu.fp32_flops * CPU_FLOPS_EFFICIENCY
+        pre["cpu_compute"] = t * traffic.flops_per_token / flops * 1e3
         pre["host_mem"] = traffic.host_bytes / links.host_mem * 1e3
         overlapped = max(pre.values())
         notes.append("no GPU: prefill is CPU compute bound")

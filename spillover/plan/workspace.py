@@ -1,8 +1,8 @@
 """Activation / workspace peak of one forward pass over the token budget.
 
-This is the one term a config cannot make exact (§4.4): it is an upper estimate of the tensors
-alive at once inside the widest layer, scaled by the tokens per step, plus the sampler's logits.
-The GPU benchmark (bench/plan_vs_measured.py) measures it.
+This is the one term a config cannot make exact (docs/planning.md, "2. The bill"): it is an upper
+estimate of the tensors alive at once inside the widest layer, scaled by the tokens per step, plus
+the sampler's logits. The GPU benchmark (bench/plan_vs_measured.py) measures it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def per_token_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
         ffn.append(3 * cfg.intermediate_size * a)
     if cfg.is_moe:
         k = cfg.num_experts_per_tok
-        routed = k * (h * a + 3 * cfg.moe_intermediate_size * a + h * FP32)  # gathered in, gate/up/act, out
+        # gathered in, gate/up/act, out
+        routed = k * (h * a + 3 * cfg.moe_intermediate_size * a + h * FP32)
         router = cfg.num_experts * FP32 * 2 + k * 12  # logits, softmax, top-k ids/weights
         shared = 3 * cfg.shared_expert_intermediate_size * a
         ffn.append(routed + router + shared)

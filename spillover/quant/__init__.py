@@ -1,4 +1,5 @@
-"""Weight formats (one class per format, each a `WeightFormat`), importers and model quantization."""
+"""Weight formats (one class per format, each a `WeightFormat`), importers and model
+quantization."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from spillover.quant.int8 import Int8Weight
 
 @runtime_checkable
 class WeightFormat(Protocol):
-    """A packed weight, dense [N, K] or a stack of experts [E, N, K]: it owns its bytes and its math.
+    """A packed weight, dense [N, K] or experts [E, N, K]: it owns its bytes and its math.
 
     Every class in FORMATS satisfies it (tests/unit/test_quant_protocol.py). Code outside
     spillover.quant sees a format through these members only, never through its tensors' names.
@@ -36,7 +37,8 @@ class WeightFormat(Protocol):
     def in_features(self) -> int: ...  # K
 
     @property
-    def nbytes(self) -> int: ...  # packed bytes, scales included (plan.formats.FormatSize predicts them)
+    # packed bytes, scales included (plan.formats.FormatSize predicts them)
+    def nbytes(self) -> int: ...
 
     @classmethod
     def pack(cls, weight: torch.Tensor, *args: Any, **kwargs: Any) -> WeightFormat: ...
@@ -70,7 +72,8 @@ class WeightFormat(Protocol):
         None where one scale covers several rows (then permute the dequantized weight)."""
         ...
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> WeightFormat: ...  # laid out there
+    # laid out there
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> WeightFormat: ...
 
     def take_experts(self, experts: Sequence[int]) -> WeightFormat:
         """The stacked weight of `experts`, in that order (a copy; same layout and device)."""
@@ -92,8 +95,8 @@ FORMATS: dict[str, type[WeightFormat]] = {
 }
 
 
-def pack_weight(weight: torch.Tensor, quant: str, group_size: int | None = None, symmetric: bool = True,
-                act_dtype: torch.dtype = torch.bfloat16) -> WeightFormat:
+def pack_weight(weight: torch.Tensor, quant: str, group_size: int | None = None,
+                symmetric: bool = True, act_dtype: torch.dtype = torch.bfloat16) -> WeightFormat:
     """Pack a float [N, K] / [E, N, K] weight into `quant` (bf16 | int4 | int8 | fp8_block)."""
     if quant == "int4":
         return Int4Weight.pack(weight, group_size or 128, symmetric, act_dtype=act_dtype)
@@ -123,14 +126,16 @@ def concat_experts(rows: Sequence[Sequence[WeightFormat]]) -> WeightFormat | Non
     return joined[0].concat(joined, 0) if len(joined) == len(per) else None
 
 
-__all__ = ["Bf16Weight", "Fp8BlockWeight", "GroupedIntWeight", "Int4Weight", "Int8Weight", "WeightFormat",
-           "QuantFormat", "FORMATS", "pack_weight", "format_from_tensors", "concat_experts"]
+__all__ = ["Bf16Weight", "Fp8BlockWeight", "GroupedIntWeight", "Int4Weight", "Int8Weight",
+           "WeightFormat", "QuantFormat", "FORMATS", "pack_weight", "format_from_tensors",
+           "concat_experts"]
 
 
-# ---- the `--quant` vocabulary, shared by every command and every `quant=` argument ----------------
+# ---- the `--quant` vocabulary, shared by every command and every `quant=` argument ---------------
 # Each choice names the format the weights end up in (docs/quantization.md):
-#   auto          the command decides: loading keeps what the checkpoint has (a float checkpoint stays
-#                 float, a pre-quantized one stays packed); `plan` picks the best quality that fits;
+#   auto          the command decides: loading keeps what the checkpoint has (a float checkpoint
+#                 stays float, a pre-quantized one stays packed); `plan` picks the best quality
+#                 that fits;
 #   bf16          no quantization: float weights, in the model dtype (--dtype);
 #   fp8 int8 int4 quantize every float weight matrix to that format;
 #   int4-experts  int4 routed experts, int8 everything else (MoE models);
@@ -141,7 +146,8 @@ LEGACY_QUANT: dict[str, str] = {"keep": "auto", "none": "bf16"}
 
 
 def normalize_quant(value: str | None) -> str:
-    """The QUANT_CHOICES spelling of `value` (None and legacy spellings mapped); ValueError otherwise."""
+    """The QUANT_CHOICES spelling of `value` (None and legacy spellings mapped);
+    ValueError otherwise."""
     if value is None:
         return "auto"
     name = value.strip().lower()

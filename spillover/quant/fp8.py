@@ -1,10 +1,11 @@
-"""FP8 e4m3 block format (Qwen's official FP8 checkpoints, compressed-tensors FP8), kept as FP8 bytes.
+"""FP8 e4m3 block format (Qwen's FP8 checkpoints, compressed-tensors FP8), kept as FP8 bytes.
 
-weight float8_e4m3fn [E?, N, K] and float32 block scales [E?, ceil(N/BN), ceil(K/BK)]: 128 x 128 blocks
-(Qwen, compressed-tensors FP8_BLOCK), or 1 x K (one scale per output row: compressed-tensors FP8_DYNAMIC);
-w = fp8 * scale (the checkpoint calls it `weight_scale_inv` but it multiplies).
-Decode on CUDA reads the FP8 bytes directly (`kernels/triton/fp8_gemv.py`: codes converted in registers, one scale per
-block); elsewhere, and for prefill, the needed weight is dequantized on the fly for a float matmul.
+weight float8_e4m3fn [E?, N, K] and float32 block scales [E?, ceil(N/BN), ceil(K/BK)]: 128 x 128
+blocks (Qwen, compressed-tensors FP8_BLOCK), or 1 x K (one scale per output row: compressed-tensors
+FP8_DYNAMIC); w = fp8 * scale (the checkpoint calls it `weight_scale_inv` but it multiplies).
+Decode on CUDA reads the FP8 bytes directly (`kernels/triton/fp8_gemv.py`: codes converted in
+registers, one scale per block); elsewhere, and for prefill, the needed weight is dequantized on
+the fly for a float matmul.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ FP8_MAX = 448.0
 class Fp8BlockWeight(WeightShape):
     name = "fp8_block"
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: int | tuple[int, int] = 128,
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
+                 block: int | tuple[int, int] = 128,
                  act_dtype: torch.dtype = torch.bfloat16) -> None:
         assert weight.dtype == torch.float8_e4m3fn
         self.block_n, self.block = fp8_block_shape(block)  # rows and columns (K) per scale
         n, k = weight.shape[-2:]
         blocks = (-(-n // self.block_n), -(-k // self.block))
         if tuple(scale.shape[-2:]) != blocks:
-            raise ValueError(f"FP8 scales {list(scale.shape)} do not match weight {list(weight.shape)} in blocks of "
-                             f"{self.block_n}x{self.block} ({list(blocks)} expected)")
+            raise ValueError(f"FP8 scales {list(scale.shape)} do not match weight "
+                             f"{list(weight.shape)} in blocks of {self.block_n}x{self.block} "
+                             f"({list(blocks)} expected)")
         self.weight, self.scale = weight, scale.float()
         self.stacked = weight.dim() == 3
         self.act_dtype = act_dtype
@@ -53,7 +56,8 @@ class Fp8BlockWeight(WeightShape):
         """Quantize a float [.., N, K] with one scale per block x block tile (absmax / 448).
 
         Works on bands of whole row blocks through one zero-padded float32 scratch, so temporaries
-        stay a few MB whatever the weight's size (same values as quantizing the padded tensor at once).
+        stay a few MB whatever the weight's size (same values as quantizing the padded
+        tensor at once).
         """
         n, k = weight.shape[-2:]
         lead = weight.shape[:-2]
@@ -82,7 +86,9 @@ class Fp8BlockWeight(WeightShape):
         return cls(q.reshape(*lead, n, k), scale.reshape(*lead, nrb, nkb), block, act_dtype)
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
-        w, s = (self.weight, self.scale) if expert is None else (self.weight[expert], self.scale[expert])
+        w, s = self.weight, self.scale
+        if expert is not None:
+            w, s = w[expert], s[expert]
         return dequant_fp8_block_ref(w, s, self.block_shape).to(self.act_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,14 +106,16 @@ class Fp8BlockWeight(WeightShape):
         return F.linear(x, self.dequantize(expert).to(x.dtype))
 
     def stacked_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight [E, N, K], scale [E, N/B, K/B]) with E = 1 for a dense weight: the kernels' layout."""
+        """(weight [E, N, K], scale [E, N/B, K/B]) with E = 1 for a dense weight: the
+        kernels' layout."""
         if self.stacked:
             return self.weight, self.scale
         return self.weight.unsqueeze(0), self.scale.unsqueeze(0)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Fp8BlockWeight:
         nb = non_blocking
-        return type(self)(self.weight.to(device, non_blocking=nb), self.scale.to(device, non_blocking=nb),
+        return type(self)(self.weight.to(device, non_blocking=nb),
+                          self.scale.to(device, non_blocking=nb),
                           self.block_shape, self.act_dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -123,7 +131,8 @@ class Fp8BlockWeight(WeightShape):
     def from_tensors(cls, parts: dict[str, torch.Tensor], meta: dict[str, Any],
                      act_dtype: torch.dtype = torch.bfloat16) -> Fp8BlockWeight:
         block = int(meta.get("block", 128))
-        return cls(parts["weight"], parts["scale"], (int(meta.get("block_n", block)), block), act_dtype)
+        return cls(parts["weight"], parts["scale"], (int(meta.get("block_n", block)), block),
+                   act_dtype)
 
     # ---- expert subsets (tiered banks: GPU slots, host rows, staging) ---------------------------
     def take_experts(self, experts: Sequence[int]) -> Fp8BlockWeight:
@@ -159,7 +168,8 @@ class Fp8BlockWeight(WeightShape):
                 return None
             if len(formats) == 1:
                 return first
-            w, s = (torch.cat(ts, -2) for ts in zip(*(f.stacked_views() for f in formats), strict=True))
+            w, s = (torch.cat(ts, -2)
+                    for ts in zip(*(f.stacked_views() for f in formats), strict=True))
             return type(first)(w if first.stacked else w[0], s if first.stacked else s[0],
                                first.block_shape, first.act_dtype)
         if dim != 0:

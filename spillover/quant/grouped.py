@@ -4,9 +4,10 @@ A weight is either dense [N, K] or a stack of experts [E, N, K]; both are stored
 expert axis (E = 1 for dense) so that every kernel sees one layout:
   qweight [E, N, K/2] uint8 (int4) | [E, N, K] int8, scales [E, N, K/G], mins [E, N, K/G] | None.
 On CUDA the same codes are held transposed as int32 words ("kn" layout, see `to_layout`), for int4
-experts that take the tensor-core GEMV in that kernel's load order ("tiled", `ref_quant.tile_words`).
-The matmul itself is chosen by `spillover.kernels.quant_dispatch.quant_matmul` (Triton on CUDA, torch's
-weight-only CPU ops for small batches on the CPU, otherwise the reference).
+experts that take the tensor-core GEMV in that kernel's load order ("tiled",
+`ref_quant.tile_words`). The matmul itself is chosen by
+`spillover.kernels.quant_dispatch.quant_matmul` (Triton on CUDA, torch's weight-only CPU ops for
+small batches on the CPU, otherwise the reference).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class GroupedIntWeight:
         if qweight.dim() == 2:
             qweight, scales = qweight.unsqueeze(0), scales.unsqueeze(0)
             mins = mins.unsqueeze(0) if mins is not None else None
-        assert qweight.dim() == 3 and scales.dim() == 3, "expected [E, N, K'] codes and [E, N, K/G] scales"
+        assert qweight.dim() == 3, "expected [E, N, K'] codes"
+        assert scales.dim() == 3, "expected [E, N, K/G] scales"
         assert stacked or qweight.shape[0] == 1
         self.qweight = qweight
         self.scales = scales
@@ -50,12 +52,15 @@ class GroupedIntWeight:
         assert layout in LAYOUTS, layout
         self.layout = layout
         self.num_experts = qweight.shape[0]
-        if layout != "nk":  # words [E, K/VALS, N] int32 (kn or tiled), scales [E, K/G, N]: the GPU layouts
+        # words [E, K/VALS, N] int32 (kn or tiled), scales [E, K/G, N]: the GPU layouts
+        if layout != "nk":
             self.out_features, self.in_features = qweight.shape[2], scales.shape[1] * group_size
-            assert qweight.dtype == torch.int32 and qweight.shape[1] * (32 // self.bits) == self.in_features
+            assert qweight.dtype == torch.int32
+            assert qweight.shape[1] * (32 // self.bits) == self.in_features
         else:
             self.out_features, self.in_features = qweight.shape[1], scales.shape[2] * group_size
-            assert qweight.shape[2] * (8 // self.bits) == self.in_features, "codes and scales disagree on K"
+            k = qweight.shape[2] * (8 // self.bits)
+            assert k == self.in_features, "codes and scales disagree on K"
         # NOTE: torch's CPU weight-only ops need their own opaque packing; built lazily per expert.
         self.cpu_cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -102,9 +107,10 @@ class GroupedIntWeight:
         ids = torch.full((x.shape[0],), expert, dtype=torch.int32, device=x.device)
         return self.forward_experts(x, ids)
 
-    # ---- storage ----------------------------------------------------------------------------------
+    # ---- storage ---------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The packed tensors, keyed by part name (what the store writes); dense drops the E axis."""
+        """The packed tensors, keyed by part name (what the store writes); dense
+        drops the E axis."""
         if self.layout != "nk":
             return self.to_layout("nk").tensors()
         sq = (lambda t: t) if self.stacked else (lambda t: t[0])
@@ -120,17 +126,20 @@ class GroupedIntWeight:
     @classmethod
     def from_tensors(cls, parts: dict[str, torch.Tensor], meta: dict[str, Any],
                      act_dtype: torch.dtype = torch.bfloat16) -> Self:
-        return cls(parts["qweight"], parts["scales"], parts.get("mins"), group_size=int(meta["group_size"]),
+        return cls(parts["qweight"], parts["scales"], parts.get("mins"),
+                   group_size=int(meta["group_size"]),
                    stacked=bool(meta["stacked"]), act_dtype=act_dtype)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Self:
-        """Move; on CUDA the codes are re-laid out "kn" or "tiled" (what the Triton kernels read, chosen by
-        `dispatch.gpu_layout`), on the CPU "nk". non_blocking: from pinned RAM, on the current stream."""
+        """Move; on CUDA the codes are re-laid out "kn" or "tiled" (what the Triton kernels read,
+        chosen by `dispatch.gpu_layout`), on the CPU "nk". non_blocking: from pinned RAM, on the
+        current stream."""
         from spillover.kernels.quant_dispatch import gpu_layout
 
         nb = non_blocking
         mins = self.mins.to(device, non_blocking=nb) if self.mins is not None else None
-        moved = type(self)(self.qweight.to(device, non_blocking=nb), self.scales.to(device, non_blocking=nb),
+        moved = type(self)(self.qweight.to(device, non_blocking=nb),
+                           self.scales.to(device, non_blocking=nb),
                            mins, group_size=self.group_size,
                            stacked=self.stacked, act_dtype=self.act_dtype, layout=self.layout)
         dev = torch.device(device)
@@ -140,12 +149,14 @@ class GroupedIntWeight:
     def _join_key(self) -> tuple[Any, ...]:
         """What parts must share to be joined into one weight: one kernel call reads them all."""
         mins = None if self.mins is None else self.mins.dtype
-        return type(self), self.group_size, self.qweight.dtype, self.scales.dtype, mins, self.act_dtype
+        return (type(self), self.group_size, self.qweight.dtype, self.scales.dtype, mins,
+                self.act_dtype)
 
     @classmethod
     def concat(cls, formats: Sequence[Any], dim: int) -> Self | None:
-        """Rows (dim 1) or experts (dim 0) joined (see `WeightFormat.concat`). Parts laid out for the
-        GPU ("kn", "tiled") go back to the storage layout first: `to` lays out the whole again."""
+        """Rows (dim 1) or experts (dim 0) joined (see `WeightFormat.concat`). Parts laid out
+        for the GPU ("kn", "tiled") go back to the storage layout first: `to` lays out the
+        whole again."""
         if dim not in (0, 1):
             raise ValueError(f"concat along rows (1) or experts (0), not {dim}")
         if any(type(f) is not cls for f in formats):
@@ -163,7 +174,8 @@ class GroupedIntWeight:
         mins = None
         if first.mins is not None:
             mins = torch.cat([f.mins for f in parts if f.mins is not None], dim)
-        return cls(torch.cat([f.qweight for f in parts], dim), torch.cat([f.scales for f in parts], dim), mins,
+        return cls(torch.cat([f.qweight for f in parts], dim),
+                   torch.cat([f.scales for f in parts], dim), mins,
                    group_size=first.group_size, stacked=stacked, act_dtype=first.act_dtype)
 
     @classmethod
@@ -191,12 +203,14 @@ class GroupedIntWeight:
 
     @property
     def kn_ok(self) -> bool:
-        """Whether rows pack into whole int32 words (K a multiple of 8 codes for int4, 4 for int8)."""
+        """Whether rows pack into whole int32 words (K a multiple of 8 codes for int4,
+        4 for int8)."""
         return self.in_features % (32 // self.bits) == 0
 
     def to_layout(self, layout: str) -> Self:
-        """The same weight with codes [E, N, K'] ("nk", storage and CPU), words [E, K/VALS, N] ("kn"), or
-        those words in the tensor-core GEMV's load order ("tiled"; scales and mins as in "kn").
+        """The same weight with codes [E, N, K'] ("nk", storage and CPU), words
+        [E, K/VALS, N] ("kn"), or those words in the tensor-core GEMV's load order ("tiled";
+        scales and mins as in "kn").
 
         "kn" puts output channels on the fast axis: GPU threads then run along N, so a warp's loads
         coalesce and each thread accumulates its own outputs over K (kernels/triton/quant_gemv.py).
@@ -204,7 +218,8 @@ class GroupedIntWeight:
         if layout == self.layout:
             return self
         if self.layout == "tiled":  # kn and tiled share the scales' layout
-            return self._relaid(untile_words(self.qweight), self.scales, self.mins, "kn").to_layout(layout)
+            as_kn = self._relaid(untile_words(self.qweight), self.scales, self.mins, "kn")
+            return as_kn.to_layout(layout)
         if layout == "tiled" and self.layout == "kn":
             return self._relaid(tile_words(self.qweight), self.scales, self.mins, layout)
         mins = swap_nk(self.mins) if self.mins is not None else None  # between nk and kn / tiled
@@ -249,7 +264,8 @@ class GroupedIntWeight:
     def put_experts_(self, slots: Sequence[int], src: Any) -> None:
         """Overwrite experts `slots` with `src`'s experts in order (same layout and device)."""
         idx = torch.as_tensor(list(slots), dtype=torch.int64, device=self.qweight.device)
-        for dst, part in zip((self.qweight, self.scales, self.mins), (src.qweight, src.scales, src.mins), strict=True):
+        for dst, part in zip((self.qweight, self.scales, self.mins),
+                             (src.qweight, src.scales, src.mins), strict=True):
             if dst is not None and part is not None:
                 dst[idx] = part
 

@@ -1,4 +1,5 @@
-"""int4 weight-only format: group 128 (default) or 32, symmetric or asymmetric (float min per group)."""
+"""int4 weight-only format: group 128 (default) or 32, symmetric or asymmetric (float
+min per group)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class Int4Weight(GroupedIntWeight):
         scale_dtype: torch.dtype = torch.float16,
         act_dtype: torch.dtype = torch.bfloat16,
     ) -> Int4Weight:
-        """RTN-quantize a dense [N, K] or stacked [E, N, K] float weight, a few MB of rows at a time."""
+        """RTN-quantize a dense [N, K] or stacked [E, N, K] float weight, a few MB of
+        rows at a time."""
         stacked = weight.dim() == 3
         parts = RowPacker(4, group_size, symmetric, scale_dtype).pack(weight)
         lead = weight.shape[:-1] if stacked else (-1,)

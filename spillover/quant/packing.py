@@ -1,9 +1,10 @@
 """Bit packing and round-to-nearest (RTN) quantizers shared by the integer formats.
 
-Canonical int4 layout (quantization.md §0/§7): unsigned codes q in [0, 15], two per byte along K,
-low nibble = even k. Dequantization is `(q - 8) * scale` (symmetric) or `q * scale + min`
-(asymmetric, float "min" per group); int8 codes are signed and use `q * scale (+ min)`.
-Groups run along K (the input dimension); per-channel means one group of size K.
+Canonical int4 layout (docs/quantization.md, "2. Layouts"): unsigned codes q in [0, 15],
+two per byte along K, low nibble = even k. Dequantization is `(q - 8) * scale`
+(symmetric) or `q * scale + min` (asymmetric, float "min" per group); int8 codes are
+signed and use `q * scale (+ min)`. Groups run along K (the input dimension); per-channel
+means one group of size K.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def rtn_int4(
     mins = lo.to(scale_dtype).float()
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round((g - mins) / safe), 0, 15)
-    return q.to(torch.uint8).flatten(-2), scale.squeeze(-1).to(scale_dtype), mins.squeeze(-1).to(scale_dtype)
+    codes = q.to(torch.uint8).flatten(-2)
+    return codes, scale.squeeze(-1).to(scale_dtype), mins.squeeze(-1).to(scale_dtype)
 
 
 def rtn_int8(
@@ -73,25 +75,28 @@ def rtn_int8(
 
 
 # ---- chunked packing ----------------------------------------------------------------------------
-# Whole-tensor RTN allocates several float32 copies of the tensor (7x its bf16 size at peak) and each
-# fresh multi-MB allocation costs page faults. Rows are independent (groups run along K), so packing
-# a few MB of rows at a time through reused scratch gives the same codes with bounded temporaries,
-# and the in-place ops on cache-sized chunks run several times faster.
+# Whole-tensor RTN allocates several float32 copies of the tensor at once, and each fresh multi-MB
+# allocation costs page faults. Rows are independent (groups run along K), so packing a few MB of
+# rows at a time through reused scratch gives the same codes with bounded temporaries, and the
+# in-place ops on cache-sized chunks run faster (`python bench/convert_rss.py --gb 3`;
+# docs/kernel_notes.md, "Converter speed and peak RSS").
 
-CHUNK_ELEMS = 1 << 20  # float32 elements per chunk (4 MB): fewer per-op dispatches beat L2 residency here
-# Adding 1.5 * 2**23 to a float32 |y| < 2**22 rounds it to an integer exactly as round() does (half to
-# even), and that integer then sits in the low bits of the float's bit pattern: one add replaces
-# round + offset, and the codes come out by truncating int32 bits instead of a slow float->uint8 cast.
+# float32 elements per chunk (4 MB): fewer per-op dispatches beat L2 residency here
+CHUNK_ELEMS = 1 << 20
+# Adding 1.5 * 2**23 to a float32 |y| < 2**22 rounds it to an integer exactly as round() does
+# (half to even), and that integer then sits in the low bits of the float's bit pattern: one add
+# replaces round + offset, and the codes come out by truncating int32 bits instead of a slow
+# float->uint8 cast.
 _MAGIC = 12582912.0
 _LITTLE_ENDIAN = sys.byteorder == "little"  # the int16/int32 views below read low bytes first
 
 
 class RowPacker:
-    """RTN int4 / int8 over chunks of rows, bit-identical to `rtn_int4` / `rtn_int8` (+ `pack_int4`).
+    """RTN int4 / int8 over chunks of rows, bit-identical to `rtn_int4` + `pack_int4` / `rtn_int8`.
 
-    Parts per row block of a [R, K] weight: int4 `qweight` uint8 [R, K/2]; int8 `qweight` int8 [R, K];
-    `scales` [R, K/G] in `scale_dtype`; int4 asymmetric also `mins`. Holds reusable scratch, so use
-    one instance per thread.
+    Parts per row block of a [R, K] weight: int4 `qweight` uint8 [R, K/2]; int8 `qweight` int8
+    [R, K]; `scales` [R, K/G] in `scale_dtype`; int4 asymmetric also `mins`. Holds reusable scratch,
+    so use one instance per thread.
     """
 
     def __init__(self, bits: int, group_size: int, symmetric: bool = True,
@@ -113,7 +118,8 @@ class RowPacker:
     def rows_per_chunk(self, k: int) -> int:
         return max(1, self.chunk_elems // max(1, k))
 
-    def _buf(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _buf(self, name: str, shape: tuple[int, int], dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
         n = shape[0] * shape[1]
         b = self._bufs.get(name)
         if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
@@ -121,7 +127,8 @@ class RowPacker:
         return b[:n].view(shape)
 
     def scratch(self, rows: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A float32 [rows, k] buffer reused across chunks (and tensors) to avoid fresh allocations."""
+        """A float32 [rows, k] buffer reused across chunks (and tensors) to avoid fresh
+        allocations."""
         return self._buf("x", (rows, k), torch.float32, torch.device(device))
 
     def pack(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,7 +136,8 @@ class RowPacker:
         k = weight.shape[-1]
         w2 = weight.detach().reshape(-1, k)
         rows = w2.shape[0]
-        out = {n: torch.empty(rows, c, dtype=dt, device=w2.device) for n, (dt, c) in self.part_dtypes(k).items()}
+        out = {n: torch.empty(rows, c, dtype=dt, device=w2.device)
+               for n, (dt, c) in self.part_dtypes(k).items()}
         step = self.rows_per_chunk(k)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
@@ -143,12 +151,13 @@ class RowPacker:
         if k % self.group_size != 0:
             raise ValueError(f"in_features {k} is not a multiple of group size {self.group_size}")
         g = x.view(r, k // self.group_size, self.group_size)
-        # NOTE: a chunk is only ~20 ops on the whole data, but each small op costs a few microseconds
-        # of dispatch; the scale math below is written with as few of them as exactness allows.
+        # NOTE: a chunk is only ~20 ops on the whole data, but each small op pays a fixed dispatch
+        # cost; the scale math below is written with as few of them as exactness allows.
         hi, lo = g.amax(dim=-1, keepdim=True), g.amin(dim=-1, keepdim=True)
         mins = None
         if self.bits == 8:
-            # max |x| without an abs() pass; `+ 0.0` turns an all-zero group's -0.0 into abs()'s +0.0.
+            # max |x| without an abs() pass; `+ 0.0` turns an all-zero group's -0.0
+            # into abs()'s +0.0.
             scale = torch.maximum(hi, lo.neg_()).add_(0.0).mul_(1.0 / 127.0).to(self.scale_dtype)
         elif self.symmetric:
             scale = _signed_extreme(g, hi, lo).mul_(-1.0 / 8.0).to(self.scale_dtype)
@@ -156,8 +165,11 @@ class RowPacker:
             scale = (hi - lo).mul_(1.0 / 15.0).to(self.scale_dtype)
             mins = lo.to(self.scale_dtype)
         # Non-finite scales (NaN/inf weights, float16 overflow) make a sum that is not finite; those
-        # chunks take the reference path (x is untouched so far): casts of NaN are not ours to reorder.
-        check = scale.sum(dtype=torch.float32) + (0 if mins is None else mins.sum(dtype=torch.float32))
+        # chunks take the reference path (x is untouched so far): casts of NaN are not ours to
+        # reorder.
+        check = scale.sum(dtype=torch.float32)
+        if mins is not None:
+            check = check + mins.sum(dtype=torch.float32)
         if not (math.isfinite(float(check)) and _LITTLE_ENDIAN):
             self._reference_into(x, out)
             return
@@ -168,7 +180,8 @@ class RowPacker:
         bits = x.view(torch.int32)
         if self.bits == 8:
             g.div_(safe).clamp_(-127, 127).add_(_MAGIC)
-            out["qweight"].copy_(bits)  # int32 -> int8 keeps the low byte: the two's-complement code
+            # int32 -> int8 keeps the low byte: the two's-complement code
+            out["qweight"].copy_(bits)
         else:
             if mins is not None:
                 g.sub_(mins).div_(safe).clamp_(0, 15).add_(_MAGIC)
@@ -198,7 +211,7 @@ def _signed_extreme(g: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torc
     """Per group, the value of the first element of largest magnitude (what abs().argmax() picks).
 
     The sign of hi + lo says which of max/min is larger in magnitude (a float sum is 0 only when
-    exact); only groups where +m and -m both occur (~1 % in bf16) pay for argmax, ~20x slower than
+    exact); only groups where +m and -m both occur (rare) pay for argmax, which is much slower than
     amax on the CPU. NaN/inf groups may come out wrong here: their scale is not finite, so the
     caller takes the reference path for them.
     """

@@ -39,7 +39,8 @@ from spillover.server.serving_completions import create_completion
 log = logging.getLogger("spillover.server")
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
-# Returns a started-ready engine (Engine API: add_request/abort/step/has_unfinished/stats/tokenizer).
+# Returns a started-ready engine (Engine API:
+# add_request/abort/step/has_unfinished/stats/tokenizer).
 EngineLoader = Callable[[], Any]
 
 
@@ -62,7 +63,8 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         if loader is not None:
-            # Load in the background so /health can say 503 "loading" instead of refusing connections.
+            # Load in the background so /health can say 503 "loading" instead of
+            # refusing connections.
             def load() -> None:
                 try:
                     engine = loader()
@@ -75,7 +77,8 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
         if state.bridge is not None:
             state.bridge.stop()
 
-    app = FastAPI(title="spillover", version=spillover_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="spillover", version=spillover_version(), lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.spillover = state
 
     @app.exception_handler(APIError)
@@ -94,12 +97,14 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), type_).body(), status_code=exc.status_code)
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), type_).body(),
+                            status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
-        return JSONResponse(APIError(500, f"internal server error: {type(exc).__name__}", "server_error").body(),
+        return JSONResponse(APIError(500, f"internal server error: {type(exc).__name__}",
+                                     "server_error").body(),
                             status_code=500)
 
     def auth(request: Request) -> None:
@@ -108,7 +113,8 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
+            raise APIError(401, "Incorrect API key provided.", "authentication_error",
+                           code="invalid_api_key")
 
     def need_ready() -> None:
         if not state.ready:
@@ -128,7 +134,8 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}"[:300], code="invalid_json") from None
+            raise APIError(400, f"the body is not valid JSON: {e}"[:300],
+                           code="invalid_json") from None
 
     def header_id(request: Request) -> str:
         return request.headers.get("x-request-id") or new_id("req")
@@ -148,7 +155,8 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
     async def metrics() -> Response:
         if state.metrics is None:
             return Response(b"", media_type="text/plain; version=0.0.4")
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(state.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "spillover",
@@ -189,11 +197,13 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
         need_ready()
         state.check_model(req.model)
         if req.messages is not None:
-            text = render_messages(state.tokenizer, req.messages, None, req.chat_template_kwargs or {},
+            text = render_messages(state.tokenizer, req.messages, None,
+                                   req.chat_template_kwargs or {},
                                    add_generation_prompt=req.add_generation_prompt)
             ids = list(state.tokenizer(text, add_special_tokens=False).input_ids)
         else:
-            ids = list(state.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+            ids = list(state.tokenizer(req.prompt,
+                                       add_special_tokens=req.add_special_tokens).input_ids)
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                 "token_strs": [state.token_str(t) for t in ids]}
 

@@ -48,7 +48,8 @@ class EngineBridge:
         self._streams: dict[str, Stream] = {}
         self._stop = threading.Event()
         self._on_step = on_step
-        self.stats: Any = engine.stats()  # latest snapshot, replaced (never mutated) by the engine thread
+        # latest snapshot, replaced (never mutated) by the engine thread
+        self.stats: Any = engine.stats()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="spillover-engine", daemon=True)
 
@@ -64,14 +65,16 @@ class EngineBridge:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    # ---- event-loop side ---------------------------------------------------------------------------
+    # ---- event-loop side -------------------------------------------------------------------------
     async def submit(self, request_id: str, prompt_ids: list[int], params: Any,
                      events: asyncio.Queue[Any] | None = None) -> Stream:
-        """Adds a request; engine errors (ValueError, QueueFullError) are raised here, in the caller.
-        Several requests may share one `events` queue (completions with a list of prompts)."""
+        """Adds a request; engine errors (ValueError, QueueFullError) are raised here, in
+        the caller. Several requests may share one `events` queue (completions with a list
+        of prompts)."""
         if not self.alive:
             raise EngineDead("the engine is not running")
-        stream = Stream(request_id, params.n) if events is None else Stream(request_id, params.n, events)
+        stream = (Stream(request_id, params.n) if events is None
+                  else Stream(request_id, params.n, events))
         self._streams[request_id] = stream
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._commands.put(("add", (request_id, prompt_ids, params, fut)))
@@ -106,7 +109,7 @@ class EngineBridge:
             s.events.put_nowait(exc)
         self._streams.clear()
 
-    # ---- engine-thread side ------------------------------------------------------------------------
+    # ---- engine-thread side ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():

@@ -19,7 +19,8 @@ TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 _HERMES_SYSTEM = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n"
+    "<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
     "<tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
@@ -44,7 +45,8 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage], tools: list[Too
         if reasoning is not None:
             msg["reasoning_content"] = reasoning
         if m.tool_calls:
-            calls = [{"name": c.function.name, "arguments": _as_obj(c.function.arguments)} for c in m.tool_calls]
+            calls = [{"name": c.function.name, "arguments": _as_obj(c.function.arguments)}
+                     for c in m.tool_calls]
             if native_tools:
                 msg["tool_calls"] = [{"type": "function", "id": c.id, "function": f}
                                      for c, f in zip(m.tool_calls, calls, strict=True)]
@@ -55,7 +57,8 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage], tools: list[Too
             if native_tools:
                 msg["tool_call_id"] = m.tool_call_id
             else:
-                msg = {"role": "user", "content": f"<tool_response>\n{msg['content']}\n</tool_response>"}
+                msg = {"role": "user",
+                       "content": f"<tool_response>\n{msg['content']}\n</tool_response>"}
         out.append(msg)
     if tool_dicts and not native_tools:
         block = _HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in tool_dicts))
@@ -67,7 +70,8 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage], tools: list[Too
     if tool_dicts and native_tools:
         kw["tools"] = tool_dicts
     try:
-        text = tokenizer.apply_chat_template(out, add_generation_prompt=add_generation_prompt, tokenize=False, **kw)
+        text = tokenizer.apply_chat_template(out, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False, **kw)
     except Exception as e:  # jinja errors (e.g. roles the template forbids) are the client's input
         raise APIError(400, f"chat template error: {e}"[:500], code="invalid_messages") from None
     return str(text)
@@ -84,7 +88,8 @@ def _as_obj(arguments: str | dict[str, Any]) -> Any:
 
 
 def prompt_opens_thinking(prompt_text: str) -> bool:
-    """Qwen3.5-style templates end the prompt with an open `<think>`: the output starts inside it."""
+    """Qwen3.5-style templates end the prompt with an open `<think>`: the output
+    starts inside it."""
     tail = prompt_text[-200:]
     return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
 
@@ -130,11 +135,13 @@ def _partial_tag_len(text: str, tags: tuple[str, ...]) -> int:
 class OutputParser:
     """Splits model output into reasoning, content and hermes tool calls, incrementally."""
 
-    def __init__(self, parse_tools: bool, parse_reasoning: bool, starts_in_reasoning: bool = False) -> None:
+    def __init__(self, parse_tools: bool, parse_reasoning: bool,
+                 starts_in_reasoning: bool = False) -> None:
         self.parse_tools = parse_tools
         self.parse_reasoning = parse_reasoning
         self.in_reasoning = parse_reasoning and starts_in_reasoning
-        self._at_start = parse_reasoning and not starts_in_reasoning  # may still see a leading <think>
+        # may still see a leading <think>
+        self._at_start = parse_reasoning and not starts_in_reasoning
         self._buf = ""
         self.calls: list[CallState] = []
         self._in_call = False
@@ -160,14 +167,16 @@ class OutputParser:
         if self._at_start:
             stripped = buf.lstrip()
             if stripped.startswith(THINK_OPEN):
-                self._buf, self._at_start, self.in_reasoning = stripped[len(THINK_OPEN):], False, True
+                self._buf = stripped[len(THINK_OPEN):]
+                self._at_start, self.in_reasoning = False, True
                 return True
             if THINK_OPEN.startswith(stripped) and not final:
                 return False
             self._at_start = False
         if self._in_call:
             return self._step_call(d, final)
-        ends = ((THINK_CLOSE,) if self.in_reasoning else ()) + ((TOOL_OPEN,) if self.parse_tools else ())
+        ends = (((THINK_CLOSE,) if self.in_reasoning else ())
+                + ((TOOL_OPEN,) if self.parse_tools else ()))
         hits = [(buf.find(t), t) for t in ends if t in buf]
         if hits:
             pos, tag = min(hits)
@@ -195,7 +204,8 @@ class OutputParser:
         if self._strip_lead:
             text = text.lstrip()
             self._strip_lead = not text
-        if text and not (self.calls and not text.strip()):  # whitespace between calls is not content
+        # whitespace between calls is not content
+        if text and not (self.calls and not text.strip()):
             d.content += text
 
     def _step_call(self, d: Delta, final: bool) -> bool:
@@ -278,8 +288,11 @@ class OutputParser:
             if not c.closed or c.name is None:
                 continue
             try:
-                args = json.dumps(json.loads(c.args_sent), ensure_ascii=False) if c.args_sent else "{}"
+                args = "{}"
+                if c.args_sent:
+                    args = json.dumps(json.loads(c.args_sent), ensure_ascii=False)
             except json.JSONDecodeError:
                 args = c.args_sent
-            out.append({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+            out.append({"id": c.id, "type": "function",
+                        "function": {"name": c.name, "arguments": args}})
         return out

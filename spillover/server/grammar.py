@@ -31,7 +31,8 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         self.eos = eos_token_ids[0] if eos_token_ids else int(tokenizer.eos_token_id)
-        # Building the token trie costs ~0.5 s: once per server, lazily (most requests never need it).
+        # Building the token trie walks the whole vocabulary: once per server, lazily (most requests
+        # never need it).
         self._hf_tokenizer = tokenizer
         self._lltok: Any = None
         self._lock = threading.Lock()
@@ -40,7 +41,8 @@ class GrammarCompiler:
     def lltok(self) -> Any:
         with self._lock:
             if self._lltok is None:
-                self._lltok = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
+                self._lltok = llguidance.hf.from_tokenizer(self._hf_tokenizer,
+                                                           n_vocab=self.vocab_size,
                                                            eos_token=self.eos)
             return self._lltok
 
@@ -48,13 +50,16 @@ class GrammarCompiler:
         if rf.type == "text":
             return None
         if rf.type == "json_object":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                {"type": "object"}, overrides=_JSON_OPTIONS)
             return self._checked(grammar, "response_format")
         assert rf.json_schema is not None and rf.json_schema.schema_ is not None
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(rf.json_schema.schema_, overrides=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                rf.json_schema.schema_, overrides=_JSON_OPTIONS)
         except ValueError as e:
-            raise APIError(400, f"invalid JSON schema: {e}"[:500], param="response_format.json_schema.schema",
+            raise APIError(400, f"invalid JSON schema: {e}"[:500],
+                           param="response_format.json_schema.schema",
                            code="invalid_schema") from None
         return self._checked(grammar, "response_format.json_schema.schema")
 
@@ -71,7 +76,8 @@ class GrammarCompiler:
         schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
         schema = {**schema, "x-guidance": _JSON_OPTIONS}
         nl = json.dumps("\n")
-        call = f"{json.dumps(TOOL_OPEN + chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + TOOL_CLOSE)}"
+        call = (f"{json.dumps(TOOL_OPEN + chr(10))} %json {json.dumps(schema)} "
+                f"{json.dumps(chr(10) + TOOL_CLOSE)}")
         more = f" ({nl} call)*" if parallel else ""
         lark = f"start: call{more}\ncall: {call}\n"
         return self._checked(llguidance.LLMatcher.grammar_from_lark(lark), "tools")
@@ -79,7 +85,8 @@ class GrammarCompiler:
     def _checked(self, grammar: str, param: str) -> str:
         err = llguidance.LLMatcher.validate_grammar(grammar, self.lltok)
         if err and not err.startswith("WARNING"):
-            raise APIError(400, f"cannot enforce {param}: {err}"[:500], param=param, code="invalid_schema")
+            raise APIError(400, f"cannot enforce {param}: {err}"[:500], param=param,
+                           code="invalid_schema")
         return grammar
 
     def processor(self, grammar: str) -> LogitsProcessor:
@@ -133,7 +140,8 @@ class GrammarProcessor:
                 allowed = _unpack_bits(bits)[: self._vocab]
         n = min(logits.shape[-1], allowed.numel())
         out = logits.clone()
-        out[:n] = torch.where(allowed[:n], logits[:n], torch.tensor(float("-inf"), dtype=logits.dtype))
+        out[:n] = torch.where(allowed[:n], logits[:n],
+                              torch.tensor(float("-inf"), dtype=logits.dtype))
         out[n:] = float("-inf")
         return out
 

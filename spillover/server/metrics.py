@@ -17,8 +17,8 @@ from prometheus_client.registry import Collector
 
 P = "spillover:"
 # Include the common SLO thresholds (0.1, 0.5, 1, 2 s ...) so dashboards can read them directly.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
@@ -50,12 +50,14 @@ class _EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "KV-cache usage, 0 to 1.", s.kv_usage)
         yield gauge("kv_cache_blocks_total", "KV-cache blocks in the pool.", s.kv_blocks_total)
-        yield gauge("kv_cache_blocks_free", "KV-cache blocks not held by any request.", s.kv_blocks_free)
+        yield gauge("kv_cache_blocks_free", "KV-cache blocks not held by any request.",
+                    s.kv_blocks_free)
         yield gauge("state_slots_total", "Recurrent-state slots in the pool.", s.state_slots_total)
         yield gauge("state_slots_free", "Recurrent-state slots free.", s.state_slots_free)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s.prefix_queries_tokens)
-        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.prefix_hit_tokens)
+        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                      s.prefix_hit_tokens)
         yield counter("num_preemptions", "Preemptions.", s.num_preemptions)
         yield counter("prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
         yield counter("generation_tokens", "Generated tokens.", s.generation_tokens_total)
@@ -71,7 +73,8 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, **kw).labels(model_name)
         self.itl = Histogram(P + "inter_token_latency_seconds", "Inter-token latency.",
                              buckets=ITL_BUCKETS, **kw).labels(model_name)
-        self.tpot = Histogram(P + "request_time_per_output_token_seconds", "Time per output token, per request.",
+        self.tpot = Histogram(P + "request_time_per_output_token_seconds",
+                              "Time per output token, per request.",
                               buckets=ITL_BUCKETS, **kw).labels(model_name)
         self.e2e = Histogram(P + "e2e_request_latency_seconds", "End-to-end request latency.",
                              buckets=E2E_BUCKETS, **kw).labels(model_name)
@@ -80,7 +83,8 @@ class ServerMetrics:
         self.req_gen = Histogram(P + "request_generation_tokens", "Generated tokens per request.",
                                  buckets=TOKEN_BUCKETS, **kw).labels(model_name)
         self._success = Counter(P + "request_success", "Finished requests by finish reason.",
-                                labelnames=["model_name", "finished_reason"], registry=self.registry)
+                                labelnames=["model_name", "finished_reason"],
+                                registry=self.registry)
         self.disconnected = Counter(P + "http_requests_client_disconnected",
                                     "Requests the client abandoned.", **kw).labels(model_name)
 

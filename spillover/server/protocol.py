@@ -32,11 +32,13 @@ class APIError(Exception):
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.type = status, message, type_
+        self.param, self.code = param, code
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
 
 
 class _Strict(BaseModel):
@@ -53,7 +55,8 @@ class ContentPart(_Strict):
     @model_validator(mode="after")
     def _text_only(self) -> ContentPart:
         if self.type not in ("text", "input_text"):
-            raise ValueError(f"content part type {self.type!r} is not supported: this model takes text only")
+            raise ValueError(f"content part type {self.type!r} is not supported: this "
+                             "model takes text only")
         if self.text is None:
             raise ValueError("a text content part needs `text`")
         return self
@@ -124,7 +127,8 @@ class ResponseFormat(_Strict):
 
     @model_validator(mode="after")
     def _schema_present(self) -> ResponseFormat:
-        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+        missing = self.json_schema is None or self.json_schema.schema_ is None
+        if self.type == "json_schema" and missing:
             raise ValueError("response_format type json_schema needs json_schema.schema")
         return self
 
@@ -134,7 +138,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-# ---- shared sampling fields ------------------------------------------------------------------------
+# ---- shared sampling fields ----------------------------------------------------------------------
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -205,7 +209,9 @@ class ChatCompletionRequest(_SamplingRequest):
         return self
 
     def limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
 
 class CompletionRequest(_SamplingRequest):
@@ -260,7 +266,8 @@ def check_fields(body: dict[str, Any], model: type[BaseModel]) -> None:
     """400 for fields we know but cannot honour, and for fields no OpenAI server knows."""
     for key in body:
         if key in UNSUPPORTED_FIELDS:
-            raise APIError(400, f"`{key}`: {UNSUPPORTED_FIELDS[key]}", param=key, code="unsupported_parameter")
+            raise APIError(400, f"`{key}`: {UNSUPPORTED_FIELDS[key]}", param=key,
+                           code="unsupported_parameter")
         if key not in model.model_fields and key not in IGNORED_FIELDS:
             raise APIError(400, f"unknown parameter `{key}`", param=key, code="unknown_parameter")
 
@@ -274,7 +281,8 @@ def parse(body: Any, model: type[BaseModel]) -> Any:
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(x) for x in err.get("loc", ()) if not str(x).startswith("function-after"))
+        param = ".".join(str(x) for x in err.get("loc", ())
+                         if not str(x).startswith("function-after"))
         msg = str(err.get("msg", "invalid value"))
         # Keep messages short: echoing the offending input can make error bodies huge.
         raise APIError(400, f"{param or 'body'}: {msg}"[:500], param=param or None,

@@ -67,25 +67,30 @@ def _decode_one(tokenizer: Any, token_id: int) -> str:
 
 
 def new_id(prefix: str) -> str:
-    # A client-chosen X-Request-Id is echoed back but never used as the engine key (it could collide).
+    # A client-chosen X-Request-Id is echoed back but never used as the engine key (it
+    # could collide).
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params(state: ServerState, req: _SamplingRequest, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None, processors: list[Any] | None = None) -> SamplingParams:
+def sampling_params(state: ServerState, req: _SamplingRequest, max_tokens: int,
+                    logprobs: int | None, prompt_logprobs: int | None = None,
+                    processors: list[Any] | None = None) -> SamplingParams:
     bias: dict[int, float] = {}
     for k, v in (req.logit_bias or {}).items():
         try:
             tid = int(k)
         except ValueError:
-            raise APIError(400, f"logit_bias key {k!r} is not a token id", param="logit_bias") from None
+            raise APIError(400, f"logit_bias key {k!r} is not a token id",
+                           param="logit_bias") from None
         if not 0 <= tid < state.vocab_size:
-            raise APIError(400, f"logit_bias token id {tid} is outside the vocabulary (0..{state.vocab_size - 1})",
+            raise APIError(400, f"logit_bias token id {tid} is outside the vocabulary "
+                                f"(0..{state.vocab_size - 1})",
                            param="logit_bias")
         bias[tid] = v
     for t in req.stop_token_ids or []:
         if not 0 <= t < state.vocab_size:
-            raise APIError(400, f"stop_token_ids: {t} is outside the vocabulary", param="stop_token_ids")
+            raise APIError(400, f"stop_token_ids: {t} is outside the vocabulary",
+                           param="stop_token_ids")
     if req.min_tokens > max_tokens:
         raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
     try:
@@ -95,19 +100,24 @@ def sampling_params(state: ServerState, req: _SamplingRequest, max_tokens: int, 
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
             logit_bias=bias, seed=req.seed, n=req.n, stop=req.stop_list(),
-            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logits_processors=list(processors or []))
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            logits_processors=list(processors or []))
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
 
-def resolve_max_tokens(state: ServerState, prompt_len: int, requested: int | None, param: str) -> int:
+def resolve_max_tokens(state: ServerState, prompt_len: int, requested: int | None,
+                       param: str) -> int:
     limit = state.max_model_len
     if prompt_len >= limit or (requested is not None and prompt_len + requested > limit):
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                       f"{requested or 0} output tokens and your prompt contains {prompt_len} input tokens, "
-                       f"for a total of {prompt_len + (requested or 0)} tokens.",
-                       param=param if prompt_len < limit else "messages", code="context_length_exceeded")
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. "
+                            "However, you requested "
+                       f"{requested or 0} output tokens and your prompt contains {prompt_len} "
+                       f"input tokens, for a total of {prompt_len + (requested or 0)} tokens.",
+                       param=param if prompt_len < limit else "messages",
+                       code="context_length_exceeded")
     return requested if requested is not None else limit - prompt_len
 
 
@@ -161,7 +171,8 @@ class Run:
             if isinstance(ev, BaseException):
                 raise ev
             sub = self.by_id[ev.request_id]
-            self.cached[ev.request_id] = max(self.cached.get(ev.request_id, 0), ev.num_cached_tokens)
+            self.cached[ev.request_id] = max(self.cached.get(ev.request_id, 0),
+                                             ev.num_cached_tokens)
             self.timer.tokens_arrived(time.monotonic(), len(ev.new_token_ids))
             if ev.finished:
                 self.finished += 1
@@ -196,7 +207,8 @@ class Run:
 
 
 async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Runs `work` unless the client goes away first; then `work` is cancelled (its finally aborts)."""
+    """Runs `work` unless the client goes away first; then `work` is cancelled (its
+    finally aborts)."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -247,7 +259,8 @@ async def sse_stream(run: Run, body: Callable[[], AsyncIterator[str]]) -> AsyncI
     except APIError as e:
         yield sse(e.body())
     except EngineDead as e:
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        yield sse({"error": {"message": str(e), "type": "server_error", "param": None,
+                             "code": None}})
     finally:
         run.close()
     yield "data: [DONE]\n\n"

@@ -43,7 +43,8 @@ def _logprob_entries(state: ServerState, ev: Any, k: int) -> list[dict[str, Any]
     for tok, lp in zip(ev.new_token_ids, ev.logprobs or [], strict=False):
         s = state.token_str(tok)
         out.append({"token": s, "logprob": chosen_logprob(lp, tok), "bytes": list(s.encode()),
-                    "top_logprobs": [{"token": (t := state.token_str(i)), "logprob": v, "bytes": list(t.encode())}
+                    "top_logprobs": [{"token": (t := state.token_str(i)), "logprob": v,
+                                      "bytes": list(t.encode())}
                                      for i, v in top_entries(state, lp, k)]})
     return out
 
@@ -56,14 +57,16 @@ def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, bool, 
     if req.reasoning_effort == "none":
         kwargs.setdefault("enable_thinking", False)
     parse_tools = bool(req.tools) and req.tool_choice != "none"
-    prompt_text = render_messages(state.tokenizer, req.messages, req.tools if parse_tools else None, kwargs)
+    prompt_text = render_messages(state.tokenizer, req.messages, req.tools if parse_tools else None,
+                                  kwargs)
     prompt_ids = list(state.tokenizer(prompt_text, add_special_tokens=False).input_ids)
-    max_tokens = resolve_max_tokens(state, len(prompt_ids), req.limit(),
-                                    "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    limit_name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    max_tokens = resolve_max_tokens(state, len(prompt_ids), req.limit(), limit_name)
     assert state.grammar is not None
     grammar: str | None = None
-    if parse_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
-        only = req.tool_choice.function["name"] if isinstance(req.tool_choice, NamedToolChoice) else None
+    named = req.tool_choice if isinstance(req.tool_choice, NamedToolChoice) else None
+    if parse_tools and (req.tool_choice == "required" or named is not None):
+        only = named.function["name"] if named is not None else None
         assert req.tools is not None
         grammar = state.grammar.for_tools(req.tools, only, req.parallel_tool_calls)
     elif req.response_format is not None:
@@ -84,12 +87,15 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     choices = [Choice(OutputParser(parse_tools, thinking, starts_thinking)) for _ in range(req.n)]
     request_id = run.subs[0].request_id
     headers = {"X-Request-Id": header_id}
-    meta = {"id": request_id, "created": int(time.time()), "model": state.model_name, "system_fingerprint": None}
+    meta = {"id": request_id, "created": int(time.time()), "model": state.model_name,
+            "system_fingerprint": None}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         await run.start()
-        return AbortingStream(sse_stream(run, lambda: _stream(state, req, run, choices, meta, include_usage)),
-                              run, headers)
+        def events() -> AsyncIterator[str]:
+            return _stream(state, req, run, choices, meta, include_usage)
+
+        return AbortingStream(sse_stream(run, events), run, headers)
     try:
         await run.start()
         await _collect(state, req, run, choices)
@@ -98,7 +104,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     out_choices = []
     for i, c in enumerate(choices):
         calls = c.parser.final_calls()
-        msg: dict[str, Any] = {"role": "assistant", "content": c.parser.content or (None if calls else ""),
+        msg: dict[str, Any] = {"role": "assistant",
+                               "content": c.parser.content or (None if calls else ""),
                                "reasoning_content": c.parser.reasoning or None}
         if calls:
             msg["tool_calls"] = calls
@@ -106,7 +113,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                             "logprobs": {"content": c.logprobs} if req.logprobs else None,
                             "finish_reason": _finish(c, calls), "stop_reason": c.stop_reason})
     body = {**meta, "object": "chat.completion", "choices": out_choices,
-            "usage": run.usage(sum(c.tokens for c in choices), sum(c.reasoning_tokens for c in choices))}
+            "usage": run.usage(sum(c.tokens for c in choices),
+                               sum(c.reasoning_tokens for c in choices))}
     return JSONResponse(body, headers=headers)
 
 
@@ -114,7 +122,8 @@ def _finish(c: Choice, calls: list[Any]) -> str | None:
     return "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
 
 
-async def _collect(state: ServerState, req: ChatCompletionRequest, run: Run, choices: list[Choice]) -> None:
+async def _collect(state: ServerState, req: ChatCompletionRequest, run: Run,
+                   choices: list[Choice]) -> None:
     texts = [""] * len(choices)
     async for _, ev in run.events_iter():
         c = choices[ev.index]
@@ -128,7 +137,8 @@ async def _collect(state: ServerState, req: ChatCompletionRequest, run: Run, cho
             c.parser.feed(texts[ev.index], final=True)
             # Token counts of the reasoning part: re-tokenized, the engine only counts all tokens.
             if len(c.parser.reasoning) > before:
-                c.reasoning_tokens = len(state.tokenizer(c.parser.reasoning, add_special_tokens=False).input_ids)
+                ids = state.tokenizer(c.parser.reasoning, add_special_tokens=False).input_ids
+                c.reasoning_tokens = len(ids)
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, run: Run, choices: list[Choice],
@@ -150,7 +160,9 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, run: Run, choi
             delta["content"] = d.content
         if d.tool_calls:
             delta["tool_calls"] = [_tool_delta(*t) for t in d.tool_calls]
-        lp = {"content": _logprob_entries(state, ev, req.top_logprobs or 0)} if req.logprobs else None
+        lp = None
+        if req.logprobs:
+            lp = {"content": _logprob_entries(state, ev, req.top_logprobs or 0)}
         if delta or lp:
             yield sse({**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp,
                                             "finish_reason": None}]})
@@ -160,17 +172,19 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, run: Run, choi
                                             "finish_reason": _finish(c, c.parser.calls),
                                             "stop_reason": c.stop_reason}]})
     if include_usage:
-        yield sse({**head, "choices": [], "usage": run.usage(sum(c.tokens for c in choices),
-                                                               sum(c.reasoning_tokens for c in choices))})
+        usage = run.usage(sum(c.tokens for c in choices), sum(c.reasoning_tokens for c in choices))
+        yield sse({**head, "choices": [], "usage": usage})
 
 
 def _tool_delta(index: int, call_id: str | None, name: str | None, args: str) -> dict[str, Any]:
     if call_id is not None:
-        return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+        return {"index": index, "id": call_id, "type": "function",
+                "function": {"name": name, "arguments": args}}
     return {"index": index, "function": {"arguments": args}}
 
 
 def check_tools_supported(req: ChatCompletionRequest) -> None:
     if req.response_format is not None and req.response_format.type != "text" and req.tools \
             and req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
+        raise APIError(400, "response_format cannot be combined with a forced tool_choice",
+                       param="response_format")

@@ -33,11 +33,13 @@ class LegacyLogprobs:
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
 
-    def add(self, state: ServerState, token: int, lp: dict[int, float] | None, k: int, offset: int) -> int:
+    def add(self, state: ServerState, token: int, lp: dict[int, float] | None, k: int,
+            offset: int) -> int:
         s = state.token_str(token)
         self.tokens.append(s)
         self.token_logprobs.append(None if lp is None else chosen_logprob(lp, token))
-        self.top_logprobs.append(None if lp is None else {state.token_str(i): v for i, v in top_entries(state, lp, k)})
+        self.top_logprobs.append(
+            None if lp is None else {state.token_str(i): v for i, v in top_entries(state, lp, k)})
         self.text_offset.append(offset)
         return offset + len(s)
 
@@ -69,7 +71,8 @@ def _prepare(state: ServerState, req: CompletionRequest) -> tuple[Run, list[str]
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, header_id: str) -> Any:
-    run, prompt_texts = await asyncio.to_thread(_prepare, state, req)  # tokenizing off the event loop
+    # tokenizing off the event loop
+    run, prompt_texts = await asyncio.to_thread(_prepare, state, req)
     request_id = run.subs[0].request_id
     meta = {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": state.model_name, "system_fingerprint": None}
@@ -77,8 +80,10 @@ async def create_completion(state: ServerState, req: CompletionRequest, header_i
     if req.stream:
         await run.start()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return AbortingStream(sse_stream(run, lambda: _stream(state, req, run, prompt_texts, meta, include_usage)),
-                              run, headers)
+        def events() -> AsyncIterator[str]:
+            return _stream(state, req, run, prompt_texts, meta, include_usage)
+
+        return AbortingStream(sse_stream(run, events), run, headers)
     total = len(run.subs) * req.n
     texts = [""] * total
     finish: list[str | None] = [None] * total
@@ -102,12 +107,14 @@ async def create_completion(state: ServerState, req: CompletionRequest, header_i
                 finish[i], stops[i] = ev.finish_reason, ev.stop_reason
     finally:
         run.close()
-    choices = [{"index": i, "text": texts[i], "logprobs": lps[i].as_dict() if req.logprobs is not None else None,
+    choices = [{"index": i, "text": texts[i],
+                "logprobs": lps[i].as_dict() if req.logprobs is not None else None,
                 "finish_reason": finish[i], "stop_reason": stops[i]} for i in range(total)]
     return JSONResponse({**meta, "choices": choices, "usage": run.usage(tokens)}, headers=headers)
 
 
-def _echo_logprobs(state: ServerState, req: CompletionRequest, sub: Sub, ev: Any, lp: LegacyLogprobs) -> int:
+def _echo_logprobs(state: ServerState, req: CompletionRequest, sub: Sub, ev: Any,
+                   lp: LegacyLogprobs) -> int:
     """Adds the prompt's tokens to the legacy logprobs; returns the text offset after them."""
     offset = 0
     if req.logprobs is None:
@@ -136,10 +143,12 @@ async def _stream(state: ServerState, req: CompletionRequest, run: Run, prompt_t
             for tok, d in zip(ev.new_token_ids, ev.logprobs or [], strict=False):
                 offsets[i] = lp.add(state, tok, d, req.logprobs, offsets.get(i, 0))
         if text or lp.tokens:
+            lp_dict = lp.as_dict() if req.logprobs is not None else None
             yield sse({**meta, "choices": [{"index": i, "text": text, "finish_reason": None,
-                                            "logprobs": lp.as_dict() if req.logprobs is not None else None}]})
+                                            "logprobs": lp_dict}]})
         if ev.finished:
             yield sse({**meta, "choices": [{"index": i, "text": "", "logprobs": None,
-                                            "finish_reason": ev.finish_reason, "stop_reason": ev.stop_reason}]})
+                                            "finish_reason": ev.finish_reason,
+                                            "stop_reason": ev.stop_reason}]})
     if include_usage:
         yield sse({**meta, "choices": [], "usage": run.usage(tokens)})

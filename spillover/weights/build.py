@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FORMAT = {"int8": "int8", "int4": "int4", "fp8": "fp8_block", "int4-experts": "int8"}  # quantize at load
+# quantize at load
+_FORMAT = {"int8": "int8", "int4": "int4", "fp8": "fp8_block", "int4-experts": "int8"}
 _KEEP = ("auto", "bf16")  # no quantization at load: the checkpoint's own formats
 # int4-experts: the routed experts' slots (a bank's "<bank>.w13" / "<bank>.w2") go to int4.
 _EXPERT_SLOTS = ("*.experts.w13", "*.experts.w2")
@@ -40,10 +41,11 @@ _EXPERT_SLOTS = ("*.experts.w13", "*.experts.w2")
 def load_policy(quant: str, group_size: int, act_dtype: torch.dtype) -> QuantPolicy:
     """The policy behind a `--quant` choice.
 
-    int4 is asymmetric RTN (float min per group): quantization.md §7 names it the robust data-free
-    default, and it is what every int4 kernel (Triton, CPU int4pack via zero = min + 8 scale) takes.
-    int8 is symmetric per output channel, the layout torch's CPU int8 op needs (the int8 pack has
-    no zero point, so int4-experts, int4 experts over int8 layers, can be asymmetric throughout).
+    int4 is asymmetric RTN (float min per group): the robust data-free default
+    (docs/quantization.md, "4. Accuracy"), and it is what every int4 kernel (Triton, CPU int4pack
+    via zero = min + 8 scale) takes. int8 is symmetric per output channel, the layout torch's CPU
+    int8 op needs (the int8 pack has no zero point, so int4-experts, int4 experts over int8 layers,
+    can be asymmetric throughout).
     """
     quant = normalize_quant(quant)
     if quant not in _FORMAT:
@@ -57,7 +59,7 @@ def load_policy(quant: str, group_size: int, act_dtype: torch.dtype) -> QuantPol
 
 
 def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128) -> dict[str, str]:
-    """Quantize `model` in place; returns {module/param name: "format (reason)"} ({} for auto / bf16).
+    """Quantize `model` in place; returns {name: "format (reason)"} ({} for auto / bf16).
 
     Formats compute in the model's dtype (float32 in CPU tests, bf16 on the GPU). Router, norms,
     embeddings, lm_head and the linear-attention conv/gate scalars stay in float (DEFAULT_KEEP).
@@ -66,8 +68,8 @@ def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128)
     if quant in _KEEP:
         return {}
     if quant not in _FORMAT:  # checked before touching the model
-        raise ValueError(f"quant must be one of {', '.join(_KEEP + tuple(_FORMAT))} here, got {quant!r} "
-                         "(native needs a GGUF file: load_for_llm)")
+        raise ValueError(f"quant must be one of {', '.join(_KEEP + tuple(_FORMAT))} here, got "
+                         f"{quant!r} (native needs a GGUF file: load_for_llm)")
     policy = load_policy(quant, group_size, model.model.embed_tokens.weight.dtype)
     record = quantize_model(model, policy)
     _log_fallback(record, quant, group_size)
@@ -77,12 +79,14 @@ def quantize_for_load(model: CausalLM, quant: str | None, group_size: int = 128)
 def _log_fallback(record: dict[str, str], quant: str, group_size: int) -> None:
     fallback = [n for n, r in record.items() if "not a multiple" in r]
     if fallback:
-        log.info("quant %s: %d tensors fell back to int8 per channel (in_features not a multiple of %d)",
+        log.info("quant %s: %d tensors fell back to int8 per channel (in_features not "
+                 "a multiple of %d)",
                  quant, len(fallback), group_size)
 
 
 def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                 quant: str | None = None, group_size: int = 128) -> tuple[CausalLM, dict[str, str]]:
+                 quant: str | None = None,
+                 group_size: int = 128) -> tuple[CausalLM, dict[str, str]]:
     """What `LLM.__init__` calls: (model, per-tensor format record).
 
     quant (spillover.quant.QUANT_CHOICES): "auto" and "bf16" load the checkpoint's formats (a GGUF
@@ -99,10 +103,15 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
         record = {n: f"{e['format']} (store: {e.get('reason', '')})" for n, e in entries.items()}
         return load_from_store(source.path, cfg, device, dtype), record
     if source.kind == "hf":
-        from spillover.quant.importers.checkpoint import checkpoint_record, detect_quantization, iter_checkpoint
+        from spillover.quant.importers.checkpoint import (
+            checkpoint_record,
+            detect_quantization,
+            iter_checkpoint,
+        )
 
         qcfg = detect_quantization(source.path)
-        if qcfg is not None:  # GPTQ / AWQ / compressed-tensors / FP8 checkpoint: its modules stay packed
+        # GPTQ / AWQ / compressed-tensors / FP8 checkpoint: its modules stay packed
+        if qcfg is not None:
             _loads_packed(source.path, f"a {qcfg.method} checkpoint", quant)
             model = load_items(iter_checkpoint(source.path, qcfg, dtype), cfg, device, dtype)
             return model, checkpoint_record(source.path, qcfg)
@@ -111,8 +120,10 @@ def load_for_llm(source: ModelSource, cfg: ModelConfig, device: torch.device, dt
             raise ValueError("quant='native' needs a .gguf model (it keeps the file's own blocks)")
         from spillover.weights.gguf import iter_gguf
 
-        model = load_items(iter_gguf(source.path, cfg, native=True, act_dtype=dtype), cfg, device, dtype)
-        return model, {n: f"{m.fmt.name} (native {source.path.name})" for n, m in model.named_modules()
+        model = load_items(iter_gguf(source.path, cfg, native=True, act_dtype=dtype), cfg, device,
+                           dtype)
+        return model, {n: f"{m.fmt.name} (native {source.path.name})"
+                       for n, m in model.named_modules()
                        if isinstance(m, Linear) and m.fmt is not None}
     from spillover.weights.resolve import iter_source, load_model
 

@@ -54,14 +54,17 @@ from spillover.weights.store import (
 )
 
 # The QUANT_CHOICES a store is written in: float matrices to int4 or int8, or every tensor kept as
-# stored (auto). fp8 and int4-experts quantize at load; a GGUF's blocks are imported whatever it says.
+# stored (auto). fp8 and int4-experts quantize at load; a GGUF's blocks are imported
+# whatever it says.
 QUANTS = ("auto", "int8", "int4")
 PROGRESS = ".progress"
 F16, F32 = torch.float16, torch.float32
 # GGUF type -> (format, group, scale dtype, has mins, code bits) of its lossless import
 GGUF_IMPORTS: dict[str, tuple[str, int, torch.dtype, bool]] = {
-    "Q4_0": ("int4", 32, F16, False), "Q4_1": ("int4", 32, F16, True), "Q4_K": ("int4", 32, F32, True),
-    "Q8_0": ("int8", 32, F16, False), "Q5_K": ("int8", 32, F32, True), "Q6_K": ("int8", 16, F32, False),
+    "Q4_0": ("int4", 32, F16, False), "Q4_1": ("int4", 32, F16, True),
+    "Q4_K": ("int4", 32, F32, True),
+    "Q8_0": ("int8", 32, F16, False), "Q5_K": ("int8", 32, F32, True),
+    "Q6_K": ("int8", 16, F32, False),
 }
 AUX_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 
@@ -76,7 +79,8 @@ class Planned:
     reason: str
     scale: SourceTensor | None = None  # FP8 weight_scale_inv partner
     shard: str = ""
-    entry: Entry | None = None  # a pre-quantized checkpoint's module: all its tensors, imported together
+    # a pre-quantized checkpoint's module: all its tensors, imported together
+    entry: Entry | None = None
 
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts.values())
@@ -117,7 +121,8 @@ def _plan_tensor(t: SourceTensor, scale: SourceTensor | None, opts: ConvertOptio
     stacked = len(t.shape) == 3
     if t.gguf_type in GGUF_IMPORTS:
         fmt, g, sdt, mins = GGUF_IMPORTS[t.gguf_type]
-        meta = {"format": fmt, "group_size": g, "symmetric": fmt == "int4" and not mins, "stacked": stacked}
+        meta = {"format": fmt, "group_size": g, "symmetric": fmt == "int4" and not mins,
+                "stacked": stacked}
         return Planned(t.name, t, fmt, meta, _int_parts(t.name, fmt, lead, k, g, sdt, mins),
                        f"lossless import of GGUF {t.gguf_type}")
     fmt, why = (opts.quant, "policy default") if opts.quant != "auto" else ("keep", "--quant auto")
@@ -125,7 +130,8 @@ def _plan_tensor(t: SourceTensor, scale: SourceTensor | None, opts: ConvertOptio
         fmt, why = opts.policy.format_for(module)
         if fmt not in ("int4", "int8"):
             fmt, why = "keep", f"{why} -> {fmt}: stored unconverted"
-    dense_dt = F32 if t.gguf_type is not None else t.dtype  # other GGUF types are dequantized to f32
+    # other GGUF types are dequantized to f32
+    dense_dt = F32 if t.gguf_type is not None else t.dtype
     is_matrix = len(t.shape) in (2, 3) and (t.dtype.is_floating_point or t.gguf_type is not None)
     if fmt == "keep" or not is_matrix:
         why = why if is_matrix else "not a weight matrix"
@@ -133,7 +139,8 @@ def _plan_tensor(t: SourceTensor, scale: SourceTensor | None, opts: ConvertOptio
             nb = (*t.shape[:-2], -(-t.shape[-2] // 128), -(-k // 128))
             parts = {"weight": PartSpec(part_key(t.name, "weight", "fp8_block"), t.dtype, t.shape),
                      "scale": PartSpec(part_key(t.name, "scale", "fp8_block"), F32, nb)}
-            return Planned(t.name, t, "fp8_block", {"format": "fp8_block", "block": 128, "stacked": stacked},
+            return Planned(t.name, t, "fp8_block",
+                           {"format": "fp8_block", "block": 128, "stacked": stacked},
                            parts, why, scale)
         return Planned(t.name, t, "dense", {"format": "dense"},
                        {"weight": PartSpec(t.name, dense_dt, t.shape)}, why, scale)
@@ -144,7 +151,8 @@ def _plan_tensor(t: SourceTensor, scale: SourceTensor | None, opts: ConvertOptio
                        f"in={k} not a multiple of group {group}", scale)
     sym = opts.symmetric or fmt == "int8"
     meta = {"format": fmt, "group_size": group, "symmetric": sym, "stacked": stacked}
-    return Planned(t.name, t, fmt, meta, _int_parts(t.name, fmt, lead, k, group, F16, not sym), why, scale)
+    return Planned(t.name, t, fmt, meta, _int_parts(t.name, fmt, lead, k, group, F16, not sym), why,
+                   scale)
 
 
 def _plan_tensors(source: Source, opts: ConvertOptions) -> list[Planned]:
@@ -160,13 +168,14 @@ def _plan_tensors(source: Source, opts: ConvertOptions) -> list[Planned]:
 
 
 def _plan_entry(e: Entry, opts: ConvertOptions) -> Planned:
-    """A GPTQ/AWQ/compressed-tensors/FP8 module is imported losslessly whatever `quant` says (as GGUF
-    blocks are); the checkpoint's float tensors follow the normal policy."""
+    """A GPTQ/AWQ/compressed-tensors/FP8 module is imported losslessly whatever `quant` says (as
+    GGUF blocks are); the checkpoint's float tensors follow the normal policy."""
     if e.quant is None:
         return _plan_tensor(e.main, None, opts)
     fmt, meta, layout = entry_layout(e)
     parts = {k: PartSpec(part_key(e.name, k, fmt), dt, shape) for k, (dt, shape) in layout.items()}
-    return Planned(e.name, e.main, fmt, meta, parts, f"lossless import of {e.quant.method} checkpoint", entry=e)
+    return Planned(e.name, e.main, fmt, meta, parts,
+                   f"lossless import of {e.quant.method} checkpoint", entry=e)
 
 
 def plan_conversion(source: Source, opts: ConvertOptions) -> list[Planned]:
@@ -202,7 +211,8 @@ def produce(source: Source, p: Planned, opts: ConvertOptions) -> dict[str, torch
     if p.src.gguf_type is not None:
         import gguf
 
-        raw = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), _gguf_type(p.src.gguf_type)).copy())
+        values = gguf.quants.dequantize(raw.numpy(), _gguf_type(p.src.gguf_type))
+        raw = torch.from_numpy(values.copy())
         raw = raw.reshape(p.src.shape)
     if p.fmt == "fp8_block":
         assert p.scale is not None
@@ -211,7 +221,8 @@ def produce(source: Source, p: Planned, opts: ConvertOptions) -> dict[str, torch
         return {"weight": raw}
     w = dequant_fp8_block_ref(raw, source.read(p.scale)) if p.scale is not None else raw
     sym = bool(p.meta["symmetric"])
-    return pack_weight(w, p.fmt, int(p.meta["group_size"]) if p.fmt == "int4" else None, sym).tensors()
+    return pack_weight(w, p.fmt, int(p.meta["group_size"]) if p.fmt == "int4" else None,
+                       sym).tensors()
 
 
 def _gguf_type(name: str) -> Any:
@@ -223,9 +234,11 @@ def _gguf_type(name: str) -> Any:
 def _manifest(source: Source, opts: ConvertOptions, planned: list[Planned]) -> dict[str, Any]:
     return {
         "spillover_store": STORE_VERSION,
-        "source": {"kind": source.kind, "path": str(source.path.resolve()), "identity": source.identity()},
+        "source": {"kind": source.kind, "path": str(source.path.resolve()),
+                   "identity": source.identity()},
         "quant": opts.record(),
-        "tensors": {p.name: {"format": p.fmt, "meta": p.meta, "shape": list(p.shape), "shard": p.shard,
+        "tensors": {p.name: {"format": p.fmt, "meta": p.meta, "shape": list(p.shape),
+                             "shard": p.shard,
                              "parts": {k: s.key for k, s in p.parts.items()}, "reason": p.reason}
                     for p in planned},
     }
@@ -236,17 +249,18 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", group_size: i
             show_progress: bool = True, on_tensor: Callable[[str], None] | None = None) -> Path:
     """Convert `src` into a store at `out` (resuming a previous run there); returns `out`.
 
-    `on_tensor(name)` is called after each tensor is handed to the shard (tests use it to inject crashes).
+    `on_tensor(name)` is called after each tensor is handed to the shard (tests use it to
+    inject crashes).
     """
     quant = normalize_quant(quant)  # legacy "keep" is auto
     if quant not in QUANTS:
         raise ValueError(f"convert --quant must be one of {', '.join(QUANTS)}, got {quant!r} "
                          "(bf16, fp8, int4-experts and native apply at load; a GGUF's blocks are "
                          "imported whatever --quant says)")
-    # The policy's default format must be the requested one: a default QuantPolicy says int4, which made
-    # `--quant int8` write int4 tensors.
-    policy = policy or QuantPolicy(default=quant if quant != "auto" else "int4", group_size=group_size,
-                                   symmetric=symmetric)
+    # The policy's default format must be the requested one: a default QuantPolicy says int4, which
+    # made `--quant int8` write int4 tensors.
+    policy = policy or QuantPolicy(default=quant if quant != "auto" else "int4",
+                                   group_size=group_size, symmetric=symmetric)
     opts = ConvertOptions(quant, group_size, symmetric, shard_bytes, policy)
     source = Source(src)
     planned = plan_conversion(source, opts)
@@ -258,14 +272,16 @@ def convert(src: str | Path, out: str | Path, quant: str = "int4", group_size: i
 
         done = json.loads((out / MANIFEST).read_text())
         if {k: v for k, v in done.items() if k != "shards"} != manifest:
-            raise StoreError(f"{out} already holds a different finished conversion; choose another folder")
+            raise StoreError(f"{out} already holds a different finished conversion; "
+                             "choose another folder")
         return out
     prog.mkdir(parents=True, exist_ok=True)
     _check_same_plan(prog / "plan.json", manifest)
     shards = sorted({p.shard for p in planned})
     total = sum(p.src.nbytes for p in planned)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  disable=not show_progress) as bar, ShardFinisher() as finish:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        TimeRemainingColumn(), disable=not show_progress)
+    with progress as bar, ShardFinisher() as finish:
         task = bar.add_task(f"convert -> {quant}", total=total)
         for shard in shards:
             members = [p for p in planned if p.shard == shard]
@@ -285,8 +301,8 @@ def _check_same_plan(path: Path, manifest: dict[str, Any]) -> None:
 
     if path.is_file():
         if json.loads(path.read_text()) != json.loads(json.dumps(manifest)):
-            raise StoreError(f"{path.parent.parent}: an unfinished conversion with another source or options "
-                             "is in this folder; delete it or pick another output")
+            raise StoreError(f"{path.parent.parent}: an unfinished conversion with another source "
+                             "or options is in this folder; delete it or pick another output")
         return
     write_json_atomic(path, manifest)
 
@@ -308,7 +324,8 @@ def _write_shard(source: Source, out: Path, prog: Path, shard: str, members: lis
             if not streamer.write(source, p, writer):  # row-chunked when it can, else whole tensor
                 parts = produce(source, p, opts)
                 if set(parts) != set(p.parts):
-                    raise StoreError(f"{p.name}: produced parts {sorted(parts)} != planned {sorted(p.parts)}")
+                    raise StoreError(f"{p.name}: produced parts {sorted(parts)} != planned "
+                                     f"{sorted(p.parts)}")
                 for k, tensor in parts.items():
                     writer.write(p.parts[k].key, tensor)
                 del parts

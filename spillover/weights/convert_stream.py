@@ -3,13 +3,14 @@
 Float (bf16/fp16/fp32/FP8) matrices going to int4/int8, and tensors kept as they are, never exist
 whole in memory: a few MB of rows are read straight into a reused buffer, widened to float32 in a
 reused scratch, packed by `RowPacker` (bit-identical to whole-tensor RTN, see its tests) and written
-at their final offsets in the shard. Peak memory is a few chunks per worker, whatever the tensor's size.
-Everything else (GGUF blocks, pre-quantized checkpoint modules, FP8 kept as FP8) returns False and
-takes `produce()`'s whole-tensor path.
+at their final offsets in the shard. Peak memory is a few chunks per worker, whatever the tensor's
+size. Everything else (GGUF blocks, pre-quantized checkpoint modules, FP8 kept as FP8) returns False
+and takes `produce()`'s whole-tensor path.
 
 Chunks run on worker threads that each do single-threaded torch ops (see `_Workers`): one OpenMP
-team per op made every op wait for a descheduled thread whenever the machine had other work (10x
-slower on a shared 2-core VM), and a chunk's reads and writes now overlap another chunk's packing.
+team per op made every op wait for a descheduled thread whenever the machine had other work
+(docs/kernel_notes.md, "Converter speed and peak RSS"), and a chunk's reads and writes now overlap
+another chunk's packing.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Streamer:
             spec = p.parts["weight"]
             if spec.dtype != t.dtype or tuple(spec.shape) != tuple(t.shape):
                 return False
-            job: Callable[[TensorReader, int, int, int], None] = partial(self._copy_chunk, writer, spec.key)
+            job: Callable[[TensorReader, int, int, int], None] = partial(
+                self._copy_chunk, writer, spec.key)
             ranges = [(b, min(t.nbytes, b + COPY_CHUNK)) for b in range(0, t.nbytes, COPY_CHUNK)]
         elif p.fmt in ("int4", "int8") and len(t.shape) in (2, 3):
             pack = self._pack_job(source, p, writer)
@@ -127,25 +129,29 @@ class Streamer:
 
     def _kick_sync(self, fd: int, nbytes: int) -> None:
         """Start writing dirty pages back while packing goes on, so the shard's closing fsync (which
-        durability needs) finds little left: it was ~10 % of a conversion when it did all the work."""
+        durability needs) finds little left to write."""
         self._unsynced += nbytes
         if self._unsynced < SYNC_EVERY or (self._syncing is not None and self._syncing.is_alive()):
             return
         self._unsynced = 0
         own = os.dup(fd)  # stays valid however soon the writer closes its descriptor
-        self._syncing = threading.Thread(target=_fdatasync, args=(own,), name="spillover-convert-sync", daemon=True)
+        self._syncing = threading.Thread(target=_fdatasync, args=(own,),
+                                         name="spillover-convert-sync", daemon=True)
         self._syncing.start()
 
     # ---- kept tensors: bytes as they are ---------------------------------------------------------
-    def _copy_chunk(self, writer: ShardWriter, key: str, r: TensorReader, fd: int, b0: int, b1: int) -> None:
+    def _copy_chunk(self, writer: ShardWriter, key: str, r: TensorReader, fd: int, b0: int,
+                    b1: int) -> None:
         pwrite_part(writer, fd, key, b0, r.read_into(self._raw(b1 - b0), b0))
 
-    # ---- int4 / int8 ------------------------------------------------------------------------------
-    def _pack_job(self, source: Source, p: Planned, writer: ShardWriter) -> Callable[..., None] | None:
+    # ---- int4 / int8 -----------------------------------------------------------------------------
+    def _pack_job(self, source: Source, p: Planned,
+                  writer: ShardWriter) -> Callable[..., None] | None:
         t = p.src
         k = t.shape[-1]
         bits = 4 if p.fmt == "int4" else 8
-        # The same arguments as produce() -> pack_weight(): int8 is per channel there, scales float16.
+        # The same arguments as produce() -> pack_weight(): int8 is per channel there,
+        # scales float16.
         group = int(p.meta["group_size"]) if bits == 4 else k
         sym = bool(p.meta["symmetric"])
         if k % group or k % 2:
@@ -177,7 +183,7 @@ class Streamer:
         for name, v in outs.items():
             pwrite_part(writer, fd, keys[name], r0 * v.shape[1] * v.element_size(), v)
 
-    # ---- per-thread buffers, reused across chunks and tensors --------------------------------------
+    # ---- per-thread buffers, reused across chunks and tensors ------------------------------------
     def _raw(self, nbytes: int) -> torch.Tensor:
         buf: torch.Tensor | None = getattr(self._local, "raw", None)
         if buf is None or buf.numel() < nbytes:
@@ -192,7 +198,8 @@ class Streamer:
         return b[:rows * cols].view(rows, cols)
 
     def _packer(self, bits: int, group: int, sym: bool) -> RowPacker:
-        packers: dict[tuple[int, int, bool], RowPacker] = self._local.__dict__.setdefault("packers", {})
+        packers: dict[tuple[int, int, bool], RowPacker] = self._local.__dict__.setdefault(
+            "packers", {})
         if (bits, group, sym) not in packers:
             packers[bits, group, sym] = RowPacker(bits, group, sym, torch.float16, self.chunk_elems)
         return packers[bits, group, sym]
@@ -211,7 +218,8 @@ def _row_ranges(rows: int, k: int, chunk_elems: int, workers: int) -> list[tuple
 
 
 class _Fp8Rows:
-    """Row-chunk form of `dequant_fp8_block_ref` (w = fp8 * scale of its 128x128 block), same products."""
+    """Row-chunk form of `dequant_fp8_block_ref` (w = fp8 * scale of its 128x128 block),
+    same products."""
 
     def __init__(self, scale: torch.Tensor, n: int, k: int) -> None:
         self.scale = scale.float().reshape(-1, scale.shape[-1])  # [lead * N/128, K/128]
@@ -272,7 +280,8 @@ def _fdatasync(fd: int) -> None:
         os.close(fd)
 
 
-def pwrite_part(writer: ShardWriter, fd: int, key: str, byte_offset: int, tensor: torch.Tensor) -> None:
+def pwrite_part(writer: ShardWriter, fd: int, key: str, byte_offset: int,
+                tensor: torch.Tensor) -> None:
     """Write `tensor`'s bytes (typed, or raw uint8) at `byte_offset` inside part `key` of the shard.
 
     Positioned writes on the writer's descriptor: chunks may land in any order from any thread, and
@@ -282,15 +291,15 @@ def pwrite_part(writer: ShardWriter, fd: int, key: str, byte_offset: int, tensor
     off, spec = writer.offsets[key]
     data = tensor.contiguous().reshape(-1).view(torch.uint8)
     if tensor.dtype not in (spec.dtype, torch.uint8) or byte_offset + data.numel() > spec.nbytes:
-        raise StoreError(f"{key}: {tensor.dtype} write of {data.numel()} bytes at {byte_offset} does not fit "
-                         f"the planned {spec.dtype} {spec.shape}")
+        raise StoreError(f"{key}: {tensor.dtype} write of {data.numel()} bytes at {byte_offset} "
+                         f"does not fit the planned {spec.dtype} {spec.shape}")
     view, pos, done = data.numpy().data, writer.data_start + off + byte_offset, 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], pos + done)
 
 
 class _Workers:
-    """Daemon threads whose torch ops run single-threaded, shared by every conversion in the process.
+    """Daemon threads running single-threaded torch ops, shared by the process's conversions.
 
     torch's intra-op setting is per thread once a thread has run its first op, but `set_num_threads`
     also sets the process default; each worker sets 1 and initialises, then the caller's value is
@@ -302,7 +311,8 @@ class _Workers:
         ready = threading.Semaphore(0)
         before = torch.get_num_threads()
         for i in range(n):
-            threading.Thread(target=self._loop, args=(ready,), name=f"spillover-convert-{i}", daemon=True).start()
+            threading.Thread(target=self._loop, args=(ready,), name=f"spillover-convert-{i}",
+                             daemon=True).start()
         for _ in range(n):
             ready.acquire()
         torch.set_num_threads(before)

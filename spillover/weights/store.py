@@ -118,10 +118,12 @@ class Store:
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
-            raise StoreError(f"{self.path}: no {MANIFEST} (not a spillover store, or conversion unfinished)")
+            raise StoreError(f"{self.path}: no {MANIFEST} (not a spillover store, or "
+                             "conversion unfinished)")
         self.manifest: dict[str, Any] = json.loads(mf.read_text())
         if self.manifest.get("spillover_store") != STORE_VERSION:
-            raise StoreError(f"{mf}: unsupported store version {self.manifest.get('spillover_store')}")
+            raise StoreError(f"{mf}: unsupported store version "
+                             f"{self.manifest.get('spillover_store')}")
         self._maps: dict[str, tuple[torch.Tensor, int, dict[str, Any]]] = {}
 
     def _shard(self, name: str) -> tuple[torch.Tensor, int, dict[str, Any]]:
@@ -153,8 +155,10 @@ class Store:
             raise StoreError(f"{name} is stored as {ent['format']}; use weight()")
         return self.raw(ent["shard"], ent["parts"]["weight"])
 
-    def weight(self, name: str, act_dtype: torch.dtype = torch.bfloat16) -> QuantFormat | torch.Tensor:
-        """The format object for a quantized tensor (views into the mapped shard), else the tensor."""
+    def weight(self, name: str,
+               act_dtype: torch.dtype = torch.bfloat16) -> QuantFormat | torch.Tensor:
+        """The format object for a quantized tensor (views into the mapped shard),
+        else the tensor."""
         ent = self.manifest["tensors"][name]
         if ent["format"] == "dense":
             return self.tensor(name)

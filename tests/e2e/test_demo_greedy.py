@@ -30,7 +30,8 @@ def reference() -> Any:
     from transformers import AutoModelForCausalLM
 
     path = demo_model_path()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -39,8 +40,10 @@ def test_chat_greedy_matches_transformers(llm: LLM, reference: Any, prompt: str)
     out = llm.chat(messages, SamplingParams(max_tokens=N_TOKENS, temperature=0.0))[0]
     ids = llm.apply_chat_template(messages)
     with torch.no_grad():
-        gen = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=N_TOKENS, do_sample=False, eos_token_id=llm.tokenizer.eos_token_id,
+        gen = reference.generate(torch.tensor([ids]),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=N_TOKENS, do_sample=False,
+                                 eos_token_id=llm.tokenizer.eos_token_id,
                                  pad_token_id=llm.tokenizer.eos_token_id)
     expected = gen[0, len(ids):].tolist()
     if expected and expected[-1] == llm.tokenizer.eos_token_id:

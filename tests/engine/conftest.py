@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints (tests/models/tiny.py) and the demo model, built once."""
+"""Shared fixtures: tiny random checkpoints (tests/models/tiny.py) and the demo
+model, built once."""
 
 from __future__ import annotations
 

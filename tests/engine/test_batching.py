@@ -15,7 +15,8 @@ def test_batch_invariance_tiny(tiny_llm: Callable[[str], LLM], name: str) -> Non
     llm = tiny_llm(name)
     prompts = random_prompts(1, MIXED_LENGTHS, llm.config.vocab_size)
     # A small token budget forces chunked prefills riding along with other requests' decodes.
-    together = run_all(make_engine(llm, max_num_seqs=16, max_num_batched_tokens=48), prompts, GREEDY)
+    together = run_all(make_engine(llm, max_num_seqs=16, max_num_batched_tokens=48), prompts,
+                       GREEDY)
     alone_engine = make_engine(llm, max_num_seqs=1, enable_prefix_caching=False)
     for i, p in enumerate(prompts):
         alone = run_all(alone_engine, [p], GREEDY, prefix=f"a{i}-")
@@ -23,10 +24,11 @@ def test_batch_invariance_tiny(tiny_llm: Callable[[str], LLM], name: str) -> Non
 
 
 def test_batch_invariance_demo(demo: LLM) -> None:
-    texts = ["What is the capital of France?", "Count: one, two,", "def fibonacci(n):", "The sea is",
-             "Write a haiku about autumn leaves falling softly on the ground.", "Hi", "1, 1, 2, 3, 5, 8,",
-             "Translate to French: good night", "Once upon a time", "SELECT * FROM", "The meaning of life",
-             "import numpy as np", "Q: Why is the sky blue?\nA:", "Roses are red,", "Paris is", "Dear Sir,"]
+    texts = ["What is the capital of France?", "Count: one, two,", "def fibonacci(n):",
+             "The sea is", "Write a haiku about autumn leaves falling softly on the ground.",
+             "Hi", "1, 1, 2, 3, 5, 8,", "Translate to French: good night", "Once upon a time",
+             "SELECT * FROM", "The meaning of life", "import numpy as np",
+             "Q: Why is the sky blue?\nA:", "Roses are red,", "Paris is", "Dear Sir,"]
     prompts = [demo.tokenizer(t).input_ids for t in texts]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     engine = make_engine(demo, max_num_seqs=16, num_kv_blocks=64)
@@ -69,7 +71,8 @@ def test_hybrid_two_turn_chat_reuses_the_first_turn(tiny_llm: Callable[[str], LL
     # The checkpoint holds every computed token: turn 1's prompt and all its output but the last.
     reused = len(turn1) + len(out1) - 1
     assert cached == reused
-    assert after.computed_prompt_tokens_total - before.computed_prompt_tokens_total == len(turn2) - reused
+    computed = after.computed_prompt_tokens_total - before.computed_prompt_tokens_total
+    assert computed == len(turn2) - reused
     assert got == run_all(make_engine(llm, enable_prefix_caching=False), [turn2], GREEDY)["r0"][0]
 
 
@@ -79,7 +82,8 @@ def test_tiny_cache_preempts_and_still_matches(tiny_llm: Callable[[str], LLM], n
     lengths = [(7 * i) % 40 + 3 for i in range(32)]
     prompts = random_prompts(4, lengths, llm.config.vocab_size)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    reference = run_all(make_engine(llm, max_num_seqs=32, enable_prefix_caching=False), prompts, params)
+    reference = run_all(make_engine(llm, max_num_seqs=32, enable_prefix_caching=False), prompts,
+                        params)
     # 20 blocks of 8 tokens: room for a handful of the 32 sequences at a time.
     small = make_engine(llm, max_num_seqs=32, block_size=8, num_kv_blocks=20, num_state_slots=40,
                         max_num_batched_tokens=64)

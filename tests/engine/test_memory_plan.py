@@ -30,17 +30,20 @@ def test_caches_allocated_from_the_plan(
     kv = _bytes([t for c in runner.kv_caches.values() for t in (c.k, c.v)])
     state = _bytes([t for c in runner.state_caches.values() for t in (c.conv, c.ssm)])
     block_bytes = plan.block_size * cfg.kv_bytes_per_token(4)  # float32 caches
-    assert runner.layout.num_blocks == plan.num_kv_blocks == engine.scheduler.block_manager.num_blocks
+    blocks = engine.scheduler.block_manager.num_blocks
+    assert runner.layout.num_blocks == plan.num_kv_blocks == blocks
     assert kv == plan.num_kv_blocks * block_bytes == plan.tiers["host"][KV_CACHE]
     # 4 sequences x 128 tokens of 16-token blocks; one full-length sequence always fits
     assert plan.num_kv_blocks == 4 * 128 // 16
     if cfg.linear_layers:
         assert plan.num_state_slots == 4 + 8 + 1 == runner.layout.num_state_slots
-        assert state == plan.num_state_slots * plan.state_bytes_per_sequence == plan.tiers["host"][LINEAR_STATE]
+        planned = plan.num_state_slots * plan.state_bytes_per_sequence
+        assert state == planned == plan.tiers["host"][LINEAR_STATE]
     else:
         assert plan.num_state_slots == 0 and state == 0 and LINEAR_STATE not in plan.tiers["host"]
     assert "gpu" not in {t for t, d in plan.tiers.items() if d}  # the CPU engine has no GPU tier
-    assert cache_sizes(cfg, engine.config, llm.device, llm.dtype) == (plan.num_kv_blocks, plan.num_state_slots)
+    sizes = cache_sizes(cfg, engine.config, llm.device, llm.dtype)
+    assert sizes == (plan.num_kv_blocks, plan.num_state_slots)
 
     assert engine.memory_report is None
     engine.add_request("r", [1, 2, 3, 4], SamplingParams(max_tokens=2, temperature=0.0))
@@ -59,10 +62,13 @@ def test_budget_and_overrides(tiny_llm: Callable[[str], LLM]) -> None:
     block = 16 * cfg.kv_bytes_per_token(4)
     full = -(-cfg.max_position // 16) + 1  # one full-length sequence and a block
     # an explicit budget gives budget // block bytes, never fewer than one full-length sequence
-    assert memory_plan(cfg, EngineConfig(kv_cache_memory_bytes=1000 * block), dev, dt).num_kv_blocks == 1000
-    assert memory_plan(cfg, EngineConfig(kv_cache_memory_bytes=block), dev, dt).num_kv_blocks == full
+    def blocks(config: EngineConfig) -> int:
+        return memory_plan(cfg, config, dev, dt).num_kv_blocks
+
+    assert blocks(EngineConfig(kv_cache_memory_bytes=1000 * block)) == 1000
+    assert blocks(EngineConfig(kv_cache_memory_bytes=block)) == full
     # the default on the CPU: room for max_num_seqs full sequences, capped at 1 GiB
-    assert memory_plan(cfg, EngineConfig(max_num_seqs=2), dev, dt).num_kv_blocks == 2 * cfg.max_position // 16
+    assert blocks(EngineConfig(max_num_seqs=2)) == 2 * cfg.max_position // 16
     plan = memory_plan(cfg, EngineConfig(num_kv_blocks=7, num_state_slots=3), dev, dt)
     assert (plan.num_kv_blocks, plan.num_state_slots) == (7, 3)
     assert plan.tiers["host"][KV_CACHE] == 7 * block

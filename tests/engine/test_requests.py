@@ -15,10 +15,11 @@ from tests.engine.conftest import GREEDY, make_engine, random_prompts, run_all
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny_llm: Callable[[str], LLM]) -> None:
     llm = tiny_llm("llama-untied")
     prompts = random_prompts(5, [9, 30, 4, 17, 22, 6, 40, 11], llm.config.vocab_size)
-    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234,
+                            ignore_eos=True)
     alone = run_all(make_engine(llm), [prompts[0]], seeded)["r0"]
-    others = [SamplingParams(max_tokens=10 + i, temperature=1.2, seed=None if i % 2 else i, ignore_eos=True,
-                             presence_penalty=0.5) for i in range(7)]
+    others = [SamplingParams(max_tokens=10 + i, temperature=1.2, seed=None if i % 2 else i,
+                             ignore_eos=True, presence_penalty=0.5) for i in range(7)]
     mixed = run_all(make_engine(llm, max_num_batched_tokens=32), prompts, [seeded, *others])
     assert mixed["r0"] == alone
     # a different seed gives another text (the seed matters at all)
@@ -58,7 +59,8 @@ def test_abort_frees_blocks_and_slots(tiny_llm: Callable[[str], LLM], name: str)
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"q{i}", p, params)
-    engine.add_request("fork", prompts[0], SamplingParams(max_tokens=100, n=3, temperature=1.0, ignore_eos=True))
+    engine.add_request("fork", prompts[0],
+                       SamplingParams(max_tokens=100, n=3, temperature=1.0, ignore_eos=True))
     for _ in range(6):
         engine.step()
     busy = engine.stats()
@@ -66,7 +68,8 @@ def test_abort_frees_blocks_and_slots(tiny_llm: Callable[[str], LLM], name: str)
     for rid in ["q0", "q1", "q2", "q3", "fork", "unknown"]:
         engine.abort(rid)
     after = engine.stats()
-    assert (after.kv_blocks_free, after.state_slots_free) == (initial.kv_blocks_free, initial.state_slots_free)
+    assert (after.kv_blocks_free, after.state_slots_free) == (initial.kv_blocks_free,
+                                                              initial.state_slots_free)
     assert after.num_running == after.num_waiting == 0
     final = engine.step()
     assert {(e.request_id, e.index) for e in final} == {("q0", 0), ("q1", 0), ("q2", 0), ("q3", 0),
@@ -78,8 +81,9 @@ def test_abort_frees_blocks_and_slots(tiny_llm: Callable[[str], LLM], name: str)
 def test_logprobs_match_forward_logits(tiny_llm: Callable[[str], LLM]) -> None:
     llm = tiny_llm("qwen3")
     prompt = random_prompts(7, [21], llm.config.vocab_size)[0]
-    out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3,
-                                                prompt_logprobs=2))[0]
+    out = llm.generate([prompt],
+                       SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3,
+                                      prompt_logprobs=2))[0]
     c = out.outputs[0]
     lsm = torch.log_softmax(llm.forward_logits(prompt + c.token_ids), dim=-1)
     assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
@@ -92,7 +96,8 @@ def test_logprobs_match_forward_logits(tiny_llm: Callable[[str], LLM]) -> None:
     assert len(out.prompt_logprobs) == len(prompt)
     for i in range(1, len(prompt)):
         d = out.prompt_logprobs[i]
-        assert d is not None and d[prompt[i]] == pytest.approx(lsm[i - 1, prompt[i]].item(), abs=1e-4)
+        assert d is not None and d[prompt[i]] == pytest.approx(lsm[i - 1, prompt[i]].item(),
+                                                               abs=1e-4)
         assert set(lsm[i - 1].topk(2).indices.tolist()) <= set(d)
 
 
@@ -108,7 +113,8 @@ def test_n_completions(tiny_llm: Callable[[str], LLM]) -> None:
         single = SamplingParams(max_tokens=10, temperature=1.0, seed=7 + i, ignore_eos=True)
         assert c.token_ids == llm.generate([prompt], single)[0].token_ids
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
-    greedy = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, n=2, ignore_eos=True))[0]
+    greedy = llm.generate([prompt],
+                          SamplingParams(max_tokens=6, temperature=0.0, n=2, ignore_eos=True))[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
 
 
@@ -124,14 +130,17 @@ def test_logits_processor_constrains_tokens(tiny_llm: Callable[[str], LLM]) -> N
         return logits
 
     for temp in (0.0, 1.0):
-        out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=temp, ignore_eos=True, seed=3,
-                                                    logits_processors=[even_only], logprobs=0))[0]
+        out = llm.generate([prompt],
+                           SamplingParams(max_tokens=8, temperature=temp, ignore_eos=True, seed=3,
+                                          logits_processors=[even_only], logprobs=0))[0]
         assert all(t % 2 == 0 for t in out.token_ids)
-        assert out.outputs[0].logprobs is not None and all(lp[t] < 0 for t, lp in
-                                                           zip(out.token_ids, out.outputs[0].logprobs, strict=True))
+        logprobs = out.outputs[0].logprobs
+        assert logprobs is not None
+        assert all(lp[t] < 0 for t, lp in zip(out.token_ids, logprobs, strict=True))
     assert seen[:8] == list(range(8))
     logits = llm.forward_logits(prompt)[-1]
-    greedy = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, logits_processors=[even_only]))
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0,
+                                                   logits_processors=[even_only]))
     assert greedy[0].token_ids[0] == int(logits[0::2].argmax()) * 2
 
 

@@ -69,7 +69,8 @@ def test_forward_leaves_the_context_unchanged(tiny_llm: Callable[[str], LLM], na
         from spillover import SamplingParams
 
         for i, n in enumerate((21, 3)):  # a prefill step, then steps mixing prefill and decode
-            engine.add_request(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=4, ignore_eos=True))
+            engine.add_request(f"r{i}", list(range(1, n + 1)),
+                               SamplingParams(max_tokens=4, ignore_eos=True))
         while engine.has_unfinished():
             engine.step()
     finally:
@@ -96,7 +97,8 @@ def test_scoring_plan_matches_chunked_plans(tiny_llm: Callable[[str], LLM], name
     table = list(range(runner.layout.num_blocks))
     bs = llm.block_size
     parts = [runner.execute(StepPlan.one_sequence(ids[:17], table, bs)).logits]
-    parts += [runner.execute(StepPlan.one_sequence(ids[:30], table, bs, start=17, logits="none")).logits]
+    parts += [runner.execute(StepPlan.one_sequence(ids[:30], table, bs, start=17,
+                                                   logits="none")).logits]
     last = runner.execute(StepPlan.one_sequence(ids, table, bs, start=30, logits="last"))
     assert parts[1].shape[0] == 0 and last.logits.shape[0] == 1 and last.inputs.sample_rows == [0]
     torch.testing.assert_close(parts[0].cpu(), whole[:17], rtol=1e-4, atol=1e-4)

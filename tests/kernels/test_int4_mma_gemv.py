@@ -1,5 +1,4 @@
-"""The tensor-core int4 GEMV (`kernels/triton/int4_mma_gemv.py`) against the torch reference, and when
-the dispatcher picks it.
+"""The tensor-core int4 GEMV against the torch reference, and when the dispatcher picks it.
 
 The kernel is inline PTX (mma.sync, shuffles), which the Triton interpreter cannot run: its numeric
 tests need a CUDA GPU (sm_80+; the device machine, scripts/gpu_check). Its limits and the dispatch
@@ -30,34 +29,39 @@ from spillover.quant import Int4Weight  # noqa: E402
 HAS_MMA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-def _kn(e: int, n: int, k: int, group: int, sym: bool, device: str = "cpu", layout: str = "kn") -> Int4Weight:
+def _kn(e: int, n: int, k: int, group: int, sym: bool, device: str = "cpu",
+        layout: str = "kn") -> Int4Weight:
     w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(e + n + k + group)) * 0.02
     return Int4Weight.pack(w, group, sym, act_dtype=torch.bfloat16).to(device).to_layout(layout)
 
 
 @pytest.mark.skipif(not HAS_MMA, reason="inline PTX mma.sync: needs a CUDA GPU with sm_80+")
-@pytest.mark.parametrize(("e", "n", "k", "t"), [(1, 40, 256, 1), (6, 1024, 2048, 5), (6, 2048, 512, 3)])
+@pytest.mark.parametrize(("e", "n", "k", "t"),
+                         [(1, 40, 256, 1), (6, 1024, 2048, 5), (6, 2048, 512, 3)])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("sym", [False, True])
-@pytest.mark.parametrize("config", [MmaConfig(x_l1=False), MmaConfig(x_l1=True), MmaConfig(x_l1=True, max_regs=48),
+@pytest.mark.parametrize("config", [MmaConfig(x_l1=False), MmaConfig(x_l1=True),
+                                    MmaConfig(x_l1=True, max_regs=48),
                                     MmaConfig(x_l1=False, max_regs=48)],
                          ids=["x:shfl", "x:L1", "x:L1-48regs", "x:shfl-48regs"])
 @pytest.mark.parametrize("layout", ["kn", "tiled"])
 def test_matches_reference(e: int, n: int, k: int, t: int, group: int, sym: bool, config: MmaConfig,
                            layout: str) -> None:
-    """Within bf16 rounding of the float32 reference, with and without expert ids, on kn and tiled words;
-    N = 40 leaves a partial 16-channel tile (kn only: tiles are whole). A wrong lane mapping would come
-    out as NaN (the kernel's guard)."""
+    """Within bf16 rounding of the float32 reference, with and without expert ids, on kn and tiled
+    words; N = 40 leaves a partial 16-channel tile (kn only: tiles are whole). A wrong lane mapping
+    would come out as NaN (the kernel's guard)."""
     if layout == "tiled" and n % 16:
         n = 48
     fmt = _kn(e, n, k, group, sym, "cuda", layout)
     x = torch.randn(t, k, device="cuda").to(torch.bfloat16)
     for ids in (None, torch.randint(0, e, (t,), device="cuda", dtype=torch.int32)):
         args = (x, fmt.qweight, fmt.scales, fmt.mins, ids)
-        ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=4, group_size=group, tiled=layout == "tiled")
+        ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=4, group_size=group,
+                                  tiled=layout == "tiled")
         out = int4_mma_gemv(*args, bits=4, group_size=group, tiled=layout == "tiled", config=config)
         assert out.dtype == torch.bfloat16 and out.shape == (t, n)
-        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7,
+                                   atol=1e-3 * float(ref.abs().max()))
 
 
 @pytest.mark.skipif(not HAS_MMA, reason="inline PTX mma.sync: needs a CUDA GPU with sm_80+")
@@ -80,9 +84,11 @@ def test_limits() -> None:
     assert "group 16" in str(unsupported(4, 16, 2048, torch.bfloat16))
     assert "K=384" in str(unsupported(4, 128, 384, torch.bfloat16))
     assert "K=16384" in str(unsupported(4, 128, 16384, torch.bfloat16))
-    assert "K=768" in str(unsupported(4, 128, 768, torch.bfloat16))  # 3 warps: Triton needs powers of two
+    # 3 warps: Triton needs powers of two
+    assert "K=768" in str(unsupported(4, 128, 768, torch.bfloat16))
     with pytest.raises(ValueError, match="unsupported"):
-        int4_mma_gemv(torch.zeros(1, 384, dtype=torch.bfloat16), torch.zeros(1, 48, 16, dtype=torch.int32),
+        int4_mma_gemv(torch.zeros(1, 384, dtype=torch.bfloat16),
+                      torch.zeros(1, 48, 16, dtype=torch.int32),
                       torch.zeros(1, 3, 16), None, None, bits=4, group_size=128)
 
 
@@ -98,18 +104,21 @@ def test_dispatch_rule() -> None:
     assert not int4_mma_fits(sym, (9, 0), moe=False)
     assert not int4_mma_fits(asym, (8, 0), moe=True)  # not measured there
     assert not int4_mma_fits(asym, (12, 0), moe=True)
-    assert not int4_mma_fits(_kn(2, 32, 384, 128, False), (9, 0), moe=True)  # K not a multiple of 256
-    f32 = Int4Weight.pack(torch.randn(2, 32, 512), 128, False, act_dtype=torch.float32).to_layout("kn")
+    # K not a multiple of 256
+    assert not int4_mma_fits(_kn(2, 32, 384, 128, False), (9, 0), moe=True)
+    f32 = Int4Weight.pack(torch.randn(2, 32, 512), 128, False, act_dtype=torch.float32)
+    f32 = f32.to_layout("kn")
     assert not int4_mma_fits(f32, (9, 0), moe=True)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the dispatcher picks the tensor-core GEMV on sm_90 only")
 @pytest.mark.parametrize(("n", "k"), [(1024, 2048), (2048, 512)])  # Qwen3-Next's w13 and w2
 @pytest.mark.parametrize("sym", [False, True])
 def test_dispatcher_sends_experts_to_it(n: int, k: int, sym: bool) -> None:
-    """The integrated path: a stacked g128 int4 bank moved to Hopper holds tiled words; 10 rows of picked
-    experts take the tensor-core GEMV, 1400 rows (past SYNC_FREE_ROWS: counted) the grouped GEMM."""
+    """The integrated path: a stacked g128 int4 bank moved to Hopper holds tiled words; 10 rows
+    of picked experts take the tensor-core GEMV, 1400 rows (past SYNC_FREE_ROWS: counted) the
+    grouped GEMM."""
     from spillover.kernels.quant_dispatch import SYNC_FREE_ROWS, busiest_expert_rows, choose_kernel
 
     w = torch.randn(16, n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02
@@ -121,14 +130,17 @@ def test_dispatcher_sends_experts_to_it(n: int, k: int, sym: bool) -> None:
         ids = torch.randint(0, 16, (t,), device="cuda")
         rows = busiest_expert_rows(x, ids)  # what quant_matmul asks the dispatcher with
         assert choose_kernel(fmt, torch.device("cuda"), rows, moe=True)[0] == kernel
-        ref = quant_matmul_kn_ref(x.float(), kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=128)
+        ref = quant_matmul_kn_ref(x.float(), kn.qweight, kn.scales, kn.mins, ids, bits=4,
+                                  group_size=128)
         out = fmt.forward_experts(x, ids)
-        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=2e-3 * float(ref.abs().max()))
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7,
+                                   atol=2e-3 * float(ref.abs().max()))
 
 
 def test_default_config() -> None:
-    """The measured choices: tiled words x by shuffles under a 48-register cap; on kn words symmetric
-    int4 x from L1 under a 48-register cap, asymmetric uncapped, x from L1 only at K >= 1024."""
+    """The measured choices: tiled words x by shuffles under a 48-register cap; on kn words
+    symmetric int4 x from L1 under a 48-register cap, asymmetric uncapped, x from L1 only
+    at K >= 1024."""
     for sym in (False, True):
         for k in (512, 2048):
             assert default_mma_config(sym, k, tiled=True) == MmaConfig(x_l1=False, max_regs=48)

@@ -17,9 +17,11 @@ from spillover.kernels.triton.paged_attention import paged_attention_decode  # n
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize(("hq", "hkv", "d", "bs"), [(4, 2, 16, 4), (6, 2, 24, 8), (3, 3, 32, 16), (8, 1, 64, 16)])
+@pytest.mark.parametrize(("hq", "hkv", "d", "bs"),
+                         [(4, 2, 16, 4), (6, 2, 24, 8), (3, 3, 32, 16), (8, 1, 64, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_kernel_matches_reference(hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype) -> None:
+def test_decode_kernel_matches_reference(hq: int, hkv: int, d: int, bs: int,
+                                         dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(hq * 100 + d)
     lens = [1, bs, bs + 1, 3 * bs - 2, 5]
     num_blocks = 24
@@ -40,7 +42,8 @@ def test_decode_kernel_matches_reference(hq: int, hkv: int, d: int, bs: int, dty
     cl = torch.tensor(lens, dtype=torch.int32)
     scale = d**-0.5
     expected = reference(q.float(), k.float(), v.float(), bt, cl, scale)
-    got = paged_attention_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bt.to(DEVICE), cl.to(DEVICE), scale)
+    got = paged_attention_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bt.to(DEVICE),
+                                 cl.to(DEVICE), scale)
     assert got.dtype == dtype and got.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert (got.float().cpu() - expected).abs().max().item() <= tol

@@ -1,6 +1,7 @@
-"""Triton W4A16/W8A16 GEMV and GEMM (kn layout) and the FP8 GEMV and GEMM against the torch references.
+"""Triton W4A16/W8A16 and FP8 GEMV and GEMM (kn layout) against the torch references.
 
-On the CPU they run under TRITON_INTERPRET=1; on CUDA (scripts/gpu_check, the device machine) for real.
+On the CPU they run under TRITON_INTERPRET=1; on CUDA (scripts/gpu_check, the device
+machine) for real.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def test_kernel_matches_reference(bits: int, group: int, sym: bool, kernel, stac
 @pytest.mark.parametrize(("group", "sym"), [(128, False), (128, True), (32, False)])
 @pytest.mark.parametrize("cfg", [None, GemmConfig(16, 64, 16, 4)], ids=str)
 def test_gemm_reads_tiled_words(group: int, sym: bool, cfg: GemmConfig | None) -> None:
-    """The grouped GEMM on the tiled layout (`ref_quant.tile_words`, what int4 experts hold on Hopper):
-    the same result as on kn words. K = 512 is two 32-word tiles; N = 48 three 16-channel tiles, so a
-    program's last tiles are masked (by default 32 channels x 32 words a step; also 64 x 16)."""
+    """The grouped GEMM on the tiled layout (`ref_quant.tile_words`, what int4 experts hold on
+    Hopper): the same result as on kn words. K = 512 is two 32-word tiles; N = 48 three
+    16-channel tiles, so a program's last tiles are masked (by default 32 channels x 32 words a
+    step; also 64 x 16)."""
     from spillover.kernels.triton.quant_gemm import default_gemm_config
 
     assert default_gemm_config(4, 48, 64, 8, tiled=True) == GemmConfig(16, 32, 32, 4)
@@ -67,8 +69,8 @@ def test_gemm_reads_tiled_words(group: int, sym: bool, cfg: GemmConfig | None) -
     x = torch.randn(19, 512, device=DEVICE)
     ids = torch.randint(0, 3, (19,), device=DEVICE)
     ref = quant_matmul_kn_ref(x, kn.qweight, kn.scales, kn.mins, ids, bits=4, group_size=group)
-    out = quant_gemm(x, tiled.qweight, tiled.scales, tiled.mins, ids, bits=4, group_size=group, config=cfg,
-                     tiled=True)
+    out = quant_gemm(x, tiled.qweight, tiled.scales, tiled.mins, ids, bits=4, group_size=group,
+                     config=cfg, tiled=True)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
 
 
@@ -80,16 +82,16 @@ def test_gemm_refuses_tiles_it_cannot_read() -> None:
                    config=GemmConfig(16, 40, 16, 4), tiled=True)
 
 
-# bf16 x only on the GPU: the Triton interpreter's tl.dot takes bf16 operands as raw bits (float16 and
-# float32 are exact there)
+# bf16 x only on the GPU: the Triton interpreter's tl.dot takes bf16 operands as raw bits (float16
+# and float32 are exact there)
 GEMM_X_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)
 @pytest.mark.parametrize("dtype", GEMM_X_DTYPES)
 def test_gemm_16bit_activations(bits: int, group: int, sym: bool, dtype: torch.dtype) -> None:
-    """The prefill GEMM with 16-bit x (the production case: weights cast to x's dtype for the dot) against
-    the float32 reference, within 16-bit rounding, with expert ids."""
+    """The prefill GEMM with 16-bit x (the production case: weights cast to x's dtype for the dot)
+    against the float32 reference, within 16-bit rounding, with expert ids."""
     fmt = _fmt(bits, group, sym, 3, 40, 256).to_layout("kn")
     x = torch.randn(19, 256, device=DEVICE).to(dtype)
     ids = torch.randint(0, 3, (19,), device=DEVICE)
@@ -97,12 +99,15 @@ def test_gemm_16bit_activations(bits: int, group: int, sym: bool, dtype: torch.d
     ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=bits, group_size=fmt.group_size)
     out = quant_gemm(*args, bits=bits, group_size=fmt.group_size)
     assert out.dtype == dtype
-    eps = torch.finfo(dtype).eps  # the weights are rounded to x's dtype for the dot: float16 measured 4.5e-4 of max
-    torch.testing.assert_close(out.float(), ref, rtol=2 * eps, atol=2 * eps * float(ref.abs().max()))
+    # the weights are rounded to x's dtype for the dot: float16 measured 4.5e-4 of max
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), ref, rtol=2 * eps,
+                               atol=2 * eps * float(ref.abs().max()))
 
 
 # Tiles smaller than, equal to and spanning several groups; split-K with its float32 reduction.
-GEMV_CONFIGS = [GemvConfig(16, 32, 1, 4), GemvConfig(8, 256, 1, 2), GemvConfig(64, 64, 4, 4), GemvConfig(32, 128, 2, 8)]
+GEMV_CONFIGS = [GemvConfig(16, 32, 1, 4), GemvConfig(8, 256, 1, 2), GemvConfig(64, 64, 4, 4),
+                GemvConfig(32, 128, 2, 8)]
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)
@@ -126,11 +131,14 @@ def test_fp8_gemv_matches_reference(stacked: bool, cfg: GemvConfig | None) -> No
     x = torch.randn(5, k, device=DEVICE)
     ids = torch.randint(0, e, (5,), device=DEVICE) if stacked else None
     ref = fp8_matmul_ref(x, fmt.weight, fmt.scale, ids)
-    torch.testing.assert_close(fp8_gemv(x, fmt.weight, fmt.scale, ids, config=cfg), ref, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(fp8_gemv(x, fmt.weight, fmt.scale, ids, config=cfg), ref, rtol=1e-4,
+                               atol=2e-4)
 
 
-def _fp8_blocks(e: int, n: int, k: int, block: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 weight [E, N, K], float32 scales [E, N/BN, K/BK]) for a BN x BK block, as checkpoints store them."""
+def _fp8_blocks(e: int, n: int, k: int, block: tuple[int, int],
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight [E, N, K], float32 scales [E, N/BN, K/BK]) for a BN x BK block, as
+    checkpoints store them."""
     bn, bk = block
     w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(seed))
     scale = w.view(e, n // bn, bn, k // bk, bk).abs().amax((2, 4)) / 448.0
@@ -155,7 +163,8 @@ def test_fp8_gemm_matches_reference(stacked: bool, block: tuple[int, int]) -> No
     x = torch.randn(t, k, device=DEVICE)
     ids = torch.randint(0, e, (t,), device=DEVICE) if stacked else None
     ref = fp8_matmul_ref(x, weight, scale, ids, block=block)
-    torch.testing.assert_close(fp8_gemm(x, weight, scale, ids, block=block), ref, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(fp8_gemm(x, weight, scale, ids, block=block), ref, rtol=1e-4,
+                               atol=2e-4)
 
 
 @pytest.mark.parametrize("cfg", [None, GemvConfig(8, 64, 2, 4)], ids=str)
@@ -164,7 +173,8 @@ def test_fp8_gemv_per_channel_scales(cfg: GemvConfig | None) -> None:
     e, n, k = 3, 40, 256
     w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(9))
     scale = w.abs().amax(-1, keepdim=True) / 448.0  # [E, N, 1]
-    fmt = Fp8BlockWeight((w / scale).to(torch.float8_e4m3fn), scale, (1, k), act_dtype=torch.float32).to(DEVICE)
+    fmt = Fp8BlockWeight((w / scale).to(torch.float8_e4m3fn), scale, (1, k),
+                         act_dtype=torch.float32).to(DEVICE)
     assert fmt.meta() == {"format": "fp8_block", "block": k, "block_n": 1, "stacked": True}
     torch.testing.assert_close(fmt.dequantize(), fmt.weight.float() * fmt.scale)
     back = Fp8BlockWeight.from_tensors(fmt.tensors(), fmt.meta(), act_dtype=torch.float32)
@@ -177,14 +187,17 @@ def test_fp8_gemv_per_channel_scales(cfg: GemvConfig | None) -> None:
 
 
 def test_default_config_divides_k_within_the_unroll_bound() -> None:
-    for rows, n, k, bits in [(1, 4096, 4096, 4), (1, 1024, 2048, 4), (10, 2048, 512, 8), (1, 2048, 512, 4),
-                             (64, 256, 96, 8), (1, 8192, 8192, 8), (1, 4096, 65536, 4), (1, 4096, 11008, 4)]:
+    for rows, n, k, bits in [(1, 4096, 4096, 4), (1, 1024, 2048, 4), (10, 2048, 512, 8),
+                             (1, 2048, 512, 4), (64, 256, 96, 8), (1, 8192, 8192, 8),
+                             (1, 4096, 65536, 4), (1, 4096, 11008, 4)]:
         cfg = default_config(rows, n, k, bits)
         assert k % (cfg.block_k * cfg.split_k) == 0, (rows, n, k, cfg)
         assert k // (cfg.block_k * cfg.split_k) <= 8 and 4 <= cfg.num_warps <= 16, (rows, n, k, cfg)
-    # the issue's shapes run without split-K (its cross-program reduction measured slower on the H200);
-    # a long K splits rather than unroll past 8 steps
-    assert default_config(1, 4096, 4096, 8).split_k == default_config(10, 1024, 2048, 4).split_k == 1
+    # the issue's shapes run without split-K (its cross-program reduction costs more than it
+    # saves: docs/kernel_notes.md, "GPU GEMV, fourth session", re-measured by
+    # `python bench/quant_gemv.py`); a long K splits rather than unroll past 8 steps
+    assert default_config(1, 4096, 4096, 8).split_k == 1
+    assert default_config(10, 1024, 2048, 4).split_k == 1
     assert default_config(1, 4096, 65536, 4).split_k > 1
 
 
@@ -201,10 +214,12 @@ def test_gemv_split_starting_inside_a_group(bits: int, group: int, sym: bool) ->
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)
-@pytest.mark.parametrize("cfg", [GemvConfig(16, 64, 1, 4), GemvConfig(8, 256, 1, 2), GemvConfig(32, 32, 2, 4)],
+@pytest.mark.parametrize("cfg", [GemvConfig(16, 64, 1, 4), GemvConfig(8, 256, 1, 2),
+                                 GemvConfig(32, 32, 2, 4)],
                          ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_16bit_activations(bits: int, group: int, sym: bool, cfg: GemvConfig, dtype: torch.dtype) -> None:
+def test_gemv_16bit_activations(bits: int, group: int, sym: bool, cfg: GemvConfig,
+                                dtype: torch.dtype) -> None:
     """16-bit x (the production case): int8 codes biased by 32896, int4 codes by 128 / 2048 / 32768
     by position, with the bias taken off per row; bf16 x read 4 values per load. Within 16-bit
     rounding of the float32 reference (the interpreter truncates on its bf16 store: up to one ulp,
@@ -219,11 +234,13 @@ def test_gemv_16bit_activations(bits: int, group: int, sym: bool, cfg: GemvConfi
     torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize(("bits", "group", "sym"), [(4, 128, False), (4, 128, True), (4, 32, False), (8, 16, True)])
+@pytest.mark.parametrize(("bits", "group", "sym"),
+                         [(4, 128, False), (4, 128, True), (4, 32, False), (8, 16, True)])
 @pytest.mark.parametrize("cfg", [GemvConfig(16, 256, 1, 4), GemvConfig(32, 256, 2, 4)], ids=str)
 def test_gemv_runs_match_plain_steps(bits: int, group: int, sym: bool, cfg: GemvConfig) -> None:
-    """A thread's steps on one run of consecutive word rows (scale and min applied once per run) give
-    the per-word result: both within 16-bit rounding of the reference, with and without split-K."""
+    """A thread's steps on one run of consecutive word rows (scale and min applied once per
+    run) give the per-word result: both within 16-bit rounding of the reference, with and
+    without split-K."""
     from spillover.kernels.triton.quant_gemv import runs_fit
 
     k = 1024 if bits == 4 else 512
@@ -235,17 +252,23 @@ def test_gemv_runs_match_plain_steps(bits: int, group: int, sym: bool, cfg: Gemv
     ref = quant_matmul_kn_ref(x.float(), *args[1:], bits=bits, group_size=group)
     for runs in (True, False):
         out = quant_gemv(*args, bits=bits, group_size=group, config=replace(cfg, runs=runs))
-        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -7,
+                                   atol=1e-3 * float(ref.abs().max()))
 
 
 def test_gemv_runs_refused_where_they_do_not_fit() -> None:
-    """Steps within one group (or a step count that does not divide a group's word rows) have no runs."""
+    """Steps within one group (or a step count that does not divide a group's word rows)
+    have no runs."""
     from spillover.kernels.triton.quant_gemv import runs_fit
 
-    assert not runs_fit(1024, 4, 128, GemvConfig(16, 64, 1, 4), biased=True)  # a step inside a group
-    assert not runs_fit(3072, 4, 128, GemvConfig(16, 256, 1, 4), biased=True)  # 12 steps, 16 word rows a group
-    assert runs_fit(4096, 4, 128, GemvConfig(16, 256, 1, 4), biased=True)  # 16 steps: one group's 16 word rows
-    assert not runs_fit(2048, 4, 128, GemvConfig(16, 256, 1, 4), biased=False)  # float32 x: exact codes
+    # a step inside a group
+    assert not runs_fit(1024, 4, 128, GemvConfig(16, 64, 1, 4), biased=True)
+    # 12 steps, 16 word rows a group
+    assert not runs_fit(3072, 4, 128, GemvConfig(16, 256, 1, 4), biased=True)
+    # 16 steps: one group's 16 word rows
+    assert runs_fit(4096, 4, 128, GemvConfig(16, 256, 1, 4), biased=True)
+    # float32 x: exact codes
+    assert not runs_fit(2048, 4, 128, GemvConfig(16, 256, 1, 4), biased=False)
     fmt = _fmt(4, 128, False, 1, 16, 1024).to_layout("kn")
     x = torch.randn(1, 1024, device=DEVICE).to(torch.bfloat16)
     with pytest.raises(ValueError, match="runs=1"):
@@ -254,8 +277,9 @@ def test_gemv_runs_refused_where_they_do_not_fit() -> None:
 
 
 def test_default_register_caps_only_with_runs() -> None:
-    """The int4 caps were measured with runs (BENCHMARKS.md "runs and register caps"); without runs
-    (float32 x, or steps that do not divide a group) the uncapped or 64-register config stays."""
+    """The int4 caps were measured with runs (docs/kernel_notes.md, "int4 GEMV: runs of word
+    rows, register caps, ..."); without runs (float32 x, or steps that do not divide a group)
+    the uncapped or 64-register config stays."""
     assert default_config(1, 4096, 4096, 4).max_regs == 48
     assert default_config(1, 4096, 4096, 4, symmetric=True).max_regs == 56
     assert default_config(1, 8192, 8192, 4).max_regs == 64
@@ -268,28 +292,32 @@ def test_default_register_caps_only_with_runs() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams: needs CUDA")
 def test_split_k_on_two_streams_at_once() -> None:
-    """Split-K GEMVs launched concurrently on two streams each get their own partials and counters."""
+    """Split-K GEMVs launched concurrently on two streams each get their own partials
+    and counters."""
     from spillover.kernels.triton.quant_gemv import workspace
 
     fmt = _fmt(4, 128, False, 1, 256, 4096).to_layout("kn")
     cfg = GemvConfig(16, 512, 4, 4)
     xs = [torch.randn(1, 4096, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
-    refs = [quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, None, bits=4, group_size=128)
+    refs = [quant_matmul_kn_ref(x.float(), fmt.qweight, fmt.scales, fmt.mins, None, bits=4,
+                                group_size=128)
             for x in xs]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     outs: list[list[torch.Tensor]] = [[], []]
     for _ in range(20):
         for i, st in enumerate(streams):
             with torch.cuda.stream(st):
-                outs[i].append(quant_gemv(xs[i], fmt.qweight, fmt.scales, fmt.mins, None, bits=4, group_size=128,
-                                          config=cfg))
+                outs[i].append(quant_gemv(xs[i], fmt.qweight, fmt.scales, fmt.mins, None, bits=4,
+                                          group_size=128, config=cfg))
     torch.cuda.synchronize()
     for i, st in enumerate(streams):
         for out in outs[i]:
-            torch.testing.assert_close(out.float(), refs[i], rtol=2 ** -7, atol=1e-3 * float(refs[i].abs().max()))
+            torch.testing.assert_close(out.float(), refs[i], rtol=2 ** -7,
+                                       atol=1e-3 * float(refs[i].abs().max()))
         with torch.cuda.stream(st):
             mine = workspace(xs[i].device, 1, 1)[0]
-        assert mine.data_ptr() != workspace(xs[i].device, 1, 1)[0].data_ptr()  # not the default stream's
+        # not the default stream's
+        assert mine.data_ptr() != workspace(xs[i].device, 1, 1)[0].data_ptr()
 
 
 def test_align_rows_groups_by_expert() -> None:
@@ -300,7 +328,8 @@ def test_align_rows_groups_by_expert() -> None:
 
 
 def test_align_rows_worst_case_sizes() -> None:
-    """The sync-free (CUDA) grouping: worst-case sizes, the exact grouping as its prefix, padding after."""
+    """The sync-free (CUDA) grouping: worst-case sizes, the exact grouping as its prefix,
+    padding after."""
     ids = torch.tensor([2, 0, 2, 2, 1, 5, 2])
     t, bm, e = 7, 2, 6
     rows, eids = align_rows(ids, t, bm, torch.device("cpu"), num_experts=e)
@@ -323,8 +352,8 @@ def test_gemm_skips_padding_blocks(kind: str, monkeypatch: pytest.MonkeyPatch) -
     x = torch.randn(19, 256, device=DEVICE)
     ids = torch.tensor([0, 2] * 9 + [2], device=DEVICE)  # expert 1 gets no rows
     if kind == "fp8":
-        fmt8 = Fp8BlockWeight.pack(torch.randn(3, 40, 256, generator=torch.Generator().manual_seed(2)),
-                                   act_dtype=torch.float32).to(DEVICE)
+        w8 = torch.randn(3, 40, 256, generator=torch.Generator().manual_seed(2))
+        fmt8 = Fp8BlockWeight.pack(w8, act_dtype=torch.float32).to(DEVICE)
         ref = fp8_matmul_ref(x, fmt8.weight, fmt8.scale, ids)
         out = fp8_gemm(x, fmt8.weight, fmt8.scale, ids)
     else:
@@ -345,8 +374,10 @@ def test_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> No
 
     assert choose_kernel(fmt, x.device, 2)[0] == "triton_gemv"
     torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
-    x = torch.randn(20, 128, device=DEVICE)  # prefill rows: the GEMM (on CUDA a dense weight goes bf16 + cuBLAS)
-    assert choose_kernel(fmt, x.device, 20)[0] == ("triton_dequant" if DEVICE == "cuda" else "triton_gemm")
+    # prefill rows: the GEMM (on CUDA a dense weight goes bf16 + cuBLAS)
+    x = torch.randn(20, 128, device=DEVICE)
+    expected = "triton_dequant" if DEVICE == "cuda" else "triton_gemm"
+    assert choose_kernel(fmt, x.device, 20)[0] == expected
     torch.testing.assert_close(fmt.forward(x), x @ fmt.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
@@ -355,7 +386,8 @@ def test_layout_round_trip_and_cuda_move() -> None:
     kn = fmt.to_layout("kn")
     assert kn.qweight.shape == (2, 8, 24) and kn.scales.shape == (2, 2, 24)
     back = kn.to_layout("nk")
-    assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), fmt.tensors().values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), fmt.tensors().values(),
+                                                 strict=True))
     assert torch.equal(kn.dequantize(), fmt.dequantize())
     if DEVICE == "cuda":
         assert fmt.to("cuda").layout == "kn" and fmt.to("cuda").to("cpu").layout == "nk"
@@ -380,8 +412,9 @@ def test_fp8_dispatch_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_dense_weights_with_many_rows_dequantize_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA a dense weight past GEMV_MAX_ROWS rows goes to bf16 + cuBLAS, unless its bf16 copy would pass
-    DEQUANT_MAX_BYTES; routed experts keep the grouped GEMM at any row count (plain Python: no GPU needed)."""
+    """On CUDA a dense weight past GEMV_MAX_ROWS rows goes to bf16 + cuBLAS, unless its bf16 copy
+    would pass DEQUANT_MAX_BYTES; routed experts keep the grouped GEMM at any row count (plain
+    Python: no GPU needed)."""
     from spillover.kernels import quant_dispatch as dispatch
     from spillover.kernels.quant_dispatch import GEMV_MAX_ROWS, choose_fp8_kernel, choose_kernel
 
@@ -394,7 +427,8 @@ def test_dense_weights_with_many_rows_dequantize_once(monkeypatch: pytest.Monkey
     assert choose_kernel(bank, cuda, 4096, moe=True)[0] == "triton_gemm"
     assert choose_fp8_kernel(fp8_dense, cuda, GEMV_MAX_ROWS + 1)[0] == "triton_dequant"
     assert choose_fp8_kernel(fp8_bank, cuda, 4096, moe=True)[0] == "triton_fp8_gemm"
-    monkeypatch.setattr(dispatch, "DEQUANT_MAX_BYTES", 2 * 64 * 256 - 1)  # one byte short of the bf16 copy
+    # one byte short of the bf16 copy
+    monkeypatch.setattr(dispatch, "DEQUANT_MAX_BYTES", 2 * 64 * 256 - 1)
     assert choose_kernel(dense, cuda, 4096)[0] == "triton_gemm"
     assert choose_fp8_kernel(fp8_dense, cuda, 4096)[0] == "triton_fp8_gemm"
 
@@ -406,12 +440,14 @@ def test_dense_many_rows_on_cuda_match_reference(kind: str) -> None:
     from spillover.kernels.quant_dispatch import GEMV_MAX_ROWS
 
     w = torch.randn(96, 512, generator=torch.Generator().manual_seed(5)) * 0.05
-    fmt = (Fp8BlockWeight.pack(w) if kind == "fp8" else Int4Weight.pack(w, 128, False) if kind == "int4"
-           else Int8Weight.pack(w)).to("cuda")
+    packed = {"fp8": Fp8BlockWeight.pack, "int8": Int8Weight.pack,
+              "int4": lambda w: Int4Weight.pack(w, 128, False)}[kind](w)
+    fmt = packed.to("cuda")
     for rows in (GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 300):
         x = torch.randn(rows, 512, device="cuda").to(torch.bfloat16)
         ref = x.float() @ fmt.dequantize().float().T
-        torch.testing.assert_close(fmt.forward(x).float(), ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
+        torch.testing.assert_close(fmt.forward(x).float(), ref, rtol=2e-2,
+                                   atol=1e-2 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), [*CASES, (8, 64, True)])
@@ -425,7 +461,8 @@ def test_triton_dequant_kn_matches_reference(bits: int, group: int, sym: bool) -
     for e in (0, 2):
         args = (fmt.qweight, fmt.scales, fmt.mins, e)
         ref = dequant_kn_ref(*args, bits=bits, group_size=fmt.group_size)
-        torch.testing.assert_close(dequant_kn(*args, bits=bits, group_size=fmt.group_size, out_dtype=torch.float32),
+        torch.testing.assert_close(dequant_kn(*args, bits=bits, group_size=fmt.group_size,
+                                              out_dtype=torch.float32),
                                    ref, rtol=1e-6, atol=1e-6)
         out16 = dequant_kn(*args, bits=bits, group_size=fmt.group_size)
         assert out16.dtype == torch.bfloat16
@@ -438,11 +475,15 @@ def test_triton_dequant_fp8_matches_reference(block: tuple[int, int]) -> None:
     from spillover.kernels.triton.dequant import dequant_fp8
 
     if block == (128, 128):  # N = 200: a partial row block
-        fmt = Fp8BlockWeight.pack(torch.randn(200, 384, generator=torch.Generator().manual_seed(3))).to(DEVICE)
+        w = torch.randn(200, 384, generator=torch.Generator().manual_seed(3))
+        fmt = Fp8BlockWeight.pack(w).to(DEVICE)
         weight, scale = fmt.weight, fmt.scale
     else:
         weight, scale = _fp8_blocks(1, 96, 384, block, 4)
         weight, scale = weight[0], scale[0]
     ref = dequant_fp8_block_ref(weight, scale, block)
-    torch.testing.assert_close(dequant_fp8(weight, scale, block, torch.float32), ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dequant_fp8(weight, scale, block).float(), ref, rtol=2 ** -7, atol=1e-6)  # one bf16 step
+    torch.testing.assert_close(dequant_fp8(weight, scale, block, torch.float32), ref, rtol=1e-6,
+                               atol=1e-6)
+    # one bf16 step
+    torch.testing.assert_close(dequant_fp8(weight, scale, block).float(), ref, rtol=2 ** -7,
+                               atol=1e-6)

@@ -1,4 +1,5 @@
-"""Logit-by-logit comparison with the transformers implementation on tiny random configs (fp32, CPU)."""
+"""Logit-by-logit comparison with the transformers implementation on tiny random configs
+(fp32, CPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
-def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, LLM]:
+def pair(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, LLM]:
     folder: Path = tmp_path_factory.mktemp(request.param)
     ref = save_hf(request.param, folder)
     ours = LLM(model=str(folder), device="cpu", dtype="float32")
@@ -36,7 +38,8 @@ def run_chunks(llm: LLM, chunks: list[list[int]]) -> torch.Tensor:
     out, seen = [], []
     for c in chunks:
         start, seen = len(seen), seen + c
-        out.append(runner.execute(StepPlan.one_sequence(seen, table, llm.block_size, start=start)).logits)
+        out.append(runner.execute(StepPlan.one_sequence(seen, table, llm.block_size,
+                                                        start=start)).logits)
     return torch.cat(out)
 
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import transformers
 
-BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                            rms_norm_eps=1e-6)
+BASE: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, rms_norm_eps=1e-6)
 
 # name -> (config class, overrides); several per architecture to cover each flag
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -24,8 +24,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2-tied": ("Qwen2Config", dict(tie_word_embeddings=True, num_key_value_heads=1)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
     "qwen3-tied": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
-    "qwen3_moe-norm": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                              norm_topk_prob=True, head_dim=16)),
+    "qwen3_moe-norm": ("Qwen3MoeConfig",
+                       dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                            norm_topk_prob=True, head_dim=16)),
     "qwen3_moe-nonorm-sparse": ("Qwen3MoeConfig", dict(
         num_hidden_layers=4, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
         norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[3], head_dim=16)),
@@ -59,7 +60,8 @@ def build_hf(name: str, seed: int = 0) -> Any:
                 # applied as (1 + w): random around 0 so that swapping w and 1 + w fails the test
                 p.uniform_(-0.5, 0.5)
             elif p.ndim == 1:
-                # Fresh init sets every norm to 1 (or 0 for zero-centred ones), hiding w vs 1+w bugs.
+                # Fresh init sets every norm to 1 (or 0 for zero-centred ones),
+                # hiding w vs 1+w bugs.
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.08)

@@ -1,5 +1,6 @@
 """Server fixtures: the real demo model served by `spillover serve` in a subprocess (its own GIL, so
-latency checks measure the server and not the test), and a scripted stub engine served in-process."""
+latency checks measure the server and not the test), and a scripted stub engine
+served in-process."""
 
 from __future__ import annotations
 
@@ -45,16 +46,16 @@ class Served:
     def client(self, **kw: Any) -> Any:
         import openai
 
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
-                             timeout=kw.pop("timeout", 120), **kw)
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=kw.pop("api_key", "none"),
+                             max_retries=0, timeout=kw.pop("timeout", 120), **kw)
 
 
 @pytest.fixture(scope="module")
 def real_server() -> Iterator[Served]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    cmd = [sys.executable, "-m", "spillover.cli.main", "serve", "--port", str(port), "--device", "cpu",
-           "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32"]
+    cmd = [sys.executable, "-m", "spillover.cli.main", "serve", "--port", str(port), "--device",
+           "cpu", "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -76,7 +77,8 @@ class ThreadServer:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

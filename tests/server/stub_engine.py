@@ -33,7 +33,8 @@ class ScriptedEngine:
         eos = int(tokenizer.eos_token_id)
         self.model_config = SimpleNamespace(vocab_size=len(tokenizer), eos_token_ids=(eos,))
         self.max_model_len = max_model_len
-        self.max_running, self.max_queue_len, self.step_delay = max_running, max_queue_len, step_delay
+        self.max_running, self.max_queue_len = max_running, max_queue_len
+        self.step_delay = step_delay
         self.running: dict[str, _Req] = {}
         self.waiting: list[_Req] = []
         self.total_blocks = 100
@@ -43,7 +44,8 @@ class ScriptedEngine:
     def _blocks_used(self) -> int:
         return sum(1 + (r.prompt_len + max(r.pos, default=0)) // 16 for r in self.running.values())
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"exceeds the model's context length of {self.max_model_len} tokens")
         if len(self.waiting) >= self.max_queue_len:
@@ -94,7 +96,9 @@ class ScriptedEngine:
     def stats(self) -> EngineStats:
         used = self._blocks_used()
         return EngineStats(num_running=len(self.running), num_waiting=len(self.waiting),
-                           kv_blocks_total=self.total_blocks, kv_blocks_free=self.total_blocks - used,
-                           kv_usage=used / self.total_blocks, prefix_queries_tokens=0, prefix_hit_tokens=0,
-                           num_preemptions=0, state_slots_total=0, state_slots_free=0, prompt_tokens_total=0,
-                           generation_tokens_total=0, computed_prompt_tokens_total=0)
+                           kv_blocks_total=self.total_blocks,
+                           kv_blocks_free=self.total_blocks - used,
+                           kv_usage=used / self.total_blocks, prefix_queries_tokens=0,
+                           prefix_hit_tokens=0, num_preemptions=0, state_slots_total=0,
+                           state_slots_free=0, prompt_tokens_total=0, generation_tokens_total=0,
+                           computed_prompt_tokens_total=0)

@@ -16,12 +16,14 @@ CASES = [
      "{\"name\": \"f\", \"arguments\": {\"a\": {\"b\": 1}}}\n</tool_call>",
      True, "Hello ", "\nplan\n", [("f", {"a": {"b": 1}})]),
     ("plain <tool answer < > </tool", True, "plain <tool answer < > </tool", "", []),
-    ("x <tool_call>{\"name\": \"g\", \"arguments\": {\"q\": \"}\"}", True, "x ", "", [("g", {"q": "}"})]),
+    ("x <tool_call>{\"name\": \"g\", \"arguments\": {\"q\": \"}\"}", True, "x ", "",
+     [("g", {"q": "}"})]),
     ("<think>unclosed", True, "", "unclosed", []),
     ("<tool_call>not json</tool_call> ok", True, "<tool_call>not json</tool_call> ok", "", []),
     ("<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>", False,
      "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>", "", []),
-    ("<think>r<tool_call>{\"arguments\": {\"z\": 2}, \"name\": \"h\"}</tool_call>", True, "", "r", [("h", {"z": 2})]),
+    ("<think>r<tool_call>{\"arguments\": {\"z\": 2}, \"name\": \"h\"}</tool_call>", True, "", "r",
+     [("h", {"z": 2})]),
 ]
 
 
@@ -67,10 +69,13 @@ def test_reasoning_started_in_prompt() -> None:
     ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, "max_tokens"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 30, "logprobs": True},
+     "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "audio": {}}, "audio"),
     ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": [{"role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages"),
 ])
 def test_chat_validation_names_param(body: dict[str, Any], param: str) -> None:
     with pytest.raises(APIError) as e:

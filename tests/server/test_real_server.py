@@ -41,21 +41,25 @@ def test_models_health_version(real_server: Served) -> None:
 
 def test_chat_and_stream_agree(real_server: Served) -> None:
     c = real_server.client()
-    r = c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=6, temperature=0)
+    r = c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=6,
+                                  temperature=0)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     ch = r.choices[0]
     assert ch.message.role == "assistant" and ch.message.content
     assert ch.finish_reason in ("stop", "length")
     u = r.usage
-    assert u is not None and u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens <= 6
+    assert u is not None and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.completion_tokens <= 6
     assert u.prompt_tokens_details is not None and u.prompt_tokens_details.cached_tokens is not None
 
-    chunks = list(c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=6, temperature=0,
+    chunks = list(c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=6,
+                                            temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
     assert text == ch.message.content
-    finishes = [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason]
+    finishes = [x.choices[0].finish_reason for x in chunks
+                if x.choices and x.choices[0].finish_reason]
     assert finishes == [ch.finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == u.completion_tokens  # type: ignore[union-attr]
     assert len({x.id for x in chunks}) == 1
@@ -77,29 +81,35 @@ def test_sampling_fields(real_server: Served) -> None:
     c = real_server.client()
     kw: dict[str, Any] = {"model": real_server.model, "messages": MSG}
     r = c.chat.completions.create(max_completion_tokens=2, temperature=0, **kw)
-    assert r.usage is not None and r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
-    a = c.chat.completions.create(max_tokens=3, temperature=1.0, seed=7, top_p=0.9, **kw).choices[0].message.content
-    b = c.chat.completions.create(max_tokens=3, temperature=1.0, seed=7, top_p=0.9, **kw).choices[0].message.content
+    assert r.usage is not None and r.usage.completion_tokens == 2
+    assert r.choices[0].finish_reason == "length"
+    sampled = dict(max_tokens=3, temperature=1.0, seed=7, top_p=0.9, **kw)
+    a = c.chat.completions.create(**sampled).choices[0].message.content
+    b = c.chat.completions.create(**sampled).choices[0].message.content
     assert a == b
-    r = c.chat.completions.create(max_tokens=3, n=2, temperature=1.0, presence_penalty=0.5, frequency_penalty=0.5,
+    r = c.chat.completions.create(max_tokens=3, n=2, temperature=1.0, presence_penalty=0.5,
+                                  frequency_penalty=0.5,
                                   extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
                                               "min_tokens": 1},
                                   **kw)
     assert [x.index for x in r.choices] == [0, 1]
-    greedy = c.chat.completions.create(max_tokens=5, temperature=0, **kw).choices[0].message.content or ""
+    first = c.chat.completions.create(max_tokens=5, temperature=0, **kw).choices[0]
+    greedy = first.message.content or ""
     word = greedy.split()[1] if len(greedy.split()) > 1 else greedy[:3]
     r = c.chat.completions.create(max_tokens=5, temperature=0, stop=[word], **kw)
     assert r.choices[0].finish_reason == "stop" and word not in (r.choices[0].message.content or "")
     # logit_bias can force a token: 100 on one id makes greedy pick it.
-    tok = httpx.post(f"{real_server.base}/tokenize", json={"prompt": " banana", "add_special_tokens": False}).json()
-    r = c.chat.completions.create(max_tokens=1, temperature=0, logit_bias={str(tok["tokens"][0]): 100}, **kw)
+    tok = httpx.post(f"{real_server.base}/tokenize",
+                     json={"prompt": " banana", "add_special_tokens": False}).json()
+    r = c.chat.completions.create(max_tokens=1, temperature=0,
+                                  logit_bias={str(tok["tokens"][0]): 100}, **kw)
     assert r.choices[0].message.content == tok["token_strs"][0]
 
 
 def test_logprobs(real_server: Served) -> None:
     c = real_server.client()
-    r = c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=3, temperature=0,
-                                  logprobs=True, top_logprobs=3)
+    r = c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=3,
+                                  temperature=0, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == 3
     for e in content:
@@ -107,15 +117,19 @@ def test_logprobs(real_server: Served) -> None:
         assert e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob
         assert e.token == e.top_logprobs[0].token  # greedy picks the top token
     with pytest.raises(openai.BadRequestError):
-        c.chat.completions.create(model=real_server.model, messages=MSG, logprobs=True, top_logprobs=21)
+        c.chat.completions.create(model=real_server.model, messages=MSG, logprobs=True,
+                                  top_logprobs=21)
 
 
 def _valid(obj: Any, schema: dict[str, Any]) -> bool:
     t = schema.get("type")
     if t == "object":
-        return isinstance(obj, dict) and all(k in obj for k in schema.get("required", [])) \
-            and all(_valid(obj[k], s) for k, s in schema.get("properties", {}).items() if k in obj) \
-            and (schema.get("additionalProperties", True) or set(obj) <= set(schema.get("properties", {})))
+        if not isinstance(obj, dict):
+            return False
+        props = schema.get("properties", {})
+        return (all(k in obj for k in schema.get("required", []))
+                and all(_valid(obj[k], s) for k, s in props.items() if k in obj)
+                and (schema.get("additionalProperties", True) or set(obj) <= set(props)))
     if t == "array":
         return isinstance(obj, list) and all(_valid(x, schema["items"]) for x in obj)
     if t == "string":
@@ -128,7 +142,8 @@ def _valid(obj: Any, schema: dict[str, Any]) -> bool:
 
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pet"],
-          "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "maximum": 999},
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "maximum": 999},
                          "pet": {"type": "string", "enum": ["cat", "dog"]}}}
 
 
@@ -137,9 +152,11 @@ def test_json_schema_output_validates(real_server: Served, stream: bool) -> None
     c = real_server.client()
     kw: dict[str, Any] = {"model": real_server.model, "max_tokens": 30, "temperature": 0,
                           "messages": [{"role": "user", "content": "Describe a person as JSON."}],
-                          "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}
+                          "response_format": {"type": "json_schema",
+                                              "json_schema": {"name": "p", "schema": SCHEMA}}}
     if stream:
-        text = "".join(x.choices[0].delta.content or "" for x in c.chat.completions.create(stream=True, **kw)
+        text = "".join(x.choices[0].delta.content or ""
+                       for x in c.chat.completions.create(stream=True, **kw)
                        if x.choices)
     else:
         r = c.chat.completions.create(**kw)
@@ -148,18 +165,20 @@ def test_json_schema_output_validates(real_server: Served, stream: bool) -> None
     assert _valid(json.loads(text), SCHEMA), text
     if stream:
         return
-    r = c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=40, temperature=0,
-                                  response_format={"type": "json_object"})
+    r = c.chat.completions.create(model=real_server.model, messages=MSG, max_tokens=40,
+                                  temperature=0, response_format={"type": "json_object"})
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
 
 
 def test_forced_tool_call_on_real_model(real_server: Served) -> None:
     tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
-        "additionalProperties": False}}}]
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"], "additionalProperties": False}}}]
     r = real_server.client().chat.completions.create(
-        model=real_server.model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False,
+        model=real_server.model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
         max_tokens=48, temperature=0)  # the tags alone take ~12 tokens with this tokenizer
     call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
@@ -168,20 +187,22 @@ def test_forced_tool_call_on_real_model(real_server: Served) -> None:
 
 def test_completions(real_server: Served) -> None:
     c = real_server.client()
-    r = c.completions.create(model=real_server.model, prompt="The sky is", max_tokens=3, temperature=0,
-                             echo=True, logprobs=2)
+    r = c.completions.create(model=real_server.model, prompt="The sky is", max_tokens=3,
+                             temperature=0, echo=True, logprobs=2)
     ch = r.choices[0]
     assert r.object == "text_completion" and ch.text.startswith("The sky is")
     lp = ch.logprobs
     assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
     assert lp.token_logprobs[0] is None and len(lp.tokens) == len(lp.token_logprobs) >= 3 + 3
     assert "".join(lp.tokens) == ch.text
-    r = c.completions.create(model=real_server.model, prompt=["One", "Two"], max_tokens=2, n=2, temperature=0)
+    r = c.completions.create(model=real_server.model, prompt=["One", "Two"], max_tokens=2, n=2,
+                             temperature=0)
     assert sorted(x.index for x in r.choices) == [0, 1, 2, 3]
     ids = httpx.post(f"{real_server.base}/tokenize", json={"prompt": "Hello"}).json()["tokens"]
     r = c.completions.create(model=real_server.model, prompt=ids, max_tokens=2, temperature=0)
     assert r.usage is not None and r.usage.prompt_tokens == len(ids)
-    chunks = list(c.completions.create(model=real_server.model, prompt="Hi", max_tokens=3, stream=True, echo=True,
+    chunks = list(c.completions.create(model=real_server.model, prompt="Hi", max_tokens=3,
+                                       stream=True, echo=True,
                                        stream_options={"include_usage": True}))
     assert chunks[0].choices[0].text.startswith("Hi") and chunks[-1].usage.completion_tokens == 3  # type: ignore[union-attr]
 
@@ -189,9 +210,11 @@ def test_completions(real_server: Served) -> None:
 def test_tokenize_roundtrip(real_server: Served) -> None:
     t = httpx.post(f"{real_server.base}/tokenize", json={"prompt": "Hello world"}).json()
     assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 1024
-    assert httpx.post(f"{real_server.base}/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "Hello world"
+    detok = httpx.post(f"{real_server.base}/detokenize", json={"tokens": t["tokens"]}).json()
+    assert detok["prompt"] == "Hello world"
     m = httpx.post(f"{real_server.base}/tokenize", json={"messages": MSG}).json()
-    r = real_server.client().chat.completions.create(model=real_server.model, messages=MSG, max_tokens=1)
+    r = real_server.client().chat.completions.create(model=real_server.model, messages=MSG,
+                                                     max_tokens=1)
     assert r.usage is not None and m["count"] == r.usage.prompt_tokens
 
 
@@ -201,12 +224,14 @@ ERRORS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": MSG, "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"messages": MSG, "stream_options": {"include_usage": True}}, 400, None),
+    ("/v1/chat/completions", {"messages": MSG, "stream_options": {"include_usage": True}}, 400,
+     None),
     ("/v1/chat/completions", {"messages": MSG, "tool_choice": "auto"}, 400, None),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"99999999": 5}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "bogus_field": 1}, 400, "bogus_field"),
     ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_schema",
-                              "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, None),
+                              "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400,
+     None),
     ("/v1/chat/completions", {"model": "gpt-9", "messages": MSG}, 404, "model"),
     ("/v1/chat/completions", {"messages": MSG, "max_tokens": 2000}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, None),
@@ -216,9 +241,11 @@ ERRORS: list[tuple[str, Any, int, str | None]] = [
 
 
 @pytest.mark.parametrize("path, body, status, param", ERRORS)
-def test_client_errors(real_server: Served, path: str, body: Any, status: int, param: str | None) -> None:
+def test_client_errors(real_server: Served, path: str, body: Any, status: int,
+                       param: str | None) -> None:
     kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(f"{real_server.base}{path}", headers={"content-type": "application/json"}, timeout=30, **kw)
+    r = httpx.post(f"{real_server.base}{path}", headers={"content-type": "application/json"},
+                   timeout=30, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"]
@@ -230,25 +257,32 @@ def test_context_length_exceeded(real_server: Served) -> None:
     long = "word " * 1100
     with pytest.raises(openai.BadRequestError) as e:
         real_server.client().chat.completions.create(model=real_server.model,
-                                                     messages=[{"role": "user", "content": long}], max_tokens=4)
+                                                     messages=[{"role": "user", "content": long}],
+                                                     max_tokens=4)
     assert e.value.code == "context_length_exceeded" and "1024" in e.value.message
-    assert real_server.client().chat.completions.create(model=real_server.model, messages=MSG, max_tokens=1)
+    assert real_server.client().chat.completions.create(model=real_server.model, messages=MSG,
+                                                        max_tokens=1)
 
 
 def test_metrics_names(real_server: Served) -> None:
     m = metrics(real_server)
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
-                 "generation_tokens_total", "time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
-                 "e2e_request_latency_seconds_count", "prefix_cache_hits_total", "prefix_cache_queries_total"):
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prompt_tokens_total",
+                 "generation_tokens_total", "time_to_first_token_seconds_count",
+                 "inter_token_latency_seconds_count",
+                 "e2e_request_latency_seconds_count", "prefix_cache_hits_total",
+                 "prefix_cache_queries_total"):
         assert f"spillover:{name}" in m
-    assert m["spillover:generation_tokens_total"] > 0 and m["spillover:time_to_first_token_seconds_count"] > 0
+    assert m["spillover:generation_tokens_total"] > 0
+    assert m["spillover:time_to_first_token_seconds_count"] > 0
 
 
 def _settled(served: Served, free0: float, within: float) -> dict[str, float]:
     deadline = time.monotonic() + within
     while True:
         m = metrics(served)
-        if m["spillover:num_requests_running"] == 0 and m["spillover:kv_cache_blocks_free"] == free0:
+        idle = m["spillover:num_requests_running"] == 0
+        if idle and m["spillover:kv_cache_blocks_free"] == free0:
             return m
         if time.monotonic() > deadline:
             raise AssertionError(f"not released within {within} s: {m}")
@@ -259,7 +293,8 @@ def test_disconnect_mid_stream_aborts(real_server: Served) -> None:
     m0 = _settled(real_server, metrics(real_server)["spillover:kv_cache_blocks_total"], 5)
     free0 = m0["spillover:kv_cache_blocks_free"]
     body = {"messages": MSG, "max_tokens": 500, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{real_server.base}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{real_server.base}/v1/chat/completions", json=body,
+                      timeout=60) as r:
         lines = r.iter_lines()
         got: list[str] = []
         for ln in lines:
@@ -273,7 +308,8 @@ def test_disconnect_mid_stream_aborts(real_server: Served) -> None:
     _settled(real_server, free0, 1.0)
     assert time.monotonic() - closed < 1.0
     assert metrics(real_server)["spillover:http_requests_client_disconnected_total"] >= 1
-    assert real_server.client().chat.completions.create(model=real_server.model, messages=MSG, max_tokens=2)
+    assert real_server.client().chat.completions.create(model=real_server.model, messages=MSG,
+                                                        max_tokens=2)
 
 
 def test_disconnect_non_streaming_aborts(real_server: Served) -> None:
@@ -302,13 +338,15 @@ print(json.dumps(lat))
 
 def test_64_concurrent_streams_and_fast_health(real_server: Served) -> None:
     async def main() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{real_server.base}/v1", api_key="x", max_retries=0, timeout=240)
+        client = openai.AsyncOpenAI(base_url=f"{real_server.base}/v1", api_key="x", max_retries=0,
+                                    timeout=240)
 
         async def one(i: int) -> str:
             s = await client.chat.completions.create(
                 model=real_server.model, messages=[{"role": "user", "content": f"Count to {i}."}],
                 max_tokens=4, temperature=0, stream=True, extra_body={"ignore_eos": True})
-            reasons = [c.choices[0].finish_reason async for c in s if c.choices and c.choices[0].finish_reason]
+            reasons = [c.choices[0].finish_reason async for c in s
+                       if c.choices and c.choices[0].finish_reason]
             return reasons[0] if len(reasons) == 1 else f"bad {reasons}"
 
         return list(await asyncio.gather(*(one(i) for i in range(64))))

@@ -21,8 +21,10 @@ from tests.server.stub_engine import ScriptedEngine
 MODEL = "stub"
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+CALL = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n'
+        '</tool_call>')
 CALL2 = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
 
 
@@ -45,7 +47,8 @@ def served(stub: Any) -> Served:
     s, _, _, release = stub
     r = httpx.get(f"{s.base}/health")
     assert r.status_code == 503 and r.json()["error"]["message"] == "Loading model"
-    r = httpx.post(f"{s.base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(f"{s.base}/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 503 and "retry-after" in r.headers
     release.set()
     from tests.server.conftest import wait_healthy
@@ -56,12 +59,14 @@ def served(stub: Any) -> Served:
 
 def chat(served: Served, script: str, **kw: Any) -> Any:
     return served.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": f"SCRIPT:{script}"}], max_tokens=200, **kw)
+        model=MODEL, messages=[{"role": "user", "content": f"SCRIPT:{script}"}], max_tokens=200,
+        **kw)
 
 
 def stream_chat(served: Served, script: str, **kw: Any) -> list[Any]:
     return list(served.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": f"SCRIPT:{script}"}], max_tokens=200, stream=True, **kw))
+        model=MODEL, messages=[{"role": "user", "content": f"SCRIPT:{script}"}], max_tokens=200,
+        stream=True, **kw))
 
 
 def test_tool_call_non_streaming(served: Served) -> None:
@@ -115,9 +120,11 @@ def test_tool_call_back_in_history(served: Served) -> None:
             {"id": "call_1", "type": "function",
              "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-        {"role": "user", "content": [{"type": "text", "text": "SCRIPT:"}, {"type": "text", "text": "Sunny."}]},
+        {"role": "user",
+         "content": [{"type": "text", "text": "SCRIPT:"}, {"type": "text", "text": "Sunny."}]},
     ]
-    r = served.client().chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=20)
+    r = served.client().chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS,
+                                                max_tokens=20)
     assert r.choices[0].message.content == "Sunny."
 
 
@@ -129,7 +136,8 @@ def test_reasoning_split(served: Served) -> None:
     assert m.content == "Hi there!"
     assert m.reasoning_content.strip() == "The user wants a greeting."  # type: ignore[attr-defined]
     chunks = stream_chat(served, REASONED, stream_options={"include_usage": True})
-    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks
+                        if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == "Hi there!" and reasoning.strip() == "The user wants a greeting."
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens > 0
@@ -137,7 +145,8 @@ def test_reasoning_split(served: Served) -> None:
 
 def test_reasoning_then_tool_call_streaming(served: Served) -> None:
     chunks = stream_chat(served, f"<think>need weather</think>{CALL}", tools=TOOLS)
-    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks
+                        if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     args = "".join(tc.function.arguments or "" for c in chunks if c.choices
                    for tc in c.choices[0].delta.tool_calls or [])
@@ -147,7 +156,8 @@ def test_reasoning_then_tool_call_streaming(served: Served) -> None:
 
 
 def test_thinking_disabled_is_content(served: Served) -> None:
-    m = chat(served, "<think>x</think>y", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    m = chat(served, "<think>x</think>y",
+             extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert m.choices[0].message.content == "<think>x</think>y"
 
 

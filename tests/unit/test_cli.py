@@ -96,7 +96,8 @@ def test_int4_experts_loads_int4_experts_over_int8_layers(tmp_path: Path) -> Non
 
     save_hf("qwen3_moe-norm", tmp_path)
     src = resolve_model(str(tmp_path))
-    _, record = load_for_llm(src, load_config(src), torch.device("cpu"), torch.float32, "int4-experts", 32)
+    _, record = load_for_llm(src, load_config(src), torch.device("cpu"), torch.float32,
+                             "int4-experts", 32)
     experts = {n: r for n, r in record.items() if ".experts." in n}
     assert experts and all(r.startswith("int4") for r in experts.values()), experts
     assert record["model.layers.0.self_attn.o_proj"].startswith("int8")
@@ -110,8 +111,8 @@ def test_convert_rejects_choices_it_cannot_write() -> None:
 
 
 def test_python_m_spillover_lists_the_console_script_commands() -> None:
-    proc = subprocess.run([sys.executable, "-m", "spillover", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "spillover", "--help"], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     listed = re.search(r"\{([a-z,-]+)\}", proc.stdout)
     assert listed is not None, proc.stdout

@@ -1,4 +1,5 @@
-"""Converter: formats per policy, store round trip, FP8/GGUF sources, crash + resume byte-identity."""
+"""Converter: formats per policy, store round trip, FP8/GGUF sources, crash + resume
+byte-identity."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ H, I, E = 64, 32, 3
 
 def _checkpoint(folder: Path, layers: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(50, H, generator=g).bfloat16()}
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.randn(50, H, generator=g).bfloat16()}
     for i in range(layers):
         p = f"model.layers.{i}"
         t[f"{p}.input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
@@ -64,7 +66,8 @@ def test_convert_int4_store_roundtrip(tmp_path: Path) -> None:
     assert (out / "config.json").read_text() == '{"model_type": "qwen3_moe"}'
     w = store.weight("model.layers.1.mlp.experts.2.down_proj.weight", act_dtype=torch.float32)
     assert isinstance(w, Int4Weight)
-    ref = Int4Weight.pack(src["model.layers.1.mlp.experts.2.down_proj.weight"], 32, act_dtype=torch.float32)
+    ref = Int4Weight.pack(src["model.layers.1.mlp.experts.2.down_proj.weight"], 32,
+                          act_dtype=torch.float32)
     assert torch.equal(w.dequantize(), ref.dequantize())
     assert torch.equal(store.tensor("model.embed_tokens.weight"), src["model.embed_tokens.weight"])
     for shard in m["shards"]:  # our writer produces files the reference reader accepts
@@ -132,7 +135,8 @@ def test_fp8_source_kept_or_requantized(tmp_path: Path) -> None:
     w = torch.randn(256, 128, generator=g).to(torch.float8_e4m3fn)
     s = torch.rand(2, 1, generator=g)
     (tmp_path / "src").mkdir()
-    save_file({"model.layers.0.mlp.down_proj.weight": w, "model.layers.0.mlp.down_proj.weight_scale_inv": s,
+    save_file({"model.layers.0.mlp.down_proj.weight": w,
+               "model.layers.0.mlp.down_proj.weight_scale_inv": s,
                "model.norm.weight": torch.ones(128)}, str(tmp_path / "src" / "model.safetensors"))
     keep = open_store(convert(tmp_path / "src", tmp_path / "keep", "keep", show_progress=False))
     fp8 = keep.weight("model.layers.0.mlp.down_proj.weight", act_dtype=torch.float32)
@@ -172,4 +176,5 @@ def test_gguf_source_imports_blocks_losslessly(tmp_path: Path) -> None:
         expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         got_t = got if isinstance(got, torch.Tensor) else got.dequantize()
         assert torch.equal(got_t.reshape(expected.shape), expected), t.name
-    assert store.manifest["tensors"]["blk.0.attn_q.weight"]["reason"] == "lossless import of GGUF Q4_1"
+    reason = store.manifest["tensors"]["blk.0.attn_q.weight"]["reason"]
+    assert reason == "lossless import of GGUF Q4_1"

@@ -13,6 +13,8 @@ import spillover.weights.convert_stream as cs
 from spillover.weights.convert import convert
 from spillover.weights.store import open_store
 
+FP8 = torch.float8_e4m3fn
+
 
 def _source(folder: Path) -> None:
     g = torch.Generator().manual_seed(0)
@@ -22,14 +24,15 @@ def _source(folder: Path) -> None:
         "model.layers.0.self_attn.k_proj.weight": torch.randn(33, 128, generator=g).half(),
         "model.layers.0.self_attn.v_proj.weight": torch.randn(45, 128, generator=g),
         "model.layers.0.mlp.experts.gate_up_proj": torch.randn(3, 70, 128, generator=g).bfloat16(),
-        "model.layers.0.mlp.down_proj.weight": torch.randn(300, 256, generator=g).to(torch.float8_e4m3fn),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(300, 256, generator=g).to(FP8),
         "model.layers.0.mlp.down_proj.weight_scale_inv": torch.rand(3, 2, generator=g),
-        "model.layers.0.mlp.up_proj.weight": torch.randn(2, 130, 128, generator=g).to(torch.float8_e4m3fn),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(2, 130, 128, generator=g).to(FP8),
         "model.layers.0.mlp.up_proj.weight_scale_inv": torch.rand(2, 2, 1, generator=g),
-        "model.layers.0.mlp.gate_proj.weight": torch.randn(40, 96, generator=g).bfloat16(),  # 96 % 128: dense
+        # 96 % 128: dense
+        "model.layers.0.mlp.gate_proj.weight": torch.randn(40, 96, generator=g).bfloat16(),
         "model.norm.weight": torch.ones(64),
         # kept as FP8 by the policy: the whole-tensor path, buffered writes beside the streamed ones
-        "model.layers.0.mlp.shared_expert_gate.weight": torch.randn(130, 128, generator=g).to(torch.float8_e4m3fn),
+        "model.layers.0.mlp.shared_expert_gate.weight": torch.randn(130, 128, generator=g).to(FP8),
         "model.layers.0.mlp.shared_expert_gate.weight_scale_inv": torch.rand(2, 1, generator=g),
         "model.layers.0.mlp.gate.weight": torch.zeros(0, 64).bfloat16(),  # empty: kept, no chunks
     }
@@ -41,12 +44,14 @@ def _source(folder: Path) -> None:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file()}
 
 
 @pytest.mark.parametrize(("quant", "group", "sym", "workers"),
                          [("int4", 32, True, 1), ("int4", 128, False, 3), ("int8", 128, True, 2)])
-def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str,
+def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  quant: str,
                                                   group: int, sym: bool, workers: int) -> None:
     _source(tmp_path / "src")
     monkeypatch.setattr(cs, "WORKERS", workers)
@@ -61,12 +66,12 @@ def test_streamed_store_equals_whole_tensor_store(tmp_path: Path, monkeypatch: p
         return calls[-1]
 
     monkeypatch.setattr(cs.Streamer, "write", spy)
-    streamed = convert(tmp_path / "src", tmp_path / "a", quant, group, symmetric=sym, shard_bytes=60000,
-                       show_progress=False)
+    streamed = convert(tmp_path / "src", tmp_path / "a", quant, group, symmetric=sym,
+                       shard_bytes=60000, show_progress=False)
     assert len(calls) == 11 and sum(calls) == 10  # all but the kept FP8 tensor stream
     monkeypatch.setattr(cs.Streamer, "write", lambda *a: False)
-    whole = convert(tmp_path / "src", tmp_path / "b", quant, group, symmetric=sym, shard_bytes=60000,
-                    show_progress=False)
+    whole = convert(tmp_path / "src", tmp_path / "b", quant, group, symmetric=sym,
+                    shard_bytes=60000, show_progress=False)
     assert _digest(streamed) == _digest(whole)
     store = open_store(streamed)
     store.verify()
@@ -92,7 +97,8 @@ def test_workers_keep_callers_threads_and_raise_failures() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_chunk_failure_surfaces_and_resume_is_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunk_failure_surfaces_and_resume_is_identical(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     _source(tmp_path / "src")
     monkeypatch.setattr(cs, "WORKERS", 2)
     monkeypatch.setattr(cs, "CHUNK_ELEMS", 7 * 128)
@@ -116,11 +122,13 @@ def test_chunk_failure_surfaces_and_resume_is_identical(tmp_path: Path, monkeypa
     assert _digest(convert(tmp_path / "src", tmp_path / "out", "int4", 32, **kw)) == ref  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("rows", "k", "workers"), [(512, 2048, 2), (32768, 2048, 4), (3, 64, 2), (1, 4096, 8)])
+@pytest.mark.parametrize(("rows", "k", "workers"),
+                         [(512, 2048, 2), (32768, 2048, 4), (3, 64, 2), (1, 4096, 8)])
 def test_row_ranges_cover_rows_once(rows: int, k: int, workers: int) -> None:
     ranges = cs._row_ranges(rows, k, 1 << 20, workers)
     assert ranges[0][0] == 0 and ranges[-1][1] == rows
-    assert all(a < b and b == c for (a, b), (c, _) in zip(ranges, ranges[1:] + [(rows, rows)], strict=True))
+    assert all(a < b and b == c for (a, b), (c, _) in zip(ranges, ranges[1:] + [(rows, rows)],
+                                                          strict=True))
     assert all((b - a) * k <= (1 << 20) + k for a, b in ranges)  # bounded by the chunk size
     if rows * k >= workers * cs.MIN_CHUNK_ELEMS:
         assert len(ranges) >= workers  # big enough tensors keep every worker busy

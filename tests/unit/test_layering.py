@@ -33,7 +33,8 @@ FLOOR_OF = {unit: i for i, units in enumerate(FLOORS) for unit in units}
 
 
 def unit_of(module: str) -> str:
-    """'spillover.quant.int4' -> 'quant'; 'spillover.config' -> 'config'; 'spillover' -> '__init__'."""
+    """'spillover.quant.int4' -> 'quant'; 'spillover.config' -> 'config';
+    'spillover' -> '__init__'."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 
@@ -90,7 +91,8 @@ def upward(found: list[tuple[str, str, str]]) -> list[str]:
         if src not in FLOOR_OF or dst not in FLOOR_OF:
             bad.append(f"{file}: unit {src if src not in FLOOR_OF else dst!r} has no floor")
         elif FLOOR_OF[dst] >= FLOOR_OF[src] and src not in ("__init__",):
-            bad.append(f"{file}: {src} (floor {FLOOR_OF[src]}) imports {dst} (floor {FLOOR_OF[dst]})")
+            bad.append(f"{file}: {src} (floor {FLOOR_OF[src]}) imports {dst} (floor "
+                       f"{FLOOR_OF[dst]})")
     return bad
 
 
@@ -113,7 +115,8 @@ def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:
     (pkg / "engine").mkdir()
     (pkg / "kernels" / "ops.py").write_text("from spillover.engine.runner import ModelRunner\n")
     (pkg / "engine" / "runner.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from spillover.kernels import ops\n")
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from "
+        "spillover.kernels import ops\n")
     found = edges(pkg)
     assert upward(found) == ["spillover/kernels/ops.py: kernels (floor 0) imports engine (floor 7)"]
     assert cycles(found) == [("engine", "kernels")]

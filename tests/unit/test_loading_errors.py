@@ -52,30 +52,35 @@ def test_folder_without_config(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*llama, qwen2, qwen3, qwen3_moe, qwen3_next"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2",
+                                                      "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="'gpt2'.*llama, qwen2, qwen3, qwen3_moe, qwen3_next"):
         load_config(resolve_model(str(tmp_path)))
 
 
 def test_missing_tensor_is_named(good: Path, tmp_path: Path) -> None:
     tensors = load_file(str(good / "model.safetensors"))
     del tensors["model.layers.1.mlp.down_proj.weight"]
-    with pytest.raises(WeightLoadError, match=r"missing tensors for: model\.layers\.1\.mlp\.down_proj\.weight"):
+    with pytest.raises(WeightLoadError,
+                       match=r"missing tensors for: model\.layers\.1\.mlp\.down_proj\.weight"):
         _load(_copy(good, tmp_path / "m", tensors))
 
 
 def test_misshaped_tensor_names_file_and_tensor(good: Path, tmp_path: Path) -> None:
     tensors = load_file(str(good / "model.safetensors"))
     tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(3, 64)
-    with pytest.raises(WeightLoadError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"
-                                              r"\.weight has shape \(3, 64\), expected"):
+    with pytest.raises(WeightLoadError,
+                       match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"
+                             r"\.weight has shape \(3, 64\), expected"):
         _load(_copy(good, tmp_path / "m", tensors))
 
 
 def test_unexpected_tensor_is_named(good: Path, tmp_path: Path) -> None:
     tensors = load_file(str(good / "model.safetensors"))
     tensors["model.layers.0.mystery.weight"] = torch.zeros(2)
-    with pytest.raises(WeightLoadError, match=r"unexpected tensor model\.layers\.0\.mystery\.weight"):
+    with pytest.raises(WeightLoadError,
+                       match=r"unexpected tensor model\.layers\.0\.mystery\.weight"):
         _load(_copy(good, tmp_path / "m", tensors))
 
 
@@ -102,7 +107,8 @@ def test_truncated_gguf_names_file(tmp_path: Path) -> None:
 
 
 def test_cli_reports_errors_without_traceback() -> None:
-    proc = subprocess.run([sys.executable, "-m", "spillover.cli.main", "generate", "/no/such/model", "--prompt", "hi"],
+    proc = subprocess.run([sys.executable, "-m", "spillover.cli.main", "generate", "/no/such/model",
+                           "--prompt", "hi"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error: model not found: /no/such/model" in proc.stderr

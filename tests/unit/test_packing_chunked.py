@@ -1,5 +1,6 @@
 """Chunked packing (RowPacker, the formats' pack(), the converter's streaming path) is bit-identical
-to packing the whole tensor at once with the reference RTN (`rtn_int4` / `rtn_int8` / FP8 blocks)."""
+to packing the whole tensor at once with the reference RTN
+(`rtn_int4` / `rtn_int8` / FP8 blocks)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def _fp8_whole(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     n, k = weight.shape[-2:]
     w = F.pad(weight.float(), (0, -k % block, 0, -n % block))
     tiles = w.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))
-    scale = tiles.abs().amax(dim=(-3, -1)) * (1.0 / FP8_MAX)  # as Fp8BlockWeight.pack: CUDA-identical
+    # as Fp8BlockWeight.pack: CUDA-identical
+    scale = tiles.abs().amax(dim=(-3, -1)) * (1.0 / FP8_MAX)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     s_full = scale.repeat_interleave(block, -2).repeat_interleave(block, -1)
     q = (w / s_full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -58,7 +60,8 @@ def _weights(shape: tuple[int, ...], seed: int) -> torch.Tensor:
         pairs = 2 * (shape[-1] // 2)
         flat[2, 1:pairs:2] = -flat[2, 0:pairs:2]
     if flat.shape[0] > 5 and shape[-1] % 32 == 0:
-        # Quotients exactly halfway between codes (scale 1): rounding must be half-to-even everywhere.
+        # Quotients exactly halfway between codes (scale 1): rounding must be
+        # half-to-even everywhere.
         halves = torch.arange(shape[-1]) % 16 - 7.5  # -7.5 .. 7.5
         flat[3] = halves
         flat[3, 0::32] = -8.0  # int4 symmetric: scale = -8 / -8 = 1
@@ -75,7 +78,8 @@ SHAPES = [(37, 256), (3, 29, 256), (300, 128)]  # rows never a multiple of the c
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("group", "sym"), [(32, True), (32, False), (128, True), (128, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_chunks_equal_whole(shape: tuple[int, ...], group: int, sym: bool, dtype: torch.dtype) -> None:
+def test_int4_chunks_equal_whole(shape: tuple[int, ...], group: int, sym: bool,
+                                 dtype: torch.dtype) -> None:
     w = _weights(shape, 0).to(dtype)
     ref = _int4_whole(w.reshape(-1, shape[-1]), group, sym)
     got = RowPacker(4, group, sym, chunk_elems=7 * shape[-1]).pack(w)
@@ -116,7 +120,8 @@ def test_nonfinite_rows_take_the_reference_path(bits: int) -> None:
 
 
 @pytest.mark.parametrize("shape", [(200, 300), (2, 130, 256), (129, 64), (3, 1, 5)])
-def test_fp8_block_bands_equal_whole(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp8_block_bands_equal_whole(shape: tuple[int, ...],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import spillover.quant.fp8 as fp8
 
     monkeypatch.setattr(fp8, "CHUNK_ELEMS", 1)  # one 128-row block per band: many bands

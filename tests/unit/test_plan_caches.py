@@ -97,7 +97,9 @@ def arch_model(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, An
     return arch, model, cache
 
 
-def test_kv_bytes_per_token_equal_transformers_cache(arch_model: tuple[str, torch.nn.Module, Any]) -> None:
+def test_kv_bytes_per_token_equal_transformers_cache(
+    arch_model: tuple[str, torch.nn.Module, Any],
+) -> None:
     arch, _, cache = arch_model
     plan = _plan(arch, T, B)
     kv = 0
@@ -109,7 +111,9 @@ def test_kv_bytes_per_token_equal_transformers_cache(arch_model: tuple[str, torc
     assert kv == plan.kv_bytes_per_token * B * T
 
 
-def test_state_bytes_per_sequence_equal_transformers_state(arch_model: tuple[str, torch.nn.Module, Any]) -> None:
+def test_state_bytes_per_sequence_equal_transformers_state(
+    arch_model: tuple[str, torch.nn.Module, Any],
+) -> None:
     arch, _, cache = arch_model
     plan = _plan(arch, T, B)
     state = 0
@@ -119,7 +123,8 @@ def test_state_bytes_per_sequence_equal_transformers_state(arch_model: tuple[str
         conv, rec = cache.get_conv_state(i), cache.get_recurrent_state(i)
         assert rec.dtype == torch.float32 and conv.dtype == torch.bfloat16
         k = conv.shape[-1]  # transformers keeps all K columns; the engine keeps the K-1 it needs
-        state += conv[0].numel() * (k - 1) // k * conv.element_size() + rec[0].numel() * rec.element_size()
+        state += conv[0].numel() * (k - 1) // k * conv.element_size()
+        state += rec[0].numel() * rec.element_size()
     assert state == plan.state_bytes_per_sequence
     assert (state > 0) == (arch == "qwen3_next")
 
@@ -139,7 +144,9 @@ def test_engine_cache_layout_allocates_exactly_the_plan(arch: str) -> None:
         assert s.ssm.dtype == torch.float32 and s.conv.dtype == torch.bfloat16
 
 
-def test_weight_bytes_per_component_equal_the_real_model(arch_model: tuple[str, torch.nn.Module, Any]) -> None:
+def test_weight_bytes_per_component_equal_the_real_model(
+    arch_model: tuple[str, torch.nn.Module, Any],
+) -> None:
     arch, model, _ = arch_model
     plan = _plan(arch, T, B)
     measured = measured_bytes_by_component(model.named_parameters())["host"]  # a CPU model

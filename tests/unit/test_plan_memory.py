@@ -1,4 +1,5 @@
-"""MemoryPlan: byte numbers of qwen3_next.md §4-5, placement invariants and the first user's case."""
+"""MemoryPlan: Qwen3-Next's byte numbers (docs/planning.md, "2. The bill"), placement invariants
+and the first user's case."""
 
 from __future__ import annotations
 
@@ -37,16 +38,18 @@ def test_weight_bytes_reproduce_spec_table(nxt: tuple[ModelConfig, object]) -> N
     # the spec's int8 row leaves out the per-channel scales ("negligible"): 80.35 GB without them
     int8 = _total(inv, WeightScheme.uniform(INT8))
     quantised_params = 79_000_240_128
-    rows = sum(t.shape[-2] * (t.shape[0] if len(t.shape) == 3 else 1) for t in inv.tensors if t.quantizable)  # type: ignore[attr-defined]
+    tensors = [t for t in inv.tensors if t.quantizable]  # type: ignore[attr-defined]
+    rows = sum(t.shape[-2] * (t.shape[0] if len(t.shape) == 3 else 1) for t in tensors)
     assert int8 == quantised_params + 674_151_168 * 2 + 2 * rows
     assert round((int8 - 2 * rows) / 1e9, 2) == 80.35
 
 
 def test_kv_and_state_of_qwen3_next(nxt: tuple[ModelConfig, object]) -> None:
     cfg, inv = nxt
-    plan = plan_memory(NEXT, cfg, inv, scheme_for("int4"), nominal_hardware("h100"), Limits(context=262144))
+    plan = plan_memory(NEXT, cfg, inv, scheme_for("int4"), nominal_hardware("h100"),
+                       Limits(context=262144))
     assert plan.kv_bytes_per_token == 24_576
-    assert plan.state_bytes_per_sequence == 77_266_944  # conv bf16 (3 cols) + fp32 state, §4 table
+    assert plan.state_bytes_per_sequence == 77_266_944  # conv bf16 (3 cols) + fp32 state
     assert plan.tiers["gpu"]["kv_cache"] == 6 * GiB  # 256K tokens
     assert plan.num_kv_blocks == 262144 // 16
     assert plan.params_active_per_token == 3_563_764_480  # with lm_head, without embeddings
@@ -96,25 +99,29 @@ def test_caches_that_do_not_fit_the_gpu_are_reported() -> None:
     assert any("--context" in s for s in plan.suggestions)
     ok = make_plan("llama", cfg, inv, hw, Limits(context=plan.max_context, seqs=4), "int4")
     assert ok.fits
-    too_long = make_plan("llama", cfg, inv, hw, Limits(context=plan.max_context + 16, seqs=4), "int4")
+    too_long = make_plan("llama", cfg, inv, hw, Limits(context=plan.max_context + 16, seqs=4),
+                         "int4")
     assert not too_long.fits
 
 
 def test_small_model_fits_on_gpu_and_dense_model_spills_layers() -> None:
     small = ModelConfig.from_hf(CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"])
-    p = make_plan("smol", small, inventory_from_config(small), nominal_hardware("rtx4090"), Limits(context=8192))
+    p = make_plan("smol", small, inventory_from_config(small), nominal_hardware("rtx4090"),
+                  Limits(context=8192))
     assert p.verdict == "gpu" and p.scheme.name == "bf16" and p.tier_total("host") == 0
     big = ModelConfig.from_hf(CONFIGS["meta-llama/Llama-3.1-70B-Instruct"])
     inv = inventory_from_config(big)
-    q = make_plan("70b", big, inv, nominal_hardware("rtx4090", "128GB"), Limits(context=8192), "int4")
+    q = make_plan("70b", big, inv, nominal_hardware("rtx4090", "128GB"), Limits(context=8192),
+                  "int4")
     assert q.verdict == "gpu+ram" and 0 < q.dense_layers_on_gpu < 80
-    # hybrid decode speed is dominated by the bytes the CPU reads (§5.1)
+    # hybrid decode speed is dominated by the bytes the CPU reads (docs/planning.md, "4. Speed")
     assert q.predicted.decode_ms_by_link["host_mem"] > q.predicted.decode_ms_by_link["gpu_mem"]
 
 
 def test_cpu_only_machine_plans_in_ram() -> None:
     cfg = ModelConfig.from_hf(CONFIGS["Qwen/Qwen3-8B"])
-    p = make_plan("q8", cfg, inventory_from_config(cfg), nominal_hardware(None, "32GB"), Limits(context=4096))
+    p = make_plan("q8", cfg, inventory_from_config(cfg), nominal_hardware(None, "32GB"),
+                  Limits(context=4096))
     assert p.verdict == "ram" and p.fits and p.tier_total("gpu") == 0
     assert p.tiers["host"]["kv_cache"] == 4096 * cfg.kv_bytes_per_token(2)
     assert p.predicted.decode_tok_s > 0 and p.predicted.prefill_tok_s > 0

@@ -11,7 +11,13 @@ import pytest
 from spillover.cli.plan import main
 from spillover.hw.gpus import GPUS, UnknownGpuError, find_gpu, match_gpu_name, pcie_bandwidth
 from spillover.hw.info import GiB, nominal_hardware, parse_bytes, parse_rate, with_overrides
-from spillover.hw.probe import apply_measurements, load_measurements, measure_links, probe, probe_gpus
+from spillover.hw.probe import (
+    apply_measurements,
+    load_measurements,
+    measure_links,
+    probe,
+    probe_gpus,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +92,8 @@ def test_measure_is_cached_and_applied(tmp_path: Path) -> None:
 def test_probe_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["probe", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"gpus", "cpu", "ram_total", "ram_available", "disk_free", "links_bytes_per_s"} <= set(out)
+    assert {"gpus", "cpu", "ram_total", "ram_available", "disk_free",
+            "links_bytes_per_s"} <= set(out)
     assert {"avx2", "avx512", "amx", "cores"} <= set(out["cpu"])
     assert main(["probe", "--gpus", "--json"]) == 0
     assert any(r["key"] == "rtx5090" for r in json.loads(capsys.readouterr().out))

@@ -1,9 +1,9 @@
-"""Pre-quantized Hugging Face checkpoints (GPTQ, AWQ, compressed-tensors, Qwen FP8) load packed and exact.
+"""Pre-quantized checkpoints (GPTQ, AWQ, compressed-tensors, Qwen FP8) load packed and exact.
 
-Each tiny random model is quantized with plain torch into the format's on-disk layout (quantization.md
-§2.1-2.4) and saved with a realistic `quantization_config`; a float checkpoint of the exact dequantized
-values is the reference. Loading the quantized folder (and its `spillover convert` store) must give the
-reference logits, with the modules really packed.
+Each tiny random model is quantized with plain torch into the format's on-disk layout
+(docs/quantization.md, "1. What we load") and saved with a realistic `quantization_config`; a float
+checkpoint of the exact dequantized values is the reference. Loading the quantized folder (and its
+`spillover convert` store) must give the reference logits, with the modules really packed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from spillover.layers.linear import Linear
 from spillover.offload.bank import is_expert_bank
 from spillover.quant import Fp8BlockWeight, Int4Weight, Int8Weight
 from spillover.quant.importers.awq import ORDER
-from spillover.quant.importers.checkpoint import CheckpointQuantError, detect_quantization, iter_checkpoint
+from spillover.quant.importers.checkpoint import (
+    CheckpointQuantError,
+    detect_quantization,
+    iter_checkpoint,
+)
 from spillover.quant.importers.gptq import ActOrderNotSupported
 from spillover.weights.convert import convert
 from spillover.weights.store import open_store
@@ -35,13 +39,16 @@ G = 32  # divides every in_features of the tiny configs
 # in_proj_ba (and lm_head, embeddings, norms, conv, which are not layer linears)
 FLOAT = re.compile(r"\.mlp\.gate\.weight$|shared_expert_gate|in_proj_ba|conv1d")
 IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$", "re:.*in_proj_ba$"]
-# FP8 blocks are 128 x 128: these variants have every merged part (q|k|v, gate|up) a whole number of blocks
+# FP8 blocks are 128 x 128: these variants have every merged part (q|k|v, gate|up) a whole
+# number of blocks
 FP8_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen3-fp8": ("Qwen3Config", dict(hidden_size=128, intermediate_size=256, head_dim=64, num_hidden_layers=2,
-                                      tie_word_embeddings=False)),
-    "qwen3_moe-fp8": ("Qwen3MoeConfig", dict(hidden_size=128, head_dim=64, num_hidden_layers=2, num_experts=4,
-                                             num_experts_per_tok=2, moe_intermediate_size=128,
-                                             norm_topk_prob=True)),
+    "qwen3-fp8": ("Qwen3Config",
+                  dict(hidden_size=128, intermediate_size=256, head_dim=64, num_hidden_layers=2,
+                       tie_word_embeddings=False)),
+    "qwen3_moe-fp8": ("Qwen3MoeConfig",
+                      dict(hidden_size=128, head_dim=64, num_hidden_layers=2, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=128,
+                           norm_topk_prob=True)),
 }
 
 Parts = dict[str, torch.Tensor]
@@ -52,7 +59,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- writing checkpoints in each layout --------------------------------------------------------
 
-def _rtn(w: torch.Tensor, sym: bool, sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rtn(w: torch.Tensor, sym: bool,
+         sdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes q [N, K] in 0..15, zeros z [N, K/G], scales s [N, K/G] (sdt) with w ~ s * (q - z)."""
     n, k = w.shape
     g = w.float().reshape(n, k // G, G)
@@ -102,7 +110,8 @@ def _compressed_tensors(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor
 def _fp8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
     n, k = w.shape
     b = 128
-    tiles = torch.nn.functional.pad(w.float(), (0, -k % b, 0, -n % b)).unflatten(1, (-1, b)).unflatten(0, (-1, b))
+    padded = torch.nn.functional.pad(w.float(), (0, -k % b, 0, -n % b))
+    tiles = padded.unflatten(1, (-1, b)).unflatten(0, (-1, b))
     scale = (tiles.abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-8)  # [N/b, K/b]
     full = scale.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
     q = (w.float() / full).to(torch.float8_e4m3fn)
@@ -116,7 +125,8 @@ def _ct_fp8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
 
 
 def _ct_fp8_channel(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
-    """compressed-tensors float-quantized FP8_DYNAMIC weights: e4m3 [N, K], one float32 scale per row [N, 1]."""
+    """compressed-tensors float-quantized FP8_DYNAMIC weights: e4m3 [N, K], one float32 scale
+    per row [N, 1]."""
     scale = (w.float().abs().amax(-1, keepdim=True) / 448.0).clamp_min(1e-8)
     q = (w.float() / scale).to(torch.float8_e4m3fn)
     return {"weight": q, "weight_scale": scale}, q.float() * scale
@@ -136,51 +146,62 @@ def _ct_int8(w: torch.Tensor, sym: bool) -> tuple[Parts, torch.Tensor]:
 def _qconfig(method: str, sym: bool) -> dict[str, Any]:
     if method == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": False, "sym": sym,
-                "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "lm_head": False,
+                "damp_percent": 0.01, "true_sequential": True, "static_groups": False,
+                "lm_head": False,
                 "checkpoint_format": "gptq", "meta": {"quantizer": ["gptqmodel:2.2.0"]}}
     if method == "awq":
-        return {"quant_method": "awq", "bits": 4, "group_size": G, "version": "gemm", "zero_point": True,
-                "modules_to_not_convert": ["gate", "in_proj_ba"]}
+        return {"quant_method": "awq", "bits": 4, "group_size": G, "version": "gemm",
+                "zero_point": True, "modules_to_not_convert": ["gate", "in_proj_ba"]}
     if method == "compressed-tensors":
-        weights = {"num_bits": 4, "type": "int", "symmetric": sym, "group_size": G, "strategy": "group",
-                   "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax"}
+        weights = {"num_bits": 4, "type": "int", "symmetric": sym, "group_size": G,
+                   "strategy": "group",
+                   "dynamic": False, "actorder": None, "block_structure": None,
+                   "observer": "minmax"}
         return {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                "quantization_status": "compressed", "kv_cache_scheme": None, "global_compression_ratio": None,
+                "quantization_status": "compressed", "kv_cache_scheme": None,
+                "global_compression_ratio": None,
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                              "input_activations": None, "output_activations": None}},
+                                              "input_activations": None,
+                                              "output_activations": None}},
                 "ignore": IGNORE}
     if method in ("ct-fp8", "ct-fp8-channel", "ct-int8"):
         if method == "ct-fp8":
-            weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "block",
+            weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+                       "strategy": "block",
                        "block_structure": [128, 128], "dynamic": False, "observer": "minmax"}
-            acts = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 128, "strategy": "group",
-                    "dynamic": True, "observer": None}
+            acts = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 128,
+                    "strategy": "group", "dynamic": True, "observer": None}
         elif method == "ct-fp8-channel":  # llm-compressor's FP8_DYNAMIC preset
-            weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
+            weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+                       "strategy": "channel",
                        "block_structure": None, "dynamic": False, "observer": "minmax"}
-            acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True,
-                    "observer": None}
+            acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                    "dynamic": True, "observer": None}
         else:
-            weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
-                       "dynamic": False, "observer": "minmax"}
-            acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
-                    "observer": None}
+            weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                       "strategy": "channel", "dynamic": False, "observer": "minmax"}
+            acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                    "dynamic": True, "observer": None}
         fmt = "int-quantized" if method == "ct-int8" else "float-quantized"
-        return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        return {"quant_method": "compressed-tensors", "format": fmt,
+                "quantization_status": "compressed",
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                              "input_activations": acts, "output_activations": None}},
+                                              "input_activations": acts,
+                                              "output_activations": None}},
                 "ignore": IGNORE}
-    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
             "modules_to_not_convert": ["lm_head", "mlp.gate", "shared_expert_gate"]}
 
 
 WRITERS: dict[str, Callable[[torch.Tensor, bool], tuple[Parts, torch.Tensor]]] = {
-    "gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8, "ct-fp8": _ct_fp8,
-    "ct-fp8-channel": _ct_fp8_channel, "ct-int8": _ct_int8}
+    "gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8,
+    "ct-fp8": _ct_fp8, "ct-fp8-channel": _ct_fp8_channel, "ct-int8": _ct_int8}
 # writer -> (quant_method in config.json, packed format type, its store name)
 EXPECT: dict[str, tuple[str, type, str]] = {
     "gptq": ("gptq", Int4Weight, "int4"), "awq": ("awq", Int4Weight, "int4"),
-    "compressed-tensors": ("compressed-tensors", Int4Weight, "int4"), "fp8": ("fp8", Fp8BlockWeight, "fp8_block"),
+    "compressed-tensors": ("compressed-tensors", Int4Weight, "int4"),
+    "fp8": ("fp8", Fp8BlockWeight, "fp8_block"),
     "ct-fp8": ("compressed-tensors", Fp8BlockWeight, "fp8_block"),
     "ct-fp8-channel": ("compressed-tensors", Fp8BlockWeight, "fp8_block"),
     "ct-int8": ("compressed-tensors", Int8Weight, "int8")}
@@ -197,7 +218,8 @@ def _write(tmp: Path, model: str, method: str, sym: bool,
     out: Parts = {}
     dense: Parts = {}
     for name, t in load_file(str(tmp / "float" / "model.safetensors")).items():
-        if name.startswith("model.layers.") and name.endswith(".weight") and t.dim() == 2 and not FLOAT.search(name):
+        in_layer = name.startswith("model.layers.") and name.endswith(".weight")
+        if in_layer and t.dim() == 2 and not FLOAT.search(name):
             parts, dense[name] = WRITERS[method](t, sym)
             if tweak is not None:
                 tweak(name, parts)
@@ -210,10 +232,12 @@ def _write(tmp: Path, model: str, method: str, sym: bool,
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     for file, keys in shards.items():
-        save_file({k: out[k].contiguous() for k in keys}, str(qdir / file), metadata={"format": "pt"})
+        save_file({k: out[k].contiguous() for k in keys}, str(qdir / file),
+                  metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (qdir / "model.safetensors.index.json").write_text(json.dumps(index))
-    (qdir / "config.json").write_text(json.dumps({**cfg, "quantization_config": _qconfig(method, sym)}))
+    (qdir / "config.json").write_text(json.dumps({**cfg,
+                                                  "quantization_config": _qconfig(method, sym)}))
     save_file(dense, str(ref / "model.safetensors"))
     (ref / "config.json").write_text(json.dumps(cfg))
     return qdir, ref
@@ -249,19 +273,22 @@ def _logits(model: Path, ids: list[int]) -> torch.Tensor:
 
 # ---- end to end --------------------------------------------------------------------------------
 
-IDS = [list(range(3, 40)), [7, 1, 99]]  # prefill-sized (dequant + matmul) and decode-sized (CPU int4 op)
+# prefill-sized (dequant + matmul) and decode-sized (CPU int4 op)
+IDS = [list(range(3, 40)), [7, 1, 99]]
 CASES = [
     ("gptq", "qwen3", True), ("gptq", "qwen3_moe-norm", False), ("awq", "llama-untied", False),
     ("awq", "qwen3_moe-norm", False), ("compressed-tensors", "qwen3", True),
-    ("compressed-tensors", "qwen3_next", False), ("fp8", "qwen3-fp8", True), ("fp8", "qwen3_moe-fp8", True),
-    ("ct-fp8", "qwen3_moe-fp8", True), ("ct-fp8-channel", "qwen3", True), ("ct-fp8-channel", "qwen3_moe-norm", True),
+    ("compressed-tensors", "qwen3_next", False), ("fp8", "qwen3-fp8", True),
+    ("fp8", "qwen3_moe-fp8", True),
+    ("ct-fp8", "qwen3_moe-fp8", True), ("ct-fp8-channel", "qwen3", True),
+    ("ct-fp8-channel", "qwen3_moe-norm", True),
     ("ct-int8", "qwen3", True), ("ct-int8", "qwen3_moe-norm", False),
 ]
 
 
 @pytest.mark.parametrize(("method", "model", "sym"), CASES, ids=[f"{m}-{n}" for m, n, _ in CASES])
-def test_checkpoint_loads_packed_and_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
-                                           model: str, sym: bool) -> None:
+def test_checkpoint_loads_packed_and_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           method: str, model: str, sym: bool) -> None:
     if model in FP8_CONFIGS:
         monkeypatch.setitem(CONFIGS, model, FP8_CONFIGS[model])
     qdir, ref = _write(tmp_path, model, method, sym)
@@ -280,7 +307,8 @@ def test_checkpoint_loads_packed_and_exact(tmp_path: Path, monkeypatch: pytest.M
     assert llm.quant_record["lm_head.weight"].startswith("dense")
     store = convert(qdir, tmp_path / "store", show_progress=False)
     entries = open_store(store).manifest["tensors"]
-    assert {e["format"] for n, e in entries.items() if "proj" in n and not FLOAT.search(n)} == {fmt_name}
+    formats = {e["format"] for n, e in entries.items() if "proj" in n and not FLOAT.search(n)}
+    assert formats == {fmt_name}
     from_store = LLM(model=str(store), device="cpu", dtype="float32")
     assert _packed_types(from_store) == {fmt_type} and not _dense_linears(from_store)
     for ids in IDS:
@@ -311,7 +339,8 @@ def test_act_order_is_refused_naming_file_and_tensor(tmp_path: Path) -> None:
 
     qdir, _ = _write(tmp_path, "qwen3", "gptq", True, shuffle)
     with pytest.raises(ActOrderNotSupported, match=r"model-0000\d-of-00002\.safetensors: tensor "
-                                                   r"model\.layers\.1\.mlp\.down_proj\.g_idx: .*act-order"):
+                                                   r"model\.layers\.1\.mlp\.down_proj\.g_idx: "
+                                                   r".*act-order"):
         LLM(model=str(qdir), device="cpu", dtype="float32")
 
 
@@ -326,7 +355,8 @@ def test_other_bit_widths_are_refused(tmp_path: Path, method: str) -> None:
         q["bits"] = 8
     (qdir / "config.json").write_text(json.dumps(cfg))
     marker = "weight_packed" if method == "compressed-tensors" else "qweight"
-    pattern = rf"safetensors: tensor model\.layers\.\d+\.\S+\.{marker}: {method} 8-bit weights are not supported"
+    pattern = (rf"safetensors: tensor model\.layers\.\d+\.\S+\.{marker}: "
+               rf"{method} 8-bit weights are not supported")
     with pytest.raises(CheckpointQuantError, match=pattern):
         LLM(model=str(qdir), device="cpu", dtype="float32")
     with pytest.raises(CheckpointQuantError, match=pattern):
@@ -340,16 +370,18 @@ def test_unknown_method_and_quant_flag_are_refused(tmp_path: Path) -> None:
     cfg = json.loads((qdir / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (qdir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointQuantError, match=r"config\.json: quant_method 'bitsandbytes' is not supported; "
-                                                   r"supported: awq, compressed-tensors, fp8, gptq"):
+    with pytest.raises(CheckpointQuantError,
+                       match=r"config\.json: quant_method 'bitsandbytes' is not supported; "
+                             r"supported: awq, compressed-tensors, fp8, gptq"):
         LLM(model=str(qdir), device="cpu", dtype="float32")
 
 
 def test_missing_part_is_refused(tmp_path: Path) -> None:
     qdir, _ = _write(tmp_path, "qwen3", "gptq", True)
     _drop(qdir, "model.layers.0.self_attn.o_proj.scales")
-    with pytest.raises(CheckpointQuantError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.qweight has no "
-                                                   r"model\.layers\.0\.self_attn\.o_proj\.scales"):
+    with pytest.raises(CheckpointQuantError,
+                       match=r"tensor model\.layers\.0\.self_attn\.o_proj\.qweight has no "
+                             r"model\.layers\.0\.self_attn\.o_proj\.scales"):
         list(iter_checkpoint(qdir))
 
 
@@ -357,10 +389,11 @@ def test_legacy_quantize_config_json_is_read(tmp_path: Path) -> None:
     """Older AutoGPTQ folders carry their settings in quantize_config.json, not in config.json."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     assert detect_quantization(tmp_path) is None
-    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "desc_act": False,
-                                                               "sym": True}))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128,
+                                                               "desc_act": False, "sym": True}))
     quant = detect_quantization(tmp_path)
-    assert quant is not None and (quant.method, quant.group_size, quant.checkpoint_format) == ("gptq", 128, "gptq")
+    assert quant is not None
+    assert (quant.method, quant.group_size, quant.checkpoint_format) == ("gptq", 128, "gptq")
 
 
 def test_convert_resumes_byte_identical(tmp_path: Path) -> None:
@@ -369,7 +402,8 @@ def test_convert_resumes_byte_identical(tmp_path: Path) -> None:
     qdir, _ = _write(tmp_path, "qwen3_moe-norm", "gptq", False)
 
     def digest(folder: Path) -> dict[str, str]:
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+                if p.is_file()}
 
     kw: dict[str, Any] = {"shard_bytes": 40_000, "show_progress": False}
     ref = digest(convert(qdir, tmp_path / "ref", **kw))
@@ -388,33 +422,41 @@ def test_convert_resumes_byte_identical(tmp_path: Path) -> None:
     assert digest(convert(qdir, tmp_path / "out", **kw)) == ref
 
 
-def test_compressed_tensors_unsupported_schemes_are_refused_naming_the_config(tmp_path: Path) -> None:
+def test_compressed_tensors_unsupported_schemes_are_refused_naming_the_config(
+    tmp_path: Path,
+) -> None:
     """Per-tensor FP8 and asymmetric int8 have no lossless home in our formats."""
     from spillover.quant.importers.checkpoint_config import parse_quantization
 
     q = _qconfig("ct-fp8", True)
     q["config_groups"]["group_0"]["weights"].update(strategy="tensor", block_structure=None)
-    with pytest.raises(CheckpointQuantError, match=r"x/config\.json: compressed-tensors float-quantized float8 "
-                                                   r"weights with strategy 'tensor' are not supported"):
+    with pytest.raises(CheckpointQuantError,
+                       match=r"x/config\.json: compressed-tensors float-quantized float8 "
+                             r"weights with strategy 'tensor' are not supported"):
         parse_quantization(q, "x/config.json")
     q = _qconfig("ct-int8", True)
     q["config_groups"]["group_0"]["weights"]["symmetric"] = False
-    with pytest.raises(CheckpointQuantError, match="int-quantized 8-bit asymmetric weights are not supported"):
+    with pytest.raises(CheckpointQuantError,
+                       match="int-quantized 8-bit asymmetric weights are not supported"):
         parse_quantization(q, "x/config.json")
 
 
-def test_int8_zero_points_and_missing_scales_are_refused_naming_file_and_tensor(tmp_path: Path) -> None:
+def test_int8_zero_points_and_missing_scales_are_refused_naming_file_and_tensor(
+    tmp_path: Path,
+) -> None:
     def shifted_zero(name: str, parts: Parts) -> None:
         if name.endswith("layers.1.mlp.up_proj.weight"):
             parts["weight_zero_point"] = torch.ones_like(parts["weight_zero_point"])
 
     qdir, _ = _write(tmp_path / "a", "qwen3", "ct-int8", False, shifted_zero)
-    with pytest.raises(CheckpointQuantError, match=r"safetensors: tensor model\.layers\.1\.mlp\.up_proj\.weight: "
-                                                   r"cannot import as int8 \(int8 weight_zero_point is not all 0"):
+    with pytest.raises(CheckpointQuantError,
+                       match=r"safetensors: tensor model\.layers\.1\.mlp\.up_proj\.weight: "
+                             r"cannot import as int8 \(int8 weight_zero_point is not all 0"):
         LLM(model=str(qdir), device="cpu", dtype="float32")
 
     qdir, _ = _write(tmp_path / "b", "qwen3", "ct-int8", True)
     _drop(qdir, "model.layers.0.self_attn.o_proj.weight_scale")
-    with pytest.raises(CheckpointQuantError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.weight is int8 but "
-                                                   r"has no model\.layers\.0\.self_attn\.o_proj\.weight_scale"):
+    with pytest.raises(CheckpointQuantError,
+                       match=r"tensor model\.layers\.0\.self_attn\.o_proj\.weight is int8 but "
+                             r"has no model\.layers\.0\.self_attn\.o_proj\.weight_scale"):
         list(iter_checkpoint(qdir))

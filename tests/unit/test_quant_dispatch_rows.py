@@ -15,7 +15,8 @@ def test_cpu_counts_the_busiest_expert() -> None:
 
 def test_few_rows_need_no_count() -> None:
     ids = torch.tensor([5, 5])
-    assert busiest_expert_rows(torch.zeros(2, 4), ids) == 2  # an upper bound is enough below every threshold
+    # an upper bound is enough below every threshold
+    assert busiest_expert_rows(torch.zeros(2, 4), ids) == 2
 
 
 def test_cuda_decode_batches_skip_the_sync() -> None:
@@ -27,12 +28,13 @@ def test_cuda_decode_batches_skip_the_sync() -> None:
 
 
 def test_prefill_chunks_skip_the_sync_too() -> None:
-    """Up to 128 tokens x top-10 rows go to the GEMV without counting (measured faster there for int4, int8
-    and FP8 experts); larger batches are counted."""
+    """Up to 128 tokens x top-10 rows go to the GEMV without counting (measured faster there for
+    int4, int8 and FP8 experts); larger batches are counted."""
     assert SYNC_FREE_ROWS >= 128 * 10
     if torch.cuda.is_available():
         ids = torch.zeros(1280, dtype=torch.long, device="cuda")
         assert busiest_expert_rows(torch.zeros(1280, 4, device="cuda"), ids) == GEMV_MAX_ROWS
         many = SYNC_FREE_ROWS + 1
         assert busiest_expert_rows(torch.zeros(many, 4, device="cuda"),
-                                   torch.zeros(many, dtype=torch.long, device="cuda")) == many  # counted: one expert
+                                   # counted: one expert
+                                   torch.zeros(many, dtype=torch.long, device="cuda")) == many

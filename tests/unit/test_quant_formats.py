@@ -30,7 +30,8 @@ def test_nibble_order_low_is_even_k() -> None:
 
 
 @pytest.mark.parametrize(
-    ("group", "sym", "bound"), [(128, True, 0.13), (128, False, 0.10), (32, True, 0.11), (32, False, 0.08)]
+    ("group", "sym", "bound"),
+    [(128, True, 0.13), (128, False, 0.10), (32, True, 0.11), (32, False, 0.08)]
 )
 def test_int4_error_and_exact_codes(w: torch.Tensor, group: int, sym: bool, bound: float) -> None:
     fmt = Int4Weight.pack(w, group, sym, act_dtype=F32)
@@ -83,7 +84,8 @@ def test_forward_matches_reference(w: torch.Tensor, make, rows: int) -> None:  #
 def test_cpu_int4_bf16_activations(w: torch.Tensor) -> None:
     fmt = Int4Weight.pack(w, 128, False, act_dtype=torch.bfloat16)
     x = torch.randn(2, 256)
-    ref = x @ dequant_int_ref(fmt.qweight[0], fmt.scales[0], fmt.mins[0] if fmt.mins is not None else None,
+    ref = x @ dequant_int_ref(fmt.qweight[0], fmt.scales[0],
+                              fmt.mins[0] if fmt.mins is not None else None,
                               bits=4, group_size=128).T
     assert rel_err(fmt.forward(x.bfloat16()), ref) < 0.02
 

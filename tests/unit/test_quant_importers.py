@@ -1,4 +1,5 @@
-"""GPTQ / AWQ / compressed-tensors / FP8-block layouts, generated in each format, vs torch dequant."""
+"""GPTQ / AWQ / compressed-tensors / FP8-block layouts, generated in each format, vs
+torch dequant."""
 
 from __future__ import annotations
 
@@ -70,11 +71,14 @@ def test_compressed_tensors_pack_quantized(asym: bool) -> None:
     scale = (torch.rand(N, K // G, generator=GEN) * 0.02 + 0.001).bfloat16()
     zp = torch.randint(-8, 8, (N, K // G), generator=GEN) if asym else None
     packed = helpers.pack_to_int32(q.to(torch.int8), 4)
-    zp_packed = helpers.pack_to_int32(zp.to(torch.int8), 4, packed_dim=0) if zp is not None else None
+    zp_packed = None
+    if zp is not None:
+        zp_packed = helpers.pack_to_int32(zp.to(torch.int8), 4, packed_dim=0)
     fmt = import_compressed_tensors(packed, scale, zp_packed, act_dtype=torch.float32)
     unpacked = helpers.unpack_from_int32(packed, 4, torch.Size((N, K)))
     assert torch.equal(unpacked.long(), q)  # the library agrees with our reading of its layout
-    zfull = (zp if zp is not None else torch.zeros_like(scale, dtype=torch.long)).repeat_interleave(G, 1)
+    zeros = zp if zp is not None else torch.zeros_like(scale, dtype=torch.long)
+    zfull = zeros.repeat_interleave(G, 1)
     expected = (q - zfull).float() * scale.float().repeat_interleave(G, 1)
     assert torch.equal(fmt.dequantize(), expected)
 
@@ -84,7 +88,8 @@ def test_fp8_block_kept_as_fp8() -> None:
     scale_inv = torch.rand(3, 3, generator=GEN)
     fmt = import_fp8_block(w, scale_inv, act_dtype=torch.float32)
     assert fmt.weight.data_ptr() == w.data_ptr()  # no copy, no float trip
-    expected = w.float() * scale_inv.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :260]
+    per_weight = scale_inv.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :260]
+    expected = w.float() * per_weight
     assert torch.equal(fmt.dequantize(), expected)
     assert torch.equal(dequant_fp8_block_ref(w, scale_inv), expected)
     with pytest.raises(ValueError, match="blocks"):

@@ -15,10 +15,14 @@ N, K = 8, 512
 
 
 def _random_blocks(qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes are valid K-quant blocks once the f16 super-scales are finite (no Python quantizer)."""
+    """Random bytes are valid K-quant blocks once the f16 super-scales are finite (no
+    Python quantizer)."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(N * K // block, size), dtype=np.uint8)
-    f16 = lambda n: rng.uniform(-0.05, 0.05, size=(raw.shape[0], n)).astype(np.float16).view(np.uint8)  # noqa: E731
+
+    def f16(n: int) -> np.ndarray:
+        return rng.uniform(-0.05, 0.05, size=(raw.shape[0], n)).astype(np.float16).view(np.uint8)
+
     if qtype in (Q.Q4_K, Q.Q5_K):
         raw[:, 0:4] = f16(2)
     else:  # Q6_K: d is the last two bytes

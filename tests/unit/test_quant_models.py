@@ -39,7 +39,8 @@ N_PROMPT, N_DECODE = 14, 2  # decode rows (<= 4 per expert) take torch's CPU int
 # Dims all multiples of 128, so that int4 g128 really runs at g128 (no int8 fallback).
 WIDE = dict(hidden_size=128, intermediate_size=256, head_dim=32, moe_intermediate_size=128,
             shared_expert_intermediate_size=128, linear_key_head_dim=32, linear_value_head_dim=32,
-            linear_num_value_heads=4, num_hidden_layers=4)  # layers: qwen3_next only (keeps it fast)
+            # layers: qwen3_next only (keeps it fast)
+            linear_num_value_heads=4, num_hidden_layers=4)
 WIDE_NAMES = ("llama-untied", "qwen2-untied", "qwen3", "qwen3_moe-nonorm-sparse", "qwen3_next")
 # family -> format -> max relative logit error (Frobenius over all positions)
 BOUNDS = {
@@ -58,7 +59,9 @@ CASES += [("qwen3_moe-norm", "fp8", 128, False)]
 
 
 def _family(name: str) -> str:
-    return "next" if name.startswith("qwen3_next") else "moe" if name.startswith("qwen3_moe") else "dense"
+    if name.startswith("qwen3_next"):
+        return "next"
+    return "moe" if name.startswith("qwen3_moe") else "dense"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,10 +78,11 @@ def _folder(cache: dict[tuple[str, bool], Path], name: str, wide: bool, mp: pyte
         folder = factory.mktemp(f"{name}-{'wide' if wide else 'tiny'}")
         if wide:
             cls, over = CONFIGS[name]
+            nxt = name.startswith("qwen3_next")
             extra = {k: v for k, v in WIDE.items() if k in ("hidden_size", "intermediate_size") or
                      (k == "head_dim" and "head_dim" in over) or
                      (k == "moe_intermediate_size" and "num_experts" in over) or
-                     (k not in ("head_dim", "moe_intermediate_size") and name.startswith("qwen3_next"))}
+                     (k not in ("head_dim", "moe_intermediate_size") and nxt)}
             mp.setitem(CONFIGS, name, (cls, {**over, **extra}))
         save_hf(name, folder)
         cache[(name, wide)] = folder
@@ -116,11 +120,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name,quant,group,wide", CASES,
                          ids=[f"{n}-{q}-g{g}{'-wide' if w else ''}" for n, q, g, w in CASES])
 def test_quantized_model_logits(name: str, quant: str, group: int, wide: bool,
-                                folders: dict[tuple[str, bool], Path], monkeypatch: pytest.MonkeyPatch,
+                                folders: dict[tuple[str, bool], Path],
+                                monkeypatch: pytest.MonkeyPatch,
                                 tmp_path_factory: pytest.TempPathFactory) -> None:
     src = resolve_model(str(_folder(folders, name, wide, monkeypatch, tmp_path_factory)))
     cfg = load_config(src)
-    ids = torch.randint(0, cfg.vocab_size, (N_PROMPT + N_DECODE,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg.vocab_size, (N_PROMPT + N_DECODE,),
+                        generator=torch.Generator().manual_seed(1))
     ref_model = load_model(src, cfg, CPU, torch.float32)
     ref = _logits(ref_model, ids.tolist())
 

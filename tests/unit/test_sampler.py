@@ -18,7 +18,8 @@ from spillover.engine.sampler import (
 V = 32
 
 
-def make(rid: str, prompt: list[int] | None = None, output: list[int] | None = None, **kw: object) -> Request:
+def make(rid: str, prompt: list[int] | None = None, output: list[int] | None = None,
+         **kw: object) -> Request:
     r = Request(rid, prompt or [1, 2, 3], SamplingParams(**kw), eos_token_ids=(0,))  # type: ignore[arg-type]
     r.output_token_ids = list(output or [])
     return r
@@ -78,7 +79,8 @@ def test_penalties_match_reference() -> None:
     outputs = [[2, 9, 9, 9, 4], [], [3, 30, 30]]
     params = [(0.5, 0.3, 1.3), (1.0, -0.5, 0.8), (0.0, 0.0, 1.0)]
     got = apply_penalties(
-        logits, prompts, outputs, [p[0] for p in params], [p[1] for p in params], [p[2] for p in params]
+        logits, prompts, outputs, [p[0] for p in params], [p[1] for p in params],
+        [p[2] for p in params]
     )
     for i in range(3):
         want = reference_penalties(logits[i], prompts[i], outputs[i], *params[i])
@@ -87,7 +89,8 @@ def test_penalties_match_reference() -> None:
 
 
 def test_top_k_top_p_min_p_masks() -> None:
-    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1], [0.05, 0.5, 0.25, 0.2]]))
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1],
+                                     [0.05, 0.5, 0.25, 0.2]]))
     out = apply_top_k_top_p(logits, [2, 0, 0], [1.0, 0.65, 0.7])
     kept = torch.isfinite(out).tolist()
     assert kept[0] == [True, True, False, False]  # top_k = 2
@@ -132,7 +135,8 @@ def test_logprobs_are_raw_and_include_the_sampled_token() -> None:
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, V, generator=g)
     reqs = [
-        make("a", temperature=0.0, logprobs=3, presence_penalty=2.0, output=[int(logits[0].argmax())]),
+        make("a", temperature=0.0, logprobs=3, presence_penalty=2.0,
+             output=[int(logits[0].argmax())]),
         make("b"),
     ]
     out = Sampler()(logits, SamplingBatch.from_requests(reqs))

@@ -62,7 +62,8 @@ class FakeRunner:
         row = 0
         for i, seq in enumerate(plan.seqs):
             context = [self.kv[s] for s in inp.kv_indices[i]]
-            assert [c[0] if c else None for c in context] == list(range(seq.context_len)), "KV positions"
+            positions = [c[0] if c else None for c in context]
+            assert positions == list(range(seq.context_len)), "KV positions"
             tokens = [c[1] for c in context if c is not None]
             if self.hybrid:
                 slot = inp.state_slots[i]
@@ -128,7 +129,8 @@ def test_preemption_with_tiny_cache_loses_nothing() -> None:
     sched, runner = Scheduler(cfg), FakeRunner(cfg)
     rng = random.Random(0)
     reqs = [
-        make(f"r{i}", [rng.randrange(1, VOCAB) for _ in range(rng.randrange(5, 21))], rng.randrange(10, 31))
+        make(f"r{i}", [rng.randrange(1, VOCAB) for _ in range(rng.randrange(5, 21))],
+             rng.randrange(10, 31))
         for i in range(32)
     ]
     for r in reqs:
@@ -143,12 +145,14 @@ def test_preemption_with_tiny_cache_loses_nothing() -> None:
 
 def test_preemption_hybrid_state_slots() -> None:
     cfg = SchedulerConfig(
-        num_blocks=20, block_size=4, max_num_batched_tokens=48, max_num_seqs=8, hybrid=True, num_state_slots=6
+        num_blocks=20, block_size=4, max_num_batched_tokens=48, max_num_seqs=8, hybrid=True,
+        num_state_slots=6
     )
     sched, runner = Scheduler(cfg), FakeRunner(cfg)
     rng = random.Random(1)
     reqs = [
-        make(f"h{i}", [rng.randrange(1, VOCAB) for _ in range(rng.randrange(4, 16))], rng.randrange(5, 20))
+        make(f"h{i}", [rng.randrange(1, VOCAB) for _ in range(rng.randrange(4, 16))],
+             rng.randrange(5, 20))
         for i in range(32)
     ]
     for r in reqs:
@@ -288,7 +292,8 @@ def scripted(sched: Scheduler, script: dict[str, list[int]]) -> dict[str, list[R
     got: dict[str, list[RequestDelta]] = {}
     while sched.has_unfinished():
         plan = sched.schedule()
-        sampled = {s.request_id: script[s.request_id][s.request.num_output_tokens] for s in plan.sample_seqs}
+        sampled = {s.request_id: script[s.request_id][s.request.num_output_tokens]
+                   for s in plan.sample_seqs}
         for d in sched.update(plan, sampled):
             got.setdefault(d.request_id, []).append(d)
     return got
@@ -301,10 +306,13 @@ def test_stop_rules() -> None:
     p = [1, 2]
     cases = {
         "eos": (SamplingParams(max_tokens=10), [1, 2, 0, 1], "ab", "stop", None),
-        "ignore_eos": (SamplingParams(max_tokens=3, ignore_eos=True), [1, 0, 2], "a<eos>b", "length", None),
-        "min_tokens": (SamplingParams(max_tokens=10, min_tokens=2), [0, 3, 0], "<eos>c", "stop", None),
+        "ignore_eos": (SamplingParams(max_tokens=3, ignore_eos=True), [1, 0, 2], "a<eos>b",
+                       "length", None),
+        "min_tokens": (SamplingParams(max_tokens=10, min_tokens=2), [0, 3, 0], "<eos>c", "stop",
+                       None),
         "stop_id": (SamplingParams(max_tokens=10, stop_token_ids=[7]), [1, 7, 2], "a", "stop", 7),
-        "stop_str": (SamplingParams(max_tokens=10, stop=["STOP"]), [1, 5, 6, 1], "a", "stop", "STOP"),
+        "stop_str": (SamplingParams(max_tokens=10, stop=["STOP"]), [1, 5, 6, 1], "a", "stop",
+                     "STOP"),
         "split": (SamplingParams(max_tokens=10, stop=["xy"]), [1, 7, 8, 2], "a", "stop", "xy"),
         "length": (SamplingParams(max_tokens=2, stop=["zz"]), [1, 2, 3], "ab", "length", None),
     }

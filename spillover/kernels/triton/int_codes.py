@@ -46,13 +46,16 @@ def _codes(words, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr):
         BITS: tl.constexpr = 4 if FMT == 0 else 8
         LOW: tl.constexpr = 5 if FMT == 0 else 2  # codes that fit below bit 23 unshifted
         P: tl.constexpr = i - LOW if i >= LOW else i
-        w = words ^ -2139062144 if FMT == 1 else words  # int8: flip each byte's sign bit (0x80808080)
+        # int8: flip each byte's sign bit (0x80808080)
+        w = words ^ -2139062144 if FMT == 1 else words
         w = w.to(tl.uint32, bitcast=True)
         if i >= LOW:
             w = w >> (LOW * BITS)
-        # (w | magic) & (magic | mask) == (w & mask) | magic, with one immediate per LOP3: `w | magic`
-        # is shared by every code of the word, and no mask constant has to live in a register.
-        q = ((w | 0x4B000000) & (0x4B000000 | (((1 << BITS) - 1) << (P * BITS)))).to(tl.float32, bitcast=True)
+        # (w | magic) & (magic | mask) == (w & mask) | magic, with one immediate per LOP3:
+        # `w | magic` is shared by every code of the word, and no mask constant has to
+        # live in a register.
+        q = ((w | 0x4B000000)
+             & (0x4B000000 | (((1 << BITS) - 1) << (P * BITS)))).to(tl.float32, bitcast=True)
         q = q - (_MAGIC + OFFSET * (1 << (P * BITS)))
     return q
 
@@ -162,11 +165,13 @@ def _bf16_pair(v):
     return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
 
 
-_PRMT_MAGIC = 0x47000000  # float32 32768: `_byte_biased` drops a code into its mantissa's second byte
+# float32 32768: `_byte_biased` drops a code into its mantissa's second byte
+_PRMT_MAGIC = 0x47000000
 
 
 @triton.jit
-def _value(words, s, m, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr):
+def _value(words, s, m, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr,
+           HAS_MINS: tl.constexpr):
     v = _codes(words, i, FMT, OFFSET) * (s * _x_scale(i, FMT))
     if HAS_MINS:
         v += m
@@ -176,29 +181,35 @@ def _value(words, s, m, i: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr
 @triton.jit
 def _pair(words, s, m, a: tl.constexpr, b: tl.constexpr, FMT: tl.constexpr, OFFSET: tl.constexpr,
           HAS_MINS: tl.constexpr):
-    return tl.join(_value(words, s, m, a, FMT, OFFSET, HAS_MINS), _value(words, s, m, b, FMT, OFFSET, HAS_MINS))
+    return tl.join(_value(words, s, m, a, FMT, OFFSET, HAS_MINS),
+                   _value(words, s, m, b, FMT, OFFSET, HAS_MINS))
 
 
 @triton.jit
 def _unpack_k_order(words, s, m, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
                     ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-    """[ROWS, BLOCK_W] words with a scale (and min) each -> float32 [ROWS, BLOCK_W * VALS] weights, code i of
-    word w at column w * VALS + i: the order of K, so one dot (or one contiguous store) covers a step.
+    """[ROWS, BLOCK_W] words with a scale (and min) each -> float32 [ROWS, BLOCK_W * VALS]
+    weights, code i of word w at column w * VALS + i: the order of K, so one dot (or one
+    contiguous store) covers a step.
 
-    tl.join stacks along a new last axis and the innermost join varies slowest, hence the code orders.
+    tl.join stacks along a new last axis and the innermost join varies slowest, hence
+    the code orders.
     """
     if FMT == 0:
-        even = tl.join(_pair(words, s, m, 0, 4, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 2, 6, FMT, OFFSET, HAS_MINS))
-        odd = tl.join(_pair(words, s, m, 1, 5, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 3, 7, FMT, OFFSET, HAS_MINS))
+        even = tl.join(_pair(words, s, m, 0, 4, FMT, OFFSET, HAS_MINS),
+                       _pair(words, s, m, 2, 6, FMT, OFFSET, HAS_MINS))
+        odd = tl.join(_pair(words, s, m, 1, 5, FMT, OFFSET, HAS_MINS),
+                      _pair(words, s, m, 3, 7, FMT, OFFSET, HAS_MINS))
         return tl.reshape(tl.join(even, odd), [ROWS, BLOCK_W * 8])
     else:
-        v = tl.join(_pair(words, s, m, 0, 2, FMT, OFFSET, HAS_MINS), _pair(words, s, m, 1, 3, FMT, OFFSET, HAS_MINS))
+        v = tl.join(_pair(words, s, m, 0, 2, FMT, OFFSET, HAS_MINS),
+                    _pair(words, s, m, 1, 3, FMT, OFFSET, HAS_MINS))
         return tl.reshape(v, [ROWS, BLOCK_W * 4])
 
 
 @triton.jit
-def _load_k_order(w_ptrs, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+def _load_k_order(w_ptrs, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.constexpr,
+                  HAS_MINS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
     """Words [ROWS, BLOCK_W] with their scales (and mins) at the given pointers -> float32 weights
     [ROWS, BLOCK_W * VALS] in the order of K (`_unpack_k_order`); masked words read as 0."""
     words = tl.load(w_ptrs, mask=mask, other=0)
@@ -206,8 +217,8 @@ def _load_k_order(w_ptrs, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.co
 
 
 @triton.jit
-def _dequant_k_order(words, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+def _dequant_k_order(words, s_ptrs, m_ptrs, mask, FMT: tl.constexpr, OFFSET: tl.constexpr,
+                     HAS_MINS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
     """`_load_k_order` for words already loaded."""
     s = tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
     m = s

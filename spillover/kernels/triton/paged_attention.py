@@ -43,7 +43,8 @@ def _paged_decode_kernel(
         block = tl.load(bt_ptr + seq * stride_btn + b).to(tl.int64)
         pos_ok = b * BLOCK_SIZE + offs < ctx_len
         kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + block * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+        k = tl.load(k_ptr + block * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh
+                    + d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)  # [BS, D]
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BS]
         s = tl.where(pos_ok[None, :], s, float("-inf"))
@@ -51,7 +52,8 @@ def _paged_decode_kernel(
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         denom = denom * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + block * stride_vb + offs[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+        v = tl.load(v_ptr + block * stride_vb + offs[:, None] * stride_vs + kvh * stride_vh
+                    + d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)  # [BS, D]
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new

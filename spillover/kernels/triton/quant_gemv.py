@@ -105,7 +105,8 @@ def _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N,
             for sk in tl.static_range(SPLIT_K):
                 total += tl.load(ws_ptr + (sk * rows + row) * N + offs_n, mask=mask_n, other=0.0,
                                  cache_modifier=".cg")
-            tl.store(y_ptr + row * stride_yt + offs_n, total.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(y_ptr + row * stride_yt + offs_n, total.to(y_ptr.dtype.element_ty),
+                     mask=mask_n)
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
@@ -117,7 +118,8 @@ def _gemv_kn_kernel(
     FMT: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NSTEPS: tl.constexpr,
-    BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, RUNS: tl.constexpr,
+    BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    RUNS: tl.constexpr,
 ):
     """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
@@ -145,13 +147,15 @@ def _gemv_kn_kernel(
     r = tl.arange(0, BLOCK_W)
     ROW_STEP: tl.constexpr = 1 if RUNS else BLOCK_W  # word rows between a thread row's steps
     r0 = r * NSTEPS if RUNS else r  # the thread row's first word row
-    w_tile = w_ptr + e * stride_we + (kw_begin + r0).to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+    w_tile = (w_ptr + e * stride_we + (kw_begin + r0).to(tl.int64)[:, None] * stride_wk
+              + offs_n[None, :])
     s_cols = s_ptr + e * stride_se + offs_n[None, :]
     m_cols = m_ptr + e * stride_se + offs_n[None, :]
     x_row = x_ptr + row * stride_xt
     x_quads = x_row.to(tl.pointer_type(tl.int64))  # bf16 x: 4 values per 8-byte load
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    btot = tl.zeros([BLOCK_W], dtype=tl.float32)  # BIASED and (SCALE_ONCE or RUNS): the bias, per row
+    # BIASED and (SCALE_ONCE or RUNS): the bias, per row
+    btot = tl.zeros([BLOCK_W], dtype=tl.float32)
     xtot = tl.zeros([BLOCK_W], dtype=tl.float32)  # RUNS: the sum of x, per row
     if PREFETCH:
         words0 = tl.load(w_tile, mask=mask_n[None, :], other=0)
@@ -169,7 +173,8 @@ def _gemv_kn_kernel(
             words = words0
         else:
             words = tl.load(w_tile + step * ROW_STEP * stride_wk, mask=mask_n[None, :], other=0)
-        if X_BF16:  # a word row's VALS x values are contiguous: one load per 4, bf16 -> f32 by shifts
+        # a word row's VALS x values are contiguous: one load per 4, bf16 -> f32 by shifts
+        if X_BF16:
             q = tl.load(x_quads + kw * (VALS // 4))
             x0, x1 = _bf16_pair(q.to(tl.int32))
             x2, x3 = _bf16_pair((q >> 32).to(tl.int32))
@@ -198,7 +203,8 @@ def _gemv_kn_kernel(
         if BIASED:
             bias = _row_bias(x0, x1, x2, x3, x4, x5, x6, x7, xsum, FMT, OFFSET)
         if SCALE_ONCE or RUNS:
-            acc = _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
+            acc = _word_dot(acc, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED,
+                            USE_ASM)
             if BIASED:
                 btot += bias
             if RUNS:
@@ -215,7 +221,8 @@ def _gemv_kn_kernel(
             dot = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
             if BIASED:  # start from minus the bias: one FADD per word fewer
                 dot -= bias[:, None]
-            dot = _word_dot(dot, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED, USE_ASM)
+            dot = _word_dot(dot, words, x0, x1, x2, x3, x4, x5, x6, x7, magic, FMT, OFFSET, BIASED,
+                            USE_ASM)
             acc += dot * s
             if HAS_MINS:
                 acc += m * xsum[:, None]
@@ -238,8 +245,8 @@ _WORKSPACE: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = 
 def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 partial sums, int32 arrival counters) for split-K, grown on demand and reused.
 
-    Counters start at 0 and every launch leaves them at 0. One pair per (device, stream): launches on
-    one stream run in order, so they can share it; two streams could interleave their programs.
+    Counters start at 0 and every launch leaves them at 0. One pair per (device, stream): launches
+    on one stream run in order, so they can share it; two streams could interleave their programs.
     """
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     ws, cnt = _WORKSPACE.get((device, stream), (None, None))
@@ -258,14 +265,15 @@ class GemvConfig:
     num_warps: int = 4
     pdl: bool | None = None  # programmatic dependent launch; None: wherever the GPU has it
     max_regs: int | None = None  # ptxas register cap (more programs resident per SM)
-    runs: bool | None = None  # a thread's steps on consecutive word rows of one group; None: where they fit
+    # a thread's steps on consecutive word rows of one group; None: where they fit
+    runs: bool | None = None
 
     def __str__(self) -> str:
         pdl = "" if self.pdl is None else f" pdl={int(self.pdl)}"
         regs = "" if self.max_regs is None else f" maxnreg={self.max_regs}"
         runs = "" if self.runs is None else f" runs={int(self.runs)}"
-        return (f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} warps={self.num_warps}"
-                f"{pdl}{regs}{runs}")
+        return (f"BLOCK_N={self.block_n} BLOCK_K={self.block_k} SPLIT_K={self.split_k} "
+                f"warps={self.num_warps}{pdl}{regs}{runs}")
 
 
 @cache
@@ -309,7 +317,8 @@ def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False, symm
         block_k = 1024 if rows == 1 else 512
         while block_k > 16 and k % block_k:
             block_k //= 2
-        steps = k // block_k  # split the fewest ways that leave at most 8 steps (any divisor: K = 43 x 256)
+        # split the fewest ways that leave at most 8 steps (any divisor: K = 43 x 256)
+        steps = k // block_k
         split = next(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= 8)
         words = block_k * bits // 32 * block_n
         warps = max(4, min(16, words // (32 * (8 if bits == 8 else 4)))) if rows == 1 else 8
@@ -333,16 +342,19 @@ def default_config(rows: int, n: int, k: int, bits: int, fp8: bool = False, symm
 
 def _check(k: int, vals: int, group: int, cfg: GemvConfig) -> None:
     if k % (cfg.block_k * cfg.split_k) or cfg.block_k % vals:
-        raise ValueError(f"K={k} is not a multiple of BLOCK_K x SPLIT_K = {cfg.block_k} x {cfg.split_k}")
+        raise ValueError(f"K={k} is not a multiple of BLOCK_K x SPLIT_K = {cfg.block_k} "
+                         f"x {cfg.split_k}")
     if cfg.block_k > group and cfg.block_k % group:
-        raise ValueError(f"BLOCK_K={cfg.block_k} must be a multiple of the group {group} when larger")
+        raise ValueError(f"BLOCK_K={cfg.block_k} must be a multiple of the group "
+                         f"{group} when larger")
     if cfg.block_k < group and group % cfg.block_k:
         raise ValueError(f"BLOCK_K={cfg.block_k} must divide the group {group} when smaller")
 
 
 def runs_fit(k: int, bits: int, group: int, cfg: GemvConfig, biased: bool) -> bool:
-    """Whether each thread row's NSTEPS word rows can be one run inside a quantization group: steps of
-    several groups (else the scale is per step anyway), and the steps divide a group's word rows."""
+    """Whether each thread row's NSTEPS word rows can be one run inside a quantization group:
+    steps of several groups (else the scale is per step anyway), and the steps divide a
+    group's word rows."""
     steps = k // (cfg.block_k * cfg.split_k)
     return biased and cfg.block_k > group and (group * bits // 32) % steps == 0
 
@@ -365,18 +377,21 @@ def quant_gemv(
     t, k = x.shape
     e, kw, n = words.shape
     vals = 32 // bits
-    assert words.dtype == torch.int32 and kw * vals == k and x.stride(1) == 1 and words.stride(2) == 1
+    assert words.dtype == torch.int32 and kw * vals == k
+    assert x.stride(1) == 1 and words.stride(2) == 1
     assert scales.shape == (e, k // group_size, n) and scales.stride(2) == 1
     if mins is not None:
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
     if expert_ids is not None:
         assert expert_ids.shape == (t,) and expert_ids.dtype in (torch.int32, torch.int64)
     biased = x.dtype != torch.float32
-    cfg = config or default_config(t, n, k, bits, symmetric=mins is None, group=group_size, biased=biased)
+    cfg = config or default_config(t, n, k, bits, symmetric=mins is None, group=group_size,
+                                   biased=biased)
     _check(k, vals, group_size, cfg)
     steps = k // (cfg.block_k * cfg.split_k)
     if steps > MAX_STEPS:
-        raise ValueError(f"K={k} takes {steps} unrolled steps of {cfg} (at most {MAX_STEPS}): raise BLOCK_K or SPLIT_K")
+        raise ValueError(f"K={k} takes {steps} unrolled steps of {cfg} (at most {MAX_STEPS}): "
+                         "raise BLOCK_K or SPLIT_K")
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), t, cfg.split_k)
     # split-K's partials and counters; one split never reads them (and skips the stream lookup)
@@ -390,13 +405,16 @@ def quant_gemv(
     fits = runs_fit(k, bits, group_size, cfg, biased)
     runs = fits if cfg.runs is None else cfg.runs
     if runs and not fits:
-        raise ValueError(f"{cfg}: runs=1 needs steps of several groups and steps dividing a group's word rows")
+        raise ValueError(f"{cfg}: runs=1 needs steps of several groups and steps dividing a "
+                         "group's word rows")
     _gemv_kn_kernel[grid](
         x, words, scales, mins if mins is not None else scales,
         expert_ids if expert_ids is not None else x, y, ws, cnt,
         n, _PRMT_MAGIC,
-        x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), y.stride(0),
-        FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size, OFFSET=code_offset(bits, mins is not None),
+        x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1),
+        y.stride(0),
+        FMT=FMT_INT4 if bits == 4 else FMT_INT8, GROUP=group_size,
+        OFFSET=code_offset(bits, mins is not None),
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
         BIASED=biased, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),

@@ -1,14 +1,14 @@
-"""Pre-quantized Hugging Face checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized / block FP8 /
-int8, Qwen FP8) read module by module into our packed formats, with no float round trip.
+"""Pre-quantized Hugging Face checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized / block
+FP8 / int8, Qwen FP8) read module by module into our packed formats, with no float round trip.
 
 `group_entries(source, quant)` looks at the safetensors headers only: the tensors of each quantized
 module (qweight/qzeros/scales/g_idx, weight_packed/weight_scale/..., weight + weight_scale_inv)
 become one entry named `<module>.weight`; every other tensor is an entry of its own. Which modules
-are quantized is read from the tensors present, not from the config's ignore lists (quantization.md
-§2.4: the file is the authority). `iter_checkpoint` reads one entry at a time with positioned reads
-(memory holds one module) and yields the `(name, tensor or format, file)` items `load_items` takes.
-`entry_layout` tells, before any data is read, which store parts an entry becomes (for `convert`).
-Every error names the file and tensor.
+are quantized is read from the tensors present, not from the config's ignore lists (the file is
+the authority; docs/quantization.md, "1. What we load"). `iter_checkpoint` reads one entry at a time
+with positioned reads (memory holds one module) and yields the `(name, tensor or format, file)`
+items `load_items` takes. `entry_layout` tells, before any data is read, which store parts an entry
+becomes (for `convert`). Every error names the file and tensor.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from spillover.quant.importers.gptq import ActOrderNotSupported, import_gptq
 from spillover.quant.importers.source import Source, SourceTensor
 from spillover.quant.int4 import Int4Weight
 
-__all__ = ["SUPPORTED_METHODS", "CheckpointQuant", "CheckpointQuantError", "Entry", "checkpoint_record",
-           "detect_quantization", "entry_layout", "entry_shape", "group_entries", "import_entry", "iter_checkpoint"]
+__all__ = ["SUPPORTED_METHODS", "CheckpointQuant", "CheckpointQuantError", "Entry",
+           "checkpoint_record", "detect_quantization", "entry_layout", "entry_shape",
+           "group_entries", "import_entry", "iter_checkpoint"]
 
 # method -> (part whose presence makes a module quantized, required parts, optional parts)
 PARTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
@@ -72,8 +73,10 @@ def _fp8_scale_part(quant: CheckpointQuant) -> str | None:
 
 @dataclass(frozen=True)
 class Entry:
-    name: str  # what the loader sees: `<module>.weight` for a quantized module, else the tensor name
-    parts: dict[str, SourceTensor] = field(hash=False)  # quantized: part -> tensor; float: {"": tensor}
+    # what the loader sees: `<module>.weight` for a quantized module, else the tensor name
+    name: str
+    # quantized: part -> tensor; float: {"": tensor}
+    parts: dict[str, SourceTensor] = field(hash=False)
     quant: CheckpointQuant | None = None  # None: a float tensor passed through
 
     @property
@@ -111,7 +114,8 @@ def group_entries(source: Source, quant: CheckpointQuant) -> list[Entry]:
         module = name[: -len(marker) - 1]
         missing = [f"{module}.{p}" for p in required if f"{module}.{p}" not in by_name]
         if missing:
-            raise CheckpointQuantError(f"{t.file}: tensor {name} has no {', '.join(missing)} in the checkpoint")
+            raise CheckpointQuantError(f"{t.file}: tensor {name} has no {', '.join(missing)} "
+                                       "in the checkpoint")
         for p in required + optional:
             if f"{module}.{p}" in by_name:
                 owner[f"{module}.{p}"] = module
@@ -125,7 +129,8 @@ def group_entries(source: Source, quant: CheckpointQuant) -> list[Entry]:
         module = owner[t.name]
         if module not in seen:
             seen.add(module)
-            parts = {p: by_name[f"{module}.{p}"] for p in required + optional if f"{module}.{p}" in by_name}
+            parts = {p: by_name[f"{module}.{p}"] for p in required + optional
+                     if f"{module}.{p}" in by_name}
             entries.append(Entry(f"{module}.weight", parts, quant))
     return entries
 
@@ -137,11 +142,12 @@ def _check_float(t: SourceTensor, quant: CheckpointQuant) -> None:
         module = t.name[: -len(stray[0]) - 1]
         raise CheckpointQuantError(f"{t.file}: tensor {t.name} has no {module}.{marker} beside it")
     # a quantized weight without its scale would otherwise pass through as a float tensor
-    if t.dtype == torch.float8_e4m3fn or (t.dtype == torch.int8 and quant.checkpoint_format == "int-quantized"):
+    int_quantized = t.dtype == torch.int8 and quant.checkpoint_format == "int-quantized"
+    if t.dtype == torch.float8_e4m3fn or int_quantized:
         kind = "FP8" if t.dtype == torch.float8_e4m3fn else "int8"
         raise CheckpointQuantError(f"{t.file}: tensor {t.name} is {kind} but has no "
-                                   f"{t.name.removesuffix('.weight')}.{marker} (quantization_config says "
-                                   f"{quant.method})")
+                                   f"{t.name.removesuffix('.weight')}.{marker} "
+                                   f"(quantization_config says {quant.method})")
 
 
 def _int4_geometry(e: Entry) -> tuple[int, int, int, torch.dtype, bool]:
@@ -149,8 +155,9 @@ def _int4_geometry(e: Entry) -> tuple[int, int, int, torch.dtype, bool]:
     q = e.quant
     assert q is not None
     if q.bits != 4:
-        raise e.fail(parts_of(q)[0], f"{q.method} {q.bits}-bit weights are not supported (4-bit only; "
-                                         f"bits set in {q.config_file})")
+        raise e.fail(parts_of(q)[0],
+                     f"{q.method} {q.bits}-bit weights are not supported (4-bit only; "
+                     f"bits set in {q.config_file})")
     if q.method == "compressed-tensors":
         packed, scale = e.parts["weight_packed"], e.parts["weight_scale"]
         n, k = packed.shape[0], packed.shape[1] * 8
@@ -164,7 +171,8 @@ def _int4_geometry(e: Entry) -> tuple[int, int, int, torch.dtype, bool]:
         groups, sdt, mins = scales.shape[0], scales.dtype, q.method == "awq" or not q.sym
         ok = len(scales.shape) == 2 and scales.shape[1] == n
     if not ok or groups == 0 or k % groups or (k // groups) % 2:
-        raise e.fail("", f"scales do not match the packed weight (N={n}, K={k}) in a {q.method} checkpoint")
+        raise e.fail("", f"scales do not match the packed weight (N={n}, K={k}) in a "
+                         f"{q.method} checkpoint")
     return n, k, groups, sdt, mins
 
 
@@ -176,7 +184,8 @@ def entry_layout(e: Entry) -> tuple[str, dict[str, Any], PartLayout]:
     if scale_part is not None:
         w, s = e.parts["weight"], e.parts[scale_part]
         if w.dtype != torch.float8_e4m3fn or len(w.shape) != 2:
-            raise e.fail("weight", f"expected a 2-D float8_e4m3fn weight, found {w.dtype} {list(w.shape)}")
+            raise e.fail("weight",
+                         f"expected a 2-D float8_e4m3fn weight, found {w.dtype} {list(w.shape)}")
         bn, bk = _fp8_block(q, w.shape[1])
         blocks = (-(-w.shape[0] // bn), -(-w.shape[1] // bk))
         if tuple(s.shape) != blocks and not (bk == w.shape[1] and tuple(s.shape) == blocks[:1]):
@@ -184,7 +193,8 @@ def entry_layout(e: Entry) -> tuple[str, dict[str, Any], PartLayout]:
         meta: dict[str, Any] = {"format": "fp8_block", "block": bk, "stacked": False}
         if bn != bk:
             meta["block_n"] = bn
-        return "fp8_block", meta, {"weight": (w.dtype, tuple(w.shape)), "scale": (torch.float32, blocks)}
+        return "fp8_block", meta, {"weight": (w.dtype, tuple(w.shape)),
+                                   "scale": (torch.float32, blocks)}
     if q.checkpoint_format == "int-quantized":
         w, s = e.parts["weight"], e.parts["weight_scale"]
         if w.dtype != torch.int8 or len(w.shape) != 2:
@@ -193,8 +203,9 @@ def entry_layout(e: Entry) -> tuple[str, dict[str, Any], PartLayout]:
         groups = 1 if q.group_size is None else k // q.group_size
         shapes = ((n, groups), (n,)) if groups == 1 else ((n, groups),)
         if tuple(s.shape) not in shapes or (q.group_size is not None and k % q.group_size):
-            raise e.fail("weight_scale", f"shape {list(s.shape)} does not match [{n}, {groups}] (N={n}, K={k}, "
-                                         f"group {q.group_size or 'per channel'})")
+            raise e.fail("weight_scale",
+                         f"shape {list(s.shape)} does not match [{n}, {groups}] (N={n}, K={k}, "
+                         f"group {q.group_size or 'per channel'})")
         meta = {"format": "int8", "group_size": k // groups, "symmetric": True, "stacked": False}
         return "int8", meta, {"qweight": (torch.int8, (n, k)), "scales": (s.dtype, (n, groups))}
     n, k, groups, sdt, mins = _int4_geometry(e)
@@ -206,7 +217,8 @@ def entry_layout(e: Entry) -> tuple[str, dict[str, Any], PartLayout]:
 
 
 def entry_shape(e: Entry) -> tuple[int, ...]:
-    """Logical [N, K] of a quantized module (its tensors are packed along one dimension or other)."""
+    """Logical [N, K] of a quantized module (its tensors are packed along one
+    dimension or other)."""
     _, _, layout = entry_layout(e)
     if "weight" in layout:
         return layout["weight"][1]
@@ -216,8 +228,8 @@ def entry_shape(e: Entry) -> tuple[int, ...]:
 
 def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
                  act_dtype: torch.dtype = torch.bfloat16) -> Any:
-    """Read one quantized module and repack it (an Int4Weight, Int8Weight or Fp8BlockWeight), laid out
-    exactly as `entry_layout` promised, so loading and converting give the same tensors."""
+    """Read one quantized module and repack it (an Int4Weight, Int8Weight or Fp8BlockWeight), laid
+    out exactly as `entry_layout` promised, so loading and converting give the same tensors."""
     q = e.quant
     assert q is not None
     fmt_name, _, layout = entry_layout(e)
@@ -229,8 +241,8 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
             return import_fp8_block(t["weight"], t[scale_part].reshape(layout["scale"][1]), block,
                                     act_dtype=act_dtype)
         if q.checkpoint_format == "int-quantized":
-            return import_int8(t["weight"], t["weight_scale"], t.get("weight_zero_point"), layout["scales"][1][1],
-                               act_dtype=act_dtype)
+            return import_int8(t["weight"], t["weight_scale"], t.get("weight_zero_point"),
+                               layout["scales"][1][1], act_dtype=act_dtype)
         if q.method == "gptq":
             fmt = import_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
                               checkpoint_format=q.checkpoint_format, act_dtype=act_dtype)
@@ -240,9 +252,11 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
             shape = t.get("weight_shape")
             n, k = layout["qweight"][1][0], layout["qweight"][1][1] * 2
             if shape is not None and shape.tolist() != [n, k]:
-                raise e.fail("weight_shape", f"{shape.tolist()} != [{n}, {k}]: padded packing is not supported")
-            fmt = import_compressed_tensors(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
-                                            t.get("weight_g_idx"), act_dtype=act_dtype)
+                raise e.fail("weight_shape",
+                             f"{shape.tolist()} != [{n}, {k}]: padded packing is not supported")
+            fmt = import_compressed_tensors(t["weight_packed"], t["weight_scale"],
+                                            t.get("weight_zero_point"), t.get("weight_g_idx"),
+                                            act_dtype=act_dtype)
     except CheckpointQuantError:
         raise
     except ActOrderNotSupported as err:
@@ -252,8 +266,8 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
         raise e.fail("", f"cannot import as {fmt_name} ({err})") from err
     if "mins" in layout and fmt.mins is None:
         # an asymmetric checkpoint whose module has every zero at 8: same values, common layout
-        fmt = Int4Weight(fmt.qweight, fmt.scales, -8 * fmt.scales.float(), group_size=fmt.group_size,
-                         stacked=False, act_dtype=act_dtype)
+        fmt = Int4Weight(fmt.qweight, fmt.scales, -8 * fmt.scales.float(),
+                         group_size=fmt.group_size, stacked=False, act_dtype=act_dtype)
     elif "mins" not in layout and fmt.mins is not None:
         raise e.fail("qzeros", f"zero points are not all 8 although {q.config_file} says sym=true")
     return fmt
@@ -262,14 +276,16 @@ def import_entry(e: Entry, read: Callable[[SourceTensor], torch.Tensor],
 def _resolve(path: str | Path, quant: CheckpointQuant | None) -> CheckpointQuant:
     quant = quant or detect_quantization(path)
     if quant is None:
-        raise CheckpointQuantError(f"{path}: config.json has no quantization_config (not a quantized checkpoint)")
+        raise CheckpointQuantError(f"{path}: config.json has no quantization_config (not a "
+                                   "quantized checkpoint)")
     return quant
 
 
 def iter_checkpoint(path: str | Path, quant: CheckpointQuant | None = None,
                     act_dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, Any, str]]:
-    """(Hugging Face name, tensor or format object, file) for every tensor of a quantized checkpoint,
-    like `iter_store`: quantized modules as format objects, everything else as act_dtype tensors."""
+    """(Hugging Face name, tensor or format object, file) for every tensor of a quantized
+    checkpoint, like `iter_store`: quantized modules as format objects, everything else as
+    act_dtype tensors."""
     quant = _resolve(path, quant)
     source = Source(path)
     for e in group_entries(source, quant):

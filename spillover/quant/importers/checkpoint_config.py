@@ -1,12 +1,11 @@
-"""config.json `quantization_config` of a pre-quantized Hugging Face checkpoint -> `CheckpointQuant`.
+"""config.json `quantization_config` of a pre-quantized checkpoint -> `CheckpointQuant`.
 
 Understood: GPTQ (v1 "gptq" / "gptq_v2" packing), AWQ "gemm", compressed-tensors `pack-quantized`
-integer weights, `float-quantized` FP8 per channel or in blocks (FP8_DYNAMIC, FP8_BLOCK) and `int-quantized`
-int8 (W8A8: the weights
-are kept, activations stay in float), and Qwen / DeepSeek fine-grained FP8 (`quant_method: fp8` with
-`weight_block_size`); quantization.md §2.1-2.4. Anything else is refused here, naming config.json,
-before a tensor is read. Bit widths are checked per module (checkpoint.py) so that the error can name
-the tensor as well.
+integer weights, `float-quantized` FP8 per channel or in blocks (FP8_DYNAMIC, FP8_BLOCK) and
+`int-quantized` int8 (W8A8: the weights are kept, activations stay in float), and Qwen / DeepSeek
+fine-grained FP8 (`quant_method: fp8` with `weight_block_size`); docs/quantization.md, "1. What we
+load". Anything else is refused here, naming config.json, before a tensor is read. Bit widths are
+checked per module (checkpoint.py) so that the error can name the tensor as well.
 """
 
 from __future__ import annotations
@@ -34,18 +33,22 @@ class CheckpointQuant:
     desc_act: bool = False
     # GPTQ packing (gptq | gptq_v2), AWQ version (gemm), compressed-tensors format, FP8 fmt (e4m3)
     checkpoint_format: str = ""
-    ignore: tuple[str, ...] = ()  # modules_to_not_convert / compressed-tensors `ignore` (names, "re:" regexes)
-    weight_block_size: tuple[int, int] | None = None  # FP8 only: (rows, columns) per scale, 0 = all of K
+    # modules_to_not_convert / compressed-tensors `ignore` (names, "re:" regexes)
+    ignore: tuple[str, ...] = ()
+    # FP8 only: (rows, columns) per scale, 0 = all of K
+    weight_block_size: tuple[int, int] | None = None
     config_file: str = ""
 
     def ignores(self, module: str) -> bool:
-        """Whether the config lists `module` as left in float (only used to explain the record: which
-        modules are quantized is read from the tensors present, the file being the authority)."""
+        """Whether the config lists `module` as left in float (only used to explain the
+        record: which modules are quantized is read from the tensors present, the file being
+        the authority)."""
         for pat in self.ignore:
             if pat.startswith("re:"):
                 if re.match(pat[3:], module):
                     return True
-            elif pat == module or pat in module:  # transformers matches modules_to_not_convert by substring
+            # transformers matches modules_to_not_convert by substring
+            elif pat == module or pat in module:
                 return True
         return False
 
@@ -92,7 +95,8 @@ def parse_quantization(q: dict[str, Any], where: str = "config.json") -> Checkpo
     if method == "awq":
         version = str(q.get("version", "gemm")).lower()
         if version != "gemm":
-            raise CheckpointQuantError(f"{where}: AWQ version {version!r} is not supported (supported: gemm)")
+            raise CheckpointQuantError(f"{where}: AWQ version {version!r} is not supported "
+                                       "(supported: gemm)")
         return CheckpointQuant("awq", int(q.get("bits", q.get("w_bit", 4))),
                                _group(q.get("group_size", q.get("q_group_size", 128))),
                                not bool(q.get("zero_point", True)), False, version,
@@ -108,7 +112,8 @@ def parse_quantization(q: dict[str, Any], where: str = "config.json") -> Checkpo
         if fmt != "e4m3":
             raise CheckpointQuantError(f"{where}: FP8 fmt {fmt!r} is not supported (e4m3)")
         b = int(block[0])
-        return CheckpointQuant("fp8", 8, None, True, False, fmt, _names(q.get("modules_to_not_convert")),
+        return CheckpointQuant("fp8", 8, None, True, False, fmt,
+                               _names(q.get("modules_to_not_convert")),
                                (b, b), where)
     raise CheckpointQuantError(f"{where}: quant_method {q.get('quant_method')!r} is not supported; "
                                f"supported: {', '.join(SUPPORTED_METHODS)}")
@@ -119,48 +124,58 @@ CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized")
 
 def _compressed_tensors(q: dict[str, Any], where: str) -> CheckpointQuant:
     groups = q.get("config_groups") or {}
-    formats = {str(q.get("format"))} | {str(g["format"]) for g in groups.values() if g.get("format")}
+    formats = {str(q.get("format"))} | {str(g["format"]) for g in groups.values()
+                                        if g.get("format")}
     formats.discard("None")
     if len(formats) != 1 or not formats <= set(CT_FORMATS):
-        raise CheckpointQuantError(f"{where}: compressed-tensors format {sorted(formats)} is not supported "
-                                   "(supported: pack-quantized integer weights such as W4A16, float-quantized "
-                                   "block FP8, int-quantized int8)")
+        raise CheckpointQuantError(f"{where}: compressed-tensors format {sorted(formats)} is not "
+                                   "supported (supported: pack-quantized integer weights such as "
+                                   "W4A16, float-quantized block FP8, int-quantized int8)")
     (fmt,) = formats
     weights = [g.get("weights") or {} for g in groups.values()]
     if not weights or not all(weights):
-        raise CheckpointQuantError(f"{where}: compressed-tensors config_groups declare no weight quantization")
+        raise CheckpointQuantError(f"{where}: compressed-tensors config_groups declare no "
+                                   "weight quantization")
     w0 = weights[0]
 
     def key(w: dict[str, Any]) -> tuple[Any, ...]:
-        return (w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True), w.get("strategy"),
-                w.get("group_size"), _names(w.get("block_structure")))
+        return (w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True),
+                w.get("strategy"), w.get("group_size"), _names(w.get("block_structure")))
 
     if any(key(w) != key(w0) for w in weights):
-        raise CheckpointQuantError(f"{where}: compressed-tensors groups with different weight schemes are "
-                                   "not supported")
-    kind, bits, strategy = w0.get("type", "int"), int(w0.get("num_bits", 4)), str(w0.get("strategy", "group"))
+        raise CheckpointQuantError(f"{where}: compressed-tensors groups with different weight "
+                                   "schemes are not supported")
+    kind = w0.get("type", "int")
+    bits = int(w0.get("num_bits", 4))
+    strategy = str(w0.get("strategy", "group"))
     ignore = _names(q.get("ignore"))
     if fmt == "float-quantized":
         block = _names(w0.get("block_structure"))
-        if kind == "float" and bits == 8 and strategy == "channel":  # FP8_DYNAMIC: one scale per row
-            return CheckpointQuant("compressed-tensors", 8, None, True, False, fmt, ignore, (1, 0), where)
-        if kind != "float" or bits != 8 or strategy != "block" or len(block) != 2 or block[0] != block[1]:
-            raise CheckpointQuantError(f"{where}: compressed-tensors float-quantized {kind}{bits} weights with "
-                                       f"strategy {strategy!r} are not supported (FP8 per channel, e.g. "
-                                       "FP8_DYNAMIC, or in square blocks, e.g. FP8_BLOCK; per-tensor FP8 is not)")
+        # FP8_DYNAMIC: one scale per row
+        if kind == "float" and bits == 8 and strategy == "channel":
+            return CheckpointQuant("compressed-tensors", 8, None, True, False, fmt, ignore, (1, 0),
+                                   where)
+        square = len(block) == 2 and block[0] == block[1]
+        if kind != "float" or bits != 8 or strategy != "block" or not square:
+            raise CheckpointQuantError(f"{where}: compressed-tensors float-quantized {kind}{bits} "
+                                       f"weights with strategy {strategy!r} are not supported (FP8 "
+                                       "per channel, e.g. FP8_DYNAMIC, or in square blocks, e.g. "
+                                       "FP8_BLOCK; per-tensor FP8 is not)")
         b = int(block[0])
-        return CheckpointQuant("compressed-tensors", 8, None, True, False, fmt, ignore, (b, b), where)
+        return CheckpointQuant("compressed-tensors", 8, None, True, False, fmt, ignore, (b, b),
+                               where)
     if kind != "int":
-        raise CheckpointQuantError(f"{where}: compressed-tensors {kind} weights are not supported in {fmt} "
-                                   "(integer weights only)")
+        raise CheckpointQuantError(f"{where}: compressed-tensors {kind} weights are not supported "
+                                   f"in {fmt} (integer weights only)")
     if strategy not in ("group", "channel"):
-        raise CheckpointQuantError(f"{where}: compressed-tensors strategy {strategy!r} is not supported "
-                                   "(group, channel)")
+        raise CheckpointQuantError(f"{where}: compressed-tensors strategy {strategy!r} is not "
+                                   "supported (group, channel)")
     group = _group(w0.get("group_size")) if strategy == "group" else None
     sym = bool(w0.get("symmetric", True))
     if fmt == "int-quantized" and (bits != 8 or not sym):
         raise CheckpointQuantError(f"{where}: compressed-tensors int-quantized {bits}-bit "
-                                   f"{'symmetric' if sym else 'asymmetric'} weights are not supported "
-                                   "(symmetric int8, e.g. W8A8)")
-    return CheckpointQuant("compressed-tensors", bits, group, sym, w0.get("actorder") not in (None, False),
+                                   f"{'symmetric' if sym else 'asymmetric'} weights are not "
+                                   "supported (symmetric int8, e.g. W8A8)")
+    return CheckpointQuant("compressed-tensors", bits, group, sym,
+                           w0.get("actorder") not in (None, False),
                            fmt, ignore, config_file=where)

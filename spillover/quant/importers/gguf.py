@@ -1,4 +1,4 @@
-"""GGUF block formats -> our integer formats, losslessly (quantization.md §2.7).
+"""GGUF block formats -> our integer formats, losslessly (docs/quantization.md, "1. What we load").
 
 Q4_0 -> int4 sym G32; Q4_1 -> int4 G32 with mins m; Q4_K -> int4 G32 with scale d*sc, min -dmin*m;
 Q8_0 -> int8 G32; Q5_K -> int8 G32 codes 0..31 with mins; Q6_K -> int8 G16 codes q-32, scale d*sc.
@@ -45,14 +45,17 @@ def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return (q & 15).reshape(-1, 256)
 
 
-def _decode(blocks: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """blocks [B, type_size] uint8 -> (codes [B, block] int, scales [B, n_groups], mins | None, group)."""
+def _decode(blocks: torch.Tensor,
+            qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """blocks [B, type_size] uint8 -> (codes [B, block] int, scales [B, n_groups],
+    mins | None, group)."""
     if qtype in (Q.Q4_0, Q.Q4_1):
         off = 2 if qtype == Q.Q4_0 else 4
         mins = _f16(blocks[:, 2:4].reshape(-1, 1, 2)) if qtype == Q.Q4_1 else None
         return _nibbles_halves(blocks[:, off:]), _f16(blocks[:, 0:2].reshape(-1, 1, 2)), mins, 32
     if qtype == Q.Q8_0:
-        return blocks[:, 2:].contiguous().view(torch.int8), _f16(blocks[:, 0:2].reshape(-1, 1, 2)), None, 32
+        codes = blocks[:, 2:].contiguous().view(torch.int8)
+        return codes, _f16(blocks[:, 0:2].reshape(-1, 1, 2)), None, 32
     if qtype in (Q.Q4_K, Q.Q5_K):
         d, dmin = _f16(blocks[:, 0:2].reshape(-1, 1, 2)), _f16(blocks[:, 2:4].reshape(-1, 1, 2))
         sc, mn = _k_scale_min(blocks[:, 4:16])
@@ -60,15 +63,18 @@ def _decode(blocks: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor,
             codes = _k_low_nibbles(blocks[:, 16:144])
         else:
             low = _k_low_nibbles(blocks[:, 48:176])
-            qh = blocks[:, 16:48].reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+            shifts = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+            qh = blocks[:, 16:48].reshape(-1, 1, 32) >> shifts
             codes = (low | ((qh & 1) << 4).reshape(-1, 256)).to(torch.int8)
         return codes, d * sc, -(dmin * mn), 32
     if qtype == Q.Q6_K:
         ql, qh = blocks[:, 0:128], blocks[:, 128:192]
         sc = blocks[:, 192:208].contiguous().view(torch.int8).float()
         d = _f16(blocks[:, 208:210].reshape(-1, 1, 2))
-        lo = (ql.reshape(-1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)) & 15
-        hi = (qh.reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
+        lo_shifts = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+        hi_shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+        lo = (ql.reshape(-1, 2, 1, 64) >> lo_shifts) & 15
+        hi = (qh.reshape(-1, 2, 1, 32) >> hi_shifts) & 3
         q = lo.reshape(-1, 256).to(torch.int16) | (hi.reshape(-1, 256).to(torch.int16) << 4)
         return (q - 32).to(torch.int8), d * sc, None, 16
     raise NotImplementedError(f"GGUF type {qtype.name} has no lossless import; supported: "
@@ -93,7 +99,7 @@ def import_gguf(data: np.ndarray | torch.Tensor, qtype: Q, in_features: int,
         scales = scales.half()
         mins = mins.half() if mins is not None else None
     if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
-        return Int4Weight(pack_int4(codes.to(torch.uint8)), scales, mins, group_size=group, stacked=stacked,
-                          act_dtype=act_dtype)
+        return Int4Weight(pack_int4(codes.to(torch.uint8)), scales, mins, group_size=group,
+                          stacked=stacked, act_dtype=act_dtype)
     return Int8Weight(codes.to(torch.int8), scales, mins, group_size=group, stacked=stacked,
                       act_dtype=act_dtype)

@@ -41,8 +41,8 @@ def import_gptq(
     group = k // n_groups
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group):
         raise ActOrderNotSupported(
-            "GPTQ checkpoint uses act-order (desc_act=True); re-quantize without act-order or use the "
-            "float checkpoint with --quant int4"
+            "GPTQ checkpoint uses act-order (desc_act=True); re-quantize without act-order or use "
+            "the float checkpoint with --quant int4"
         )
     packed = qweight.T.contiguous().view(torch.uint8)  # [N, K/2]
     zeros = unpack_int32_rows(qzeros)[:, :n].to(torch.int16)  # [K/G, N]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
-             "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F8_E4M3": torch.float8_e4m3fn,
+             "I8": torch.int8, "I32": torch.int32, "I64": torch.int64,
+             "F8_E4M3": torch.float8_e4m3fn,
              "BOOL": torch.bool}
 
 
@@ -44,7 +45,8 @@ class Source:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.kind = "gguf" if self.path.suffix == ".gguf" else "safetensors"
-        self.tensors: list[SourceTensor] = self._scan_gguf() if self.kind == "gguf" else self._scan_st()
+        self.tensors: list[SourceTensor] = (
+            self._scan_gguf() if self.kind == "gguf" else self._scan_st())
 
     def _st_files(self) -> list[Path]:
         if self.path.is_file():
@@ -82,8 +84,8 @@ class Source:
             shape = tuple(int(d) for d in reversed(t.shape))
             dtype = floats.get(t.tensor_type, torch.uint8)
             qname = None if t.tensor_type in floats else t.tensor_type.name
-            out.append(SourceTensor(t.name, str(self.path), int(t.data_offset), int(t.n_bytes), dtype, shape,
-                                    qname))
+            out.append(SourceTensor(t.name, str(self.path), int(t.data_offset), int(t.n_bytes),
+                                    dtype, shape, qname))
         del reader  # drop the whole-file memmap
         return out
 
@@ -116,10 +118,12 @@ class TensorReader:
             os.posix_fadvise(self.fd, t.offset, t.nbytes, os.POSIX_FADV_SEQUENTIAL)
 
     def read_into(self, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Fill the contiguous CPU uint8 tensor `out` with bytes [offset, offset + len) of the tensor."""
+        """Fill the contiguous CPU uint8 tensor `out` with bytes [offset, offset + len)
+        of the tensor."""
         n = out.numel()
         if offset < 0 or offset + n > self.t.nbytes:
-            raise ValueError(f"{self.t.name}: read of {n} bytes at {offset} outside its {self.t.nbytes}")
+            raise ValueError(f"{self.t.name}: read of {n} bytes at {offset} outside its "
+                             f"{self.t.nbytes}")
         view, got = out.numpy().data, 0
         while got < n:
             k = os.preadv(self.fd, [view[got:]], self.t.offset + offset + got)
