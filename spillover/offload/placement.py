@@ -24,7 +24,8 @@ from torch import nn
 
 from spillover.offload.bank import ResidentExpertBank
 from spillover.offload.residency import ExpertStats, PlanLike, ResidencyMap
-from spillover.offload.tiered import MissRouter, Staging, TieredExpertBank
+from spillover.offload.tiered import MissRouter, TieredExpertBank
+from spillover.offload.transfer import Staging
 
 log = logging.getLogger("spillover.offload")
 

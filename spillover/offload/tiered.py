@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from spillover.offload.experts import grouped_experts
 from spillover.offload.residency import LayerResidency, NoSlotError, Tier
+from spillover.offload.transfer import Staging, TierStats
 
 log = logging.getLogger("spillover.offload")
 
@@ -68,48 +69,6 @@ class MissRouter:
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "copy", "cpu"):
             raise ValueError(f"miss mode {self.mode!r}: expected auto, copy or cpu")
-
-
-@dataclass
-class TierStats:
-    """Per-layer timings and bytes, read by the bench's report of where decode time goes."""
-
-    steps: int = 0
-    copied_experts: int = 0
-    cpu_experts: int = 0
-    streamed_experts: int = 0
-    disk_experts: int = 0
-    copy_bytes: int = 0
-    copy_s: float = 0.0
-    disk_copy_s: float = 0.0  # gathered (disk, evicted copies) then sent to the device, pageable
-    cpu_s: float = 0.0
-    disk_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-class Staging:
-    """The copy stream of a device and the staging buffers still read by queued work.
-
-    A buffer allocated on the copy stream returns to that stream's pool when dropped; the stream
-    first waits for the events of the compute that read it, so no copy overwrites it early."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.retired: list[tuple[Any, torch.cuda.Event]] = []
-
-    def retire(self, buffers: Any, device: torch.device) -> None:
-        if self.stream is None:
-            return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        self.retired.append((buffers, event))
-
-    def reclaim(self) -> None:
-        """Called on the copy stream before it allocates: wait for the readers, then drop."""
-        assert self.stream is not None
-        for _, event in self.retired:
-            self.stream.wait_event(event)
-        self.retired.clear()
 
 
 class TieredExpertBank(nn.Module):
