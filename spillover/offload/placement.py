@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from spillover.offload.bank import ResidentExpertBank
+from spillover.offload.misses import MissRouter
 from spillover.offload.residency import ExpertStats, PlanLike, ResidencyMap
-from spillover.offload.tiered import MissRouter, TieredExpertBank
+from spillover.offload.tiered import TieredExpertBank
 from spillover.offload.transfer import Staging
 
 log = logging.getLogger("spillover.offload")

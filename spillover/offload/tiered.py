@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from spillover.offload.experts import grouped_experts
+from spillover.offload.misses import MissRouter
 from spillover.offload.residency import LayerResidency, NoSlotError, Tier
 from spillover.offload.transfer import Staging, TierStats
 
@@ -49,26 +49,6 @@ class ExpertSource(Protocol):
     """Experts read from the store on disk: (w13, w2) stacked formats of `experts`, in order."""
 
     def load(self, layer: int, experts: Sequence[int]) -> tuple[Any, Any]: ...
-
-
-@dataclass
-class MissRouter:
-    """Where a step's misses run.
-
-    - "stream": more routed rows than `stream_rows` (prefill): every non-resident expert of the
-      layer goes to the device in one staging copy and runs there (layerwise prefill).
-    - "copy": a miss the policy admits is copied into a slot and runs with the hits.
-    - "cpu": a miss in host RAM runs on the CPU beside the device's work on the hits.
-    `mode` "auto" admits what the policy admits and computes the rest on the CPU; "copy" and
-    "cpu" force one path (tests, A/B runs).
-    """
-
-    mode: str = "auto"
-    stream_rows: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("auto", "copy", "cpu"):
-            raise ValueError(f"miss mode {self.mode!r}: expected auto, copy or cpu")
 
 
 class TieredExpertBank(nn.Module):
@@ -110,6 +90,9 @@ class TieredExpertBank(nn.Module):
         # tier_stats by `settle` once they have run: a host clock would time only the launch.
         self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self.tier_stats = TierStats()
+        stack = slots or host
+        self._expert_bytes = (sum(f.nbytes for f in stack) // max(stack[0].num_experts, 1)
+                              if stack is not None else 0)
         table = torch.tensor(residency.slot_table(), dtype=torch.int64)
         self.slot_map: torch.Tensor
         self.register_buffer("slot_map", table.to(device), persistent=False)
@@ -122,8 +105,10 @@ class TieredExpertBank(nn.Module):
             if wait:
                 end.synchronize()
             if end.query():
-                self.tier_stats.copy_s += start.elapsed_time(end) / 1e3
+                seconds = start.elapsed_time(end) / 1e3
+                self.tier_stats.copy_s += seconds
                 self.tier_stats.copy_bytes += nbytes
+                self.router.observe_copy(seconds, nbytes)
             else:
                 keep.append((start, end, nbytes))
         self._timed = keep
@@ -151,13 +136,19 @@ class TieredExpertBank(nn.Module):
         ids_host = topk_ids.to("cpu")  # the tiered layer's one sync: misses are the host's call
         hits, misses = self.residency.lookup(ids_host.flatten().tolist())
         on_cpu: list[int] = []
+        staged: list[int] = []
         if misses and not streaming:
             on_cpu = self._admit(misses, set(hits))
+            if on_cpu and self.router.mode == "auto" and self.router.copy_is_faster():
+                staged, on_cpu = on_cpu, []  # no slot for them this step: copied, not cached
         # The rows the CPU computes leave before the device's queue grows (the copy would wait).
         cpu_in = self._cpu_inputs(hidden, ids_host, topk_weights, on_cpu) if on_cpu else None
         out = self._slot_pass(hidden, topk_ids, topk_weights) if self.slots else None
         if misses and streaming:
             part = self._stream_pass(hidden, topk_ids, topk_weights, misses)
+            out = part if out is None else out + part
+        if staged:
+            part = self._copy_pass(hidden, topk_ids, topk_weights, staged)
             out = part if out is None else out + part
         if cpu_in is not None:
             part = self._cpu_pass(hidden, on_cpu, *cpu_in)
@@ -184,7 +175,8 @@ class TieredExpertBank(nn.Module):
         admitted: list[tuple[int, int]] = []
         left: list[int] = []
         for e in misses:
-            want = mode == "copy" or (mode == "auto" and self.residency.should_admit(e, protect))
+            want = mode == "copy" or (mode == "auto" and (
+                self.residency.should_admit(e, protect) or self.router.copy_is_faster()))
             if want and self.slots is not None and self.residency.num_slots:
                 try:
                     slot, _ = self.residency.admit(e, protect)
@@ -252,11 +244,15 @@ class TieredExpertBank(nn.Module):
                 end.record(stream)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             self._timed.append((start, end, nbytes))
-        else:
+        else:  # the CPU as the compute device: slots in RAM (tests, machines without a GPU)
+            t0 = time.perf_counter()
             for slots, w13, w2 in pieces:
                 self.slots[0].put_experts_(slots, w13.to(self.device))
                 self.slots[1].put_experts_(slots, w2.to(self.device))
+            seconds = time.perf_counter() - t0
+            self.tier_stats.copy_s += seconds
             self.tier_stats.copy_bytes += nbytes
+            self.router.observe_copy(seconds, nbytes)
         self.tier_stats.copied_experts += len(admitted)
         table = torch.tensor(self.residency.slot_table(), dtype=torch.int64)
         self.slot_map.copy_(table, non_blocking=False)
@@ -296,8 +292,10 @@ class TieredExpertBank(nn.Module):
             part += grouped_experts(h, local[ids].clamp(min=0), torch.where(disk, w, 0.0), d13, d2)
         out = torch.zeros_like(hidden)
         out[rows.to(hidden.device)] = part.to(hidden.device, non_blocking=True)
-        self.tier_stats.cpu_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.tier_stats.cpu_s += seconds
         self.tier_stats.cpu_experts += len(experts)
+        self.router.observe_cpu(seconds, self._expert_bytes * len(experts))
         return out
 
     def _read_disk(self, experts: list[int]) -> tuple[Any, Any]:
@@ -355,15 +353,22 @@ class TieredExpertBank(nn.Module):
                                    [self.host_row[e] for e in staged])
             self.staging.retire((d13, d2), self.device)
         if others:
-            w13, w2 = self._gather_host(others)
-            t0 = time.perf_counter()
-            d13, d2 = w13.to(self.device), w2.to(self.device)  # pageable: returns when copied
-            self.tier_stats.disk_copy_s += time.perf_counter() - t0
-            part = self._local_pass(hidden, topk_ids, topk_weights, others, d13, d2,
-                                    list(range(len(others))))
+            part = self._copy_pass(hidden, topk_ids, topk_weights, others)
             out = part if out is None else out + part
         assert out is not None
         return out
+
+    def _copy_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """`experts` gathered (RAM rows, disk reads), copied to the device for this step only
+        (no slot taken) and run there."""
+        w13, w2 = self._gather_host(experts)
+        t0 = time.perf_counter()
+        d13, d2 = w13.to(self.device), w2.to(self.device)  # pageable: returns when copied
+        self.tier_stats.disk_copy_s += time.perf_counter() - t0
+        self.tier_stats.staged_experts += len(experts)
+        return self._local_pass(hidden, topk_ids, topk_weights, experts, d13, d2,
+                                list(range(len(experts))))
 
     def _local_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     experts: list[int], w13: Any, w2: Any, rows: list[int]) -> torch.Tensor:

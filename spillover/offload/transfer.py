@@ -17,6 +17,7 @@ class TierStats:
     copied_experts: int = 0
     cpu_experts: int = 0
     streamed_experts: int = 0
+    staged_experts: int = 0  # copied for one step without a slot (none free, copying faster)
     disk_experts: int = 0
     copy_bytes: int = 0
     copy_s: float = 0.0

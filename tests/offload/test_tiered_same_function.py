@@ -117,3 +117,25 @@ def test_sixteen_concurrent_requests_equal_alone(folders: dict[str, Path]) -> No
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     assert together == alone
+
+
+@pytest.mark.parametrize("copy_faster", [True, False])
+def test_auto_misses_follow_the_measured_speeds(copy_faster: bool, folders: dict[str, Path],
+                                                resident: dict[str, LLM]) -> None:
+    """In auto mode a miss the policy declines runs on the CPU, unless copies measured faster."""
+    llm = LLM(str(folders["qwen3_moe-norm"]), device="cpu", dtype="float32",
+              max_num_batched_tokens=8,
+              experts=ExpertPlacement(slots=3, host=5, policy="lfu", miss_mode="auto"))
+    banks = _banks(llm)
+    router = banks[0].router
+    assert all(b.router is router for b in banks)  # one router: speeds are the machine's
+    fast, slow = 1e-12, 1.0  # seconds per byte; slow enough that real observations cannot flip it
+    router.copy_s_per_byte, router.cpu_s_per_byte = (fast, slow) if copy_faster else (slow, fast)
+    assert router.copy_is_faster() == copy_faster
+    assert _greedy(llm) == _greedy(resident["qwen3_moe-norm"])
+    cpu = sum(b.tier_stats.cpu_experts for b in banks)
+    copied = sum(b.tier_stats.copied_experts for b in banks)
+    if copy_faster:
+        assert cpu == 0 and copied > 0
+    else:
+        assert cpu > 0
