@@ -28,6 +28,7 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-queue-len", type=int, default=1024, help="waiting requests before 429")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--trust-request-chat-template", action="store_true")  # untrusted Jinja
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -66,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     name = served_name(args.model, args.served_model_name)
     aliases = {args.model} if args.model else set()
-    state = ServerState(model_name=name, aliases=aliases, api_key=args.api_key)
+    state = ServerState(model_name=name, aliases=aliases, api_key=args.api_key,
+                        trust_request_chat_template=args.trust_request_chat_template)
     app = create_app(state, make_loader(args))
     logging.getLogger("spillover").setLevel(args.log_level.upper())
     print(f"spillover: serving {name} on http://{args.host}:{args.port}/v1 (GET /health is "

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,7 +33,13 @@ from spillover.server.protocol import (
     TokenizeRequest,
     parse,
 )
-from spillover.server.serving import RETRY_AFTER_S, ServerState, new_id, until_disconnect
+from spillover.server.serving import (
+    RETRY_AFTER_S,
+    ServerState,
+    check_prompt_chars,
+    new_id,
+    until_disconnect,
+)
 from spillover.server.serving_chat import check_tools_supported, create_chat_completion
 from spillover.server.serving_completions import create_completion
 
@@ -131,11 +138,8 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, "request body too large")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}"[:300],
-                           code="invalid_json") from None
+        # A 30 MB body takes a while to decode and check: off the event loop.
+        return await asyncio.to_thread(decode_body, raw)
 
     def header_id(request: Request) -> str:
         return request.headers.get("x-request-id") or new_id("req")
@@ -196,16 +200,25 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
         req = parse(await body_json(request), TokenizeRequest)
         need_ready()
         state.check_model(req.model)
-        if req.messages is not None:
-            text = render_messages(state.tokenizer, req.messages, None,
-                                   req.chat_template_kwargs or {},
-                                   add_generation_prompt=req.add_generation_prompt)
-            ids = list(state.tokenizer(text, add_special_tokens=False).input_ids)
-        else:
-            ids = list(state.tokenizer(req.prompt,
-                                       add_special_tokens=req.add_special_tokens).input_ids)
-        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
-                "token_strs": [state.token_str(t) for t in ids]}
+
+        def work() -> dict[str, Any]:  # CPU work: in a worker thread, off the event loop
+            if req.messages is not None:
+                check_prompt_chars(state, sum(len(m.text()) for m in req.messages), "messages")
+                text = render_messages(state.tokenizer, req.messages, None,
+                                       req.chat_template_kwargs or {},
+                                       add_generation_prompt=req.add_generation_prompt,
+                                       trust_request_template=state.trust_request_chat_template,
+                                       max_chars=state.max_prompt_chars)
+                check_prompt_chars(state, len(text), "messages")
+                ids = list(state.tokenizer(text, add_special_tokens=False).input_ids)
+            else:
+                check_prompt_chars(state, len(req.prompt or ""), "prompt")
+                ids = list(state.tokenizer(req.prompt,
+                                           add_special_tokens=req.add_special_tokens).input_ids)
+            return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
+                    "token_strs": [state.token_str(t) for t in ids]}
+
+        return await asyncio.to_thread(work)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
@@ -215,9 +228,62 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
         state.check_model(req.model)
         if any(not 0 <= t < state.vocab_size for t in req.tokens):
             raise APIError(400, "token ids must lie in the vocabulary", param="tokens")
-        return {"prompt": state.tokenizer.decode(req.tokens)}
+        return {"prompt": await asyncio.to_thread(state.tokenizer.decode, req.tokens)}
 
     return app
+
+
+MAX_JSON_DEPTH = 128
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def decode_body(raw: bytes) -> Any:
+    """JSON -> Python, answering 400 (not 500) for bodies nested too deep and for strings holding
+    lone surrogates (`"\\ud800"` is valid JSON but no valid text: the tokenizer raises on it)."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}"[:300],
+                       code="invalid_json") from None
+    except RecursionError:
+        obj = None
+        depth_ok = False
+    else:
+        depth_ok = True
+    check_text = _SURROGATE_ESCAPE.search(raw) is not None
+    # Iterative walk: the depth check itself must not recurse.
+    stack: list[tuple[Any, int]] = [(obj, 1)] if depth_ok else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            depth_ok = False
+            break
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if check_text:
+                    _check_text(k)
+                if isinstance(v, (dict, list)):
+                    stack.append((v, depth + 1))
+                elif check_text and isinstance(v, str):
+                    _check_text(v)
+        elif isinstance(node, list):
+            for v in node:
+                if isinstance(v, (dict, list)):
+                    stack.append((v, depth + 1))
+                elif check_text and isinstance(v, str):
+                    _check_text(v)
+    if not depth_ok:
+        raise APIError(400, f"the body is nested more than {MAX_JSON_DEPTH} levels deep",
+                       code="invalid_json")
+    return obj
+
+
+def _check_text(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the body holds a string with a lone UTF-16 surrogate (e.g. "
+                            "\"\\ud800\"), which is not valid text", code="invalid_text") from None
 
 
 def spillover_version() -> str:

@@ -39,6 +39,9 @@ class ServerState:
     vocab_size: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None
+    # `chat_template_kwargs.chat_template` replaces the model's template: untrusted code, off
+    # unless `serve --trust-request-chat-template`.
+    trust_request_chat_template: bool = False
 
     @property
     def ready(self) -> bool:
@@ -51,6 +54,25 @@ class ServerState:
 
     def token_str(self, token_id: int) -> str:
         return _decode_one(self.tokenizer, token_id)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """More characters than any prompt that fits the context can hold."""
+        return max(self.max_model_len, 1) * MAX_CHARS_PER_TOKEN
+
+
+# A generous bound on characters per token (tokens average ~4; long whitespace runs and repeated
+# punctuation merge into longer ones): a prompt longer than max_model_len x this cannot fit, and is
+# refused before tokenizing it (a 30 MB prompt took half a minute to tokenize).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def check_prompt_chars(state: ServerState, n_chars: int, param: str) -> None:
+    if n_chars > state.max_prompt_chars:
+        raise APIError(400, f"This model's maximum context length is {state.max_model_len} "
+                            f"tokens, and the prompt has {n_chars} characters: more than any "
+                            "prompt that fits.",
+                       param=param, code="context_length_exceeded")
 
 
 @lru_cache(maxsize=65536)

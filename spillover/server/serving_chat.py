@@ -18,6 +18,7 @@ from spillover.server.serving import (
     Run,
     ServerState,
     Sub,
+    check_prompt_chars,
     chosen_logprob,
     new_id,
     resolve_max_tokens,
@@ -57,8 +58,11 @@ def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, bool, 
     if req.reasoning_effort == "none":
         kwargs.setdefault("enable_thinking", False)
     parse_tools = bool(req.tools) and req.tool_choice != "none"
+    check_prompt_chars(state, sum(len(m.text()) for m in req.messages), "messages")
     prompt_text = render_messages(state.tokenizer, req.messages, req.tools if parse_tools else None,
-                                  kwargs)
+                                  kwargs, trust_request_template=state.trust_request_chat_template,
+                                  max_chars=state.max_prompt_chars)
+    check_prompt_chars(state, len(prompt_text), "messages")
     prompt_ids = list(state.tokenizer(prompt_text, add_special_tokens=False).input_ids)
     limit_name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = resolve_max_tokens(state, len(prompt_ids), req.limit(), limit_name)
@@ -137,7 +141,9 @@ async def _collect(state: ServerState, req: ChatCompletionRequest, run: Run,
             c.parser.feed(texts[ev.index], final=True)
             # Token counts of the reasoning part: re-tokenized, the engine only counts all tokens.
             if len(c.parser.reasoning) > before:
-                ids = state.tokenizer(c.parser.reasoning, add_special_tokens=False).input_ids
+                ids = await asyncio.to_thread(
+                    lambda text: state.tokenizer(text, add_special_tokens=False).input_ids,
+                    c.parser.reasoning)
                 c.reasoning_tokens = len(ids)
 
 

@@ -16,6 +16,7 @@ from spillover.server.serving import (
     Run,
     ServerState,
     Sub,
+    check_prompt_chars,
     chosen_logprob,
     new_id,
     resolve_max_tokens,
@@ -53,6 +54,7 @@ def _prepare(state: ServerState, req: CompletionRequest) -> tuple[Run, list[str]
     subs, texts = [], []
     for i, p in enumerate(req.prompts()):
         if isinstance(p, str):
+            check_prompt_chars(state, len(p), "prompt")
             ids = list(state.tokenizer(p, add_special_tokens=False).input_ids)
             text = p
         else:

@@ -90,3 +90,51 @@ def test_completion_rules() -> None:
             parse(bad, CompletionRequest)
     assert parse({"prompt": [1, 2, 3]}, CompletionRequest).prompts() == [[1, 2, 3]]
     assert parse({"prompt": ["a", "b"], "user": "u"}, CompletionRequest).prompts() == ["a", "b"]
+
+
+CALL_A = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n' \
+         '</tool_call>'
+CALL_B = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "}{\\"<"}}\n</tool_call>'
+PREFIX_OUTPUTS = [
+    f"<think>\nplan it\n</think>\n\nLet me check. {CALL_A}\n{CALL_B}\n done.",
+    'x <tool_call>{"name": "g", "arguments": {"q": "}"}}</tool_call>  tail ',
+    '<think>r<tool_call>{"arguments": {"z": 2}, "name": "h"}</tool_call><tool_call>oops',
+]
+
+
+def outcome(text: str, step: int) -> tuple[str, str, list[Any], list[Any]]:
+    """Feeds `text` in pieces of `step` characters, the last with final=True, as the server does
+    (one piece: non-streaming). Returns content, reasoning, final calls and streamed calls."""
+    p = OutputParser(parse_tools=True, parse_reasoning=True)
+    pieces = [text[i:i + step] for i in range(0, len(text), step)] or [""]
+    streamed: dict[int, list[Any]] = {}
+    for k, piece in enumerate(pieces):
+        d = p.feed(piece, final=k == len(pieces) - 1)
+        for idx, cid, name, args in d.tool_calls:
+            slot = streamed.setdefault(idx, [None, ""])
+            if cid is not None:
+                slot[0] = name
+            slot[1] += args
+    final = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in p.final_calls()]
+    # streamed arguments must be valid JSON whatever the cut (json.loads raises otherwise)
+    sent = [(s[0], json.loads(s[1])) for _, s in sorted(streamed.items())]
+    return p.content, p.reasoning, final, sent
+
+
+@pytest.mark.parametrize("text", PREFIX_OUTPUTS)
+def test_streaming_agrees_on_every_prefix(text: str) -> None:
+    """Output cut anywhere (max_tokens): streaming in any chunking gives what non-streaming gives,
+    a cut call is text (with no closing tag the model never wrote), never invalid JSON."""
+    for n in range(len(text) + 1):
+        prefix = text[:n]
+        whole = outcome(prefix, max(n, 1))
+        assert whole[2] == whole[3], prefix
+        for step in (1, 3):
+            assert outcome(prefix, step) == whole, (prefix, step)
+        content = whole[0]
+        assert content.count("</tool_call>") <= prefix.count("</tool_call>"), prefix
+        opened = prefix.count("<tool_call>")
+        # every opened block is either a call or text
+        assert len(whole[2]) + content.count("<tool_call>") + whole[1].count("<tool_call>") \
+            == opened, prefix
