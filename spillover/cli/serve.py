@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 from spillover.cli.args import add_model_args, llm_kwargs
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+HEADER_TIMEOUT_S = 10  # a new connection must have sent its request headers by then
+FLUSH_S = 5  # after the drain: for responses to reach their clients
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -30,6 +36,9 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--trust-request-chat-template", action="store_true")  # untrusted Jinja
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C: stop admitting requests (503) and let running ones "
+                        "finish for up to S seconds, then end them with an error (default 30)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -69,11 +78,96 @@ def cmd_serve(args: argparse.Namespace) -> int:
     aliases = {args.model} if args.model else set()
     state = ServerState(model_name=name, aliases=aliases, api_key=args.api_key,
                         trust_request_chat_template=args.trust_request_chat_template)
-    app = create_app(state, make_loader(args))
+    server: Any = None
+    exit_code = 0
+
+    def on_ready() -> None:
+        print(f"spillover: ready: {name} on http://{args.host}:{args.port}/v1 (Ctrl-C or "
+              f"SIGTERM stops it, letting running requests finish for up to "
+              f"{args.shutdown_timeout:g} s)", flush=True)
+
+    def on_fatal(message: str) -> None:
+        nonlocal exit_code
+        print(f"spillover: error: {message}", file=sys.stderr, flush=True)
+        exit_code = 1
+        server.should_exit = True
+
+    app = create_app(state, make_loader(args), on_ready=on_ready, on_fatal=on_fatal)
     logging.getLogger("spillover").setLevel(args.log_level.upper())
-    print(f"spillover: serving {name} on http://{args.host}:{args.port}/v1 (GET /health is "
+    print(f"spillover: loading {name} for http://{args.host}:{args.port}/v1 (GET /health is "
           "503 until loaded)",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
-    return 0
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False, timeout_graceful_shutdown=FLUSH_S,
+                            timeout_keep_alive=KEEP_ALIVE_S, http=header_timeout_h11())
+    server = draining_server(config, state, args.shutdown_timeout)
+    server.run()
+    return exit_code
+
+
+def header_timeout_h11() -> type:
+    """uvicorn's h11 protocol, plus closing connections that send no request headers within
+    HEADER_TIMEOUT_S (uvicorn times out idle connections only between requests)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+                HEADER_TIMEOUT_S, self._header_timeout)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
+
+
+def draining_server(config: Any, state: Any, shutdown_timeout: float) -> Any:
+    """A uvicorn server whose first SIGTERM / SIGINT drains the engine before shutting down:
+    new requests get 503 with Retry-After, running ones finish for up to `shutdown_timeout`
+    seconds, those left end with an error (an error event and [DONE] for a stream). A second
+    signal exits at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        draining = False
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            bridge = state.bridge
+            if self.draining or bridge is None or not bridge.alive or self.loop is None:
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            bridge.draining = True  # at once: the next request already gets 503
+            name = signal.Signals(sig).name
+            print(f"spillover: {name}: draining {bridge.num_open} open requests (up to "
+                  f"{shutdown_timeout:g} s; send it again to stop at once)", flush=True)
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+        async def _drain(self) -> None:
+            cut = await state.bridge.drain(shutdown_timeout)
+            if cut:
+                print(f"spillover: ended {cut} requests still open after {shutdown_timeout:g} s",
+                      flush=True)
+            self.should_exit = True
+
+    return DrainingServer(config)

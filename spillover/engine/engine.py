@@ -36,6 +36,12 @@ __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "TokenEven
 
 log = logging.getLogger("spillover.engine")
 
+# torch.Generator.manual_seed takes seeds in [-2**63, 2**64 - 1]; child i of an n > 1 request is
+# seeded with seed + i.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Steps in a row that fail as a whole (not one request's fault) before the engine gives up.
+MAX_FAILED_STEPS = 3
+
 # Budget defaults (tokens per sequence, 1 GiB on the CPU, half the free GPU memory) live with the
 # planner, which sizes the caches: spillover.plan.engine_cache.cache_plan_for_engine.
 
@@ -51,7 +57,9 @@ class EngineConfig:
     max_prompt_checkpoints: int = 8
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's; resolve_max_model_len decides
-    max_queue_len: int = 1024  # add_request raises QueueFullError beyond this many waiting
+    # add_request raises QueueFullError beyond this many waiting (not counting those that the
+    # next step starts at once, into free max_num_seqs slots)
+    max_queue_len: int = 1024
 
 
 @lru_cache(maxsize=1)
@@ -201,6 +209,12 @@ class Engine:
         self.sampler = Sampler()
         self._tracked: dict[str, _Tracked] = {}
         self._pending: list[TokenEvent] = []  # abort events, handed out by the next step()
+        # caller id -> why it failed, for requests that step() ended with an error (the others
+        # go on); handed out by take_failures()
+        self._failed: dict[str, BaseException] = {}
+        self._failures: dict[str, BaseException] = {}
+        self._failed_steps = 0  # steps in a row that failed as a whole
+        self._step_callers: set[str] | None = None  # caller ids of the step under way
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._computed_prompt_tokens = 0
@@ -226,9 +240,18 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-        if len(self.scheduler.waiting) >= self.config.max_queue_len:
-            raise QueueFullError(f"{len(self.scheduler.waiting)} requests already waiting "
+        seed = params.seed
+        if seed is not None and not SEED_MIN <= seed <= SEED_MAX - (params.n - 1):
+            raise ValueError(f"seed must lie in [{SEED_MIN}, {SEED_MAX - (params.n - 1)}]")
+        # Requests that the next step starts into free slots do not wait: only the rest count.
+        free = max(0, self.config.max_num_seqs - len(self.scheduler.running))
+        queued = len(self.scheduler.waiting) - free
+        if queued >= self.config.max_queue_len:
+            raise QueueFullError(f"{queued} requests already waiting "
                                  f"(max_queue_len {self.config.max_queue_len})")
+        if params.logits_processors:
+            params = replace(params, logits_processors=[
+                self._guarded(request_id, fn) for fn in params.logits_processors])
         req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids)
         self.scheduler.add_request(req)
         self._tracked[request_id] = _Tracked(
@@ -256,11 +279,60 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
     # ---- the step ----------------------------------------------------------------------------
+    def take_failures(self) -> dict[str, BaseException]:
+        """Requests (caller ids) that steps since the last call ended with an error instead of
+        events: they are aborted and their blocks freed; every other request goes on."""
+        out, self._failures = self._failures, {}
+        return out
+
+    def _guarded(self, request_id: str, fn: Any) -> Any:
+        """A logits processor whose exception fails its own request, not the step."""
+        def run(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            if request_id in self._failed:
+                return logits
+            try:
+                return fn(output_ids, logits)
+            except Exception as e:
+                self._failed.setdefault(request_id, e)
+                return logits
+        return run
+
     def step(self) -> list[TokenEvent]:
+        """One scheduling + forward + sampling step. A request whose own part of the step raises
+        (its seed, its logits processor) is failed alone; an exception of the step as a whole fails
+        the requests of that step; MAX_FAILED_STEPS such steps in a row re-raise."""
         events, self._pending = self._pending, []
+        self._failed = {}
+        self._step_callers = None
+        try:
+            events += self._step()
+        except Exception as e:
+            if self._step_callers is None:
+                raise  # the scheduler itself failed: nothing to pin it on
+            self._failed_steps += 1
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise
+            log.exception("engine step failed; failing its %d requests", len(self._step_callers))
+            for rid in self._step_callers:
+                self._failed.setdefault(rid, e)
+        else:
+            self._failed_steps = 0
+        if self._failed:
+            for rid, exc in self._failed.items():
+                log.warning("request %s failed: %s: %s", rid, type(exc).__name__, exc)
+                self.abort(rid)
+            events = [ev for ev in events if ev.request_id not in self._failed]
+            self._pending = [ev for ev in self._pending if ev.request_id not in self._failed]
+            self._failures.update(self._failed)
+            self._failed = {}
+        return events
+
+    def _step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return events
+        self._step_callers = {s.request.parent_id or s.request.request_id for s in plan.seqs}
         logits, inp = self.runner.execute(plan)
         if self.memory_report is None:
             self.memory_report = self._report_memory()
@@ -276,12 +348,19 @@ class Engine:
         sampled: dict[str, int] = {}
         token_logprobs: dict[str, dict[int, float] | None] = {}
         seqs = plan.sample_seqs
-        if seqs:
+        # A row whose own RNG cannot be made fails its request alone; its row gets a dummy token.
+        ok = [j for j, s in enumerate(seqs) if self._row_ok(s.request, logits.device)]
+        for j in sorted(set(range(len(seqs))) - set(ok)):
+            sampled[seqs[j].request_id] = self.eos_token_ids[0] if self.eos_token_ids else 0
+            token_logprobs[seqs[j].request_id] = None
+        if ok:
+            rows_idx = [inp.sample_rows[j] for j in ok]
             rows = logits
-            if len(inp.sample_rows) != logits.shape[0]:
-                rows = logits.index_select(0, torch.tensor(inp.sample_rows, device=logits.device))
-            out = sample_rows(self.sampler, rows, [s.request for s in seqs])
-            for s, tok, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
+            if rows_idx != list(range(logits.shape[0])):
+                rows = logits.index_select(0, torch.tensor(rows_idx, device=logits.device))
+            good = [seqs[j] for j in ok]
+            out = sample_rows(self.sampler, rows, [s.request for s in good])
+            for s, tok, lp in zip(good, out.token_ids, out.logprobs, strict=True):
                 sampled[s.request_id] = tok
                 token_logprobs[s.request_id] = lp
         for seq in plan.seqs:
@@ -294,6 +373,17 @@ class Engine:
             lp = token_logprobs.get(delta.request_id)
             events.append(self._event(delta, requests[delta.request_id], lp))
         return events
+
+    def _row_ok(self, req: Request, device: torch.device) -> bool:
+        caller = req.parent_id or req.request_id
+        if caller in self._failed:
+            return False
+        try:
+            req.generator(device)
+        except Exception as e:
+            self._failed[caller] = e
+            return False
+        return True
 
     def _event(self, delta: RequestDelta, req: Request, lp: dict[int, float] | None) -> TokenEvent:
         caller_id = delta.parent_id or delta.request_id

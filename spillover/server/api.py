@@ -51,7 +51,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 EngineLoader = Callable[[], Any]
 
 
-def attach_engine(state: ServerState, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
+def attach_engine(state: ServerState, engine: Any, loop: asyncio.AbstractEventLoop,
+                  on_death: Callable[[BaseException], None] | None = None) -> None:
     state.engine = engine
     state.tokenizer = engine.tokenizer
     state.max_model_len = int(engine.max_model_len)
@@ -59,13 +60,27 @@ def attach_engine(state: ServerState, engine: Any, loop: asyncio.AbstractEventLo
     state.vocab_size = int(getattr(mc, "vocab_size", 0) or len(engine.tokenizer))
     eos = [int(e) for e in getattr(mc, "eos_token_ids", ())] or [int(engine.tokenizer.eos_token_id)]
     state.grammar = GrammarCompiler(engine.tokenizer, state.vocab_size, eos)
-    bridge = EngineBridge(engine, loop)
+    bridge = EngineBridge(engine, loop, on_death=on_death)
     state.metrics = ServerMetrics(state.model_name, lambda: bridge.stats)
     bridge.start()
     state.bridge = bridge
 
 
-def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAPI:
+def create_app(state: ServerState, loader: EngineLoader | None = None,
+               on_ready: Callable[[], None] | None = None,
+               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """`on_ready` runs on the loop once the engine serves; `on_fatal(message)` when the model
+    cannot load or the engine thread died (`spillover serve` then exits non-zero)."""
+
+    def died(e: BaseException) -> None:
+        if on_fatal is not None:
+            on_fatal(f"engine failed: {type(e).__name__}: {e}")
+
+    def attach(engine: Any, loop: asyncio.AbstractEventLoop) -> None:
+        attach_engine(state, engine, loop, on_death=died)
+        if on_ready is not None:
+            on_ready()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -75,10 +90,14 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
             def load() -> None:
                 try:
                     engine = loader()
-                    loop.call_soon_threadsafe(attach_engine, state, engine, loop)
+                    loop.call_soon_threadsafe(attach, engine, loop)
                 except Exception as e:
-                    log.exception("model loading failed")
                     state.load_error = f"{type(e).__name__}: {e}"
+                    if on_fatal is None:
+                        log.exception("model loading failed")
+                        return
+                    log.debug("model loading failed", exc_info=True)  # the message is enough
+                    loop.call_soon_threadsafe(on_fatal, f"model failed to load: {state.load_error}")
             threading.Thread(target=load, name="spillover-load", daemon=True).start()
         yield
         if state.bridge is not None:
@@ -123,7 +142,13 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
             raise APIError(401, "Incorrect API key provided.", "authentication_error",
                            code="invalid_api_key")
 
+    def draining() -> bool:
+        return state.bridge is not None and state.bridge.draining
+
     def need_ready() -> None:
+        if draining():
+            raise APIError(503, "the server is shutting down", "unavailable_error",
+                           code="shutting_down", headers={"Retry-After": RETRY_AFTER_S})
         if not state.ready:
             if state.bridge is not None and state.bridge.error is not None:
                 msg = f"engine failed: {state.bridge.error}"
@@ -146,7 +171,7 @@ def create_app(state: ServerState, loader: EngineLoader | None = None) -> FastAP
 
     @app.get("/health")
     async def health() -> Response:
-        if state.ready:
+        if state.ready and not draining():
             return JSONResponse({"status": "ok"})
         need_ready()
         return Response(status_code=503)  # unreachable: need_ready raised

@@ -141,6 +141,10 @@ class StreamOptions(_Strict):
 # ---- shared sampling fields ----------------------------------------------------------------------
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# OpenAI's seed is an int64 (torch's generator would take up to 2**64 - 1, but no more).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_SEQUENCES = 16  # OpenAI takes 4; vLLM any number
+MAX_STOP_CHARS = 1024  # each stop string is searched for after every token
 
 
 class _SamplingRequest(_Strict):
@@ -153,7 +157,7 @@ class _SamplingRequest(_Strict):
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty = 0.0
@@ -166,8 +170,11 @@ class _SamplingRequest(_Strict):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if isinstance(v, list) and len(v) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        for s in [v] if isinstance(v, str) else v or []:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return v
 
     @model_validator(mode="after")

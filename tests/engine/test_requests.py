@@ -146,7 +146,8 @@ def test_logits_processor_constrains_tokens(tiny_llm: Callable[[str], LLM]) -> N
 
 def test_add_request_errors(tiny_llm: Callable[[str], LLM]) -> None:
     llm = tiny_llm("llama-untied")
-    engine = make_engine(llm, max_queue_len=2)
+    # one slot: "a" starts at the next step, "b" is the one waiting request max_queue_len allows
+    engine = make_engine(llm, max_queue_len=1, max_num_seqs=1)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("e", [], GREEDY)
     with pytest.raises(ValueError, match="context length"):
@@ -157,7 +158,10 @@ def test_add_request_errors(tiny_llm: Callable[[str], LLM]) -> None:
     engine.add_request("b", [1, 2, 3], GREEDY)
     with pytest.raises(QueueFullError):
         engine.add_request("c", [1, 2, 3], GREEDY)
-    engine.step()  # admits the queue: room again
+    engine.step()  # "a" runs, "b" still waits: still full
+    with pytest.raises(QueueFullError):
+        engine.add_request("c", [1, 2, 3], GREEDY)
+    engine.abort("b")  # room again
     engine.add_request("c", [1, 2, 3], GREEDY)
 
 
