@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -35,6 +36,11 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--trust-request-chat-template", action="store_true")  # untrusted Jinja
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="enable CORS for these browser origins, comma-separated "
+                        "(e.g. https://a.example,https://b.example, or * for any; default: off)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per HTTP request (uvicorn's access log; default: off)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C: stop admitting requests (503) and let running ones "
@@ -48,6 +54,30 @@ def served_name(model: str | None, override: str | None) -> str:
     if model is None:
         return DEMO_MODEL_NAME
     return os.path.basename(os.path.normpath(model)) or model
+
+
+def parse_origins(value: str | None) -> list[str] | None:
+    """`--allowed-origins a,b` -> ["a", "b"]; None (or only commas) -> None: CORS off."""
+    origins = [o.strip() for o in (value or "").split(",") if o.strip()]
+    return origins or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard: may be reachable from elsewhere
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server listens beyond this machine with no API key, else None."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"spillover: warning: listening on {host}, which other machines may reach, with no "
+            "API key: anyone who can connect can use the model. Set --api-key (or "
+            "$SPILLOVER_API_KEY), or bind --host 127.0.0.1.")
 
 
 def make_loader(args: argparse.Namespace) -> Any:
@@ -92,14 +122,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         exit_code = 1
         server.should_exit = True
 
-    app = create_app(state, make_loader(args), on_ready=on_ready, on_fatal=on_fatal)
+    app = create_app(state, make_loader(args), on_ready=on_ready, on_fatal=on_fatal,
+                     allowed_origins=parse_origins(args.allowed_origins))
     logging.getLogger("spillover").setLevel(args.log_level.upper())
+    warning = exposure_warning(args.host, args.api_key)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     print(f"spillover: loading {name} for http://{args.host}:{args.port}/v1 (GET /health is "
           "503 until loaded)",
           flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False, timeout_graceful_shutdown=FLUSH_S,
+                            access_log=args.access_log, timeout_graceful_shutdown=FLUSH_S,
                             timeout_keep_alive=KEEP_ALIVE_S, http=header_timeout_h11())
+    if args.access_log:
+        # Access lines are INFO: shown even when --log-level hides uvicorn's other INFO lines.
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server = draining_server(config, state, args.shutdown_timeout)
     server.run()
     return exit_code

@@ -31,7 +31,9 @@ from spillover.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    openapi_request_body,
     parse,
+    request_schemas,
 )
 from spillover.server.serving import (
     RETRY_AFTER_S,
@@ -68,9 +70,11 @@ def attach_engine(state: ServerState, engine: Any, loop: asyncio.AbstractEventLo
 
 def create_app(state: ServerState, loader: EngineLoader | None = None,
                on_ready: Callable[[], None] | None = None,
-               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[str], None] | None = None,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """`on_ready` runs on the loop once the engine serves; `on_fatal(message)` when the model
-    cannot load or the engine thread died (`spillover serve` then exits non-zero)."""
+    cannot load or the engine thread died (`spillover serve` then exits non-zero).
+    `allowed_origins`: browser origins allowed by CORS (`["*"]` for any); None: no CORS."""
 
     def died(e: BaseException) -> None:
         if on_fatal is not None:
@@ -106,6 +110,22 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
     app = FastAPI(title="spillover", version=spillover_version(), lifespan=lifespan, docs_url=None,
                   redoc_url=None)
     app.state.spillover = state
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                request_schemas())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -123,8 +143,9 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        # Starlette's 405 carries the `Allow` header: keep it (and any other).
         return JSONResponse(APIError(exc.status_code, str(exc.detail), type_).body(),
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -202,7 +223,7 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
         state.check_model(model_id)
         return model_card(state.model_name)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest))
     async def chat(request: Request) -> Any:
         auth(request)
         req = parse(await body_json(request), ChatCompletionRequest)
@@ -211,7 +232,7 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
         work = create_chat_completion(state, req, request, header_id(request))
         return await work if req.stream else await until_disconnect(request, work)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
     async def completions(request: Request) -> Any:
         auth(request)
         req = parse(await body_json(request), CompletionRequest)
@@ -219,7 +240,7 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
         work = create_completion(state, req, header_id(request))
         return await work if req.stream else await until_disconnect(request, work)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi_request_body(TokenizeRequest))
     async def tokenize(request: Request) -> dict[str, Any]:
         auth(request)
         req = parse(await body_json(request), TokenizeRequest)
@@ -245,7 +266,7 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
 
         return await asyncio.to_thread(work)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=openapi_request_body(DetokenizeRequest))
     async def detokenize(request: Request) -> dict[str, Any]:
         auth(request)
         req = parse(await body_json(request), DetokenizeRequest)

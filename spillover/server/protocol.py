@@ -6,9 +6,12 @@ streaming writes one JSON object per token and pydantic would only add cost ther
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger("spillover.server")
 
 # Fields OpenAI clients send that change nothing for a single local model: accepted and ignored.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
@@ -42,7 +45,7 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    # Unknown fields are caught by `check_fields` (with a helpful message), not by pydantic.
+    # Unknown top-level fields are ignored with a warning by `check_fields` (vLLM's behaviour).
     model_config = ConfigDict(extra="allow")
 
 
@@ -270,13 +273,21 @@ class DetokenizeRequest(_Strict):
 
 
 def check_fields(body: dict[str, Any], model: type[BaseModel]) -> None:
-    """400 for fields we know but cannot honour, and for fields no OpenAI server knows."""
+    """400 for fields we know but cannot honour; fields no OpenAI server knows are ignored with a
+    warning naming them (vLLM's behaviour: a client's extension field must not break it)."""
+    unknown: list[str] = []
     for key in body:
         if key in UNSUPPORTED_FIELDS:
             raise APIError(400, f"`{key}`: {UNSUPPORTED_FIELDS[key]}", param=key,
                            code="unsupported_parameter")
         if key not in model.model_fields and key not in IGNORED_FIELDS:
-            raise APIError(400, f"unknown parameter `{key}`", param=key, code="unknown_parameter")
+            unknown.append(key)
+    for key in unknown:
+        del body[key]
+    if unknown:
+        names = ", ".join(repr(k[:64]) for k in unknown[:16])
+        more = f" (and {len(unknown) - 16} more)" if len(unknown) > 16 else ""
+        log.warning("%s: ignoring unknown request fields: %s%s", model.__name__, names, more)
 
 
 def parse(body: Any, model: type[BaseModel]) -> Any:
@@ -294,3 +305,33 @@ def parse(body: Any, model: type[BaseModel]) -> Any:
         # Keep messages short: echoing the offending input can make error bodies huge.
         raise APIError(400, f"{param or 'body'}: {msg}"[:500], param=param or None,
                        code="invalid_value") from None
+
+
+# ---- /openapi.json -------------------------------------------------------------------------------
+
+# The bodies are parsed by hand (`parse`), so FastAPI cannot see them: published explicitly.
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
+_REF = "#/components/schemas/{model}"
+
+
+def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route whose JSON body is `model` (its schema in `request_schemas`)."""
+    ref = _REF.format(model=model.__name__)
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": ref}}}}}
+
+
+def request_schemas() -> dict[str, Any]:
+    """The JSON schemas of the request models and of the models they use, for
+    `components.schemas` of /openapi.json."""
+    out: dict[str, Any] = {}
+    for model in REQUEST_MODELS.values():
+        schema = model.model_json_schema(ref_template=_REF)
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out

@@ -72,7 +72,8 @@ def test_reasoning_started_in_prompt() -> None:
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 30, "logprobs": True},
      "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "audio": {}}, "audio"),
-    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
+    # An unknown field is ignored (with a warning); a known one of the wrong type is still a 400.
+    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1, "n": "many"}, "n"),
     ({"messages": [{"role": "user",
                     "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages"),

@@ -228,7 +228,7 @@ ERRORS: list[tuple[str, Any, int, str | None]] = [
      None),
     ("/v1/chat/completions", {"messages": MSG, "tool_choice": "auto"}, 400, None),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"99999999": 5}}, 400, "logit_bias"),
-    ("/v1/chat/completions", {"messages": MSG, "bogus_field": 1}, 400, "bogus_field"),
+    ("/v1/chat/completions", {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_schema",
                               "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400,
      None),
