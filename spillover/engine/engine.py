@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
-from itertools import chain
+from functools import partial
 from typing import Any
 
 import torch
 
 from spillover.config import ModelConfig
+from spillover.engine.memory import cache_sizes, memory_plan
 from spillover.engine.outputs import EngineStats, QueueFullError, TokenEvent
 from spillover.engine.params import SamplingParams
 from spillover.engine.request import Request
@@ -22,13 +22,8 @@ from spillover.engine.runner import CacheLayout, ModelRunner
 from spillover.engine.sampler import Sampler, prompt_logprobs
 from spillover.engine.scheduler import RequestDelta, Scheduler, SchedulerConfig
 from spillover.engine.step_sampler import sample_rows
-from spillover.hw.info import HardwareInfo, with_overrides
-from spillover.hw.probe import probe
 from spillover.models.causal_lm import CausalLM
-from spillover.offload.bank import is_expert_bank
-from spillover.offload.tiered import TieredExpertBank
-from spillover.plan.engine_cache import cache_plan_for_engine, engine_limits, resolve_max_model_len
-from spillover.plan.inventory import ROUTED_EXPERTS, component_of
+from spillover.plan.engine_cache import resolve_max_model_len
 from spillover.plan.measure import PeakComparison, compare_peaks, measured_bytes_by_component
 from spillover.plan.memory import KV_CACHE, LINEAR_STATE, MemoryPlan
 
@@ -60,91 +55,6 @@ class EngineConfig:
     # add_request raises QueueFullError beyond this many waiting (not counting those that the
     # next step starts at once, into free max_num_seqs slots)
     max_queue_len: int = 1024
-
-
-@lru_cache(maxsize=1)
-def _probed() -> HardwareInfo:
-    return probe()
-
-
-def device_hardware(device: torch.device) -> HardwareInfo:
-    """This process's hardware as the planner sees it, for `device`: on the CPU no GPU tier; on CUDA
-    the GPU's total and free memory from torch (weights already loaded are no longer free)."""
-    hw = _probed()
-    if device.type != "cuda":
-        return with_overrides(hw, no_gpu=True) if hw.gpus else hw
-    free, total = torch.cuda.mem_get_info(device)
-    if not hw.gpus:
-        hw = with_overrides(hw, vram=f"{total}B")
-    gpu = replace(hw.gpus[0], vram_total=int(total), vram_free=int(free))
-    return replace(hw, gpus=(gpu, *hw.gpus[1:]))
-
-
-def loaded_weight_bytes(model: torch.nn.Module) -> dict[str, dict[str, int]]:
-    """tier -> component -> bytes of the model's weights as loaded: parameters and buffers, the
-    packed formats of linears and expert banks, and a tiered bank's slots and RAM experts."""
-    out = measured_bytes_by_component(chain(model.named_parameters(), model.named_buffers()))
-
-    def add(tier: str, comp: str, n: int) -> None:
-        out.setdefault(tier, {})[comp] = out.get(tier, {}).get(comp, 0) + n
-
-    tier_of = {"cuda": "gpu", "cpu": "host"}
-    for name, m in model.named_modules():
-        if isinstance(m, TieredExpertBank):
-            for tier, n in m.tier_bytes().items():
-                add(tier, ROUTED_EXPERTS, n)
-            continue
-        fmts = list(m.formats().values()) if is_expert_bank(m) else [getattr(m, "fmt", None)]
-        # a packed weight sits where its module's (released, 0-element) parameters do
-        param = next(m.parameters(recurse=False), None)
-        tier = tier_of.get(param.device.type, "gpu") if param is not None else "gpu"
-        for fmt in fmts:
-            if fmt is not None:
-                add(tier, component_of(f"{name}.weight"), fmt.nbytes)
-    return out
-
-
-def memory_plan(
-    cfg: ModelConfig,
-    config: EngineConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    model: torch.nn.Module | None = None,
-    hw: HardwareInfo | None = None,
-) -> MemoryPlan:
-    """The MemoryPlan the engine allocates its caches from (the planner is the one estimator):
-    KV blocks for max_num_seqs sequences of up to ENGINE_TOKENS_PER_SEQ tokens within
-    `kv_cache_memory_bytes` (default: 1 GiB on the CPU, half the free memory on a GPU), state slots
-    for every running sequence plus checkpoints; explicit num_kv_blocks / num_state_slots win."""
-    # A no-op on an Engine's own config (resolved in Engine.__init__); other callers
-    # pass the user's.
-    max_len = resolve_max_model_len(cfg, config.max_model_len)
-    limits = engine_limits(
-        max_num_seqs=config.max_num_seqs,
-        max_len=max_len,
-        block_size=config.block_size,
-        token_budget=config.max_num_batched_tokens,
-        dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
-        prompt_cache_slots=config.max_prompt_checkpoints + 1,
-    )
-    return cache_plan_for_engine(
-        cfg.model_type,
-        cfg,
-        hw if hw is not None else device_hardware(device),
-        limits,
-        max_len=max_len,
-        kv_budget_bytes=config.kv_cache_memory_bytes,
-        num_kv_blocks=config.num_kv_blocks,
-        num_state_slots=config.num_state_slots,
-        loaded_weights=loaded_weight_bytes(model) if model is not None else None,
-    )
-
-
-def cache_sizes(cfg: ModelConfig, config: EngineConfig, device: torch.device,
-                dtype: torch.dtype) -> tuple[int, int]:
-    """(num_kv_blocks, num_state_slots) of the engine's MemoryPlan (see `memory_plan`)."""
-    plan = memory_plan(cfg, config, device, dtype)
-    return plan.num_kv_blocks, plan.num_state_slots
 
 
 @dataclass

@@ -72,10 +72,7 @@ class TieredExpertBank(nn.Module):
         self.slots = slots  # (w13, w2) with residency.num_slots experts on `device`
         self.host = host  # (w13, w2) of `host_experts`, in (pinned) RAM, storage layout
         self.host_row = {e: i for i, e in enumerate(host_experts)}
-        host_map = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        if host_experts:
-            host_map[torch.tensor(list(host_experts))] = torch.arange(len(host_experts))
-        self.host_map = host_map  # expert -> host row, -1 elsewhere (on the CPU)
+        self.host_map = self._index(host_experts)  # expert -> host row, -1 elsewhere (on the CPU)
         # Host rows 0..stream_prefix-1 (the experts outside the slots at placement) are what a
         # prefill stages in one copy; later rows hold RAM copies of slot experts.
         self.stream_prefix = len(host_experts) if stream_prefix is None else stream_prefix
@@ -115,6 +112,16 @@ class TieredExpertBank(nn.Module):
 
     def link_next(self, bank: TieredExpertBank) -> None:
         self._next = [bank]
+
+    def _index(self, experts: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
+        """A CPU table expert -> row of a stack holding `experts` (rows 0.. unless given), -1 for
+        every other expert: how routed ids become indices into a subset's stack."""
+        table = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        if experts:
+            table[torch.tensor(list(experts), dtype=torch.int64)] = (
+                torch.arange(len(experts)) if rows is None
+                else torch.tensor(list(rows), dtype=torch.int64))
+        return table
 
     @property
     def all_resident(self) -> bool:
@@ -161,8 +168,7 @@ class TieredExpertBank(nn.Module):
         assert self.slots is not None
         slot = self.slot_map[topk_ids]
         resident = slot >= 0
-        weights = torch.where(resident, topk_weights, torch.zeros_like(topk_weights))
-        return grouped_experts(hidden, slot.clamp(min=0), weights, *self.slots)
+        return grouped_experts(hidden, slot.clamp(min=0), topk_weights * resident, *self.slots)
 
     # ---- misses ------------------------------------------------------------------------------
     def _admit(self, misses: list[int], protect: set[int]) -> list[int]:
@@ -261,9 +267,7 @@ class TieredExpertBank(nn.Module):
                     topk_weights: torch.Tensor, experts: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, their hidden states, local ids, weights) on the host for the CPU's experts."""
-        local = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        local[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts))
-        mapped = local[ids_host]
+        mapped = self._index(experts)[ids_host]
         rows = (mapped >= 0).any(dim=1).nonzero().squeeze(1)
         dev_rows = rows.to(hidden.device)
         h = hidden[dev_rows].to("cpu")
@@ -287,9 +291,8 @@ class TieredExpertBank(nn.Module):
         if bool(disk.any()):
             on_disk = sorted({int(e) for e in ids[disk].tolist()})
             d13, d2 = self._read_disk(on_disk)
-            local = torch.full((self.num_experts,), -1, dtype=torch.int64)
-            local[torch.tensor(on_disk)] = torch.arange(len(on_disk))
-            part += grouped_experts(h, local[ids].clamp(min=0), torch.where(disk, w, 0.0), d13, d2)
+            local = self._index(on_disk)[ids]
+            part += grouped_experts(h, local.clamp(min=0), torch.where(disk, w, 0.0), d13, d2)
         out = torch.zeros_like(hidden)
         out[rows.to(hidden.device)] = part.to(hidden.device, non_blocking=True)
         seconds = time.perf_counter() - t0
@@ -373,9 +376,7 @@ class TieredExpertBank(nn.Module):
     def _local_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                     experts: list[int], w13: Any, w2: Any, rows: list[int]) -> torch.Tensor:
         """The rows routed to `experts`, which sit at `rows` of the device stacks (w13, w2)."""
-        local = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        local[torch.tensor(experts, dtype=torch.int64)] = torch.tensor(rows, dtype=torch.int64)
-        mapped = local.to(hidden.device, non_blocking=True)[topk_ids]
+        mapped = self._index(experts, rows).to(hidden.device, non_blocking=True)[topk_ids]
         w = torch.where(mapped >= 0, topk_weights, torch.zeros_like(topk_weights))
         return grouped_experts(hidden, mapped.clamp(min=0), w, w13, w2)
 
