@@ -56,6 +56,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if line == "/reset":
             history = history[:1] if args.system else []
+            # Say so: a silent reset looks like the command was ignored.
+            print("(conversation cleared)")
             continue
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
