@@ -87,6 +87,8 @@ def run_bench(
     for n in prompt_lens:
         ttft = _prefill(engine, prompt(n), f"prefill-{n}", cuda)
         result["prefill"].append({"prompt_len": n, "ttft_s": ttft, "tok_s": n / ttft})
+        # progress as it goes: a run cut short by a time limit still leaves its figures
+        log.info("prefill %d tokens: %.1f tok/s", n, n / ttft)
     for b in decode_batches:
         start = tier_snapshot(model)
         row = _decode(
@@ -94,6 +96,7 @@ def run_bench(
         )
         row.update(tier_rates(start, tier_snapshot(model)))
         result["decode"].append(row)
+        log.info("decode batch %d: %s", b, {k: v for k, v in row.items() if k != "steps_ms"})
     tiers = tier_rates(before, tier_snapshot(model)) if _has_tiers(model) else {}
     if stats_hook is not None:
         tiers.update(stats_hook(model))
