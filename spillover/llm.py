@@ -15,12 +15,15 @@ from spillover.engine.engine import Engine, EngineConfig
 from spillover.engine.outputs import TokenEvent
 from spillover.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from spillover.engine.runner import CacheLayout, ModelRunner
+from spillover.hw.info import HardwareInfo
 from spillover.models.causal_lm import CausalLM
 from spillover.offload.budget import MemoryBudgets, cap_allocator, plan_experts
 from spillover.offload.placement import ExpertPlacement, place_experts
 from spillover.offload.residency import ExpertStats, ResidencyMap
 from spillover.plan.engine_cache import resolve_max_model_len
+from spillover.plan.hub import is_hub_id
 from spillover.plan.memory import KV_CACHE, MemoryPlan
+from spillover.weights.hub import HubOptions
 from spillover.weights.resolve import load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger("spillover.llm")
@@ -34,6 +37,18 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"unknown device {device!r} (auto, cpu or cuda)")
     return torch.device(device)
+
+
+def _hub_hardware(model: str | None, device: torch.device,
+                  budgets: MemoryBudgets) -> HardwareInfo | None:
+    """This machine within the budgets, for a hub id's fit check (probing costs nothing
+    otherwise)."""
+    if model is None or not is_hub_id(model):
+        return None
+    from spillover.hw.probe import probe
+    from spillover.offload.budget import budget_hardware
+
+    return budget_hardware(probe(), device, budgets)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -68,13 +83,20 @@ class LLM:
         expert_policy: str = "lrfu",
         expert_stats: str | None = None,
         expert_misses: str = "auto",
+        revision: str | None = None,
+        gguf_file: str | None = None,
     ) -> None:
         from spillover.weights.build import load_for_llm
 
-        self.source = resolve_model(model)
-        self.config = load_config(self.source)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.budgets = MemoryBudgets.parse(gpu_memory, cpu_memory, self.device)
+        # A hub id (Org/Name) is planned for this device and budgets before anything is
+        # downloaded: a model that cannot fit is refused with what would make it fit.
+        self.source = resolve_model(model, HubOptions(
+            revision=revision, gguf_file=gguf_file, quant=quant,
+            hardware=_hub_hardware(model, self.device, self.budgets), context=max_model_len))
+        self.config = load_config(self.source)
         # quant: one of spillover.quant.QUANT_CHOICES (legacy spellings via normalize_quant):
         # auto keeps the checkpoint's formats; int8 / int4 / fp8 / int4-experts quantize at load;
         # "native" keeps a GGUF file's own blocks packed. The record says which format each tensor
@@ -82,7 +104,6 @@ class LLM:
         # Budgets (gpu_memory / cpu_memory: "32GiB", "60GB", a fraction, or bytes) or an explicit
         # placement tier the MoE experts: the model is loaded on the CPU, the placement keeps each
         # layer's slot experts on the device, its host experts in RAM and spills the rest to disk.
-        self.budgets = MemoryBudgets.parse(gpu_memory, cpu_memory, self.device)
         tiered = experts is not None or (self.budgets.given and self.config.num_experts > 0)
         load_device = torch.device("cpu") if tiered else self.device
         self.model, self.quant_record = load_for_llm(

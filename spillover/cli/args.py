@@ -37,14 +37,27 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     where arguments about loading the model belong (the memory budgets
     --gpu-memory / --cpu-memory)."""
     p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face model folder or .gguf file "
+                   help="a hub id (Org/Name: planned for this machine, then downloaded into the "
+                        "Hugging Face cache), a model folder or a .gguf file "
                         "(default: the built-in demo model)")
     g = p.add_argument_group("model loading")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (default auto: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default auto: bfloat16 on a GPU, float32 on the CPU)")
     add_quant_arg(g)
+    add_hub_args(g)
     add_budget_args(p)
     return g
+
+
+def add_hub_args(g: argparse._ActionsContainer) -> None:
+    """--revision and --gguf-file: which version and file of a hub id."""
+    g.add_argument("--revision", default=None,
+                   help="hub id only: a branch, tag or commit of the repo (default: main)")
+    g.add_argument("--gguf-file", default=None, metavar="FILE",
+                   help="hub id of a GGUF repo: the file to use (default: the largest "
+                        "quantization the plan fits on this machine)")
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -74,15 +87,22 @@ def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `LLM(...)` keywords that add_model_args' arguments give."""
     return {"model": args.model, "device": args.device, "dtype": args.dtype, "quant": args.quant,
-            **budget_kwargs(args), "expert_stats": args.expert_stats}
+            **budget_kwargs(args), "expert_stats": args.expert_stats,
+            "revision": args.revision, "gguf_file": args.gguf_file}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"tokens to generate at most (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature; 0 is greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens with this much "
+                        "probability (default 1.0: all)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k likeliest tokens (default 0: no limit)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, for repeatable sampling (default: none)")
 
 
 def sampling_params(args: argparse.Namespace) -> Any:

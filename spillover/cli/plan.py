@@ -48,6 +48,10 @@ def add_plan_parsers(subparsers: Any) -> None:
     p.add_argument("--token-budget", type=int, default=2048,
                    help="tokens per forward pass (default 2048)")
     p.add_argument("--offline", action="store_true", help="never contact the hub")
+    p.add_argument("--revision", default=None,
+                   help="hub id only: a branch, tag or commit of the repo (default: main)")
+    p.add_argument("--gguf-file", default=None, metavar="FILE",
+                   help="hub id of a GGUF repo: plan this file (default: the largest that fits)")
     p.add_argument("--list-models", action="store_true", help="list the built-in catalog and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_hardware_flags(p)
@@ -117,10 +121,17 @@ def run_plan(args: argparse.Namespace) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         hw = hardware_from_args(args)
-        src = resolve(args.model, allow_hub=not args.offline)
+        limits = Limits(context=args.context, seqs=args.seqs, token_budget=args.token_budget)
+
+        def fits(s: Any) -> bool:  # a GGUF repo: the largest quantization that fits
+            return bool(make_plan(s.name, s.config, s.inventory, hw, limits, args.quant,
+                                  advise=False, fixed=s.scheme).fits)
+
+        src = resolve(args.model, allow_hub=not args.offline, revision=args.revision,
+                      gguf_file=args.gguf_file, fits=fits,
+                      max_bytes=hw.ram_total + (hw.gpu.vram_total if hw.gpu else 0))
     except (UnknownModelError, ModelSourceError, UnknownGpuError, ValueError, OSError) as e:
         return _error(str(e), args.json)
-    limits = Limits(context=args.context, seqs=args.seqs, token_budget=args.token_budget)
     plan = make_plan(src.name, src.config, src.inventory, hw, limits, args.quant, fixed=src.scheme)
     plan = replace(plan, checkpoint_bytes=src.checkpoint_bytes, reasons=plan.reasons + src.notes)
     if args.json:

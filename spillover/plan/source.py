@@ -8,17 +8,17 @@ clear message and the catalog is offered instead.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import struct
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from spillover.catalog import CONFIGS, UnknownModelError, lookup
 from spillover.config import ModelConfig
 from spillover.plan.formats import WeightScheme, checkpoint_scheme
+from spillover.plan.hub import HubError, HubRepo, hub_error, list_repo, read_config, read_gguf_head
 from spillover.plan.inventory import (
     SAFETENSORS_DTYPE_BYTES,
     Inventory,
@@ -26,11 +26,8 @@ from spillover.plan.inventory import (
     inventory_from_gguf_tensors,
 )
 
-HUB_TIMEOUT_S = 5.0
-
-
-class ModelSourceError(RuntimeError):
-    pass
+# a hub error is a model-source error: callers catch one class
+ModelSourceError = HubError
 
 
 @dataclass(frozen=True)
@@ -42,22 +39,26 @@ class ModelSource:
     checkpoint_bytes: int | None = None  # what a download or the files on disk take
     notes: tuple[str, ...] = ()
     scheme: WeightScheme | None = None  # a pre-quantised checkpoint's own format: the plan sizes it
+    files: tuple[str, ...] = ()  # hub: the files a download fetches (a GGUF repo: the one chosen)
+    revision: str | None = None  # hub: the commit the plan was read at
 
 
-def resolve(model: str, allow_hub: bool = True) -> ModelSource:
+def resolve(model: str, allow_hub: bool = True, revision: str | None = None,
+            gguf_file: str | None = None, fits: Callable[[ModelSource], bool] | None = None,
+            max_bytes: int | None = None) -> ModelSource:
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return from_gguf(path)
     if path.is_dir():
         return from_folder(path)
-    key = lookup(model)
+    key = lookup(model) if revision is None and gguf_file is None else None
     if key is not None:
         cfg = ModelConfig.from_hf(CONFIGS[key])
         inv = inventory_from_config(cfg)
         note = () if key == model else (f"{model!r} -> catalog entry {key}",)
         return ModelSource(key, cfg, inv, "catalog", None, note)
     if "/" in model and allow_hub and not path.exists():
-        return from_hub(model)
+        return from_hub(model, revision, gguf_file, fits, max_bytes)
     raise UnknownModelError(
         f"{model!r} is not a local .gguf file or model folder, nor in the built-in catalog"
         + ("" if "/" in model else " (hub ids look like Org/Name)")
@@ -164,53 +165,25 @@ def from_folder(path: Path) -> ModelSource:
                        tuple(_checkpoint_notes(params or None, inv, quant_notes)), scheme)
 
 
-def _hub_error(repo_id: str, why: str) -> ModelSourceError:
-    from spillover.catalog import catalog_ids
-
-    return ModelSourceError(
-        f"could not read config.json of {repo_id!r} from the Hugging Face hub ({why}). "
-        f"Offline, plan works for local files and the built-in catalog: {', '.join(catalog_ids())}"
-    )
-
-
-def _offline() -> bool:
-    # read at call time: huggingface_hub reads the variable once, at its own import
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _hub_unreachable() -> str | None:
-    """One quick connection attempt, instead of the client's retries with back-off, which stall an
-    offline run."""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
-    except OSError as e:
-        return f"no connection to {host}: {e}"
-    return None
-
-
-def from_hub(repo_id: str) -> ModelSource:
-    if _offline():
-        raise _hub_error(repo_id, "HF_HUB_OFFLINE is set")
-    reach = _hub_unreachable()
-    if reach:
-        raise _hub_error(repo_id, reach)
-    try:
-        from huggingface_hub import get_safetensors_metadata, hf_hub_download
-
-        cfg_path = hf_hub_download(repo_id, "config.json", etag_timeout=HUB_TIMEOUT_S)
-        raw = json.loads(Path(cfg_path).read_text())
-    except Exception as e:  # offline, unknown repo, gated repo: say which, then offer the catalog
-        raise _hub_error(repo_id, f"{type(e).__name__}: {str(e)[:200]}") from e
+def from_hub(repo_id: str, revision: str | None = None, gguf_file: str | None = None,
+             fits: Callable[[ModelSource], bool] | None = None,
+             max_bytes: int | None = None) -> ModelSource:
+    """`repo_id` at `revision`, from its file list, config.json and safetensors headers (or a GGUF
+    file's header), with `files`: what a download needs. A GGUF repo: `gguf_file`, else the
+    largest file of at most `max_bytes` for which `fits` holds (else the smallest)."""
+    repo = list_repo(repo_id, revision)
+    if gguf_file is not None or not repo.has_safetensors:
+        return _from_hub_gguf(repo, gguf_file, fits, max_bytes)
+    raw = read_config(repo)
     cfg = ModelConfig.from_hf(raw)
     inv = inventory_from_config(cfg)
     size: int | None = None
     params: int | None = None
     notes: list[str] = []
     try:
-        meta = get_safetensors_metadata(repo_id)
+        from huggingface_hub import get_safetensors_metadata
+
+        meta = get_safetensors_metadata(repo_id, revision=repo.sha or revision)
         params = sum(int(v) for v in meta.parameter_count.values())
         size = 0
         for fm in meta.files_metadata.values():
@@ -224,4 +197,43 @@ def from_hub(repo_id: str) -> ModelSource:
                      "from config.json")
     scheme, quant_notes = _checkpoint_quant(raw)
     notes = _checkpoint_notes(params, inv, quant_notes) + notes
-    return ModelSource(repo_id, cfg, inv, "hub", size, tuple(notes), scheme)
+    files = tuple(repo.needed_files())
+    return ModelSource(repo_id, cfg, inv, "hub", size or repo.download_bytes(list(files)),
+                       tuple(notes), scheme, files, repo.sha)
+
+
+def _from_hub_gguf(repo: HubRepo, gguf_file: str | None,
+                   fits: Callable[[ModelSource], bool] | None,
+                   max_bytes: int | None) -> ModelSource:
+    if gguf_file is not None:
+        if gguf_file not in repo.files:
+            raise hub_error(repo.repo_id, f"no file {gguf_file!r}; its GGUF files: "
+                                          f"{', '.join(repo.gguf_files) or 'none'}")
+        return _hub_gguf_source(repo, gguf_file, ())
+    files = repo.gguf_files
+    if not files:
+        raise hub_error(repo.repo_id, "it has neither config.json + .safetensors nor a single-file "
+                                      ".gguf that spillover loads")
+    tried: list[str] = []
+    for f in files:
+        size = repo.files.get(f) or 0
+        if max_bytes is not None and size > max_bytes and f != files[-1]:
+            continue  # larger than GPU + RAM together: not worth reading its header
+        src = _hub_gguf_source(repo, f, tuple(tried))
+        if fits is None or fits(src) or f == files[-1]:
+            return src
+        tried.append(f)
+    raise AssertionError("unreachable: the smallest file is always returned")
+
+
+def _hub_gguf_source(repo: HubRepo, filename: str, tried: tuple[str, ...]) -> ModelSource:
+    with tempfile.TemporaryDirectory(prefix="spillover-gguf-head-") as tmp:
+        head = read_gguf_head(repo, filename, Path(tmp) / Path(filename).name)
+        src = from_gguf(head)
+    others = [f for f in repo.gguf_files if f != filename]
+    notes = [f"{repo.repo_id}: {filename}" + (f" (others: {', '.join(others)})" if others else "")]
+    if tried:
+        notes.append(f"larger GGUF files that do not fit: {', '.join(tried)}")
+    return replace(src, name=f"{repo.repo_id}/{filename}", kind="hub",
+                   checkpoint_bytes=repo.files.get(filename) or src.checkpoint_bytes,
+                   notes=src.notes + tuple(notes), files=(filename,), revision=repo.sha)

@@ -15,6 +15,8 @@ import torch
 
 from spillover.config import ModelConfig
 from spillover.models.causal_lm import CausalLM
+from spillover.plan.hub import is_hub_id
+from spillover.weights.hub import HubOptions, fetch_hub_model
 from spillover.weights.loader import WeightItem, iter_safetensors, load_weights
 
 log = logging.getLogger("spillover.models")
@@ -42,15 +44,25 @@ def demo_model_path() -> Path:
 class ModelSource:
     kind: str  # "hf" | "gguf" | "store"
     path: Path
+    repo_id: str | None = None  # downloaded from the hub: the path is a cache snapshot
 
     @property
     def name(self) -> str:
+        if self.repo_id is not None:
+            return self.repo_id
         return self.path.stem if self.kind == "gguf" else self.path.name
 
 
-def resolve_model(model: str | Path | None) -> ModelSource:
+def resolve_model(model: str | Path | None, hub: HubOptions | None = None) -> ModelSource:
+    """A local .gguf file, model folder or store; or a hub id (`Org/Name`), planned against
+    `hub.hardware` and downloaded (spillover.weights.hub); None: the built-in demo model."""
     if model is None:
         return ModelSource("gguf", demo_model_path())
+    if isinstance(model, str) and is_hub_id(model):
+        kind, local = fetch_hub_model(model, hub)
+        return ModelSource(kind, local, model)
+    if hub is not None and (hub.revision or hub.gguf_file):
+        raise ValueError(f"{model}: --revision and --gguf-file apply to hub ids (Org/Name) only")
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -66,8 +78,8 @@ def resolve_model(model: str | Path | None) -> ModelSource:
             raise FileNotFoundError(f"{path}: folder has no config.json (expected a Hugging "
                                     "Face model folder)")
         return ModelSource("hf", path)
-    raise FileNotFoundError(f"model not found: {model} (give a Hugging Face folder, a .gguf file, "
-                            "or nothing for the built-in demo model)")
+    raise FileNotFoundError(f"model not found: {model} (give a hub id like Org/Name, a Hugging "
+                            "Face folder, a .gguf file, or nothing for the built-in demo model)")
 
 
 def store_origin(src: ModelSource) -> ModelSource | None:
