@@ -15,6 +15,7 @@ from typing import Any
 from spillover.cli.args import add_model_args, add_sampling_args, llm_kwargs, sampling_params
 from spillover.cli.bench import add_bench_parser
 from spillover.cli.convert import add_convert_parser
+from spillover.cli.deploy import add_deploy_parser
 from spillover.cli.plan import add_plan_parsers
 from spillover.cli.profile import add_profile_parser
 from spillover.cli.serve import add_serve_parser
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_profile_parser(sub, add_model_args)
     add_bench_parser(sub)
+    add_deploy_parser(sub)
     return parser
 
 
