@@ -16,7 +16,7 @@ import llguidance
 import llguidance.hf
 import torch
 
-from spillover.server.chat import TOOL_CLOSE, TOOL_OPEN
+from spillover.server.parsers import TOOL_CLOSE, TOOL_OPEN
 from spillover.server.protocol import APIError, ResponseFormat, ToolDef
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from spillover.server.chat import OutputParser, prompt_opens_thinking, render_messages
+from spillover.server.chat import render_messages, template_tool_format
+from spillover.server.parsers import OutputParser, prompt_opens_thinking
 from spillover.server.protocol import APIError, ChatCompletionRequest, NamedToolChoice
 from spillover.server.serving import (
     AbortingStream,
@@ -50,9 +51,11 @@ def _logprob_entries(state: ServerState, ev: Any, k: int) -> list[dict[str, Any]
     return out
 
 
-def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, bool, bool]:
+def prepare(state: ServerState,
+            req: ChatCompletionRequest) -> tuple[Run, Callable[[], OutputParser]]:
     """Template, tokenization and grammar compilation: CPU work, run in a worker thread so the event
-    loop keeps answering /health and streaming other requests meanwhile."""
+    loop keeps answering /health and streaming other requests meanwhile. Returns the engine run
+    and a factory of output parsers (one per choice) set up for this template and request."""
     state.check_model(req.model)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.reasoning_effort == "none":
@@ -80,15 +83,22 @@ def prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[Run, bool, 
     params = sampling_params(state, req, max_tokens, logprobs, processors=processors)
     run = Run(state, [Sub(new_id("chatcmpl"), prompt_ids, params)])
     thinking = kwargs.get("enable_thinking", True) is not False
-    return run, parse_tools, thinking and prompt_opens_thinking(prompt_text)
+    starts_thinking = thinking and prompt_opens_thinking(prompt_text)
+    tool_format = template_tool_format(state.tokenizer, kwargs)
+    properties = {t.function.name: dict((t.function.parameters or {}).get("properties") or {})
+                  for t in req.tools or []}
+
+    def parser() -> OutputParser:
+        return OutputParser(parse_tools, thinking and req.reasoning_effort != "none",
+                            starts_thinking, tool_format, properties)
+
+    return run, parser
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, request: Request,
                                  header_id: str) -> Any:
-    run, parse_tools, starts_thinking = await asyncio.to_thread(prepare, state, req)
-    thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False \
-        and req.reasoning_effort != "none"
-    choices = [Choice(OutputParser(parse_tools, thinking, starts_thinking)) for _ in range(req.n)]
+    run, parser = await asyncio.to_thread(prepare, state, req)
+    choices = [Choice(parser()) for _ in range(req.n)]
     request_id = run.subs[0].request_id
     headers = {"X-Request-Id": header_id}
     meta = {"id": request_id, "created": int(time.time()), "model": state.model_name,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from spillover.server.chat import OutputParser, prompt_opens_thinking
+from spillover.server.parsers import OutputParser, prompt_opens_thinking
 from spillover.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 
 CASES = [
