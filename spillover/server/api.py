@@ -35,6 +35,7 @@ from spillover.server.protocol import (
     parse,
     request_schemas,
 )
+from spillover.server.protocol_responses import ResponsesRequest
 from spillover.server.serving import (
     RETRY_AFTER_S,
     ServerState,
@@ -44,6 +45,7 @@ from spillover.server.serving import (
 )
 from spillover.server.serving_chat import check_tools_supported, create_chat_completion
 from spillover.server.serving_completions import create_completion
+from spillover.server.serving_responses import create_response
 
 log = logging.getLogger("spillover.server")
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -238,6 +240,14 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
         req = parse(await body_json(request), CompletionRequest)
         need_ready()
         work = create_completion(state, req, header_id(request))
+        return await work if req.stream else await until_disconnect(request, work)
+
+    @app.post("/v1/responses", openapi_extra=openapi_request_body(ResponsesRequest))
+    async def responses(request: Request) -> Any:
+        auth(request)
+        req = parse(await body_json(request), ResponsesRequest)
+        need_ready()
+        work = create_response(state, req, header_id(request))
         return await work if req.stream else await until_disconnect(request, work)
 
     @app.post("/tokenize", openapi_extra=openapi_request_body(TokenizeRequest))
