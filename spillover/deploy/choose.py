@@ -129,12 +129,13 @@ def plan_distributed(src: ModelSource, hw: HardwareInfo, limits: Limits, engine:
 
 def advise_gpus(src: ModelSource, hw: HardwareInfo, limits: Limits,
                 quant: str = "auto") -> tuple[int, ParallelPlan] | None:
-    """The fewest GPUs of this kind (one node) on which vLLM serves the model, or None."""
-    found = plan_distributed(src, hw, limits, "vllm", max(TP_SIZES), 1, quant)
-    if found is None:
-        return None
-    par = found[1]
-    return par.tp * par.pp, par
+    """The fewest GPUs of this kind (one node) on which vLLM serves the model, in any format it
+    can load (fewer GPUs first, then quality), or None."""
+    for n in TP_SIZES:
+        found = plan_distributed(src, hw, limits, "vllm", n, 1, quant)
+        if found is not None:
+            return n, found[1]
+    return None
 
 
 def _spillover(src: ModelSource, hw: HardwareInfo, plan: MemoryPlan, gpus: int,
