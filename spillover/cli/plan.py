@@ -47,6 +47,9 @@ def add_plan_parsers(subparsers: Any) -> None:
     p.add_argument("--seqs", type=int, default=1, help="concurrent sequences (default 1)")
     p.add_argument("--token-budget", type=int, default=2048,
                    help="tokens per forward pass (default 2048)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs of the named kind (default 1); more also plans the split vLLM "
+                        "would serve them with")
     p.add_argument("--offline", action="store_true", help="never contact the hub")
     p.add_argument("--revision", default=None,
                    help="hub id only: a branch, tag or commit of the repo (default: main)")
@@ -115,8 +118,8 @@ def run_plan(args: argparse.Namespace) -> int:
             "give a MODEL (hub id, catalog name, folder or .gguf); --list-models shows the catalog",
             args.json
         )
-    if args.context < 1 or args.seqs < 1 or args.token_budget < 1:
-        return _error("--context, --seqs and --token-budget must be positive", args.json)
+    if min(args.context, args.seqs, args.token_budget, args.gpus) < 1:
+        return _error("--context, --seqs, --token-budget and --gpus must be positive", args.json)
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -134,6 +137,11 @@ def run_plan(args: argparse.Namespace) -> int:
         return _error(str(e), args.json)
     plan = make_plan(src.name, src.config, src.inventory, hw, limits, args.quant, fixed=src.scheme)
     plan = replace(plan, checkpoint_bytes=src.checkpoint_bytes, reasons=plan.reasons + src.notes)
+    # several GPUs, or one that is not enough: what a split over GPUs would do (spillover/deploy)
+    from spillover.deploy import gpu_advice
+
+    more = gpu_advice(src, hw, limits, args.quant, args.gpus, plan.fits)
+    plan = replace(plan, suggestions=plan.suggestions + tuple(more))
     if args.json:
         print(json.dumps(to_json(plan), indent=1))
     else:

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spillover.deploy.choose import ENGINES, DeployError, Deployment, advise_gpus, choose
+from spillover.deploy.choose import (
+    ENGINES,
+    DeployError,
+    Deployment,
+    advise_gpus,
+    choose,
+    gpu_advice,
+)
 from spillover.deploy.compose import compose, env_example, to_yaml
 from spillover.deploy.readme import render
 
-__all__ = ["ENGINES", "DeployError", "Deployment", "advise_gpus", "choose", "compose",
+__all__ = ["ENGINES", "DeployError", "Deployment", "advise_gpus", "choose", "gpu_advice", "compose",
            "env_example", "to_yaml", "render", "write_deployment", "FILES"]
 
 FILES = ("compose.yaml", ".env.example", "README.md")

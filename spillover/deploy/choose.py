@@ -138,6 +138,38 @@ def advise_gpus(src: ModelSource, hw: HardwareInfo, limits: Limits,
     return None
 
 
+def gpu_advice(src: ModelSource, hw: HardwareInfo, limits: Limits, quant: str, gpus: int,
+               single_fits: bool) -> list[str]:
+    """Lines for `spillover plan`: the split on `gpus` GPUs when more than one, and when one GPU
+    plus RAM is not enough, the fewest GPUs (and the engine) that would serve the model."""
+    if hw.gpu is None:
+        return []
+    out: list[str] = []
+    name = _gpu_name(hw)
+    if gpus > 1:
+        found = plan_distributed(src, hw, limits, "vllm", gpus, 1, quant)
+        if found is None:
+            out.append(f"on {gpus} x {name}: no split fits without offload ("
+                       + _no_fit_reason(src, hw, limits, "vllm", gpus, 1, quant) + ")")
+        else:
+            one, par = found
+            out.append(f"on {gpus} x {name}: vLLM tensor parallel {par.tp}"
+                       + (f" x {par.dp} replicas" if par.dp > 1 else "")
+                       + f" ({one.scheme.name}, {fmt_bytes(par.bill.weights)} of weights per "
+                       f"GPU, context up to {par.max_context}, ~{par.decode_tok_s:.0f} tok/s "
+                       f"decode): `spillover deploy {src.name} --gpus {gpus} --out DIR`")
+    if not single_fits:
+        need = advise_gpus(src, hw, limits, quant)
+        if need is None:
+            out.append(f"one {name} is not enough even with RAM, nor are {max(TP_SIZES)} of them")
+        else:
+            n, par = need
+            out.append(f"one {name} is not enough even with RAM: {n} x {name} would serve it "
+                       f"with vLLM tensor parallel {par.tp} (`spillover deploy {src.name} "
+                       f"--gpus {n} --out DIR`)")
+    return out
+
+
 def _spillover(src: ModelSource, hw: HardwareInfo, plan: MemoryPlan, gpus: int,
                engine: str, model_arg: str | None) -> Deployment:
     if not plan.fits:

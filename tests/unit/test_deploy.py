@@ -182,3 +182,26 @@ def test_write_deployment_readme_names_the_budgets(tmp_path: Path, src: ModelSou
     write_deployment(d, tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "pinned RAM" in text and "--gpu-memory" in text and "tok/s" in text
+
+
+def test_plan_names_the_fewest_gpus_when_one_is_not_enough(
+        capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    args = ["plan", "Qwen/Qwen3-235B-A22B", "--gpu", "h100", "--ram", "32GB", "--offline",
+            "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not out["fits"]
+    assert any("not enough even with RAM: 4 x NVIDIA H100" in s and "tensor parallel 4" in s
+               for s in out["suggestions"])
+
+
+def test_plan_with_gpus_shows_the_split(capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    assert main(["plan", NEXT, "--gpu", "h100", "--gpus", "4", "--offline", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert any(s.startswith("on 4 x NVIDIA H100 80GB HBM3: vLLM tensor parallel 4 (bf16")
+               for s in out["suggestions"])
+    assert main(["plan", NEXT, "--gpu", "h100", "--gpus", "0", "--offline", "--json"]) == 2
