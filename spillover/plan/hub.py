@@ -13,10 +13,13 @@ import json
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
+T = TypeVar("T")
 HUB_TIMEOUT_S = 5.0
 # A GGUF header (metadata + tensor table, the vocabulary included) is read in ranged chunks that
 # grow until the whole header is in: most are under 8 MiB, a 256K-token vocabulary is ~10 MiB.
@@ -139,10 +142,11 @@ def read_config(repo: HubRepo) -> dict[str, object]:
     return dict(json.loads(Path(path).read_text()))
 
 
-def read_gguf_head(repo: HubRepo, filename: str, dest: Path) -> Path:
-    """`filename`'s header at `dest`, a sparse file of the full size: the tensor data is never
-    fetched, yet a GGUF reader finds every offset where it expects it."""
-    import gguf
+def read_gguf_head(repo: HubRepo, filename: str, dest: Path,
+                   parse: Callable[[Path], T]) -> T:
+    """`parse(dest)` of `filename`'s header, read into `dest`: a sparse file of the full size, so
+    that the tensor data is never fetched, yet a GGUF reader finds every offset where it expects
+    it. `parse` returns something with the reader's `data_offset`: where the header ends."""
     from huggingface_hub import get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
@@ -158,8 +162,9 @@ def read_gguf_head(repo: HubRepo, filename: str, dest: Path) -> Path:
             f.write(r.content[:end])
             f.truncate(max(size, end))
         try:
-            if gguf.GGUFReader(str(dest)).data_offset <= end:
-                return dest
+            parsed = parse(dest)
+            if getattr(parsed, "data_offset", end + 1) <= end:
+                return parsed
         except Exception:  # cut inside the header: read more
             pass
         if end >= size or n >= GGUF_HEAD_MAX_BYTES:

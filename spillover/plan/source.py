@@ -83,8 +83,21 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], Any]:
     return meta, reader
 
 
-def from_gguf(path: Path) -> ModelSource:
-    meta, reader = read_gguf(path)
+class _Head(tuple):  # type: ignore[type-arg]
+    """read_gguf's (meta, reader), with the reader's data_offset: where the header ends."""
+
+    @property
+    def data_offset(self) -> int:
+        return int(self[1].data_offset)
+
+
+def _read_head(path: Path) -> _Head:
+    return _Head(read_gguf(path))
+
+
+def from_gguf(path: Path, parsed: tuple[dict[str, Any], Any] | None = None) -> ModelSource:
+    """A GGUF file's model, from its header (`parsed`: read_gguf's answer, when already read)."""
+    meta, reader = parsed if parsed is not None else read_gguf(path)
     names = {t.name for t in reader.tensors}
     arch = meta.get("general.architecture")
     if arch and f"{arch}.vocab_size" not in meta and "_n_tokens" in meta:
@@ -181,9 +194,10 @@ def from_hub(repo_id: str, revision: str | None = None, gguf_file: str | None = 
     params: int | None = None
     notes: list[str] = []
     try:
-        from huggingface_hub import get_safetensors_metadata
+        from huggingface_hub import HfApi
 
-        meta = get_safetensors_metadata(repo_id, revision=repo.sha or revision)
+        # a new HfApi reads HF_ENDPOINT now; the module-level helper's was fixed at import
+        meta = HfApi().get_safetensors_metadata(repo_id, revision=repo.sha or revision)
         params = sum(int(v) for v in meta.parameter_count.values())
         size = 0
         for fm in meta.files_metadata.values():
@@ -228,8 +242,8 @@ def _from_hub_gguf(repo: HubRepo, gguf_file: str | None,
 
 def _hub_gguf_source(repo: HubRepo, filename: str, tried: tuple[str, ...]) -> ModelSource:
     with tempfile.TemporaryDirectory(prefix="spillover-gguf-head-") as tmp:
-        head = read_gguf_head(repo, filename, Path(tmp) / Path(filename).name)
-        src = from_gguf(head)
+        meta, reader = read_gguf_head(repo, filename, Path(tmp) / Path(filename).name, _read_head)
+        src = from_gguf(Path(tmp) / Path(filename).name, (meta, reader))
     others = [f for f in repo.gguf_files if f != filename]
     notes = [f"{repo.repo_id}: {filename}" + (f" (others: {', '.join(others)})" if others else "")]
     if tried:

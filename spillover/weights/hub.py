@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spillover.hw.info import HardwareInfo, fmt_bytes
-from spillover.plan.hub import IGNORED_PATTERNS, NEEDED_PATTERNS, hub_error, hub_offline
+from spillover.plan.hub import (
+    IGNORED_PATTERNS,
+    NEEDED_PATTERNS,
+    HubRepo,
+    hub_error,
+    hub_offline,
+)
 from spillover.plan.memory import Limits, MemoryPlan
 from spillover.plan.source import ModelSource, from_hub
 
@@ -111,7 +117,9 @@ def fetch_hub_model(repo_id: str, opts: HubOptions | None = None) -> tuple[str, 
                  fmt_bytes(plan.weights_total))
     gguf = bool(src.files) and all(f.endswith(".gguf") for f in src.files)
     try:
-        folder = Path(snapshot_download(repo_id, revision=src.revision or opts.revision,
+        # the revision as the user named it (main by default): the cache then records the
+        # branch -> commit reference that an offline run looks up
+        folder = Path(snapshot_download(repo_id, revision=opts.revision,
                                         allow_patterns=list(src.files) or list(NEEDED_PATTERNS),
                                         ignore_patterns=None if gguf else list(IGNORED_PATTERNS)))
     except Exception as e:
@@ -124,19 +132,32 @@ def fetch_hub_model(repo_id: str, opts: HubOptions | None = None) -> tuple[str, 
 def _cached(repo_id: str, opts: HubOptions) -> tuple[str, Path]:
     """Offline: the snapshot already in the cache, no request (huggingface_hub's local_files_only);
     a GGUF repo gives the named file or the largest cached one."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-    patterns = [opts.gguf_file] if opts.gguf_file else [*NEEDED_PATTERNS, "*.gguf"]
+    if opts.gguf_file is None:
+        try:
+            folder = Path(snapshot_download(repo_id, revision=opts.revision,
+                                            local_files_only=True,
+                                            allow_patterns=list(NEEDED_PATTERNS),
+                                            ignore_patterns=list(IGNORED_PATTERNS)))
+            if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+                return "hf", folder
+        except Exception:  # not cached as a model folder: a GGUF repo, or nothing
+            pass
+    for name in [opts.gguf_file] if opts.gguf_file else _cached_gguf_names(repo_id, opts):
+        path = try_to_load_from_cache(repo_id, name, revision=opts.revision)
+        if isinstance(path, str):
+            return "gguf", Path(path)
+    raise hub_error(repo_id, "offline (HF_HUB_OFFLINE) and not in the cache")
+
+
+def _cached_gguf_names(repo_id: str, opts: HubOptions) -> list[str]:
+    """The repo's GGUF files, largest first, from the file list cached by the download."""
+    from huggingface_hub import get_cached_repo_tree
+
     try:
-        folder = Path(snapshot_download(repo_id, revision=opts.revision, local_files_only=True,
-                                        allow_patterns=patterns))
-    except Exception as e:
-        raise hub_error(repo_id, f"offline (HF_HUB_OFFLINE) and not in the cache: "
-                                 f"{type(e).__name__}") from e
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-        return "hf", folder
-    ggufs = sorted(folder.glob(opts.gguf_file or "*.gguf"), key=lambda p: -p.stat().st_size)
-    if ggufs:
-        return "gguf", ggufs[0]
-    raise hub_error(repo_id, "offline (HF_HUB_OFFLINE) and the cached snapshot has no weights")
-
+        tree = get_cached_repo_tree(repo_id, revision=opts.revision)
+    except Exception:
+        return []
+    files: dict[str, int | None] = {f.path: f.size for f in tree}
+    return HubRepo(repo_id, opts.revision, None, files).gguf_files

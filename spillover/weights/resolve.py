@@ -56,13 +56,15 @@ class ModelSource:
 def resolve_model(model: str | Path | None, hub: HubOptions | None = None) -> ModelSource:
     """A local .gguf file, model folder or store; or a hub id (`Org/Name`), planned against
     `hub.hardware` and downloaded (spillover.weights.hub); None: the built-in demo model."""
+    hub_id = isinstance(model, str) and is_hub_id(model)
+    if hub is not None and (hub.revision or hub.gguf_file) and not hub_id:
+        raise ValueError(f"{model or 'the demo model'}: --revision and --gguf-file apply to hub "
+                         "ids (Org/Name) only")
     if model is None:
         return ModelSource("gguf", demo_model_path())
-    if isinstance(model, str) and is_hub_id(model):
-        kind, local = fetch_hub_model(model, hub)
-        return ModelSource(kind, local, model)
-    if hub is not None and (hub.revision or hub.gguf_file):
-        raise ValueError(f"{model}: --revision and --gguf-file apply to hub ids (Org/Name) only")
+    if hub_id:
+        kind, local = fetch_hub_model(str(model), hub)
+        return ModelSource(kind, local, str(model))
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
