@@ -98,6 +98,17 @@ def test_ray_flags_are_documented() -> None:
     assert len(starts) == 2  # the head and the worker
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("spillover")])
+def test_spillover_commands_parse_with_the_real_cli(case: str) -> None:
+    from spillover.cli.main import build_parser
+
+    d = deployment(case)
+    args = build_parser().parse_args(list(d.command.argv[1:]))
+    assert args.command == "serve" and args.quant == d.plan.scheme.name
+    assert int(args.gpu_memory) == d.plan.hardware.gpus[0].vram_total
+    assert int(args.cpu_memory) == d.plan.hardware.ram_total
+
+
 def test_the_flag_check_catches_a_made_up_flag() -> None:
     argv = ["vllm", "serve", "m", "--tensor-parallel", "4", "--max-model-len", "8"]
     assert unknown_flags(argv, ARGS["vllm"]["flags"]) == ["--tensor-parallel"]
