@@ -7,7 +7,7 @@ when one GPU plus RAM serves it; otherwise an error that says how many GPUs woul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from spillover.deploy.engines import (
@@ -89,7 +89,7 @@ def choose(src: ModelSource, hw: HardwareInfo, limits: Limits, *, gpus: int = 1,
         why = (f"the model does not fit across {gpus} x {hw.gpu.name} without offload "
                f"({_no_fit_reason(src, hw, limits, 'vllm', gpus, nodes, quant)}); spillover "
                "serves it from one of them plus RAM",)
-        return _replace_why(d, why + d.why)
+        return replace(d, why=why + d.why)
     raise DeployError(_nothing_fits(src, hw, limits, dist_engine, gpus, nodes, quant, single))
 
 
@@ -259,8 +259,3 @@ def _served_name(src: ModelSource) -> str:
 def _gpu_name(hw: HardwareInfo) -> str:
     return hw.gpu.name if hw.gpu else "no GPU"
 
-
-def _replace_why(d: Deployment, why: tuple[str, ...]) -> Deployment:
-    from dataclasses import replace
-
-    return replace(d, why=why)

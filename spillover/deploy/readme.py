@@ -39,8 +39,17 @@ def _bill(plan: MemoryPlan) -> list[str]:
             f"{fmt_bytes(plan.activation_bytes)} |",
             f"| CUDA runtime per GPU | {fmt_bytes(plan.runtime_bytes)} |", "",
             f"Context {ctx} tokens x {plan.limits.seqs} sequence(s). Same numbers as "
-            f"`spillover plan {plan.model} --context {ctx} --seqs {plan.limits.seqs}`.", ""]
+            f"`{_plan_command(plan)}`.", ""]
     return out
+
+
+def _plan_command(plan: MemoryPlan) -> str:
+    """The `spillover plan` line that reproduces this plan's numbers exactly."""
+    hw, lim = plan.hardware, plan.limits
+    gpu = f"--gpu '{hw.gpu.name}' --vram {hw.gpu.vram_total}B " if hw.gpu else "--no-gpu "
+    return (f"spillover plan {plan.model} {gpu}--ram {hw.ram_total}B --quant {plan.scheme.name} "
+            f"--context {plan.extra.get('context', lim.context)} --seqs {lim.seqs} "
+            f"--token-budget {lim.token_budget}")
 
 
 def _placement(d: Deployment) -> list[str]:

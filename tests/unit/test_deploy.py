@@ -205,3 +205,21 @@ def test_plan_with_gpus_shows_the_split(capsys: pytest.CaptureFixture) -> None:
     assert any(s.startswith("on 4 x NVIDIA H100 80GB HBM3: vLLM tensor parallel 4 (bf16")
                for s in out["suggestions"])
     assert main(["plan", NEXT, "--gpu", "h100", "--gpus", "0", "--offline", "--json"]) == 2
+
+
+def test_the_readme_plan_line_reproduces_the_budgets(src: ModelSource, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import json
+    import shlex
+
+    from spillover.deploy.readme import _plan_command
+
+    d = choose(src, nominal_hardware("rtx5090", "60GB"), Limits())
+    line = _plan_command(d.plan)
+    write_deployment(d, tmp_path)
+    assert line in (tmp_path / "README.md").read_text()
+    assert main([*shlex.split(line)[1:], "--offline", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budgets"] == {"gpu": d.plan.gpu_budget, "host": d.plan.host_budget}
+    assert out["expert_slots_per_layer"] == d.plan.expert_slots_per_layer
+    assert out["quant"] == d.plan.scheme.name
