@@ -9,6 +9,7 @@ Each server reads them at start (the entrypoint snippets below). The port is pub
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -19,8 +20,16 @@ API_KEY_ENV = "SPILLOVER_API_KEY"  # the one name the user sets, whichever engin
 HF_TOKEN_ENV = "HF_TOKEN"
 HF_CACHE = "/root/.cache/huggingface"  # vLLM and SGLang images run as root
 SPILLOVER_HF_CACHE = "/home/spillover/.cache/huggingface"  # our image runs as user spillover
-HEALTH = ("import urllib.request; "
-          f"urllib.request.urlopen('http://127.0.0.1:{PORT}/health', timeout=5)")
+LOCAL = f"127.0.0.1:{PORT}"  # inside the container, behind the published port
+# On host networking the server binds to BIND_ADDR:PORT itself (no port mapping guards it).
+HOST_NET = f"${{BIND_ADDR:-127.0.0.1}}:${{PORT:-{PORT}}}"
+
+
+def health(addr: str) -> str:
+    return ("import urllib.request; "
+            f"urllib.request.urlopen('http://{addr}/health', timeout=5)")
+
+
 # Loading an 80B checkpoint (and compiling CUDA graphs) takes minutes: no restarts meanwhile.
 HEALTH_START_PERIOD = "30m"
 SHM_SIZE = "16gb"  # NCCL and the engines' worker processes share tensors through /dev/shm
@@ -100,8 +109,12 @@ def _server(d: Deployment) -> dict[str, Any]:
     svc["deploy"] = {"resources": {"reservations": {"devices": [
         {"driver": "nvidia", "count": 1 if d.engine == "spillover" else d.gpus,
          "capabilities": ["gpu"]}]}}}
-    svc["healthcheck"] = {"test": ["CMD", "python3", "-c", HEALTH], "interval": "30s",
-                          "timeout": "10s", "retries": 3, "start_period": HEALTH_START_PERIOD}
+    test = ["CMD", "python3", "-c", health(HOST_NET if multi else LOCAL)]
+    if multi and d.engine == "sglang":
+        # only node 0 serves HTTP: the other ranks report healthy (the rank is set per node)
+        test = ["CMD-SHELL", f'[ "${{NODE_RANK:-0}}" != 0 ] || python3 -c "{test[3]}"']
+    svc["healthcheck"] = {"test": test, "interval": "30s", "timeout": "10s", "retries": 3,
+                          "start_period": HEALTH_START_PERIOD}
     svc["restart"] = "unless-stopped"
     return svc
 
@@ -114,7 +127,9 @@ def _ray_services(d: Deployment) -> dict[str, Any]:
     head["entrypoint"] = ["/bin/sh", "-c",
                           serve + f"ray start --head --port={RAY_PORT} && exec \"$$@\"", "sh"]
     head["profiles"] = ["head"]
-    worker = {k: v for k, v in head.items() if k not in ("healthcheck", "command", "secrets")}
+    # a deep copy: shared objects would be written as YAML anchors
+    worker = copy.deepcopy({k: v for k, v in head.items()
+                            if k not in ("healthcheck", "command", "secrets")})
     worker["entrypoint"] = ["/bin/sh", "-c", _READ_TOKEN + "exec ray start --block "
                             f"--address=${{HEAD_ADDR:?set HEAD_ADDR}}:{RAY_PORT}"]
     worker["profiles"] = ["worker"]
@@ -123,11 +138,13 @@ def _ray_services(d: Deployment) -> dict[str, Any]:
 
 
 def _host_for(argv: tuple[str, ...], multi: bool) -> tuple[str, ...]:
-    """On host networking the server binds where BIND_ADDR says (no port mapping guards it)."""
-    if not multi or "--host" not in argv:
+    """On host networking the server binds where BIND_ADDR and PORT say."""
+    if not multi:
         return argv
     out = list(argv)
-    out[out.index("--host") + 1] = "${BIND_ADDR:-127.0.0.1}"
+    for flag, value in (("--host", "${BIND_ADDR:-127.0.0.1}"), ("--port", f"${{PORT:-{PORT}}}")):
+        if flag in out:
+            out[out.index(flag) + 1] = value
     return tuple(out)
 
 
