@@ -85,6 +85,7 @@ class LLM:
         expert_misses: str = "auto",
         revision: str | None = None,
         gguf_file: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         from spillover.weights.build import load_for_llm
 
@@ -126,6 +127,7 @@ class LLM:
             max_prompt_checkpoints=max_prompt_checkpoints,
             enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
         )
         self._tokenizer: Any = None
         # scoring only (forward_logits); the engine has its own

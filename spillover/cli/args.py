@@ -46,6 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (default auto: bfloat16 on a GPU, float32 on the CPU)")
     add_quant_arg(g)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (debugging; "
+                        "graphs are only used on CUDA)")
     add_hub_args(g)
     add_budget_args(p)
     return g
@@ -88,7 +91,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `LLM(...)` keywords that add_model_args' arguments give."""
     return {"model": args.model, "device": args.device, "dtype": args.dtype, "quant": args.quant,
             **budget_kwargs(args), "expert_stats": args.expert_stats,
-            "revision": args.revision, "gguf_file": args.gguf_file}
+            "revision": args.revision, "gguf_file": args.gguf_file,
+            "enforce_eager": args.enforce_eager}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

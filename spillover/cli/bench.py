@@ -121,7 +121,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         )
         llm = LLM.from_model(
             model, cfg, device, dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-            **budget_kwargs(args),
+            enforce_eager=args.enforce_eager, **budget_kwargs(args),
         )
         info.update(
             quant=quant,

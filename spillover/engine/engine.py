@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from spillover.config import ModelConfig
+from spillover.engine.cuda_graphs import GraphSettings
 from spillover.engine.memory import cache_sizes, memory_plan
 from spillover.engine.outputs import EngineStats, QueueFullError, TokenEvent
 from spillover.engine.params import SamplingParams
@@ -55,6 +56,10 @@ class EngineConfig:
     # add_request raises QueueFullError beyond this many waiting (not counting those that the
     # next step starts at once, into free max_num_seqs slots)
     max_queue_len: int = 1024
+    # Decode steps replay CUDA graphs on CUDA unless enforce_eager; emulate_graphs runs their
+    # padded, packed-input path eagerly on any device (CPU tests of that path).
+    enforce_eager: bool = False
+    emulate_graphs: bool = False
 
 
 @dataclass
@@ -92,8 +97,15 @@ class Engine:
         # planned vs measured, per device: filled after the first step that runs a forward
         self.memory_report: list[PeakComparison] | None = None
         hybrid = bool(model_config.linear_layers)
+        graphs = None
+        if not config.enforce_eager and (device.type == "cuda" or config.emulate_graphs):
+            # no sequence holds more tokens than all the KV blocks (or than max_model_len)
+            longest = min(config.max_model_len or 1, max(num_blocks, 1) * config.block_size)
+            graphs = GraphSettings(config.max_num_seqs, longest,
+                                   emulate=config.emulate_graphs or device.type != "cuda")
         self.runner = ModelRunner(
-            model, CacheLayout(num_blocks, config.block_size, max(num_slots, 1)), device, dtype
+            model, CacheLayout(num_blocks, config.block_size, max(num_slots, 1)), device, dtype,
+            graphs,
         )
         eos = set(model_config.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:

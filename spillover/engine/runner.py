@@ -17,6 +17,7 @@ import torch
 
 from spillover.config import ModelConfig
 from spillover.engine.batch import FlatInputs, StepPlan
+from spillover.engine.cuda_graphs import DecodeGraphs, GraphSettings
 from spillover.kernels.context import (
     AttentionCache,
     ForwardContext,
@@ -34,19 +35,22 @@ class CacheLayout:
 
 
 def allocate_caches(
-    cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtype: torch.dtype
+    cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtype: torch.dtype,
+    spare: int = 0,
 ) -> tuple[dict[int, AttentionCache], dict[int, LinearStateCache]]:
+    """The caches of `layout`, plus `spare` KV blocks and state slots past its counts that the
+    scheduler never hands out (the padding rows of a CUDA-graph step write there)."""
     # zeros, not empty: padded decode attention reads (and masks) unused slots, and 0 * NaN = NaN.
     kv: dict[int, AttentionCache] = {}
     for i in cfg.attention_layers:
-        shape = (layout.num_blocks, layout.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (layout.num_blocks + spare, layout.block_size, cfg.num_kv_heads, cfg.head_dim)
         kv[i] = AttentionCache(torch.zeros(shape, dtype=dtype, device=device),
                                torch.zeros(shape, dtype=dtype, device=device))
     states: dict[int, LinearStateCache] = {}
     for i in cfg.linear_layers:
-        conv = torch.zeros(layout.num_state_slots, cfg.linear_conv_dim,
+        conv = torch.zeros(layout.num_state_slots + spare, cfg.linear_conv_dim,
                            cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
-        ssm = torch.zeros(layout.num_state_slots, cfg.linear_num_value_heads,
+        ssm = torch.zeros(layout.num_state_slots + spare, cfg.linear_num_value_heads,
                           cfg.linear_key_head_dim, cfg.linear_value_head_dim,
                           dtype=torch.float32, device=device)
         states[i] = LinearStateCache(conv, ssm)
@@ -70,13 +74,19 @@ class StepOutput(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: CausalLM, layout: CacheLayout, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, graphs: GraphSettings | None = None) -> None:
         self.model = model
         self.cfg = model.config
         self.layout = layout
         self.device = device
         self.dtype = dtype
-        self.kv_caches, self.state_caches = allocate_caches(self.cfg, layout, device, dtype)
+        self.kv_caches, self.state_caches = allocate_caches(
+            self.cfg, layout, device, dtype, spare=1 if graphs is not None else 0)
+        # Decode steps replay CUDA graphs (emulated eagerly off CUDA); other steps run eagerly.
+        self.graphs = None if graphs is None else DecodeGraphs(
+            model, self.kv_caches, self.state_caches, device, graphs.max_batch,
+            graphs.max_model_len, layout.block_size, scratch_block=layout.num_blocks,
+            scratch_slot=layout.num_state_slots, emulate=graphs.emulate)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -88,6 +98,8 @@ class ModelRunner:
         self._apply_copies(plan)
         # Attention reads block tables; per-token kv index lists would cost O(context) Python.
         inp = plan.build_inputs(kv_indices=False)
+        if self.graphs is not None and self.graphs.accepts(inp):
+            return StepOutput(self.graphs.run(inp), inp)
         input_ids, ctx = self._build_context(inp)
         hidden = self.model(input_ids, ctx)
         if not inp.logits_indices:

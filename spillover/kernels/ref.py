@@ -133,6 +133,21 @@ def causal_conv1d(
     return out
 
 
+def causal_conv1d_decode(
+    x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor,
+    fresh: torch.Tensor,
+) -> torch.Tensor:
+    """`causal_conv1d` for one new token per sequence, batched over the N sequences: reads only
+    tensors (state slots [N] and fresh-sequence mask [N], `build_linear_meta`), so that a CUDA
+    graph can capture it. x [N, C] -> [N, C]; conv_state rows `slots` updated in place."""
+    prev = conv_state.index_select(0, slots).to(x.dtype)  # [N, C, K-1]
+    prev = torch.where(fresh[:, None, None], torch.zeros_like(prev), prev)
+    full = torch.cat((prev, x.unsqueeze(-1)), dim=-1)  # [N, C, K]
+    y = (full.float() * weight.float()).sum(-1)
+    conv_state.index_copy_(0, slots, full[:, :, 1:].to(conv_state.dtype))
+    return F.silu(y).to(x.dtype)
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
@@ -171,4 +186,32 @@ def gated_delta_rule(
             out[t] = torch.einsum("hkv,hk->hv", s, qf[t])
         ssm_state[slot] = s.to(ssm_state.dtype)
         start += qlen
+    return out.to(v.dtype)
+
+
+def gated_delta_rule_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ssm_state: torch.Tensor,
+    slots: torch.Tensor,
+    fresh: torch.Tensor,
+) -> torch.Tensor:
+    """`gated_delta_rule` for one new token per sequence, batched over the N sequences and
+    reading only tensors (state slots [N], fresh mask [N]): capturable by a CUDA graph.
+    q, k [N, Hk, dk]; v [N, Hv, dv]; g, beta [N, Hv] -> o [N, Hv, dv] in v's dtype."""
+    rep = v.shape[1] // q.shape[1]
+    scale = q.shape[2] ** -0.5
+    qf = l2norm(q.float()).repeat_interleave(rep, dim=1) * scale  # [N, Hv, dk]
+    kf = l2norm(k.float()).repeat_interleave(rep, dim=1)
+    s = ssm_state.index_select(0, slots).float()  # [N, Hv, dk, dv]
+    s = torch.where(fresh[:, None, None, None], torch.zeros_like(s), s)
+    s = s * g.float().exp()[:, :, None, None]
+    pred = torch.einsum("nhkv,nhk->nhv", s, kf)
+    delta = (v.float() - pred) * beta.float()[:, :, None]
+    s = s + kf[:, :, :, None] * delta[:, :, None, :]
+    out = torch.einsum("nhkv,nhk->nhv", s, qf)
+    ssm_state.index_copy_(0, slots, s.to(ssm_state.dtype))
     return out.to(v.dtype)

@@ -38,8 +38,15 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = Linear(cfg.hidden_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize, x.dtype)
-        out = self.experts(x, ids, weights)
+        weights, ids = self.route(x)
+        return self.combine(x, self.experts(x, ids, weights))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k], expert ids [T, k]) of the router."""
+        return route(self.gate(x), self.top_k, self.renormalize, x.dtype)
+
+    def combine(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum plus the gated shared expert (Qwen3-Next)."""
         if self.shared_expert is not None and self.shared_expert_gate is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+            return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed

@@ -11,6 +11,11 @@ The five architectures differ only in facts `ModelConfig` carries:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -40,13 +45,40 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.mix(x, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def mix(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The token mixer (attention or Gated DeltaNet) with its residual."""
         h = self.input_layernorm(x)
         if self.self_attn is not None:
-            x = x + self.self_attn(h, ctx)
-        else:
-            assert self.linear_attn is not None
-            x = x + self.linear_attn(h, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            return x + self.self_attn(h, ctx)
+        assert self.linear_attn is not None
+        return x + self.linear_attn(h, ctx)
+
+
+Carry = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of the forward pass, from what the previous piece returned to what the next one
+    takes. `graph` is False for a piece that must read device values on the host (a tiered
+    expert bank deciding on its misses): a CUDA graph is cut there and the piece runs eagerly."""
+
+    run: Callable[[Carry, ForwardContext], Carry]
+    graph: bool
+
+
+def decides_on_host(layer: DecoderLayer) -> bool:
+    """Whether the layer's routed experts need the host mid-layer: a bank with experts outside
+    its GPU slots, or one that hooks observe (`spillover profile` reads the routing)."""
+    moe = layer.mlp
+    if not isinstance(moe, SparseMoE):
+        return False
+    bank = moe.experts
+    hooked = isinstance(bank, nn.Module) and bool(bank._forward_pre_hooks or bank._forward_hooks)
+    return hooked or bank.host_decides
 
 
 class Backbone(nn.Module):
@@ -90,3 +122,50 @@ class CausalLM(nn.Module):
         if ctx is not None and ctx.logits_indices is not None:
             hidden = hidden.index_select(0, ctx.logits_indices)
         return self.lm_head(hidden).float()
+
+    def pieces(self) -> list[Piece]:
+        """The forward pass and `compute_logits`, cut before each routed-expert call that
+        decides on the host. Run in order from `(input_ids,)`, every piece taking what the one
+        before returned, they give `(logits,)`: the function `forward` + `compute_logits` is,
+        for a decode step that a CUDA graph replays piece by piece."""
+        cuts = [i for i, layer in enumerate(self._layers()) if decides_on_host(layer)]
+        out: list[Piece] = []
+        start = 0
+        for cut in [*cuts, None]:
+            out.append(Piece(partial(self._stretch, start, cut), graph=True))
+            if cut is not None:
+                out.append(Piece(partial(self._routed, cut), graph=False))
+                start = cut + 1
+        return out
+
+    def _stretch(self, start: int, cut: int | None, carry: Carry,
+                 ctx: ForwardContext) -> Carry:
+        """Layers start..cut-1, then layer `cut` up to its routing (or, with no cut, the final
+        norm and the logits). Starts from the token ids, or from where layer start-1 was cut."""
+        layers = self._layers()
+        if start == 0:
+            x = self.model.embed_tokens(carry[0])
+        else:
+            x, h, routed = carry
+            moe = layers[start - 1].mlp
+            assert isinstance(moe, SparseMoE)
+            x = x + moe.combine(h, routed)
+        for layer in layers[start:cut]:
+            x = layer(x, ctx)
+        if cut is None:
+            return (self.compute_logits(self.model.norm(x), ctx),)
+        layer = layers[cut]
+        x = layer.mix(x, ctx)
+        h = layer.post_attention_layernorm(x)
+        assert isinstance(layer.mlp, SparseMoE)
+        weights, ids = layer.mlp.route(h)
+        return x, h, weights, ids
+
+    def _routed(self, cut: int, carry: Carry, ctx: ForwardContext) -> Carry:
+        x, h, weights, ids = carry
+        moe = self._layers()[cut].mlp
+        assert isinstance(moe, SparseMoE)
+        return x, h, moe.experts(h, ids, weights)
+
+    def _layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.model.layers]

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 class ExpertBank(Protocol):
     num_experts: int
+    # True while forward must read the routing on the host (experts outside GPU slots): a CUDA
+    # graph of a decode step is cut before such a bank's call.
+    host_decides: bool
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
@@ -34,6 +37,7 @@ class ResidentExpertBank(nn.Module):
     """All experts of one layer stacked on one device: w13 [E, 2I, H], w2 [E, H, I]."""
 
     SLOTS = ("w13", "w2")  # the stacked projections, named as their float parameters
+    host_decides = False
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()

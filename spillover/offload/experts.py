@@ -42,6 +42,7 @@ def grouped_experts(
     gate, up = w13.forward_experts(hidden[token_of], ids).chunk(2, dim=-1)
     y = w2.forward_experts(F.silu(gate) * up, ids)
     y = y * weights.flatten()[order, None].to(y.dtype)
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, token_of, y.to(out.dtype))
-    return out
+    # Back to (token, k) order and summed over k, rather than atomically added: the same step
+    # gives the same bits every time (a CUDA graph's replay and the eager pass agree).
+    unsorted = torch.empty_like(y).index_copy_(0, order, y)
+    return unsorted.view(-1, k, y.shape[-1]).sum(1, dtype=torch.float32).to(hidden.dtype)

@@ -128,6 +128,10 @@ class TieredExpertBank(nn.Module):
         """Every expert has a slot: the layer needs no host decision (a CUDA graph keeps it)."""
         return self.residency.num_slots == self.num_experts
 
+    @property
+    def host_decides(self) -> bool:
+        return not self.all_resident
+
     # ---- the ExpertBank protocol --------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
