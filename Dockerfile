@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # spillover for NVIDIA GPU boxes: the OpenAI-compatible server with the demo model baked in.
 #   docker build -t spillover:0.1.0 .      then   docker compose up -d   (compose.yaml)
 # Checked without Docker by tests/unit/test_dockerfile.py (docs/deploy.md lists the checklist);
@@ -11,7 +12,7 @@ ARG CUDA_BASE=nvidia/cuda:13.0.1-base-ubuntu24.04
 FROM ${CUDA_BASE} AS build
 # CUDA 13.0 wheels cover sm_90 (H100/H200) and sm_120 (RTX 50xx, RTX PRO 6000) alike.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 \
+ENV DEBIAN_FRONTEND=noninteractive \
     TRITON_CACHE_DIR=/opt/spillover/triton-cache \
     TRITON_LIBCUDA_PATH=/usr/lib/x86_64-linux-gnu
 # gcc and python3-dev compile Triton's cuda_utils module below; they stay in this stage.
@@ -22,12 +23,14 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/spillover/src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY spillover ./spillover
 COPY scripts ./scripts
 # The same commands as scripts/setup.sh (one list: scripts/install.sh), into the image's venv;
-# the gpu extra adds Triton and flash-linear-attention, the server extra the HTTP API.
-RUN python3 -m venv /opt/spillover/venv \
+# the gpu extra adds Triton and flash-linear-attention, the server extra the HTTP API. The pip
+# cache is a build cache mount, so a rebuild after a code change does not download torch again.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/spillover/venv \
  && . /opt/spillover/venv/bin/activate \
  && TORCH_INDEX="${TORCH_INDEX}" bash scripts/install.sh "server,gpu"
 # Triton compiles one C module (cuda_utils) the first time a kernel launches, which would need a
