@@ -49,7 +49,7 @@ class DeployError(ValueError):
 class Deployment:
     engine: str  # spillover | vllm | sglang
     image: str
-    model: str  # the MODEL argument as the user gave it
+    model: str  # the model: a hub id (catalog names resolve to one), or a folder / GGUF name
     served_name: str  # the model id clients send
     gpu_name: str
     gpus: int  # per node

@@ -223,3 +223,33 @@ def test_the_readme_plan_line_reproduces_the_budgets(src: ModelSource, tmp_path:
     assert out["budgets"] == {"gpu": d.plan.gpu_budget, "host": d.plan.host_budget}
     assert out["expert_slots_per_layer"] == d.plan.expert_slots_per_layer
     assert out["quant"] == d.plan.scheme.name
+
+
+@pytest.mark.parametrize("qconfig, expected", [
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+      "version": "gemm"}, "awq_marlin"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
+     "gptq_marlin"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False, "desc_act": False},
+     "gptq"),  # asymmetric: the plain GPTQ kernels
+    ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+      "weight_block_size": [128, 128]}, "fp8"),
+])
+def test_a_pre_quantised_checkpoint_keeps_its_method(tmp_path: Path, qconfig: dict,
+                                                     expected: str) -> None:
+    import json
+
+    from spillover.catalog import CONFIGS
+
+    folder = tmp_path / "Qwen3-8B-quantised"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({**CONFIGS["Qwen/Qwen3-8B"], "quantization_config": qconfig}))
+    src = resolve(str(folder), allow_hub=False)
+    assert src.scheme is not None  # the plan sizes the checkpoint's own format
+    for engine in ("vllm", "sglang"):
+        d = choose(src, nominal_hardware("rtx4090", "64GB"), Limits(), gpus=2, engine=engine,
+                   model_arg=str(folder))
+        assert d.quantization == expected == d.command.value("--quantization")
+        assert d.plan.scheme == src.scheme
+        assert d.model_mount == (str(folder.resolve()), "/models/Qwen3-8B-quantised")
