@@ -14,6 +14,7 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -192,6 +193,12 @@ def create_app(state: ServerState, loader: EngineLoader | None = None,
     def header_id(request: Request) -> str:
         return request.headers.get("x-request-id") or new_id("req")
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        # The page itself needs no key (it asks for one); the API calls it makes do.
+        return Response(chat_page_html(), media_type="text/html; charset=utf-8",
+                        headers=CHAT_PAGE_HEADERS)
+
     @app.get("/health")
     async def health() -> Response:
         if state.ready and not draining():
@@ -340,6 +347,23 @@ def _check_text(s: str) -> None:
     except UnicodeEncodeError:
         raise APIError(400, "the body holds a string with a lone UTF-16 surrogate (e.g. "
                             "\"\\ud800\"), which is not valid text", code="invalid_text") from None
+
+
+# The browser enforces the page's promise: it may talk to this server only, load nothing else.
+CHAT_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                               "style-src 'unsafe-inline'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
+@lru_cache(maxsize=1)
+def chat_page_html() -> bytes:
+    """The web chat page (package data: spillover/server/static/chat.html)."""
+    from importlib.resources import files
+
+    return (files("spillover.server") / "static" / "chat.html").read_bytes()
 
 
 def spillover_version() -> str:
