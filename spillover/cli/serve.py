@@ -56,6 +56,15 @@ def served_name(model: str | None, override: str | None) -> str:
     return os.path.basename(os.path.normpath(model)) or model
 
 
+def page_url(host: str, port: int) -> str:
+    """The URL a browser on this machine opens: a wildcard bind is reached through loopback."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    return f"http://{host}:{port}/"
+
+
 def parse_origins(value: str | None) -> list[str] | None:
     """`--allowed-origins a,b` -> ["a", "b"]; None (or only commas) -> None: CORS off."""
     origins = [o.strip() for o in (value or "").split(",") if o.strip()]
@@ -93,9 +102,20 @@ def make_loader(args: argparse.Namespace) -> Any:
                               max_model_len=args.max_model_len, max_queue_len=args.max_queue_len)
         engine = llm.make_engine(config)
         engine.tokenizer  # noqa: B018 - load the tokenizer now, not on the first request
+        warm_up(engine)
         return engine
 
     return load
+
+
+def warm_up(engine: Any) -> None:
+    """One short greedy request through the engine before the ready line, so that the first
+    client does not pay for first-call costs (kernel choices, allocator growth, lazy imports)."""
+    from spillover.engine.params import SamplingParams
+
+    engine.add_request("spillover-warm-up", [0, 1], SamplingParams(max_tokens=2, temperature=0))
+    while engine.has_unfinished():
+        engine.step()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,9 +132,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     exit_code = 0
 
     def on_ready() -> None:
-        print(f"spillover: ready: {name} on http://{args.host}:{args.port}/v1 (Ctrl-C or "
-              f"SIGTERM stops it, letting running requests finish for up to "
-              f"{args.shutdown_timeout:g} s)", flush=True)
+        # after the engine's warm-up: the first request is served at full speed
+        page = page_url(args.host, args.port)
+        print(f"spillover: ready: {name} at {page} (chat page; OpenAI API at {page}v1). "
+              f"Ctrl-C or SIGTERM stops it, letting running requests finish for up to "
+              f"{args.shutdown_timeout:g} s", flush=True)
 
     def on_fatal(message: str) -> None:
         nonlocal exit_code
