@@ -5,6 +5,7 @@ streaming events that add up to the non-streaming response, and 400s for what it
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,11 +27,16 @@ MIXED = f"<think>\nneed the weather\n</think>\n\nChecking now. {CALL}"
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
+def stub() -> Iterator[tuple[Served, ScriptedEngine]]:
     engine = ScriptedEngine(load_tokenizer(resolve_model(None)))
     with ThreadServer(create_app(ServerState(model_name="stub"), lambda: engine)) as base:
         wait_healthy(base, 20)
-        yield Served(base, "stub")
+        yield Served(base, "stub"), engine
+
+
+@pytest.fixture(scope="module")
+def served(stub: tuple[Served, ScriptedEngine]) -> Served:
+    return stub[0]
 
 
 def test_text_input(served: Served) -> None:
@@ -147,3 +153,20 @@ def test_malformed_body_is_400(served: Served) -> None:
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{served.base}/v1/responses", json={"input": "SCRIPT:x", "model": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_stream_closed_early_aborts_the_request(stub: tuple[Served, ScriptedEngine]) -> None:
+    served, engine = stub
+    engine.gate.clear()  # the engine holds the request: only the client can end it
+    try:
+        body = {"model": "stub", "input": "SCRIPT:never finished", "stream": True}
+        with httpx.stream("POST", f"{served.base}/v1/responses", json=body, timeout=10) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("event:"))
+            assert first == "event: response.created"
+            assert engine.waiting or engine.running
+        deadline = time.monotonic() + 5
+        while engine.waiting or engine.running:
+            assert time.monotonic() < deadline, "the request was not aborted"
+            time.sleep(0.02)
+    finally:
+        engine.gate.set()
