@@ -16,7 +16,7 @@ import llguidance
 import llguidance.hf
 import torch
 
-from spillover.server.parsers import TOOL_CLOSE, TOOL_OPEN
+from spillover.server.parsers import TOOL_CLOSE, TOOL_OPEN, ToolFormat
 from spillover.server.protocol import APIError, ResponseFormat, ToolDef
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -63,8 +63,13 @@ class GrammarCompiler:
                            code="invalid_schema") from None
         return self._checked(grammar, "response_format.json_schema.schema")
 
-    def for_tools(self, tools: list[ToolDef], only: str | None, parallel: bool) -> str:
-        """Grammar for `tool_choice` required (any tool) or named (`only`): hermes blocks only."""
+    def for_tools(self, tools: list[ToolDef], only: str | None, parallel: bool,
+                  tool_format: ToolFormat = "hermes") -> str:
+        """Grammar for `tool_choice` required (any tool) or named (`only`), in the format the
+        template teaches: hermes JSON blocks, or Qwen3-Coder XML calls."""
+        if tool_format == "qwen3_xml":
+            return self._checked(llguidance.LLMatcher.grammar_from_lark(
+                xml_tools_lark(tools, only, parallel)), "tools")
         options = []
         for t in tools:
             if only is not None and t.function.name != only:
@@ -153,3 +158,46 @@ def _unpack_bits(bits: torch.Tensor) -> torch.Tensor:
     # llguidance packs token i into bit (i % 32) of 32-bit word i // 32, little-endian bytes,
     # which is bit (i % 8) of byte i // 8.
     return ((bits.unsqueeze(1) >> _SHIFTS) & 1).bool().reshape(-1)
+
+
+# The end of an XML parameter, spelled as a regex inside a terminal. Values are lexed together
+# with it: llguidance's lexer is greedy, and a free-text terminal followed by a separate
+# "\n</parameter>" terminal would swallow the newline and never let go.
+_PARAM_END = r"\n<\/parameter>\n"
+_TYPED_VALUE = {
+    "integer": r"-?(0|[1-9][0-9]*)",
+    "number": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?",
+    "boolean": r"(true|false)",
+}
+
+
+def xml_tools_lark(tools: list[ToolDef], only: str | None, parallel: bool) -> str:
+    """A Lark grammar of Qwen3-Coder XML calls to `tools` (or the one named `only`): each call
+    names a declared function and writes its parameters in schema order, the required ones
+    always; numbers and booleans as such, objects and arrays as JSON of their schema, and
+    anything else as text holding no `</parameter>`."""
+    rules = ['TEXT_VALUE: /(?s:.*)/ & ~/(?s:.*<\\/parameter>.*)/',
+             f'STR_END: TEXT_VALUE /{_PARAM_END}/']
+    calls = []
+    for i, t in enumerate(x for x in tools if only is None or x.function.name == only):
+        schema = t.function.parameters or {}
+        props = schema.get("properties") or {}
+        required = set(schema.get("required") or [])
+        parts = []
+        for j, (pname, pschema) in enumerate(props.items()):
+            kind = pschema.get("type") if isinstance(pschema, dict) else None
+            if kind in _TYPED_VALUE:
+                value = f"/{_TYPED_VALUE[kind]}{_PARAM_END}/"
+            elif kind in ("object", "array"):
+                value = f'%json {json.dumps({**pschema, "x-guidance": _JSON_OPTIONS})} ' \
+                        f'"\\n</parameter>\\n"'
+            else:
+                value = "STR_END"
+            rules.append(f"p{i}_{j}: {json.dumps(f'<parameter={pname}>' + chr(10))} {value}")
+            parts.append(f"p{i}_{j}" + ("" if pname in required else "?"))
+        head = json.dumps(f"{TOOL_OPEN}\n<function={t.function.name}>\n")
+        tail = json.dumps(f"</function>\n{TOOL_CLOSE}")
+        rules.append(f"call{i}: {head} {' '.join(parts)} {tail}")
+        calls.append(f"call{i}")
+    more = ' ("\\n" call)*' if parallel else ""
+    return "\n".join([f"start: call{more}", f"call: {' | '.join(calls)}", *rules]) + "\n"

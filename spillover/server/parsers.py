@@ -187,7 +187,7 @@ class OutputParser:
     def _parse_call(self, raw: str) -> tuple[str, str] | None:
         """(name, arguments as JSON text) of a call's raw text; None when it is not a call."""
         if self.tool_format == "qwen3_xml" and not raw.lstrip().startswith("{"):
-            # (a JSON body is hermes: forced tool_choice's grammar writes that for any template)
+            # (a hermes JSON body is still read as one: the text is unambiguous either way)
             parsed = qwen3_xml.parse_call(raw, self.tool_properties)
             if parsed is None:
                 return None

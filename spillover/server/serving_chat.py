@@ -75,7 +75,8 @@ def prepare(state: ServerState,
     if parse_tools and (req.tool_choice == "required" or named is not None):
         only = named.function["name"] if named is not None else None
         assert req.tools is not None
-        grammar = state.grammar.for_tools(req.tools, only, req.parallel_tool_calls)
+        grammar = state.grammar.for_tools(req.tools, only, req.parallel_tool_calls,
+                                          template_tool_format(state.tokenizer, kwargs))
     elif req.response_format is not None:
         grammar = state.grammar.for_response_format(req.response_format)
     processors = [state.grammar.processor(grammar)] if grammar else []

@@ -89,7 +89,7 @@ def test_convert_value_by_schema(value: str, schema: Any, expected: Any) -> None
 
 PREFIX_OUTPUTS = [
     f"<think>\nplan\n</think>\n\nLet me look. {WEATHER}\n{WRITE}\n done.",
-    # a model that forgot </function>, and a hermes JSON body (forced tool_choice's grammar)
+    # a model that forgot </function>, and a hermes JSON body
     'a <tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n</tool_call>'
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call> b',
     # not a call: prose and placeholders come back as text
