@@ -54,7 +54,7 @@ def add_bench_parser(sub: Any) -> None:
         help="0 routes uniformly (random routers); larger values favour some experts per layer, "
         "as real routers do",
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     r = p.add_argument_group("what to measure")
     r.add_argument(
         "--prompt-lens", type=_ints, default=[512, 8192], help="prefill lengths (default 512,8192)"

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete one prompt and print the text")
     add_model_args(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the text to complete")
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template")
     add_sampling_args(g, 128)

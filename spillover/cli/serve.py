@@ -22,26 +22,39 @@ FLUSH_S = 5  # after the drain: for responses to reach their clients
 def add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API")
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for "
+                        "every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("SPILLOVER_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: "
                         "$SPILLOVER_API_KEY, else open)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: from MODEL)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence (prompt + answer) served, in tokens (default: the "
+                        "model's own limit)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests decoded together (default: as many as the cache budget holds at "
+                        "256 tokens each, at most 64 on the CPU and 256 on a GPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per forward pass, prefill chunks included (default 2048)")
     p.add_argument("--max-queue-len", type=int, default=1024, help="waiting requests before 429")
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--trust-request-chat-template", action="store_true")  # untrusted Jinja
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV cache blocks of 16 tokens (default: from the memory plan: 1 GiB on "
+                        "the CPU, half the free GPU memory)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV cache of a prompt prefix seen before")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat_template in requests (Jinja from clients: trusted clients "
+                        "only)")
     p.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
                    help="enable CORS for these browser origins, comma-separated "
                         "(e.g. https://a.example,https://b.example, or * for any; default: off)")
     p.add_argument("--access-log", action="store_true",
                    help="log one line per HTTP request (uvicorn's access log; default: off)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="server and engine log level (default warning)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C: stop admitting requests (503) and let running ones "
                         "finish for up to S seconds, then end them with an error (default 30)")
@@ -95,7 +108,11 @@ def make_loader(args: argparse.Namespace) -> Any:
         from spillover.llm import LLM
 
         llm = LLM(**llm_kwargs(args), max_model_len=args.max_model_len)
-        config = EngineConfig(max_num_seqs=args.max_num_seqs,
+        seqs = args.max_num_seqs
+        if seqs is None:
+            seqs, why = planned_max_num_seqs(llm)
+            print(f"spillover: --max-num-seqs {seqs} ({why})", flush=True)
+        config = EngineConfig(max_num_seqs=seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               num_kv_blocks=args.num_kv_blocks,
                               enable_prefix_caching=not args.no_prefix_caching,
@@ -106,6 +123,18 @@ def make_loader(args: argparse.Namespace) -> Any:
         return engine
 
     return load
+
+
+def planned_max_num_seqs(llm: Any) -> tuple[int, str]:
+    """The default --max-num-seqs from the memory plan of the loaded model on its device."""
+    import torch
+
+    from spillover.engine.memory import device_hardware
+    from spillover.plan.engine_cache import default_max_num_seqs
+
+    dtype_bytes = torch.empty(0, dtype=llm.dtype).element_size()
+    return default_max_num_seqs(llm.config, device_hardware(llm.device), dtype_bytes,
+                                llm.engine_config.kv_cache_memory_bytes)
 
 
 def warm_up(engine: Any) -> None:

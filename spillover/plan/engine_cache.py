@@ -30,6 +30,15 @@ ENGINE_TOKENS_PER_SEQ = 4096
 ENGINE_CPU_KV_CAP_BYTES = 1024 * MiB
 ENGINE_GPU_FREE_FRACTION = 0.5
 _CACHE_ENTRIES = (KV_CACHE, LINEAR_STATE, ACTIVATIONS, STAGING, RUNTIME)
+# The default --max-num-seqs, as vLLM does it: the cache pool is sized from memory, and the batch
+# may hold as many sequences as the pool holds at a typical length (a chat turn: prompt + answer).
+# Longer sequences share the same pool: when it runs out the scheduler preempts the newest.
+TYPICAL_SEQ_TOKENS = 256
+# Caps: vLLM's default for its API server on most GPUs; on the CPU a step's cost grows with the
+# batch, and 64 served 32 clients of the CPU demo with a TTFT p50 of 1.7 s where 16 gave 9.4 s
+# (`python bench/serve_load.py`).
+MAX_SEQS_GPU = 256
+MAX_SEQS_CPU = 64
 
 
 def resolve_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
@@ -139,3 +148,29 @@ def cache_plan_for_engine(
         extra={**plan.extra, "kv_budget_bytes": budget, "kv_blocks_wanted": wanted,
                "max_len": max_len},
     )
+
+
+def default_max_num_seqs(cfg: ModelConfig, hw: HardwareInfo, dtype_bytes: int,
+                         kv_budget_bytes: int | None = None) -> tuple[int, str]:
+    """(max_num_seqs, why) when none is given: the sequences of TYPICAL_SEQ_TOKENS whose KV and
+    state fit the engine's default cache budget (`kv_budget_bytes`, else 1 GiB on the CPU or half
+    the GPU's free memory, as cache_plan_for_engine sizes it), between 1 and the device's cap."""
+    from spillover.hw.info import fmt_bytes
+    from spillover.plan.memory import state_bytes_per_sequence
+
+    gpu = hw.gpu
+    cap = MAX_SEQS_GPU if gpu is not None else MAX_SEQS_CPU
+    budget = kv_budget_bytes
+    if budget is None:
+        if gpu is not None:
+            free = gpu.vram_free if gpu.vram_free is not None else gpu.vram_total
+            budget = int(free * ENGINE_GPU_FREE_FRACTION)
+        else:
+            budget = ENGINE_CPU_KV_CAP_BYTES
+    per_seq = (cfg.kv_bytes_per_token(dtype_bytes) * TYPICAL_SEQ_TOKENS
+               + state_bytes_per_sequence(cfg, dtype_bytes, 4))
+    fit = budget // max(per_seq, 1)
+    n = max(1, min(cap, fit))
+    why = (f"{fit} sequences of {TYPICAL_SEQ_TOKENS} tokens fit the {fmt_bytes(budget)} cache "
+           f"budget at {fmt_bytes(per_seq)} each" + (f", capped at {cap}" if fit > cap else ""))
+    return n, why
