@@ -215,4 +215,7 @@ def test_markdown_is_rendered_and_html_escaped(keyed_server: Served, browser: An
     code = "if a &lt; b:\n    print(&#39;&lt;b&gt;&#39;)"
     assert f'<pre><code class="lang-python">{code}</code></pre>' in html
     assert "<ul><li>one</li><li>two</li></ul>" in html
+    # models separate list items by blank lines: still one list, numbered on
+    html = page.evaluate("(s) => markdown(s)", "1. a\n\n2. b\n   more\n\nafter")
+    assert html == "<ol><li>a</li><li>b<br>   more</li></ol><p>after</p>"
     page.close()
