@@ -20,9 +20,10 @@ from tests.server.conftest import Served, free_port, wait_healthy
 
 CHROMIUM = os.environ.get("SPILLOVER_CHROMIUM", "/usr/bin/chromium")
 # No GPU, no sandbox (root in CI), and no traffic to anything but the server under test.
+# (and no crash when a container's /dev/shm is small)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+                 "--disable-sync", "--disable-dev-shm-usage"]
 KEY = "page-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
