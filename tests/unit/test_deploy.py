@@ -21,6 +21,12 @@ from spillover.plan.source import ModelSource, resolve
 NEXT = "qwen3-next-80b"
 
 
+@pytest.fixture(autouse=True)
+def _restore_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--offline` sets HF_HUB_OFFLINE for the whole process: undo it after each test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="module")
 def src() -> ModelSource:
     return resolve(NEXT, allow_hub=False)
