@@ -83,8 +83,10 @@ def shard_bill(plan: MemoryPlan, tp: int, pp: int = 1) -> ShardBill:
     cfg = plan.config
     w = plan.weights_bytes
     replicated = sum(w.get(c, 0) for c in REPLICATED)
-    ends = max(w.get(EMBEDDINGS, 0), w.get(LM_HEAD, 0))  # the larger of the two end stages
-    layered = plan.weights_total - replicated - w.get(EMBEDDINGS, 0) - w.get(LM_HEAD, 0)
+    emb, head = w.get(EMBEDDINGS, 0), w.get(LM_HEAD, 0)
+    # one stage holds both; across stages the first has the embedding, the last the LM head
+    ends = emb + head if pp == 1 else max(emb, head)
+    layered = plan.weights_total - replicated - emb - head
     weights = _ceil_div(layered, tp * pp) + _ceil_div(replicated, pp) + _ceil_div(ends, tp)
     kv_heads = max(cfg.num_kv_heads, 1)
     kv_rank_heads = max(1, kv_heads // tp)  # tp > kv heads: each rank keeps one head
