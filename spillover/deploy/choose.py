@@ -205,6 +205,10 @@ def _distributed(src: ModelSource, hw: HardwareInfo, engine: str, one: MemoryPla
            f"{fmt_bytes(par.bill.weights)} of weights per GPU) without offload: {name} {split}"]
     if par.dp > 1:
         why.append(f"the other GPUs run {par.dp - 1} more replica(s) (data parallel {par.dp})")
+    idle = gpus * nodes - par.gpus
+    if idle > 0:
+        why.append(f"{idle} GPU(s) stay idle: the split needs a power of two that divides the "
+                   "head counts")
     if par.expert_parallel:
         why.append(f"expert parallel: each expert's {one.config.moe_intermediate_size}-wide "
                    f"intermediate would be cut to {one.config.moe_intermediate_size // par.tp} "

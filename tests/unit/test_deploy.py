@@ -259,3 +259,21 @@ def test_a_pre_quantised_checkpoint_keeps_its_method(tmp_path: Path, qconfig: di
         assert d.quantization == expected == d.command.value("--quantization")
         assert d.plan.scheme == src.scheme
         assert d.model_mount == (str(folder.resolve()), "/models/Qwen3-8B-quantised")
+
+
+def test_the_readme_deploy_examples_do_what_their_comments_say(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Deploy", 1)[1].split("\n## ", 1)[0]
+    lines = section.splitlines()
+    examples = [(lines[i - 1], line) for i, line in enumerate(lines)
+                if line.startswith("spillover deploy ")]
+    assert len(examples) == 3
+    for i, (comment, line) in enumerate(examples):
+        engine = comment.split(":", 1)[1].split(",")[0].strip().split()[0].lower()
+        argv = shlex.split(line)[1:]
+        argv[argv.index("--out") + 1] = str(tmp_path / str(i))
+        assert main([*argv, "--offline"]) == 0
+        assert capsys.readouterr().out.startswith(f"{engine}:"), line
