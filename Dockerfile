@@ -12,15 +12,19 @@ ARG CUDA_BASE=nvidia/cuda:13.0.1-base-ubuntu24.04
 FROM ${CUDA_BASE} AS build
 # CUDA 13.0 wheels cover sm_90 (H100/H200) and sm_120 (RTX 50xx, RTX PRO 6000) alike.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+# the CUDA forward-compatibility driver of CUDA_BASE's version: a libcuda.so.1 for the build only
+ARG CUDA_COMPAT=cuda-compat-13-0
 ENV DEBIAN_FRONTEND=noninteractive \
     TRITON_CACHE_DIR=/opt/spillover/triton-cache \
     TRITON_LIBCUDA_PATH=/usr/lib/x86_64-linux-gnu
-# gcc and python3-dev compile Triton's cuda_utils module below; they stay in this stage.
+# gcc and python3-dev compile Triton's cuda_utils module below; they stay in this stage, as does
+# the compatibility driver.
 # Unpinned apt packages (DL3008): the base image tag pins the distribution, and Ubuntu removes
 # superseded versions from its archive, so exact pins break later builds.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+    "${CUDA_COMPAT}" \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/spillover/src
 COPY pyproject.toml ./
@@ -38,9 +42,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # is the source plus TRITON_LIBCUDA_PATH, where the NVIDIA runtime mounts libcuda.so.1; the CUDA
 # forward-compatibility library stands in for it during the build only.
 RUN ln -sf /usr/local/cuda/compat/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 \
+ && ldconfig \
  && /opt/spillover/venv/bin/python -c \
     "from triton.backends.nvidia.driver import CudaUtils; CudaUtils()" \
- && rm /usr/lib/x86_64-linux-gnu/libcuda.so.1
+ && rm /usr/lib/x86_64-linux-gnu/libcuda.so.1 \
+ && test -n "$(ls -A /opt/spillover/triton-cache)"
 
 # ---- final: Python, the venv, the source it was installed from; no compiler ------------------
 FROM ${CUDA_BASE}
