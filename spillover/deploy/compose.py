@@ -82,6 +82,9 @@ def env_example(d: Deployment) -> str:
     if d.nodes > 1:
         lines += ["# Multi-node: the first node's address on the cluster network, on every node.",
                   "HEAD_ADDR="]
+        if d.engine == "vllm":
+            lines += ["# This node's own address on that network (set it where a node has "
+                      "several).", "NODE_ADDR="]
         if d.engine == "sglang":
             lines += ["# This node's rank: 0 on the first node, 1 .. N-1 on the others.",
                       "NODE_RANK="]
@@ -127,6 +130,8 @@ def _ray_services(d: Deployment) -> dict[str, Any]:
     head["entrypoint"] = ["/bin/sh", "-c",
                           serve + f"ray start --head --port={RAY_PORT} && exec \"$$@\"", "sh"]
     head["profiles"] = ["head"]
+    # which of a node's addresses vLLM and Ray announce (empty: vLLM picks one itself)
+    head["environment"] = {"VLLM_HOST_IP": "${NODE_ADDR:-}"}
     # a deep copy: shared objects would be written as YAML anchors
     worker = copy.deepcopy({k: v for k, v in head.items()
                             if k not in ("healthcheck", "command", "secrets")})
