@@ -23,13 +23,6 @@ SPILLOVER_HF_CACHE = "/home/spillover/.cache/huggingface"  # our image runs as u
 LOCAL = f"127.0.0.1:{PORT}"  # inside the container, behind the published port
 # On host networking the server binds to BIND_ADDR:PORT itself (no port mapping guards it).
 HOST_NET = f"${{BIND_ADDR:-127.0.0.1}}:${{PORT:-{PORT}}}"
-
-
-def health(addr: str) -> str:
-    return ("import urllib.request; "
-            f"urllib.request.urlopen('http://{addr}/health', timeout=5)")
-
-
 # Loading an 80B checkpoint (and compiling CUDA graphs) takes minutes: no restarts meanwhile.
 HEALTH_START_PERIOD = "30m"
 SHM_SIZE = "16gb"  # NCCL and the engines' worker processes share tensors through /dev/shm
@@ -42,6 +35,12 @@ _ENTRY = {
     "sglang": _READ_TOKEN + ('[ -s /run/secrets/api_key ] && '
                              'set -- "$$@" --api-key "$$(cat /run/secrets/api_key)"; exec "$$@"'),
 }
+
+
+def health(addr: str) -> str:
+    """A check every image can run: python3 is in all three, curl may not be."""
+    return ("import urllib.request; "
+            f"urllib.request.urlopen('http://{addr}/health', timeout=5)")
 
 
 def compose(d: Deployment) -> dict[str, Any]:
