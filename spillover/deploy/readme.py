@@ -106,7 +106,8 @@ def _speed(d: Deployment) -> list[str]:
 def _run(d: Deployment) -> list[str]:
     out = ["## Run", "",
            "Needs Docker with the NVIDIA Container Toolkit. Secrets come from your environment "
-           "(compose secrets), never from a file:", "", "```sh",
+           "(compose secrets), never from a file; compose wants both variables set, empty if "
+           "unused:", "", "```sh",
            f"export {API_KEY_ENV}=...   # clients send it as `Authorization: Bearer ...`",
            f"export {HF_TOKEN_ENV}=...   # empty for a public model"]
     if d.engine == "spillover":
