@@ -86,9 +86,13 @@ def choose(src: ModelSource, hw: HardwareInfo, limits: Limits, *, gpus: int = 1,
                             model_arg)
     if engine == "auto" and nodes == 1 and single.fits:
         d = _spillover(src, hw, single, gpus, engine, model_arg)
-        why = (f"the model does not fit across {gpus} x {hw.gpu.name} without offload "
-               f"({_no_fit_reason(src, hw, limits, 'vllm', gpus, nodes, quant)}); spillover "
-               "serves it from one of them plus RAM",)
+        reason = _no_fit_reason(src, hw, limits, "vllm", gpus, nodes, quant)
+        if distributed_schemes(src, hw, quant):
+            why = (f"the model does not fit across {gpus} x {hw.gpu.name} without offload "
+                   f"({reason}); spillover serves it from one of them plus RAM",)
+        else:
+            why = (f"not vLLM or SGLang: {reason}; spillover serves it from one of the "
+                   f"{gpus} GPUs",)
         return replace(d, why=why + d.why)
     raise DeployError(_nothing_fits(src, hw, limits, dist_engine, gpus, nodes, quant, single))
 
@@ -183,7 +187,7 @@ def _spillover(src: ModelSource, hw: HardwareInfo, plan: MemoryPlan, gpus: int,
     if engine == "spillover" and gpus > 1:
         why.append(f"--engine spillover: one of the {gpus} GPUs is used")
     model, mount = _container_model(src, model_arg)
-    served = _served_name(src)
+    served = _served_name(src, model_arg)
     return Deployment("spillover", SPILLOVER_IMAGE, src.name, served, _gpu_name(hw), gpus, 1,
                       plan, None, None, spillover_serve(model, plan, served), mount, tuple(why))
 
@@ -194,7 +198,7 @@ def _distributed(src: ModelSource, hw: HardwareInfo, engine: str, one: MemoryPla
     model, mount = _container_model(src, model_arg)
     method, sym = checkpoint_quant_method(mount[0] if mount else src.name)
     quant = engine_quantization(engine, method, one.scheme.name, sym)
-    served = _served_name(src)
+    served = _served_name(src, model_arg)
     if engine == "vllm":
         cmd, image = vllm_serve(model, par, one, quant, served, nodes > 1), VLLM_IMAGE
     else:
@@ -256,8 +260,12 @@ def _container_model(src: ModelSource,
     return src.name, None
 
 
-def _served_name(src: ModelSource) -> str:
-    return src.name  # a folder's or GGUF's own name; a hub id (catalog entries are hub ids)
+def _served_name(src: ModelSource, model_arg: str | None) -> str:
+    """The id clients send: the hub id, or a local folder's or file's name (as `spillover serve`
+    names a path)."""
+    if src.kind in ("folder", "gguf") and model_arg:
+        return Path(model_arg).expanduser().name
+    return src.name
 
 
 def _gpu_name(hw: HardwareInfo) -> str:

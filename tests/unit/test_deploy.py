@@ -277,3 +277,18 @@ def test_the_readme_deploy_examples_do_what_their_comments_say(
         argv[argv.index("--out") + 1] = str(tmp_path / str(i))
         assert main([*argv, "--offline"]) == 0
         assert capsys.readouterr().out.startswith(f"{engine}:"), line
+
+
+def test_a_gguf_file_stays_with_spillover_on_many_gpus() -> None:
+    from spillover.weights.resolve import demo_model_path
+
+    path = demo_model_path()
+    src = resolve(str(path), allow_hub=False)
+    d = choose(src, nominal_hardware("h100", "64GB"), Limits(context=2048), gpus=2,
+               model_arg=str(path))
+    assert d.engine == "spillover" and d.why[0].startswith("not vLLM or SGLang: a GGUF")
+    assert d.served_name == path.name  # as `spillover serve FILE` names it
+    assert d.model_mount == (str(path.resolve()), f"/models/{path.name}")
+    with pytest.raises(DeployError, match="GGUF"):
+        choose(src, nominal_hardware("h100", "64GB"), Limits(context=2048), gpus=2,
+               engine="vllm", model_arg=str(path))
