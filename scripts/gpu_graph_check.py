@@ -59,12 +59,13 @@ def compare(llm: LLM, prompts: list[list[int]], max_tokens: list[int],
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tiny", default=",".join(CONFIGS), help="tiny configs to check")
     args = ap.parse_args()
     fails = 0
     gen = torch.Generator().manual_seed(0)
     lengths, max_tokens = [9, 1, 23, 4, 14], [6, 9, 3, 12, 7]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in CONFIGS:
+        for name in [n for n in args.tiny.split(",") if n]:
             folder = Path(tmp) / name
             save_hf(name, folder)
             for dtype in ("float32", "bfloat16"):

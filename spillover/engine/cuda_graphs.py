@@ -93,7 +93,7 @@ class DecodeGraphs:
                                 pin_memory=device.type == "cuda")
         self.pieces = model.pieces()
         self.graphs: dict[int, list[_Captured]] = {}
-        self.failed: set[int] = set()  # buckets whose capture failed: run eagerly
+        self.failed = ""  # why a capture failed (then every step runs eagerly)
         self.contexts: dict[int, ForwardContext] = {}
         self.steps = 0  # decode steps run through this path
         self.padded_rows = 0  # padding rows those steps computed (a cost of bucketing)
@@ -118,12 +118,15 @@ class DecodeGraphs:
         self.steps += 1
         self.padded_rows += b - n
         self._fill(inp, b)
-        if not self.emulate and b not in self.graphs and b not in self.failed:
+        if not self.emulate and b not in self.graphs and not self.failed:
             try:
                 self._capture(b)
-            except RuntimeError as e:  # an op that cannot be captured: this bucket stays eager
-                self.failed.add(b)
-                log.warning("cuda graphs: batch %d runs eagerly, its capture failed: %s", b, e)
+            except RuntimeError as e:
+                # An op that cannot be captured fails every batch size, and a failed capture can
+                # leave the graph memory pool unusable: every decode step stays eager.
+                self.failed = str(e)
+                log.warning("cuda graphs: decode runs eagerly, the capture of batch %d failed",
+                            b, exc_info=True)
         logits = self._replay(b) if b in self.graphs else self._eager(b)
         if inp.logits_indices == list(range(n)):
             return logits[:n]

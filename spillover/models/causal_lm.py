@@ -130,7 +130,11 @@ class CausalLM(nn.Module):
         for a decode step that a CUDA graph replays piece by piece."""
         cuts = [i for i, layer in enumerate(self._layers()) if decides_on_host(layer)]
         out: list[Piece] = []
-        start = 0
+        # An embedding table kept in RAM gathers its rows on the host: looked up eagerly first.
+        embed_on_host = bool(getattr(self.model.embed_tokens, "host_decides", False))
+        if embed_on_host:
+            out.append(Piece(lambda carry, ctx: (self.model.embed_tokens(carry[0]),), graph=False))
+        start = -1 if embed_on_host else 0
         for cut in [*cuts, None]:
             out.append(Piece(partial(self._stretch, start, cut), graph=True))
             if cut is not None:
@@ -141,10 +145,13 @@ class CausalLM(nn.Module):
     def _stretch(self, start: int, cut: int | None, carry: Carry,
                  ctx: ForwardContext) -> Carry:
         """Layers start..cut-1, then layer `cut` up to its routing (or, with no cut, the final
-        norm and the logits). Starts from the token ids, or from where layer start-1 was cut."""
+        norm and the logits). Starts from the token ids, from their embeddings (start -1), or
+        from where layer start-1 was cut."""
         layers = self._layers()
         if start == 0:
             x = self.model.embed_tokens(carry[0])
+        elif start == -1:
+            x, start = carry[0], 0
         else:
             x, h, routed = carry
             moe = layers[start - 1].mlp

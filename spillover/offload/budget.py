@@ -48,7 +48,9 @@ class MemoryBudgets:
         from spillover.hw.sizes import parse_size
 
         def total_gpu() -> int | None:
-            return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+            if device.type != "cuda":
+                return None
+            return torch.cuda.mem_get_info(_cuda_index(device))[1]
 
         gpu_b = None if gpu is None else parse_size(str(gpu), total_gpu())
         cpu_b = None if cpu is None else parse_size(str(cpu), psutil.virtual_memory().total)
@@ -82,8 +84,9 @@ def cap_allocator(device: torch.device, plan: MemoryPlan) -> None:
     retries before failing, so fragmentation cannot carry the process over the budget."""
     if device.type != "cuda" or plan.gpu_budget <= 0:
         return
-    total = torch.cuda.mem_get_info(device)[1]
-    torch.cuda.set_per_process_memory_fraction(min(plan.gpu_budget / total, 1.0), device)
+    total = torch.cuda.mem_get_info(_cuda_index(device))[1]
+    torch.cuda.set_per_process_memory_fraction(min(plan.gpu_budget / total, 1.0),
+                                            _cuda_index(device))
 
 
 def budget_hardware(hw: HardwareInfo, device: torch.device, budgets: MemoryBudgets) -> HardwareInfo:
@@ -91,7 +94,7 @@ def budget_hardware(hw: HardwareInfo, device: torch.device, budgets: MemoryBudge
     if device.type != "cuda":
         hw = with_overrides(hw, no_gpu=True) if hw.gpus else hw
     else:
-        free, total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(_cuda_index(device))
         if not hw.gpus:
             hw = with_overrides(hw, vram=f"{total}B")
         cap = budgets.gpu if budgets.gpu is not None else total
@@ -157,3 +160,8 @@ def plan_experts(
     copies = min(slots, max(free, 0) // max(per_expert * n_moe, 1))
     return plan, ExpertPlacement(slots=slots, host=host, policy=policy, miss_mode=miss_mode,
                                  host_embeddings=host_embeddings, slot_copies=copies)
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The card's index: torch's memory queries refuse a "cuda" device without one."""
+    return device.index if device.index is not None else torch.cuda.current_device()

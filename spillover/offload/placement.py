@@ -90,6 +90,8 @@ class HostEmbedding(nn.Module):
     short: each step's rows are gathered on the CPU and copied to the device. The table is a plain
     attribute, so moving the model leaves it in RAM."""
 
+    host_decides = True  # gathers on the host: a CUDA graph of a step starts after it
+
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self._table = weight.pin_memory() if torch.cuda.is_available() else weight

@@ -62,11 +62,14 @@ def test_emulated_graph_decode_equals_eager(name: str, tiny_llm: Callable[[str],
     assert [p.graph for p in graphs.pieces] == [True]  # resident experts: one graph
 
 
-def test_emulated_graph_pieces_around_a_tiered_bank(tiny_folder: Callable[[str], Path]) -> None:
+@pytest.mark.parametrize("host_embeddings", [False, True])
+def test_emulated_graph_pieces_around_a_tiered_bank(host_embeddings: bool,
+                                                    tiny_folder: Callable[[str], Path]) -> None:
     folder = str(tiny_folder("qwen3_next"))
     resident = LLM(folder, device="cpu", dtype="float32")
     tiered = LLM(folder, device="cpu", dtype="float32",
-                 experts=ExpertPlacement(slots=3, host=3, policy="lru", miss_mode="copy"))
+                 experts=ExpertPlacement(slots=3, host=3, policy="lru", miss_mode="copy",
+                                         host_embeddings=host_embeddings))
     prompts = random_prompts(5, [6, 17, 2], resident.config.vocab_size)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     want = run_all(resident.make_engine(EngineConfig()), prompts, params)
@@ -74,7 +77,9 @@ def test_emulated_graph_pieces_around_a_tiered_bank(tiny_folder: Callable[[str],
     assert run_all(engine, prompts, params) == want
     moe_layers = sum(1 for f in tiered.config.moe_layers if f)
     # a graph piece before each tiered bank's call, one eager piece for it, one graph to the end
-    assert [p.graph for p in graphs.pieces] == [True, False] * moe_layers + [True]
+    # (an embedding table in RAM is looked up eagerly before the first graph)
+    assert [p.graph for p in graphs.pieces] == (
+        [False] * host_embeddings + [True, False] * moe_layers + [True])
     assert graphs.steps > 0
 
 
