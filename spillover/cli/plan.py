@@ -62,7 +62,8 @@ def add_plan_parsers(subparsers: Any) -> None:
 
     q = subparsers.add_parser("probe", help="GPUs, CPU, RAM, disk and link speeds of this machine")
     q.add_argument("--measure", action="store_true",
-                   help="run short link micro-benchmarks and cache them")
+                   help="run short link micro-benchmarks (and, without a GPU, the CPU decode "
+                        "step's fixed costs through the engine) and cache them")
     q.add_argument("--disk-path",
                    help="where to measure free disk / read speed (default: the HF cache)")
     q.add_argument("--gpus", action="store_true", help="list the built-in GPU table and exit")
@@ -179,11 +180,26 @@ def run_probe(args: argparse.Namespace) -> int:
                 )
         return 0
     hw = probe(measure=args.measure, disk_path=args.disk_path)
+    if args.measure and not hw.gpus:
+        hw = measure_cpu_decode(hw)
     if args.json:
         print(json.dumps(hw.to_json(), indent=1))
     else:
         Console().print(hardware_table(hw))
     return 0
+
+
+def measure_cpu_decode(hw: Any) -> Any:
+    """The fixed costs of CPU decode (engine step, decoder layer), measured through the engine on
+    a small synthetic model and cached with the link rates: the speed model's CPU terms."""
+    from spillover.bench.overhead import measure_decode_overhead
+    from spillover.hw.probe import apply_measurements, load_measurements, save_measurements
+
+    measured = load_measurements(hw) or {}
+    gemv = measured.get("cpu_gemv") or hw.links.host_mem
+    overhead = measure_decode_overhead(gemv, hw.cpu.threads)
+    save_measurements(hw, {**measured, **overhead})
+    return apply_measurements(hw, overhead)
 
 
 def main(argv: list[str] | None = None) -> int:

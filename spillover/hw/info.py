@@ -59,6 +59,12 @@ class LinkRates:
     d2h: float
     disk: float
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    # The CPU decode path, measured by `spillover probe --measure` (0: not measured, the speed
+    # model's defaults apply): bytes/s that float matrix-vector products read, and the fixed
+    # seconds of an engine step and of each decoder layer (Python, small ops, attention).
+    cpu_gemv: float = 0.0
+    cpu_step_s: float = 0.0
+    cpu_layer_s: float = 0.0
 
 
 @dataclass(frozen=True)

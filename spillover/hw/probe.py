@@ -215,19 +215,18 @@ def apply_measurements(hw: HardwareInfo, m: dict[str, float]) -> HardwareInfo:
                 value = value / 2 * 0.9
             links = _set_link(links, field_name, value)
             sources[field_name] = f"measured {m[key] / GB:.1f} GB/s ({key}, {when})"
+    if m.get("cpu_gemv"):
+        links = _set_link(links, "cpu_gemv", m["cpu_gemv"])
+        sources["cpu_gemv"] = f"measured {m['cpu_gemv'] / GB:.1f} GB/s (float GEMV, {when})"
+    for key in ("cpu_step_s", "cpu_layer_s"):
+        if key in m:
+            links = _set_link(links, key, float(m[key]))
+            sources[key] = f"measured {m[key] * 1e3:.2f} ms (engine decode, {when})"
     return replace(hw, links=replace(links, sources=sources))
 
 
 def _set_link(links: LinkRates, name: str, value: float) -> LinkRates:
-    values = {
-        "gpu_mem": links.gpu_mem,
-        "host_mem": links.host_mem,
-        "h2d": links.h2d,
-        "d2h": links.d2h,
-        "disk": links.disk,
-    }
-    values[name] = value
-    return LinkRates(**values, sources=links.sources)
+    return replace(links, **{name: value})  # type: ignore[arg-type]  # a float field
 
 
 def _time_best(fn: Any, repeat: int = 3) -> float:
@@ -249,6 +248,7 @@ def measure_links(hw: HardwareInfo, disk_path: Path | None = None,
     torch.set_num_threads(hw.cpu.threads)
     host = torch.ones(n // 4, dtype=torch.float32)
     out["cpu_read"] = n / _time_best(lambda: host.sum())
+    out["cpu_gemv"] = cpu_gemv_rate(n)
     if torch.cuda.is_available():
         pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         dev = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -273,6 +273,17 @@ def measure_links(hw: HardwareInfo, disk_path: Path | None = None,
         del pinned, dev, dev2
     out["disk_read"] = _disk_read_rate(disk_path or Path(tempfile.gettempdir()), min(n, 256 << 20))
     return out
+
+
+def cpu_gemv_rate(nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Bytes/s a one-token float32 matrix-vector product reads (what CPU decode spends its weight
+    reads on), over a matrix too large for the caches; best of `repeat`."""
+    import torch
+
+    k = 4096
+    w = torch.randn(max(nbytes // (4 * k), 1), k)
+    x = torch.randn(1, k)
+    return w.numel() * 4 / _time_best(lambda: torch.nn.functional.linear(x, w), repeat)
 
 
 def _disk_read_rate(where: Path, n: int) -> float:

@@ -22,7 +22,9 @@ from spillover.plan.memory import (
     MiB,
     _ceil_div,
     plan_memory,
+    state_bytes_per_sequence,
 )
+from spillover.plan.speed import Prediction, Traffic, predict
 
 # Default KV budget when the engine is given none: room for max_num_seqs sequences of this many
 # tokens, bounded on the CPU (RAM is shared with everything else) and by a share of free GPU memory.
@@ -138,8 +140,14 @@ def cache_plan_for_engine(
     tiers[cache_tier][KV_CACHE] = blocks * bs * plan.kv_bytes_per_token
     tiers[cache_tier][LINEAR_STATE] = state
     tiers = {t: {k: v for k, v in d.items() if v} for t, d in tiers.items()}
+    predicted = plan.predicted
+    if loaded_weights is not None:  # decode of what is loaded, where it is
+        dec = predict_loaded_decode(cfg, hw, loaded_weights, limits.context, limits.kv_dtype_bytes)
+        predicted = replace(predicted, decode_tok_s=dec.decode_tok_s,
+                            decode_ms_by_link=dec.decode_ms_by_link)
     return replace(
         plan,
+        predicted=predicted,
         tiers=tiers,
         weights_bytes=weights,
         staging_bytes=plan.staging_bytes if loaded_weights is None else 0,
@@ -156,7 +164,6 @@ def default_max_num_seqs(cfg: ModelConfig, hw: HardwareInfo, dtype_bytes: int,
     state fit the engine's default cache budget (`kv_budget_bytes`, else 1 GiB on the CPU or half
     the GPU's free memory, as cache_plan_for_engine sizes it), between 1 and the device's cap."""
     from spillover.hw.info import fmt_bytes
-    from spillover.plan.memory import state_bytes_per_sequence
 
     gpu = hw.gpu
     cap = MAX_SEQS_GPU if gpu is not None else MAX_SEQS_CPU
@@ -174,3 +181,33 @@ def default_max_num_seqs(cfg: ModelConfig, hw: HardwareInfo, dtype_bytes: int,
     why = (f"{fit} sequences of {TYPICAL_SEQ_TOKENS} tokens fit the {fmt_bytes(budget)} cache "
            f"budget at {fmt_bytes(per_seq)} each" + (f", capped at {cap}" if fit > cap else ""))
     return n, why
+
+
+def predict_loaded_decode(cfg: ModelConfig, hw: HardwareInfo,
+                          weights: Mapping[str, Mapping[str, int]], context: int,
+                          kv_dtype_bytes: int) -> Prediction:
+    """Decode speed of the weights as loaded (tier -> component -> bytes, as
+    spillover.engine.memory.loaded_weight_bytes measures them) at `context` tokens: each weight is
+    read once per token where it sits (routed experts: the top-k share of them; the embedding
+    table only as a tied lm_head), plus the KV cache up to `context` and one state read and
+    write, by plan.speed.predict's links."""
+    from spillover.plan.inventory import EMBEDDINGS, ROUTED_EXPERTS
+
+    touched = cfg.num_experts_per_tok / cfg.num_experts if cfg.num_experts else 1.0
+
+    def read(tier: str) -> float:
+        total = 0.0
+        for comp, n in weights.get(tier, {}).items():
+            if comp == EMBEDDINGS and not cfg.tie_word_embeddings:
+                continue  # one row per token
+            total += n * (touched if comp == ROUTED_EXPERTS else 1.0)
+        return total
+
+    caches = (cfg.kv_bytes_per_token(kv_dtype_bytes) * context
+              + 2 * state_bytes_per_sequence(cfg, kv_dtype_bytes, 4))
+    gpu = hw.gpu is not None
+    traffic = Traffic(gpu_bytes=read("gpu") + (caches if gpu else 0),
+                      host_bytes=read("host") + (0 if gpu else caches), disk_bytes=read("disk"),
+                      host_stream_bytes_per_chunk=0.0, disk_bytes_per_chunk=0.0,
+                      flops_per_token=0.0, num_layers=cfg.num_layers)
+    return predict(traffic, hw, 1)

@@ -413,7 +413,8 @@ def _traffic(
     # experts a chunk needs at least once
     chunk_hit = 1.0 - (1.0 - touched) ** chunk if n_moe else 0.0
     caches = bill.kv_per_token * context + 2 * bill.state_per_seq  # KV read; state read + written
-    row = cfg.hidden_size * limits.model_dtype_bytes  # one embedding row
+    row = cfg.hidden_size * limits.model_dtype_bytes  # one embedding row, or as a tied lm_head
+    row = bill.weights.get(EMBEDDINGS, row) if cfg.tie_word_embeddings else row  # the whole table
     gpu_b = pl.dense_gpu + pl.slots * per * touched + (caches + row if gpu_ok else 0)
     host_b = pl.dense_host + pl.host_experts * per * touched + (0 if gpu_ok else caches + row)
     disk_b = pl.dense_disk + pl.disk_experts * per * touched

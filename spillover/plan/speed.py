@@ -19,7 +19,15 @@ CPU_FLOPS_EFFICIENCY = 0.3
 # "8. How well it predicts"; `python bench/plan_vs_measured.py` measures the fixed term).
 STEP_OVERHEAD_S = 0.4e-3
 LAYER_OVERHEAD_S = 25e-6
-CPU_LAYER_OVERHEAD_S = 50e-6
+# Without a GPU, eager steps: per-layer Python, small ops and attention cost far more than a
+# fused GPU layer. Defaults when `spillover probe --measure` has not measured this machine
+# (LinkRates.cpu_step_s / cpu_layer_s, from an engine decode of a small synthetic model:
+# spillover.bench.overhead); measured on a 2-core AMD EPYC VM.
+CPU_STEP_OVERHEAD_S = 3e-3
+CPU_LAYER_OVERHEAD_S = 0.8e-3
+# CPU float GEMV reads below the streaming-sum rate that `host_mem` measures (LinkRates.cpu_gemv
+# when measured)
+CPU_GEMV_EFFICIENCY = 0.75
 
 
 @dataclass(frozen=True)
@@ -61,12 +69,18 @@ def predict(traffic: Traffic, hw: HardwareInfo, chunk_tokens: int) -> Prediction
     dec: dict[str, float] = {}
     if has_gpu:
         dec["gpu_mem"] = traffic.gpu_bytes / links.gpu_mem * 1e3
+    if not has_gpu:  # the CPU computes every layer: its matrix-vector products read the weights
+        host_rate = links.cpu_gemv or links.host_mem * CPU_GEMV_EFFICIENCY
     if traffic.host_bytes:
         dec["pcie" if host_path == "pcie" else "host_mem"] = traffic.host_bytes / host_rate * 1e3
     if traffic.disk_bytes:
         dec["disk"] = traffic.disk_bytes / links.disk * 1e3
-    per_layer = LAYER_OVERHEAD_S if has_gpu else CPU_LAYER_OVERHEAD_S
-    dec["fixed"] = (STEP_OVERHEAD_S + per_layer * traffic.num_layers) * 1e3
+    if has_gpu:
+        fixed = STEP_OVERHEAD_S + LAYER_OVERHEAD_S * traffic.num_layers
+    else:
+        fixed = ((links.cpu_step_s or CPU_STEP_OVERHEAD_S)
+                 + (links.cpu_layer_s or CPU_LAYER_OVERHEAD_S) * traffic.num_layers)
+    dec["fixed"] = fixed * 1e3
     decode_s = sum(dec.values()) / 1e3
 
     t = max(1, chunk_tokens)
