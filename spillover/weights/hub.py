@@ -63,9 +63,10 @@ def fit_plan(src: ModelSource, hw: HardwareInfo, quant: str | None,
 
 
 def runnable(plan: MemoryPlan) -> bool:
-    """The plan fits, or spills only routed experts to disk, which the tiered experts read from
-    there (memory-mapped); a dense model's weights must fit in GPU + RAM."""
-    return plan.fits or (plan.verdict == "disk" and plan.config.is_moe)
+    """The weights fit in GPU + RAM. A plan that reads weights from disk every token (verdict
+    "disk") is refused too: it would download the whole model to decode a token every few
+    seconds, where a smaller format fits (the refusal says which)."""
+    return plan.fits
 
 
 def refusal(repo_id: str, plan: MemoryPlan) -> str:
@@ -100,6 +101,12 @@ def plan_hub_model(repo_id: str, opts: HubOptions) -> tuple[ModelSource, MemoryP
     plan = fit_plan(src, hw, opts.quant, opts.context)
     if not runnable(plan):
         raise ModelDoesNotFitError(refusal(repo_id, plan))
+    need = src.checkpoint_bytes or 0
+    if hw.disk_free is not None and need > hw.disk_free:
+        raise ModelDoesNotFitError(
+            f"{repo_id}: the files to download take {fmt_bytes(need)}, more than the "
+            f"{fmt_bytes(hw.disk_free)} free at {hw.disk_path}. Nothing was downloaded; free "
+            "some space or point HF_HOME at a larger disk.")
     return src, plan
 
 
