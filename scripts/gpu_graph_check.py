@@ -45,7 +45,8 @@ def run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> list
 
 def compare(llm: LLM, prompts: list[list[int]], max_tokens: list[int],
             **kw: Any) -> tuple[float, int]:
-    """(share of equal tokens, graph steps) of a graph engine against an eager one."""
+    """(share of equal tokens, steps that replayed graphs) of a graph engine against an eager
+    one."""
     eager = run(llm.make_engine(replace(llm.engine_config, enforce_eager=True, **kw)),
                 prompts, max_tokens)
     engine = llm.make_engine(replace(llm.engine_config, **kw))
@@ -53,7 +54,7 @@ def compare(llm: LLM, prompts: list[list[int]], max_tokens: list[int],
     same = sum(a == b for x, y in zip(got, eager, strict=True) for a, b in zip(x, y, strict=True))
     total = sum(len(x) for x in eager)
     graphs = engine.runner.graphs
-    return same / max(total, 1), graphs.steps if graphs is not None else 0
+    return same / max(total, 1), graphs.replayed if graphs is not None else 0
 
 
 def main() -> int:
@@ -75,7 +76,7 @@ def main() -> int:
                 share, steps = compare(llm, prompts, max_tokens, max_num_seqs=8)
                 ok = share == 1.0 or dtype == "bfloat16"
                 fails += not ok or steps == 0
-                print(f"{name:28s} {dtype:9s} tokens equal {share:6.1%}  graph steps {steps:3d}  "
+                print(f"{name:28s} {dtype:9s} tokens equal {share:6.1%}  replayed {steps:3d}  "
                       f"{'OK' if ok and steps else 'FAIL'}", flush=True)
     cfg = with_layers(load_synthetic_config("Qwen/Qwen3-Next-80B-A3B-Instruct"), args.layers)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
@@ -90,7 +91,7 @@ def main() -> int:
                              max_num_batched_tokens=64)
         share, steps = compare(llm, prompts, [12, 12, 12], max_num_batched_tokens=64)
         fails += share < 1.0 or steps == 0
-        print(f"{label:28s} bf16      tokens equal {share:6.1%}  graph steps {steps:3d}  "
+        print(f"{label:28s} bf16      tokens equal {share:6.1%}  replayed {steps:3d}  "
               f"{'OK' if share == 1.0 and steps else 'FAIL'}", flush=True)
         del llm, model
         torch.cuda.empty_cache()

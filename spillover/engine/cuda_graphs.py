@@ -57,6 +57,10 @@ class HostValuesUnread(list[int]):
         raise RuntimeError(self.WHY)
 
 
+class Uncapturable(RuntimeError):
+    """A graph piece synchronised with the host while warming up: it cannot be captured."""
+
+
 @dataclass(frozen=True)
 class GraphSettings:
     max_batch: int  # the largest decode batch replayed (larger ones run eagerly)
@@ -93,7 +97,8 @@ class DecodeGraphs:
                                 pin_memory=device.type == "cuda")
         self.pieces = model.pieces()
         self.graphs: dict[int, list[_Captured]] = {}
-        self.failed = ""  # why a capture failed (then every step runs eagerly)
+        self.eager_from = self.max_batch + 1  # batches from this size up run eagerly
+        self.replayed = 0  # steps that replayed graphs
         self.contexts: dict[int, ForwardContext] = {}
         self.steps = 0  # decode steps run through this path
         self.padded_rows = 0  # padding rows those steps computed (a cost of bucketing)
@@ -118,16 +123,13 @@ class DecodeGraphs:
         self.steps += 1
         self.padded_rows += b - n
         self._fill(inp, b)
-        if not self.emulate and b not in self.graphs and not self.failed:
-            try:
-                self._capture(b)
-            except RuntimeError as e:
-                # An op that cannot be captured fails every batch size, and a failed capture can
-                # leave the graph memory pool unusable: every decode step stays eager.
-                self.failed = str(e)
-                log.warning("cuda graphs: decode runs eagerly, the capture of batch %d failed",
-                            b, exc_info=True)
-        logits = self._replay(b) if b in self.graphs else self._eager(b)
+        if not self.emulate and b not in self.graphs and b < self.eager_from:
+            self._try_capture(b)
+        if b in self.graphs:
+            self.replayed += 1
+            logits = self._replay(b)
+        else:
+            logits = self._eager(b)
         if inp.logits_indices == list(range(n)):
             return logits[:n]
         return logits.index_select(0, torch.tensor(inp.logits_indices, device=self.device))
@@ -177,9 +179,12 @@ class DecodeGraphs:
         return carry[0]
 
     def _replay(self, b: int) -> torch.Tensor:
+        prelude, *pieces = self.graphs[b]
+        assert prelude.graph is not None
+        prelude.graph.replay()
         carry: Carry = (self.packed[:b, IDS],)
         ctx = self.contexts[b]
-        for piece, cap in zip(self.pieces, self.graphs[b], strict=True):
+        for piece, cap in zip(self.pieces, pieces, strict=True):
             if cap.graph is None:
                 carry = piece.run(carry, ctx)
                 continue
@@ -190,44 +195,76 @@ class DecodeGraphs:
             carry = cap.outputs
         return carry[0]
 
+    def _try_capture(self, b: int) -> None:
+        try:
+            self._capture(b)
+        except Uncapturable as e:
+            # e.g. an expert kernel that counts rows on the host above some batch: this size and
+            # larger ones run eagerly, smaller ones keep their graphs
+            self.eager_from = min(self.eager_from, b)
+            log.warning("cuda graphs: decode batches of %d and more run eagerly: %s", b, e)
+        except RuntimeError:
+            # the capture itself failed: the graph memory pool may be unusable afterwards
+            self.eager_from = 0
+            log.warning("cuda graphs: decode runs eagerly, the capture of batch %d failed", b,
+                        exc_info=True)
+
     def _capture(self, b: int) -> None:
         """Warm up (kernel compilation, autotuning, lazy tables) on padding rows alone, then
-        capture each graph piece; the eager pieces run between to give the next one real inputs.
-        Padding rows touch only the scratch block and slot, so no sequence's cache changes."""
+        capture the context and each graph piece; the eager pieces run between to give the next
+        one real inputs. Padding rows touch only the scratch block and slot, so no sequence's
+        cache changes."""
         t0 = time.perf_counter()
         real = self.packed[:b].clone()
         try:
-            captured, ctx = self._capture_pieces(b)
+            self.packed[:b] = torch.tensor([self.pad_row] * b, device=self.device)
+            self._warm_up(b)
+            self.graphs[b], self.contexts[b] = self._capture_pieces(b)
         finally:
             self.packed[:b] = real
-        self.graphs[b], self.contexts[b] = captured, ctx
         log.info("cuda graphs: batch %d captured in %d piece(s) (%d eager) in %.2f s", b,
-                 sum(c.graph is not None for c in captured),
-                 sum(c.graph is None for c in captured), time.perf_counter() - t0)
+                 sum(c.graph is not None for c in self.graphs[b]),
+                 sum(c.graph is None for c in self.graphs[b]), time.perf_counter() - t0)
+
+    def _warm_up(self, b: int) -> None:
+        """One eager pass in which the graph pieces may not synchronise with the host: a piece
+        that would (a device value read on the host, a copy from pageable memory) is refused
+        here, before a capture could leave the graph memory pool half-recorded."""
+        ctx = self._context(b)
+        carry: Carry = (self.packed[:b, IDS],)
+        for piece in self.pieces:
+            if piece.graph:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                carry = piece.run(carry, ctx)
+            except RuntimeError as e:
+                if piece.graph and "synchroniz" in str(e):
+                    raise Uncapturable(str(e)) from e
+                raise
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(self.device)
 
     def _capture_pieces(self, b: int) -> tuple[list[_Captured], ForwardContext]:
-        self.packed[:b] = torch.tensor([self.pad_row] * b, device=self.device)
-        self._eager(b)
-        torch.cuda.synchronize(self.device)
-        captured: list[_Captured] = []
+        # The context first, as its own graph: every piece, eager ones too, reads it.
+        prelude = torch.cuda.CUDAGraph()
+        # thread_local: the server's other threads may touch CUDA meanwhile
+        with torch.cuda.graph(prelude, pool=self.pool, capture_error_mode="thread_local"):
+            ctx = self._context(b)
+        captured = [_Captured(prelude, (), ())]
         carry: Carry = (self.packed[:b, IDS],)
-        ctx: ForwardContext | None = None
+        prelude.replay()
         for i, piece in enumerate(self.pieces):
             if not piece.graph:
-                assert ctx is not None
                 carry = piece.run(carry, ctx)
                 captured.append(_Captured(None, (), ()))
                 continue
             inputs = carry if i == 0 else tuple(t.clone() for t in carry)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the server's other threads may touch CUDA meanwhile
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                if ctx is None:
-                    ctx = self._context(b)
                 outputs = piece.run(inputs, ctx)
             graph.replay()
             captured.append(_Captured(graph, inputs, outputs))
             carry = outputs
         torch.cuda.synchronize(self.device)
-        assert ctx is not None
         return captured, ctx
