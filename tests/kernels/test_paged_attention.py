@@ -20,8 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize(("hq", "hkv", "d", "bs"),
                          [(4, 2, 16, 4), (6, 2, 24, 8), (3, 3, 32, 16), (8, 1, 64, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [None, 1, 3, 8])
 def test_decode_kernel_matches_reference(hq: int, hkv: int, d: int, bs: int,
-                                         dtype: torch.dtype) -> None:
+                                         dtype: torch.dtype, splits: int | None) -> None:
     g = torch.Generator().manual_seed(hq * 100 + d)
     lens = [1, bs, bs + 1, 3 * bs - 2, 5]
     num_blocks = 24
@@ -43,7 +44,7 @@ def test_decode_kernel_matches_reference(hq: int, hkv: int, d: int, bs: int,
     scale = d**-0.5
     expected = reference(q.float(), k.float(), v.float(), bt, cl, scale)
     got = paged_attention_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bt.to(DEVICE),
-                                 cl.to(DEVICE), scale)
+                                 cl.to(DEVICE), scale, splits=splits)
     assert got.dtype == dtype and got.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert (got.float().cpu() - expected).abs().max().item() <= tol
@@ -78,5 +79,6 @@ def test_decode_kernel_real_shapes_cuda(hq: int, hkv: int, d: int) -> None:
     q = torch.randn(n, hq, d, generator=g).to("cuda", torch.bfloat16)
     args = (bt.cuda(), lens.to(torch.int32).cuda(), d**-0.5)
     expected = reference(q.float(), k.float(), v.float(), *args)
-    got = paged_attention_decode(q, k, v, *args)
-    assert (got.float() - expected).abs().max().item() <= 2e-2
+    for splits in (None, 1, 16):
+        got = paged_attention_decode(q, k, v, *args, splits=splits)
+        assert (got.float() - expected).abs().max().item() <= 2e-2
