@@ -234,10 +234,22 @@ def _from_hub_gguf(repo: HubRepo, gguf_file: str | None,
         if max_bytes is not None and size > max_bytes and f != files[-1]:
             continue  # larger than GPU + RAM together: not worth reading its header
         src = _hub_gguf_source(repo, f, tuple(tried))
+        if not _gguf_loadable(src) and f != files[-1]:
+            tried.append(f"{f} (tensor types spillover does not load)")
+            continue
         if fits is None or fits(src) or f == files[-1]:
             return src
         tried.append(f)
     raise AssertionError("unreachable: the smallest file is always returned")
+
+
+def _gguf_loadable(src: ModelSource) -> bool:
+    """Every tensor in a float type or a block format the GGUF importer reads (IQ* and the
+    ternary formats are not)."""
+    from spillover.quant.importers.gguf import SUPPORTED
+
+    ok = {"F32", "F16", "BF16", *(q.name for q in SUPPORTED)}
+    return all(t.stored_dtype in ok for t in src.inventory.tensors)
 
 
 def _hub_gguf_source(repo: HubRepo, filename: str, tried: tuple[str, ...]) -> ModelSource:
