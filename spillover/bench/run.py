@@ -89,12 +89,10 @@ def run_bench(
         result["prefill"].append({"prompt_len": n, "ttft_s": ttft, "tok_s": n / ttft})
         # progress as it goes: a run cut short by a time limit still leaves its figures
         log.info("prefill %d tokens: %.1f tok/s", n, n / ttft)
+    snapshot = (lambda: tier_snapshot(model)) if _has_tiers(model) else dict
     for b in decode_batches:
-        start = tier_snapshot(model)
-        row = _decode(
-            engine, [prompt(decode_prompt_len) for _ in range(b)], decode_tokens, warmup_steps, cuda
-        )
-        row.update(tier_rates(start, tier_snapshot(model)))
+        row = _decode(engine, [prompt(decode_prompt_len) for _ in range(b)], decode_tokens,
+                      warmup_steps, cuda, snapshot)
         result["decode"].append(row)
         log.info("decode batch %d: %s", b, {k: v for k, v in row.items() if k != "steps_ms"})
     tiers = tier_rates(before, tier_snapshot(model)) if _has_tiers(model) else {}
@@ -176,10 +174,12 @@ def _decode_max_tokens(batch: int, tokens: int, warmup: int) -> int:
 
 
 def _decode(
-    engine: Engine, prompts: list[list[int]], tokens: int, warmup: int, cuda: bool
+    engine: Engine, prompts: list[list[int]], tokens: int, warmup: int, cuda: bool,
+    snapshot: Callable[[], dict[str, float]] = dict,
 ) -> dict[str, Any]:
     """Steady-state decode of len(prompts) requests: `tokens` steps timed after every request has
-    its first token and `warmup` more; then aborted (none finishes inside the window)."""
+    its first token and `warmup` more; then aborted (none finishes inside the window).
+    `snapshot()` is taken at both ends of the timed window: the row carries what it accrued."""
     batch = len(prompts)
     params = SamplingParams(
         max_tokens=_decode_max_tokens(batch, tokens, warmup), temperature=0.0, ignore_eos=True
@@ -192,6 +192,7 @@ def _decode(
         for ev in engine.step():
             made[ev.request_id] += len(ev.new_token_ids)
     _sync(cuda)
+    before = snapshot()
     t0 = time.perf_counter()
     timed = 0
     for _ in range(tokens):
@@ -199,11 +200,13 @@ def _decode(
             timed += len(ev.new_token_ids)
     _sync(cuda)
     secs = time.perf_counter() - t0
+    accrued = tier_rates(before, snapshot())
     for rid in ids:
         engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
     return {
+        **{k: v for k, v in accrued.items() if k != "steps"},  # (a bank's calls, not steps)
         "batch": batch,
         "steps": tokens,
         "tokens": timed,

@@ -21,7 +21,10 @@ def test_bench_with_a_cpu_budget_runs_tiered(tmp_path: Path, capsys: pytest.Capt
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["tiers"]["lookups"] > 0  # tiered banks served the run
-    assert result["decode"][0]["tok_s"] > 0
+    row = result["decode"][0]
+    assert row["tok_s"] > 0
+    # the tier counters of a decode row are those of its timed steps alone
+    assert row["steps"] == 2 and 0 < row["lookups"] < result["tiers"]["lookups"]
 
 
 def test_a_budget_too_small_is_refused_with_the_plan(tmp_path: Path,
