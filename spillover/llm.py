@@ -96,7 +96,8 @@ class LLM:
         # downloaded: a model that cannot fit is refused with what would make it fit.
         self.source = resolve_model(model, HubOptions(
             revision=revision, gguf_file=gguf_file, quant=quant,
-            hardware=_hub_hardware(model, self.device, self.budgets), context=max_model_len))
+            hardware=_hub_hardware(model, self.device, self.budgets), context=max_model_len,
+            tiered=experts is not None or self.budgets.given))
         self.config = load_config(self.source)
         # quant: one of spillover.quant.QUANT_CHOICES (legacy spellings via normalize_quant):
         # auto keeps the checkpoint's formats; int8 / int4 / fp8 / int4-experts quantize at load;

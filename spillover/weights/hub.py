@@ -41,6 +41,7 @@ class HubOptions:
     quant: str | None = "auto"  # the load's --quant: the format the fit check sizes
     hardware: HardwareInfo | None = None  # None: no fit check (convert streams any size)
     context: int | None = None  # tokens per sequence the check plans for (None: FIT_CONTEXT)
+    tiered: bool = False  # memory budgets given: a MoE model's experts may live in RAM
 
 
 def plan_quant(quant: str | None) -> str:
@@ -62,11 +63,17 @@ def fit_plan(src: ModelSource, hw: HardwareInfo, quant: str | None,
                      fixed=src.scheme)
 
 
-def runnable(plan: MemoryPlan) -> bool:
+def runnable(plan: MemoryPlan, tiered: bool) -> bool:
     """The weights fit in GPU + RAM. A plan that reads weights from disk every token (verdict
     "disk") is refused too: it would download the whole model to decode a token every few
-    seconds, where a smaller format fits (the refusal says which)."""
-    return plan.fits
+    seconds, where a smaller format fits (the refusal says which). On a GPU the model loads
+    whole onto it, unless it is a MoE model given memory budgets (`tiered`): its routed experts
+    then go to RAM as the plan places them."""
+    if not plan.fits:
+        return False
+    if plan.hardware.gpu is not None and not (tiered and plan.config.is_moe):
+        return plan.verdict == "gpu"
+    return True
 
 
 def refusal(repo_id: str, plan: MemoryPlan) -> str:
@@ -77,6 +84,10 @@ def refusal(repo_id: str, plan: MemoryPlan) -> str:
     lines = [f"{repo_id} does not fit this machine: {plan.scheme.name} weights take "
              f"{fmt_bytes(plan.weights_total)}, with {where} to hold them (verdict: "
              f"{plan.verdict}). Nothing was downloaded."]
+    if plan.fits:  # fits only with part of it in RAM
+        lines.append("It fits only with part of it in RAM: spillover keeps a MoE model's routed "
+                     "experts there when given --gpu-memory / --cpu-memory; other weights "
+                     "must fit on the GPU.")
     if plan.suggestions:
         lines.append("What would make it fit:")
         lines += [f"  - {s}" for s in plan.suggestions]
@@ -90,7 +101,7 @@ def plan_hub_model(repo_id: str, opts: HubOptions) -> tuple[ModelSource, MemoryP
     hw = opts.hardware
 
     def fits(src: ModelSource) -> bool:
-        return hw is None or runnable(fit_plan(src, hw, opts.quant, opts.context))
+        return hw is None or runnable(fit_plan(src, hw, opts.quant, opts.context), opts.tiered)
 
     max_bytes = None
     if hw is not None:
@@ -99,7 +110,7 @@ def plan_hub_model(repo_id: str, opts: HubOptions) -> tuple[ModelSource, MemoryP
     if hw is None:
         return src, None
     plan = fit_plan(src, hw, opts.quant, opts.context)
-    if not runnable(plan):
+    if not runnable(plan, opts.tiered):
         raise ModelDoesNotFitError(refusal(repo_id, plan))
     need = src.checkpoint_bytes or 0
     if hw.disk_free is not None and need > hw.disk_free:

@@ -176,3 +176,20 @@ def test_gguf_repo_plans_from_the_header_and_picks_what_fits(
     hw = with_overrides(probe(use_cache=False), no_gpu=True, ram="64GB")
     kind, path = fetch_hub_model(GGUF, HubOptions(hardware=hw))
     assert kind == "gguf" and path.name == "smol-Q4_1.gguf" and path.stat().st_size == size
+
+
+def test_what_loads_whole_on_the_gpu_must_fit_there() -> None:
+    from spillover.hw.info import with_overrides
+    from spillover.hw.probe import probe
+    from spillover.plan.source import resolve
+    from spillover.weights.hub import fit_plan, refusal, runnable
+
+    hw = with_overrides(probe(use_cache=False), gpu="rtx5090", ram="60GB")
+    dense = fit_plan(resolve("Qwen/Qwen3-32B"), hw, "auto", None)  # 65 GB of bf16
+    assert dense.verdict == "gpu+ram" and not runnable(dense, tiered=True)
+    assert "--gpu-memory" in refusal("Qwen/Qwen3-32B", dense)
+    moe = fit_plan(resolve("Qwen/Qwen3-30B-A3B"), hw, "auto", None)
+    assert moe.verdict == "gpu+ram"
+    assert runnable(moe, tiered=True) and not runnable(moe, tiered=False)
+    small = fit_plan(resolve("Qwen/Qwen3-8B"), hw, "auto", None)
+    assert small.verdict == "gpu" and runnable(small, tiered=False)
