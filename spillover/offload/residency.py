@@ -12,6 +12,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from spillover.offload.policies import (  # noqa: F401  (the policies' public home was here)
+    POLICIES,
+    LFUPolicy,
+    LRFUPolicy,
+    LRUPolicy,
+    SlotPolicy,
+    StaticPolicy,
+    make_policy,
+)
+
 
 class Tier(StrEnum):
     GPU = "gpu"
@@ -21,116 +31,6 @@ class Tier(StrEnum):
 
 class NoSlotError(RuntimeError):
     """An admission found no free slot and nothing evictable (all pinned, static, or no slots)."""
-
-
-class SlotPolicy:
-    """The evictable resident with the lowest score (here the tick of its last use: LRU; ties go to
-    older use, then earlier insertion) gives its slot to a miss that scores at least as high, so
-    one-off experts do not flush hot ones. Pinned experts are never inserted, so never evicted."""
-
-    name = "?"
-    dynamic = True  # False: slots never change after the initial placement
-
-    def __init__(self) -> None:
-        self._resident: dict[int, None] = {}  # evictable experts, in insertion order
-        self._last: dict[int, int] = {}  # expert -> tick of its last use
-
-    def score(self, expert: int, now: int) -> float:
-        return self._last.get(expert, -1)
-
-    def record(self, expert: int, now: int) -> None:
-        """One use of `expert` at tick `now`, resident or not (frequency must see misses too)."""
-        self._last[expert] = now
-
-    def insert(self, expert: int, now: int) -> None:
-        if self.dynamic:  # static: nothing is ever evictable; taking a slot counts as a use
-            self._resident[expert], self._last[expert] = None, max(self._last.get(expert, -1), now)
-
-    def remove(self, expert: int) -> None:
-        self._resident.pop(expert, None)
-
-    def victim(self, now: int, protect: Collection[int] = ()) -> int | None:
-        """Lowest score, then oldest use, then first inserted (dict order); never one of `protect`
-        (experts the current step still reads from their slots)."""
-        def key(e: int) -> tuple[float, int]:
-            return self.score(e, now), self._last.get(e, -1)
-        return min((e for e in self._resident if e not in protect), key=key, default=None)
-
-    def should_admit(self, expert: int, victim: int, now: int) -> bool:
-        return self.score(expert, now) >= self.score(victim, now)
-
-
-class LRUPolicy(SlotPolicy):
-    """Least recently used goes first (every miss is admitted: it was just used)."""
-
-    name = "lru"
-
-
-class LFUPolicy(SlotPolicy):
-    """Least frequently used, with aging: every `age_every` ticks all counts halve, so experts
-    hot for an earlier prompt stop holding slots when traffic moves on (plain LFU never lets go)."""
-
-    name = "lfu"
-
-    def __init__(self, age_every: int = 256) -> None:
-        super().__init__()
-        if age_every < 1:
-            raise ValueError(f"LFU age_every must be >= 1 tick, got {age_every}")
-        self.age_every, self._aged_at = age_every, 0
-        self._count: dict[int, float] = {}
-
-    def score(self, expert: int, now: int) -> float:
-        halvings = (now - self._aged_at) // self.age_every
-        if halvings > 0:
-            self._aged_at += halvings * self.age_every
-            self._count = {e: c * 0.5**halvings for e, c in self._count.items()}
-        return self._count.get(expert, 0.0)
-
-    def record(self, expert: int, now: int) -> None:
-        self._count[expert] = self.score(expert, now) + 1.0
-        self._last[expert] = now
-
-
-class LRFUPolicy(SlotPolicy):
-    """LRFU (Lee et al., IEEE Trans. Computers 2001): score = sum over past uses of 2^(-age /
-    half_life). The default because MoE routing has both a lasting popularity skew (frequency) and
-    drift with the prompt's topic (recency), and LRFU spans the two with one knob: a short half-life
-    acts like LRU, a long one like LFU. O(1) per use (new = 1 + decayed old)."""
-
-    name = "lrfu"
-
-    def __init__(self, half_life: float = 64.0) -> None:
-        super().__init__()
-        if not half_life > 0:
-            raise ValueError(f"LRFU half_life must be > 0 ticks, got {half_life}")
-        self.half_life = float(half_life)
-        self._crf: dict[int, tuple[float, int]] = {}  # expert -> (score, tick it was computed at)
-
-    def score(self, expert: int, now: int) -> float:
-        c, t = self._crf.get(expert, (0.0, now))
-        return c * 2.0 ** ((t - now) / self.half_life)
-
-    def record(self, expert: int, now: int) -> None:
-        self._crf[expert] = (1.0 + self.score(expert, now), now)
-        self._last[expert] = now
-
-
-class StaticPolicy(SlotPolicy):
-    """Slots are filled once (hottest experts from routing statistics, else 0..S-1) and never
-    change; misses are served where the expert lives (CPU compute or streaming)."""
-
-    name, dynamic = "static", False
-
-
-POLICIES = {p.name: p for p in (LRUPolicy, LFUPolicy, LRFUPolicy, StaticPolicy)}
-
-
-def make_policy(name: str, **options: Any) -> SlotPolicy:
-    """A fresh policy by name, one per layer (policies hold per-layer state)."""
-    cls = POLICIES.get(name.lower())
-    if cls is None:
-        raise ValueError(f"unknown slot policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return cls(**options)
 
 
 @dataclass
