@@ -116,7 +116,8 @@ def make_loader(args: argparse.Namespace) -> Any:
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               num_kv_blocks=args.num_kv_blocks,
                               enable_prefix_caching=not args.no_prefix_caching,
-                              max_model_len=args.max_model_len, max_queue_len=args.max_queue_len)
+                              max_model_len=args.max_model_len, max_queue_len=args.max_queue_len,
+                              enforce_eager=args.enforce_eager)
         engine = llm.make_engine(config)
         engine.tokenizer  # noqa: B018 - load the tokenizer now, not on the first request
         warm_up(engine)
@@ -145,6 +146,9 @@ def warm_up(engine: Any) -> None:
     engine.add_request("spillover-warm-up", [0, 1], SamplingParams(max_tokens=2, temperature=0))
     while engine.has_unfinished():
         engine.step()
+    graphs = engine.runner.graphs
+    if graphs is not None:  # every batch size's CUDA graphs, so no client waits for a capture
+        graphs.capture_all()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -134,6 +134,19 @@ class DecodeGraphs:
             return logits[:n]
         return logits.index_select(0, torch.tensor(inp.logits_indices, device=self.device))
 
+    def capture_all(self) -> None:
+        """Capture every bucket now (the server's warm-up), on padding rows alone."""
+        if self.emulate:
+            return
+        t0 = time.perf_counter()
+        for b in self.buckets:
+            if b not in self.graphs and b < self.eager_from:
+                self.packed[:b] = torch.tensor([self.pad_row] * b, device=self.device)
+                self._try_capture(b)
+        log.info("cuda graphs: %d batch sizes captured in %.1f s (%s run eagerly)",
+                 len(self.graphs), time.perf_counter() - t0,
+                 f"{self.eager_from} and more" if self.eager_from <= self.max_batch else "none")
+
     # ---- inputs ------------------------------------------------------------------------------
     def _fill(self, inp: FlatInputs, b: int) -> None:
         # Only the block-table columns this batch uses: kernels read a row's table no further

@@ -131,3 +131,12 @@ def test_graph_logits_match_eager_logits(tiny_llm: Callable[[str], LLM]) -> None
     ids, ctx = runner._build_context(inp)
     want = runner.model.compute_logits(runner.model(ids, ctx), ctx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_serve_passes_enforce_eager_to_its_engine() -> None:
+    from spillover.cli.main import build_parser
+    from spillover.cli.serve import make_loader
+
+    argv = ["serve", "--device", "cpu", "--max-num-seqs", "2", "--enforce-eager"]
+    engine = make_loader(build_parser().parse_args(argv))()
+    assert engine.config.enforce_eager is True and engine.runner.graphs is None
