@@ -43,6 +43,7 @@ class Seen:
     repo: str
     file: str
     range: str | None
+    auth: str | None = None  # the Authorization header (HF_TOKEN)
 
 
 @dataclass
@@ -98,14 +99,15 @@ class FakeHub:
             return
         if len(parts) >= 5 and parts[2] == "resolve":
             repo, rev, file = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-            self.seen.append(Seen("HEAD" if head else "GET", repo, file, h.headers.get("Range")))
+            self.seen.append(Seen("HEAD" if head else "GET", repo, file, h.headers.get("Range"),
+                                  h.headers.get("Authorization")))
             self._resolve(h, repo, rev, file, head)
             return
         self._send(h, 404, b"{}", {"X-Error-Code": "RepoNotFound"})
 
     def _api(self, h: BaseHTTPRequestHandler, parts: list[str]) -> None:
         repo = "/".join(parts[:2])
-        self.seen.append(Seen("GET", repo, "", None))
+        self.seen.append(Seen("GET", repo, "", None, h.headers.get("Authorization")))
         files = self.repos.get(repo)
         if files is None:
             self._send(h, 404, b'{"error": "Repository not found"}',

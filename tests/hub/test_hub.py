@@ -82,8 +82,10 @@ def _weight_reads(fake: FakeHub, suffix: str) -> list[str | None]:
             if not (s.range and s.range.startswith("bytes=0-"))]
 
 
-def test_hub_id_downloads_needed_files_and_resumes(hub: FakeHub, tiny_folder: Path) -> None:
+def test_hub_id_downloads_needed_files_and_resumes(hub: FakeHub, tiny_folder: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     hub.drop_once.add("model.safetensors")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     llm = LLM(TINY, device="cpu")
     local = LLM(str(tiny_folder), device="cpu")
     ids = [1, 5, 9, 3]
@@ -99,6 +101,17 @@ def test_hub_id_downloads_needed_files_and_resumes(hub: FakeHub, tiny_folder: Pa
     fetched = {s.file for s in hub.gets() if s.repo == TINY}
     assert not fetched & set(DECOYS), "duplicates and sub-folders must not be downloaded"
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= fetched
+    assert all(x.auth == "Bearer hf_test_token" for x in hub.seen), "HF_TOKEN on every request"
+
+
+def test_convert_takes_a_hub_id(hub: FakeHub, tmp_path: Path) -> None:
+    from spillover.weights.store import is_store
+
+    out = tmp_path / "store"
+    assert main(["convert", TINY, str(out), "--quant", "int8", "--no-progress"]) == 0
+    assert is_store(out)
+    assert main(["convert", "./local-folder-that-is-not-there", str(out), "--revision",
+                 "main"]) == 2
 
 
 def test_offline_loads_the_cached_snapshot_without_a_request(
