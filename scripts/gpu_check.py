@@ -1,7 +1,8 @@
 """GPU correctness check.
 
 1. Kernel level: flash-linear-attention's Gated DeltaNet (chunk and fused-recurrent, varlen, with
-   initial states) against our fp32 token-by-token reference, at tiny and at Qwen3-Next-80B shapes.
+   initial states) against our fp32 token-by-token reference, at tiny and at Qwen3-Next-80B shapes;
+   our fused Gated DeltaNet decode kernel against its reference, eager and from a CUDA graph.
 2. Model level: every tiny architecture on CUDA against our fp32 CPU reference (which tests/models
    holds equal to transformers): in float32 (same function, tight tolerance) and in bfloat16 (bf16
    tolerance: BF16_TOL, or twice what transformers' own bf16 run of that model misses fp32 by, where
@@ -71,6 +72,45 @@ def check_gdn_kernel() -> int:
             fails += not ok
             print(f"gdn-kernel hk={hk} hv={hv} d={d} lens={lens} {str(dtype)[6:]:8s} out {eo:.2e} "
                   f"state {es:.2e} {'OK' if ok else 'FAIL'}")
+    return fails
+
+
+def check_gdn_decode() -> int:
+    """The fused Gated DeltaNet decode (Triton) against `ref.gdn_decode` at the 80B shape, run
+    eagerly and replayed from a CUDA graph (output, conv state and recurrent state)."""
+    from spillover.kernels.triton.gdn_decode import gdn_decode
+
+    fails, hk, hv, d, kw = 0, 16, 32, 128, 4
+    conv_dim = 2 * hk * d + hv * d
+    for n, dtype in [(1, torch.bfloat16), (8, torch.bfloat16), (8, torch.float32)]:
+        dev = "cuda"
+        args = {"mixed": torch.randn(n, conv_dim, device=dev).to(dtype),
+                "conv_weight": torch.randn(conv_dim, kw, device=dev).to(dtype) * 0.5,
+                "conv_state": torch.randn(12, conv_dim, kw - 1, device=dev).to(dtype),
+                "a": torch.randn(n, hv, device=dev).to(dtype),
+                "b": torch.randn(n, hv, device=dev).to(dtype),
+                "A_log": torch.randn(hv, device=dev).to(dtype) * 0.5,
+                "dt_bias": torch.randn(hv, device=dev).to(dtype),
+                "ssm_state": torch.randn(12, hv, d, d, device=dev) * 0.1,
+                "slots": torch.randperm(12, device=dev)[:n],
+                "fresh": torch.arange(n, device=dev) % 3 == 1}
+        want = {k: v.clone() for k, v in args.items()}
+        o_ref = ref.gdn_decode(**want)
+        for mode in ("eager", "graph"):
+            got = {k: v.clone() for k, v in args.items()}
+            if mode == "eager":
+                o = gdn_decode(**got)
+            else:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    o = gdn_decode(**got)
+                graph.replay()
+            errs = [rel(o, o_ref), rel(got["conv_state"], want["conv_state"]),
+                    rel(got["ssm_state"], want["ssm_state"])]
+            ok = max(errs) <= (1e-5 if dtype == torch.float32 else BF16_TOL)
+            fails += not ok
+            print(f"gdn-decode n={n} {str(dtype)[6:]:8s} {mode:5s} out {errs[0]:.2e} conv "
+                  f"{errs[1]:.2e} state {errs[2]:.2e} {'OK' if ok else 'FAIL'}")
     return fails
 
 
@@ -261,7 +301,7 @@ def main() -> int:
     elif "--quant-only" in sys.argv:
         fails = check_quant_models()
     else:
-        fails = 0 if "--models-only" in sys.argv else check_gdn_kernel()
+        fails = 0 if "--models-only" in sys.argv else check_gdn_kernel() + check_gdn_decode()
         fails += check_models() + check_quant_models()
     print("kernels chosen:", kernels.chosen())
     print(f"{fails} failed")

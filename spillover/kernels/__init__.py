@@ -39,7 +39,7 @@ from spillover.kernels.select import (
 
 __all__ = [
     "AttentionCache", "ForwardContext",
-    "rms_norm", "paged_attention", "causal_conv1d", "gated_delta_rule",
+    "rms_norm", "paged_attention", "causal_conv1d", "gated_delta_rule", "gdn_decode",
     "quant_matmul", "fp8_matmul", "choose_kernel", "choose_fp8_kernel", "gpu_layout",
     "kernels_mode", "force_ref", "choose", "resolve", "chosen", "choices", "reset",
     "has_triton", "has_fla", "triton_interpreted",
@@ -131,6 +131,39 @@ def gated_delta_rule(
         slots, fresh, _ = ctx.linear_meta(q.device)
         return ref.gated_delta_rule_decode(q, k, v, g, beta, ssm_state, slots, fresh)
     return ref.gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
+
+
+def _pick_gdn_decode(cuda: bool, dtype: torch.dtype) -> tuple[str, str]:
+    if force_ref():
+        return "torch-decode", FORCED
+    if cuda and has_triton() and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return "triton", "pure decode on CUDA, triton importable: conv, gates, recurrence fused"
+    why = ("triton not importable" if cuda and not has_triton() else
+           f"{dtype} inputs" if cuda else "CPU tensors")
+    return "torch-decode", f"conv, gates and recurrence as separate batched ops ({why})"
+
+
+def gdn_decode(
+    mixed: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,  # noqa: N803 (the checkpoint's name)
+    dt_bias: torch.Tensor,
+    ssm_state: torch.Tensor,
+    ctx: ForwardContext,
+) -> torch.Tensor:
+    """A pure-decode Gated DeltaNet step from its conv input to its output (`ref.gdn_decode`),
+    with the step's state slots and fresh mask (capturable by a CUDA graph)."""
+    assert ctx.is_pure_decode, "gdn_decode takes one token per sequence"
+    shape_class = f"{mixed.device.type} {str(mixed.dtype).removeprefix('torch.')}"
+    impl = resolve("gdn_decode", shape_class, lambda: _pick_gdn_decode(mixed.is_cuda, mixed.dtype))
+    slots, fresh, _ = ctx.linear_meta(mixed.device)
+    fn = ref.gdn_decode
+    if impl == "triton":
+        from spillover.kernels.triton.gdn_decode import gdn_decode as fn
+    return fn(mixed, conv_weight, conv_state, a, b, A_log, dt_bias, ssm_state, slots, fresh)
 
 
 def _fla_gated_delta_rule(

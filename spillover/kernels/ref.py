@@ -215,3 +215,31 @@ def gated_delta_rule_decode(
     out = torch.einsum("nhkv,nhk->nhv", s, qf)
     ssm_state.index_copy_(0, slots, s.to(ssm_state.dtype))
     return out.to(v.dtype)
+
+
+def gdn_decode(
+    mixed: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,  # noqa: N803 (the checkpoint's name)
+    dt_bias: torch.Tensor,
+    ssm_state: torch.Tensor,
+    slots: torch.Tensor,
+    fresh: torch.Tensor,
+) -> torch.Tensor:
+    """A Gated DeltaNet decode step after the input projections: `causal_conv1d_decode`, the
+    gates, `gated_delta_rule_decode`. mixed [N, conv_dim] = q (Hk·dk) | k (Hk·dk) | v (Hv·dv)
+    before the conv; a, b [N, Hv]; A_log, dt_bias [Hv]; conv_state [slots, conv_dim, K-1] and
+    ssm_state [slots, Hv, dk, dv] (fp32) updated in place at rows `slots`, zeros where `fresh`.
+    The head counts and dims come from ssm_state's shape. -> o [N, Hv, dv] in mixed's dtype."""
+    n = mixed.shape[0]
+    _, hv, dk, dv = ssm_state.shape
+    key_dim = (mixed.shape[1] - hv * dv) // 2
+    act = causal_conv1d_decode(mixed, conv_weight, conv_state, slots, fresh)
+    q, k, v = act.split([key_dim, key_dim, hv * dv], dim=-1)
+    beta = b.sigmoid()
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)  # log decay, fp32, <= 0
+    return gated_delta_rule_decode(q.reshape(n, -1, dk), k.reshape(n, -1, dk),
+                                   v.reshape(n, hv, dv), g, beta, ssm_state, slots, fresh)

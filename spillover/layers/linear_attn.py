@@ -49,15 +49,20 @@ class GatedDeltaNet(nn.Module):
         # [T, conv_dim]
         mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
         cache = ctx.state_caches[self.layer_idx]
-        mixed = kernels.causal_conv1d(mixed, self.conv1d.weight.squeeze(1), cache.conv, ctx)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(t, self.hk, self.dk)
-        k = k.reshape(t, self.hk, self.dk)
-        v = v.reshape(t, self.hv, self.dv)
+        if ctx.is_pure_decode:
+            # one token per sequence: conv update, gates and recurrence as one op (fused on CUDA)
+            o = kernels.gdn_decode(mixed, self.conv1d.weight.squeeze(1), cache.conv, a, b,
+                                   self.A_log, self.dt_bias, cache.ssm, ctx)
+        else:
+            mixed = kernels.causal_conv1d(mixed, self.conv1d.weight.squeeze(1), cache.conv, ctx)
+            q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            q = q.reshape(t, self.hk, self.dk)
+            k = k.reshape(t, self.hk, self.dk)
+            v = v.reshape(t, self.hv, self.dv)
 
-        beta = b.sigmoid()
-        # log decay, fp32, <= 0
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
-        o = kernels.gated_delta_rule(q, k, v, g, beta, cache.ssm, ctx)  # [T, Hv, dv]
+            beta = b.sigmoid()
+            # log decay, fp32, <= 0
+            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+            o = kernels.gated_delta_rule(q, k, v, g, beta, cache.ssm, ctx)  # [T, Hv, dv]
         o = self.norm(o, z)
         return self.out_proj(o.reshape(t, self.value_dim))
