@@ -43,16 +43,74 @@ __all__ = [
     "quant_matmul", "fp8_matmul", "choose_kernel", "choose_fp8_kernel", "gpu_layout",
     "kernels_mode", "force_ref", "choose", "resolve", "chosen", "choices", "reset",
     "has_triton", "has_fla", "triton_interpreted",
+    "add_rms_norm", "gated_rms_norm", "route_topk", "silu_mul",
 ]
 
 FORCED = "forced by SPILLOVER_KERNELS=ref"
 
 
+def _pick_fused(cuda: bool, dtype: torch.dtype) -> tuple[str, str]:
+    """The small fused ops (norms, router, SwiGLU activation): Triton on CUDA, else torch."""
+    if force_ref():
+        return "torch", FORCED
+    if cuda and has_triton() and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return "triton", "CUDA tensors, triton importable: one kernel instead of several"
+    why = ("triton not importable" if cuda and not has_triton() else
+           f"{dtype} inputs" if cuda else "CPU tensors")
+    return "torch", f"torch ops ({why})"
+
+
+def _fused(op: str, x: torch.Tensor) -> str:
+    shape_class = f"{x.device.type} {str(x.dtype).removeprefix('torch.')}"
+    return resolve(op, shape_class, lambda: _pick_fused(x.is_cuda, x.dtype))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              offset: float = 0.0) -> torch.Tensor:
-    why = "reference is fused enough by torch for now"
-    resolve("rms_norm", x.device.type, lambda: ("torch", FORCED if force_ref() else why))
+    if _fused("rms_norm", x) == "triton":
+        from spillover.kernels.triton import norms
+
+        return norms.rms_norm(x, weight, eps, offset)
     return ref.rms_norm(x, weight, eps, offset)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual)."""
+    if _fused("add_rms_norm", x) == "triton":
+        from spillover.kernels.triton import norms
+
+        return norms.add_rms_norm(x, residual, weight, eps, offset)
+    return ref.add_rms_norm(x, residual, weight, eps, offset)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """rms_norm(x) · w · silu(z) (the Gated DeltaNet output norm)."""
+    if _fused("gated_rms_norm", x) == "triton":
+        from spillover.kernels.triton import norms
+
+        return norms.gated_rms_norm(x, z, weight, eps)
+    return ref.gated_rms_norm(x, z, weight, eps)
+
+
+def route_topk(logits: torch.Tensor, k: int, renormalize: bool,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE router: logits [T, E] -> (weights [T, k] in dtype, expert ids [T, k] int64)."""
+    if _fused("route_topk", logits) == "triton":
+        from spillover.kernels.triton import routing
+
+        return routing.route_topk(logits, k, renormalize, dtype)
+    return ref.route_topk(logits, k, renormalize, dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2I] -> SiLU(gate) * up [..., I]."""
+    if _fused("silu_mul", gate_up) == "triton":
+        from spillover.kernels.triton import activation
+
+        return activation.silu_mul(gate_up)
+    return ref.silu_mul(gate_up)
 
 
 def _pick_attention(cuda: bool, decode_ready: bool) -> tuple[str, str]:

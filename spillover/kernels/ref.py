@@ -22,6 +22,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * xf.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a residual add and the norm that reads it."""
+    total = x + residual
+    return rms_norm(total, weight, eps, offset), total
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """rms_norm(x) · w · silu(z) over the last dim (norm before gate, w used as is; the Gated
+    DeltaNet output norm). x, z [..., N], weight [N] -> x's dtype."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * xf.to(dtype)
+    return (y * F.silu(z.float())).to(dtype)
+
+
+def route_topk(logits: torch.Tensor, k: int, renormalize: bool,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE router: logits [T, E] -> (weights [T, k] in dtype, expert ids [T, k] int64), best
+    first; softmax in fp32 over all experts, then top-k, then optionally weights summing to 1."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: gate_up [..., 2I] (gate columns, then up) -> SiLU(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def write_kv(cache: AttentionCache, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V rows [T, Hkv, D] into their paged slots."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spillover import kernels
 from spillover.config import ModelConfig
 from spillover.layers.linear import Linear
 from spillover.layers.mlp import GatedMLP
@@ -16,11 +17,7 @@ def route(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k]); softmax in fp32 first."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(dtype), ids
+    return kernels.route_topk(router_logits, top_k, renormalize, dtype)
 
 
 class SparseMoE(nn.Module):

@@ -4,7 +4,6 @@ DeltaNet output)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spillover import kernels
@@ -20,6 +19,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps, self.offset)
 
+    def add_norm(self, x: torch.Tensor,
+                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused with the norm reading it."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+
 
 class GatedRMSNorm(nn.Module):
     """y = rmsnorm(x) · w · silu(z), per value head (norm before gate); w used as is."""
@@ -30,8 +34,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.weight * xf.to(dtype)
-        return (y * F.silu(z.float())).to(dtype)
+        return kernels.gated_rms_norm(x, z, self.weight, self.eps)

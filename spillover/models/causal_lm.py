@@ -45,16 +45,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.mix(x, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.mix(x, ctx)
+        return x + self.mlp(h)
 
-    def mix(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """The token mixer (attention or Gated DeltaNet) with its residual."""
+    def mix(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token mixer (attention or Gated DeltaNet) with its residual: (the MLP's normed
+        input, the residual stream), the add and the post-attention norm in one kernel."""
         h = self.input_layernorm(x)
         if self.self_attn is not None:
-            return x + self.self_attn(h, ctx)
-        assert self.linear_attn is not None
-        return x + self.linear_attn(h, ctx)
+            mixed = self.self_attn(h, ctx)
+        else:
+            assert self.linear_attn is not None
+            mixed = self.linear_attn(h, ctx)
+        return self.post_attention_layernorm.add_norm(mixed, x)
 
 
 Carry = tuple[torch.Tensor, ...]
@@ -162,8 +165,7 @@ class CausalLM(nn.Module):
         if cut is None:
             return (self.compute_logits(self.model.norm(x), ctx),)
         layer = layers[cut]
-        x = layer.mix(x, ctx)
-        h = layer.post_attention_layernorm(x)
+        h, x = layer.mix(x, ctx)
         assert isinstance(layer.mlp, SparseMoE)
         weights, ids = layer.mlp.route(h)
         return x, h, weights, ids

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+
+from spillover import kernels
 
 
 class StackedExperts(Protocol):
@@ -39,8 +40,8 @@ def grouped_experts(
     order = torch.argsort(flat, stable=True)
     ids = flat[order]
     token_of = order // k
-    gate, up = w13.forward_experts(hidden[token_of], ids).chunk(2, dim=-1)
-    y = w2.forward_experts(F.silu(gate) * up, ids)
+    gate_up = w13.forward_experts(hidden[token_of], ids)
+    y = w2.forward_experts(kernels.silu_mul(gate_up), ids)
     y = y * weights.flatten()[order, None].to(y.dtype)
     # Back to (token, k) order and summed over k, rather than atomically added: the same step
     # gives the same bits every time (a CUDA graph's replay and the eager pass agree).
