@@ -44,14 +44,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h, x = self.mix(x, ctx)
-        return x + self.mlp(h)
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, pending) -> (x, pending): x is the residual stream; pending is the previous
+        layer's MLP output, not yet added to it, so that its residual add runs in one kernel
+        with this layer's input norm (None before the first layer)."""
+        h, x = self.mix(x, pending, ctx)
+        return x, self.mlp(h)
 
-    def mix(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token mixer (attention or Gated DeltaNet) with its residual: (the MLP's normed
-        input, the residual stream), the add and the post-attention norm in one kernel."""
-        h = self.input_layernorm(x)
+    def mix(self, x: torch.Tensor, pending: torch.Tensor | None,
+            ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token mixer (attention or Gated DeltaNet) between two residual adds, each fused
+        with the norm after it: (the MLP's normed input, the residual stream)."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm.add_norm(pending, x)
         if self.self_attn is not None:
             mixed = self.self_attn(h, ctx)
         else:
@@ -115,9 +123,14 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids [T] (flat varlen batch) -> final hidden states [T, H]. Reads `ctx` only."""
         x = self.model.embed_tokens(input_ids)  # [T, H]
+        pending = None
         for layer in self.model.layers:
-            x = layer(x, ctx)
-        return self.model.norm(x)
+            x, pending = layer(x, pending, ctx)
+        return self._final_norm(x, pending)
+
+    def _final_norm(self, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's residual add and the final norm."""
+        return self.model.norm(x) if pending is None else self.model.norm.add_norm(pending, x)[0]
 
     def compute_logits(self, hidden: torch.Tensor,
                        ctx: ForwardContext | None = None) -> torch.Tensor:
@@ -151,6 +164,7 @@ class CausalLM(nn.Module):
         norm and the logits). Starts from the token ids, from their embeddings (start -1), or
         from where layer start-1 was cut."""
         layers = self._layers()
+        pending: torch.Tensor | None = None
         if start == 0:
             x = self.model.embed_tokens(carry[0])
         elif start == -1:
@@ -159,13 +173,13 @@ class CausalLM(nn.Module):
             x, h, routed = carry
             moe = layers[start - 1].mlp
             assert isinstance(moe, SparseMoE)
-            x = x + moe.combine(h, routed)
+            pending = moe.combine(h, routed)
         for layer in layers[start:cut]:
-            x = layer(x, ctx)
+            x, pending = layer(x, pending, ctx)
         if cut is None:
-            return (self.compute_logits(self.model.norm(x), ctx),)
+            return (self.compute_logits(self._final_norm(x, pending), ctx),)
         layer = layers[cut]
-        h, x = layer.mix(x, ctx)
+        h, x = layer.mix(x, pending, ctx)
         assert isinstance(layer.mlp, SparseMoE)
         weights, ids = layer.mlp.route(h)
         return x, h, weights, ids
