@@ -127,6 +127,13 @@ def hardware_table(hw: HardwareInfo) -> Table:
         if rate:
             t.add_row(f"  {name}",
                       f"{rate / 1e9:.1f} GB/s  [dim]{links.sources.get(name, '')}[/dim]")
+    if links.cpu_gemv:  # the CPU decode terms, once `probe --measure` has measured them
+        t.add_row("  cpu_gemv", f"{links.cpu_gemv / 1e9:.1f} GB/s  "
+                                f"[dim]{links.sources.get('cpu_gemv', '')}[/dim]")
+    if links.cpu_layer_s:
+        t.add_row("  cpu fixed", f"{links.cpu_step_s * 1e3:.2f} ms a step + "
+                                 f"{links.cpu_layer_s * 1e3:.2f} ms a layer  "
+                                 f"[dim]{links.sources.get('cpu_layer_s', '')}[/dim]")
     for r in hw.reasons:
         t.add_row("", f"[dim]{r}[/dim]")
     return t

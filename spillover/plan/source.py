@@ -111,7 +111,10 @@ def from_gguf(path: Path, parsed: tuple[dict[str, Any], Any] | None = None) -> M
         inv,
         "gguf",
         path.stat().st_size,
-        (f"GGUF tensor types: {', '.join(types)}",),
+        (f"GGUF tensor types: {', '.join(types)}",
+         "sized and timed as stored, i.e. loaded with --quant native; the default --quant auto "
+         "dequantizes to the compute dtype (bf16 on a GPU, float32 on the CPU): more memory, "
+         "slower decode"),
     )
 
 
