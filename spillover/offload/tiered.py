@@ -128,9 +128,7 @@ class TieredExpertBank(nn.Module):
         """Every expert has a slot: the layer needs no host decision (a CUDA graph keeps it)."""
         return self.residency.num_slots == self.num_experts
 
-    @property
-    def host_decides(self) -> bool:
-        return not self.all_resident
+    host_decides = property(lambda self: not self.all_resident)  # the ExpertBank protocol's
 
     # ---- the ExpertBank protocol --------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
