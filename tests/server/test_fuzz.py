@@ -175,7 +175,9 @@ def test_engine_alive_and_idle_after_fuzzing(target: Target) -> None:
     while target.engine.has_unfinished() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not target.engine.has_unfinished()
-    assert STATUSES.get(200, 0) >= 20, STATUSES  # the fuzzing reached the engine, too
+    # the fuzzing reached the engine, too (how many bodies pass validation moves with the
+    # examples hypothesis draws: 18 to 41 of 350 were seen)
+    assert STATUSES.get(200, 0) >= 10, STATUSES
     assert target.state.bridge is not None and target.state.bridge.alive
     r = target.http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "SCRIPT:still here"}], "max_tokens": 10})
