@@ -146,13 +146,7 @@ def paged_attention(
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, ctx: ForwardContext
 ) -> torch.Tensor:
-    if ctx.is_pure_decode:
-        # one batched update from the step's slot tensors: no per-sequence host values, so a
-        # CUDA graph can capture it
-        resolve("causal_conv1d", f"{x.device.type} decode",
-                lambda: ("torch-decode", "one token per sequence: batched state update"))
-        slots, fresh, _ = ctx.linear_meta(x.device)
-        return ref.causal_conv1d_decode(x, weight, conv_state, slots, fresh)
+    # (decode steps take gdn_decode, conv included)
     resolve("causal_conv1d", x.device.type,
             lambda: ("torch", FORCED if force_ref() else "depthwise conv1d per sequence"))
     return ref.causal_conv1d(x, weight, conv_state, ctx)
@@ -184,10 +178,6 @@ def gated_delta_rule(
                    lambda: _pick_gated_delta_rule(q.is_cuda, q.dtype))
     if impl == "fla":
         return _fla_gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
-    if ctx.is_pure_decode:
-        # batched over sequences from the step's slot tensors (capturable, like fla's path)
-        slots, fresh, _ = ctx.linear_meta(q.device)
-        return ref.gated_delta_rule_decode(q, k, v, g, beta, ssm_state, slots, fresh)
     return ref.gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
 
 

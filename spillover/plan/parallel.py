@@ -23,8 +23,8 @@ from spillover.plan.speed import Traffic, predict
 TP_SIZES = (1, 2, 4, 8)  # GPUs of one node a model is split over; powers of two divide head counts
 # Components every TP rank holds whole (vLLM: ReplicatedLinear gate, RMSNorm weights).
 REPLICATED = (ROUTER, NORMS)
-# One all-reduce after attention and one after the MLP, per layer, per decode step. An assumption,
-# not a measurement of ours: a small all-reduce over NVLink takes ~10-20 us; over PCIe more.
+# One all-reduce after attention and one after the MLP, per layer, per decode step: an assumed
+# cost, not measured here (docs/deploy.md).
 ALLREDUCE_S = 15e-6
 # Experts whose per-rank slice of the intermediate dimension is narrower than this run as thin
 # GEMMs under TP; expert parallelism keeps each expert whole on one rank instead (vLLM

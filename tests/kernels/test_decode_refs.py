@@ -1,12 +1,12 @@
-"""The batched decode paths of the linear-attention ops (what a CUDA graph captures) compute what
-the per-sequence references compute, fresh sequences and reused state slots included."""
+"""The batched decode references of the linear-attention ops (what `ref.gdn_decode` composes, and
+a CUDA graph captures) compute what the per-sequence references compute, fresh sequences and
+reused state slots included."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spillover import kernels
 from spillover.kernels import ref
 from spillover.kernels.context import ForwardContext, build_linear_meta
 
@@ -32,7 +32,8 @@ def test_causal_conv1d_decode_matches_per_sequence(fresh: list[bool]) -> None:
     want_state = state.clone()
     want = ref.causal_conv1d(x, w, want_state, ctx)
     got_state = state.clone()
-    got = kernels.causal_conv1d(x, w, got_state, ctx)
+    slots, fresh_t, _ = ctx.linear_meta(x.device)
+    got = ref.causal_conv1d_decode(x, w, got_state, slots, fresh_t)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
 
@@ -50,7 +51,8 @@ def test_gated_delta_rule_decode_matches_per_sequence(fresh: list[bool]) -> None
     want_state = state.clone()
     want = ref.gated_delta_rule(q, k, v, g, beta, want_state, ctx)
     got_state = state.clone()
-    got = kernels.gated_delta_rule(q, k, v, g, beta, got_state, ctx)
+    slots, fresh_t, _ = ctx.linear_meta(q.device)
+    got = ref.gated_delta_rule_decode(q, k, v, g, beta, got_state, slots, fresh_t)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_state, want_state, rtol=1e-5, atol=1e-5)
     untouched = [s for s in range(SLOTS) if s not in (2, 7, 4, 1, 0)]

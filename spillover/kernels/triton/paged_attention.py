@@ -1,9 +1,9 @@
 """Triton paged-attention decode: one query token per sequence over its paged KV context.
 
-Same signature as `spillover.kernels.ref.paged_attention_decode`. A program handles one
-(sequence, KV head) pair and all the query heads of its GQA group, so each K/V block is read once
-per group. It walks the sequence's block table one block at a time with an online softmax (fp32
-max, sum and accumulator), reading only the blocks the context covers.
+Same signature as `spillover.kernels.ref.paged_attention_decode`. A program handles one part of
+the context of one (sequence, KV head) pair and all the query heads of its GQA group, so each K/V
+block is read once per group. It walks its blocks of the table one at a time with an online
+softmax (fp32 max, sum and accumulator), reading only the blocks the context covers.
 
 Split-K (flash-decoding): with few sequences and KV heads there are far fewer (sequence, head)
 pairs than SMs, so each pair's context is cut into `splits` parts, one program each; a second
@@ -17,54 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, o_ptr,
-    scale,
-    stride_qn, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_btn, stride_on, stride_oh,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    ctx_len = tl.load(cl_ptr + seq)
-    g = tl.arange(0, GROUP_P)
-    d = tl.arange(0, HEAD_DIM_P)
-    g_ok = g < GROUP
-    d_ok = d < HEAD_DIM
-    heads = kvh * GROUP + g
-    q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # [G, D]
-    m = tl.full([GROUP_P], float("-inf"), tl.float32)
-    denom = tl.zeros([GROUP_P], tl.float32)
-    acc = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
-    offs = tl.arange(0, BLOCK_SIZE)
-    for b in range(0, tl.cdiv(ctx_len, BLOCK_SIZE)):
-        block = tl.load(bt_ptr + seq * stride_btn + b).to(tl.int64)
-        pos_ok = b * BLOCK_SIZE + offs < ctx_len
-        kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + block * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh
-                    + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)  # [BS, D]
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BS]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + block * stride_vb + offs[:, None] * stride_vs + kvh * stride_vh
-                    + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)  # [BS, D]
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m = m_new
-    out = acc / denom[:, None]
-    tl.store(o_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -187,17 +139,6 @@ def paged_attention_decode(
     splits = default_splits(n, hkv, q.device) if splits is None else splits
     common = dict(GROUP=group, GROUP_P=triton.next_power_of_2(group), BLOCK_SIZE=bs,
                   HEAD_DIM=d, HEAD_DIM_P=triton.next_power_of_2(d))
-    if splits == 1:
-        _paged_decode_kernel[(n, hkv)](
-            q, k_cache, v_cache, tables, lens, out,
-            scale,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            tables.stride(0), out.stride(0), out.stride(1),
-            **common,
-        )
-        return out
     gp, dp = common["GROUP_P"], common["HEAD_DIM_P"]
     m = torch.empty(n, hkv, splits, gp, dtype=torch.float32, device=q.device)
     denom = torch.empty_like(m)
