@@ -84,6 +84,7 @@ def main() -> int:
     gpu: list[tuple[float, float]] = []
     kernels = copies = launches = syncs = 0
     by_name: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
     for ev in prof.events():
         name = ev.name
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -94,6 +95,7 @@ def main() -> int:
             else:
                 kernels += 1
                 by_name[name[:90]] += ev.time_range.elapsed_us()
+                count[name[:90]] += 1
         elif name == "cudaGraphLaunch":
             launches += 1
         elif name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
@@ -109,12 +111,16 @@ def main() -> int:
         "host_syncs_per_step": syncs / n,
         "top_kernels_us_per_step": {k: v / n for k, v in sorted(by_name.items(),
                                                                 key=lambda kv: -kv[1])[:15]},
+        "kernels_per_step_by_name": {k: v / n for k, v in sorted(count.items(),
+                                                                 key=lambda kv: -kv[1])},
     }
     for k, v in result.items():
-        if k != "top_kernels_us_per_step":
+        if not isinstance(v, dict):
             print(f"{k:26s} {v:.3f}" if isinstance(v, float) else f"{k:26s} {v}")
     for k, v in result["top_kernels_us_per_step"].items():
         print(f"  {v:9.1f} us  {k}")
+    for k, c in result["kernels_per_step_by_name"].items():
+        print(f"  {c:7.1f} /step  {k}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
