@@ -20,6 +20,7 @@ from spillover.kernels.context import AttentionCache, ForwardContext
 from spillover.kernels.quant_dispatch import (
     choose_fp8_kernel,
     choose_kernel,
+    expert_rows_sorted,
     fp8_matmul,
     gpu_layout,
     quant_matmul,
@@ -43,7 +44,8 @@ __all__ = [
     "quant_matmul", "fp8_matmul", "choose_kernel", "choose_fp8_kernel", "gpu_layout",
     "kernels_mode", "force_ref", "choose", "resolve", "chosen", "choices", "reset",
     "has_triton", "has_fla", "triton_interpreted",
-    "add_rms_norm", "gated_rms_norm", "route_topk", "silu_mul",
+    "add_rms_norm", "gated_rms_norm", "route_topk", "silu_mul", "moe_sum", "shared_combine",
+    "gdn_split", "expert_rows_sorted", "qk_norm_rope", "sigmoid_mul",
 ]
 
 FORCED = "forced by SPILLOVER_KERNELS=ref"
@@ -113,6 +115,55 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return ref.silu_mul(gate_up)
 
 
+def moe_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts' rows y [T, k, H] weighted by weights [T, k], summed over k -> [T, H]."""
+    if _fused("moe_sum", y) == "triton":
+        from spillover.kernels.triton import moe_combine
+
+        return moe_combine.moe_sum(y, weights)
+    return ref.moe_sum(y, weights)
+
+
+def shared_combine(routed: torch.Tensor, shared: torch.Tensor,
+                   gate_logit: torch.Tensor) -> torch.Tensor:
+    """routed + sigmoid(gate_logit) * shared (the shared expert's gated add)."""
+    if _fused("shared_combine", routed) == "triton":
+        from spillover.kernels.triton import moe_combine
+
+        return moe_combine.shared_combine(routed, shared, gate_logit)
+    return ref.shared_combine(routed, shared, gate_logit)
+
+
+def gdn_split(qkvz: torch.Tensor, ba: torch.Tensor, hk: int, dk: int, r: int,
+              dv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's per-key-head projections regrouped: (q|k|v, z, b, a) (`ref.gdn_split`)."""
+    if _fused("gdn_split", qkvz) == "triton":
+        from spillover.kernels.triton import gdn_split as split
+
+        return split.gdn_split(qkvz, ba, hk, dk, r, dv)
+    return ref.gdn_split(qkvz, ba, hk, dk, r, dv)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, eps: float, offset: float, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention's per-head q/k RMSNorm (weights None: none) and rotary embedding."""
+    if _fused("qk_norm_rope", q) == "triton":
+        from spillover.kernels.triton import rope
+
+        return rope.qk_norm_rope(q, k, q_weight, k_weight, eps, offset, cos, sin)
+    return ref.qk_norm_rope(q, k, q_weight, k_weight, eps, offset, cos, sin)
+
+
+def sigmoid_mul(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x · sigmoid(gate) over [T, H, D] (attention's output gate)."""
+    if _fused("sigmoid_mul", x) == "triton":
+        from spillover.kernels.triton import activation
+
+        return activation.sigmoid_mul(x, gate)
+    return ref.sigmoid_mul(x, gate)
+
+
 def _pick_attention(cuda: bool, decode_ready: bool) -> tuple[str, str]:
     if force_ref():
         return "torch-sdpa", FORCED
@@ -133,11 +184,11 @@ def paged_attention(
     shape_class = f"{q.device.type} {'decode' if decode_ready else 'mixed'}"
     impl = resolve("paged_attention", shape_class, lambda: _pick_attention(q.is_cuda, decode_ready))
     if impl == "triton-decode":
-        from spillover.kernels.triton.paged_attention import paged_attention_decode
+        from spillover.kernels.triton.paged_attention import paged_attention_decode, write_kv
 
         assert ctx.slot_mapping is not None and ctx.block_tables is not None
         assert ctx.context_lens_tensor is not None
-        ref.write_kv(cache, k, v, ctx.slot_mapping)
+        write_kv(cache.k, cache.v, k, v, ctx.slot_mapping)
         return paged_attention_decode(q, cache.k, cache.v, ctx.block_tables,
                                       ctx.context_lens_tensor, scale)
     return ref.paged_attention(q, k, v, cache, ctx, scale)

@@ -127,6 +127,15 @@ def busiest_expert_rows(x: torch.Tensor, expert_ids: torch.Tensor | None) -> int
     return int(torch.bincount(expert_ids).max().item())
 
 
+def expert_rows_sorted(device: torch.device, rows: int) -> bool:
+    """Whether the grouped matmul that `rows` expert rows take wants them sorted by expert: the
+    tiled GEMM does. A GEMV reads each row's expert itself, and the CPU and reference paths
+    gather each expert's rows themselves, so those take rows in (token, k) order unsorted."""
+    if not (_triton_route(device, kernels_mode()) and has_triton()):
+        return False
+    return rows > (SYNC_FREE_ROWS if device.type == "cuda" else GEMV_MAX_ROWS)
+
+
 def _triton_route(device: torch.device, mode: str) -> bool:
     """CUDA, or Triton forced on the CPU under the interpreter (tests)."""
     return device.type == "cuda" or (mode == "triton" and triton_interpreted())

@@ -57,6 +57,69 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def moe_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts' outputs y [T, k, H] weighted by weights [T, k] and summed over k in fp32,
+    in k order (the same bits on every run) -> [T, H] in y's dtype."""
+    return (y.float() * weights.float().unsqueeze(-1)).sum(1).to(y.dtype)
+
+
+def shared_combine(routed: torch.Tensor, shared: torch.Tensor,
+                   gate_logit: torch.Tensor) -> torch.Tensor:
+    """routed + sigmoid(gate_logit) * shared (Qwen3-Next's shared expert), in fp32 and rounded
+    once. routed, shared [T, H]; gate_logit [T, 1]."""
+    total = routed.float() + torch.sigmoid(gate_logit.float()) * shared.float()
+    return total.to(routed.dtype)
+
+
+def gdn_split(qkvz: torch.Tensor, ba: torch.Tensor, hk: int, dk: int, r: int,
+              dv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's projections, grouped per key head as the checkpoint stores them
+    (qkvz [T, Hk·(2dk + 2r·dv)]: q_g | k_g | v_g | z_g; ba [T, Hk·2r]: b_g | a_g), regrouped:
+    (mixed [T, 2·Hk·dk + Hv·dv] = q | k | v, z [T, Hv, dv], b [T, Hv], a [T, Hv]), contiguous."""
+    t = qkvz.shape[0]
+    q, k, v, z = qkvz.view(t, hk, 2 * dk + 2 * r * dv).split([dk, dk, r * dv, r * dv], dim=-1)
+    b, a = ba.view(t, hk, 2 * r).split([r, r], dim=-1)
+    mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
+    return (mixed, z.reshape(t, hk * r, dv).contiguous(), b.reshape(t, hk * r).contiguous(),
+            a.reshape(t, hk * r).contiguous())
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hk, D]; rotates the first cos.shape[-1] dims of each head (NeoX
+    rotate-half; cos, sin [T, 1, rotary_dim])."""
+    rd = cos.shape[-1]
+    if rd == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q_r, q_p = q[..., :rd], q[..., rd:]
+    k_r, k_p = k[..., :rd], k[..., rd:]
+    q_r = q_r * cos + rotate_half(q_r) * sin
+    k_r = k_r * cos + rotate_half(k_r) * sin
+    return torch.cat((q_r, q_p), dim=-1), torch.cat((k_r, k_p), dim=-1)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, eps: float, offset: float, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention's queries [T, Hq, D] and keys [T, Hk, D]: per-head RMSNorm (when weights are
+    given; Qwen3) then the rotary embedding -> (q, k) contiguous."""
+    if q_weight is not None and k_weight is not None:
+        q, k = rms_norm(q, q_weight, eps, offset), rms_norm(k, k_weight, eps, offset)
+    q, k = apply_rotary(q, k, cos, sin)
+    return q.contiguous(), k.contiguous()
+
+
+def sigmoid_mul(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x · sigmoid(gate), x and gate [T, H, D] (gate may be a strided view) -> [T, H, D]."""
+    return x * torch.sigmoid(gate)
+
+
 def write_kv(cache: AttentionCache, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V rows [T, Hkv, D] into their paged slots."""

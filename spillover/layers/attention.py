@@ -14,7 +14,6 @@ from spillover.config import ModelConfig
 from spillover.kernels.context import ForwardContext
 from spillover.layers.linear import Linear
 from spillover.layers.norm import RMSNorm
-from spillover.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
@@ -31,6 +30,7 @@ class Attention(nn.Module):
         norm_args = (self.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
         self.q_norm = RMSNorm(*norm_args) if cfg.qk_norm else None
         self.k_norm = RMSNorm(*norm_args) if cfg.qk_norm else None
+        self.eps, self.norm_offset = cfg.rms_norm_eps, cfg.norm_offset
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -41,16 +41,17 @@ class Attention(nn.Module):
         if self.gated:
             # per head: [query(head_dim) | gate(head_dim)], interleaved head by head
             qg = q.view(t, self.n_heads, 2 * self.head_dim)
-            q, gate = qg[..., : self.head_dim], qg[..., self.head_dim :].reshape(t, -1)
-        q = q.reshape(t, self.n_heads, self.head_dim)  # [T, Hq, D]
+            q, gate = qg[..., : self.head_dim], qg[..., self.head_dim :]
+        q = q.view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.n_kv, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         assert ctx.rope_cos_sin is not None
-        q, k = apply_rotary(q, k, *ctx.rope_cos_sin)
+        q_w = self.q_norm.weight if self.q_norm is not None else None
+        k_w = self.k_norm.weight if self.k_norm is not None else None
+        q, k = kernels.qk_norm_rope(q, k, q_w, k_w, self.eps, self.norm_offset,
+                                    *ctx.rope_cos_sin)
         o = kernels.paged_attention(q, k, v, ctx.kv_caches[self.layer_idx], ctx, self.scale)
-        o = o.reshape(t, self.n_heads * self.head_dim)
         if gate is not None:
-            o = o * torch.sigmoid(gate)
+            o = kernels.sigmoid_mul(o, gate)
+        o = o.reshape(t, self.n_heads * self.head_dim)
         return self.o_proj(o)

@@ -39,15 +39,9 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        # per key-head group g: [q_g(dk) | k_g(dk) | v(r·dv) | z(r·dv)] and [b(r) | a(r)]
-        qkvz = self.in_proj_qkvz(x).view(t, self.hk, 2 * self.dk + 2 * self.r * self.dv)
-        q, k, v, z = qkvz.split([self.dk, self.dk, self.r * self.dv, self.r * self.dv], dim=-1)
-        b, a = self.in_proj_ba(x).view(t, self.hk, 2 * self.r).split([self.r, self.r], dim=-1)
-        z = z.reshape(t, self.hv, self.dv)
-        b, a = b.reshape(t, self.hv), a.reshape(t, self.hv)
-
-        # [T, conv_dim]
-        mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)
+        # [T, conv_dim] = q | k | v over all heads; z [T, Hv, dv]; b, a [T, Hv]
+        mixed, z, b, a = kernels.gdn_split(self.in_proj_qkvz(x), self.in_proj_ba(x), self.hk,
+                                           self.dk, self.r, self.dv)
         cache = ctx.state_caches[self.layer_idx]
         if ctx.is_pure_decode:
             # one token per sequence: conv update, gates and recurrence as one op (fused on CUDA)

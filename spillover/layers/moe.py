@@ -45,5 +45,6 @@ class SparseMoE(nn.Module):
     def combine(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """The routed experts' sum plus the gated shared expert (Qwen3-Next)."""
         if self.shared_expert is not None and self.shared_expert_gate is not None:
-            return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            return kernels.shared_combine(routed, self.shared_expert(x),
+                                          self.shared_expert_gate(x))
         return routed

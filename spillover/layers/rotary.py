@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from spillover.config import RopeConfig
+from spillover.kernels.ref import apply_rotary, rotate_half
+
+__all__ = ["RotaryEmbedding", "apply_rotary", "inv_frequencies", "rotate_half"]
 
 
 def inv_frequencies(rotary_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -30,11 +33,6 @@ def inv_frequencies(rotary_dim: int, rope: RopeConfig) -> torch.Tensor:
     if rope.scaling_type != "default":
         raise NotImplementedError(f"rope scaling {rope.scaling_type!r} is not implemented yet")
     return inv_freq
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -64,16 +62,3 @@ class RotaryEmbedding(nn.Module):
         cos_t, sin_t = self._table(max_pos, positions.device)
         return cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
 
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hk, D]; rotates the first cos.shape[-1] dims of each head."""
-    rd = cos.shape[-1]
-    if rd == q.shape[-1]:
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    q_r, q_p = q[..., :rd], q[..., rd:]
-    k_r, k_p = k[..., :rd], k[..., rd:]
-    q_r = q_r * cos + rotate_half(q_r) * sin
-    k_r = k_r * cos + rotate_half(k_r) * sin
-    return torch.cat((q_r, q_p), dim=-1), torch.cat((k_r, k_p), dim=-1)

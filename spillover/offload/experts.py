@@ -1,8 +1,9 @@
 """The expert math, written once: every bank (resident, tiered slots, host RAM, staging) and every
 format computes routed experts through `grouped_experts`.
 
-Each (token, k) pair is one row; rows are sorted by expert so that a format's grouped kernel sees
-each expert's rows contiguous, and each projection is one `forward_experts` call. Nothing here
+Each (token, k) pair is one row, and each projection is one `forward_experts` call. Rows are
+sorted by expert only for a kernel that wants each expert's rows contiguous (the tiled GEMM of
+a long prefill chunk); a decode step's GEMVs take them in (token, k) order. Nothing here
 reads a device tensor back to the host: the choice between GEMV and GEMM is the format's
 (`spillover.kernels`), which answers decode-sized batches without counting rows per expert.
 """
@@ -35,15 +36,17 @@ def grouped_experts(
     a bank that holds a subset of the experts (GPU slots, a staging buffer) passes its own indices.
     A row whose weight is 0 contributes nothing, which lets a bank mask rows without a sync.
     """
-    k = expert_ids.shape[1]
+    t, k = expert_ids.shape
     flat = expert_ids.flatten()
+    if not kernels.expert_rows_sorted(hidden.device, flat.numel()):
+        # rows in (token, k) order: a view of the hidden states when T is 1, no sort, no unsort
+        x = hidden.unsqueeze(1).expand(t, k, hidden.shape[-1]).reshape(t * k, -1)
+        y = w2.forward_experts(kernels.silu_mul(w13.forward_experts(x, flat)), flat)
+        return kernels.moe_sum(y.view(t, k, -1), weights)
     order = torch.argsort(flat, stable=True)
     ids = flat[order]
-    token_of = order // k
-    gate_up = w13.forward_experts(hidden[token_of], ids)
-    y = w2.forward_experts(kernels.silu_mul(gate_up), ids)
-    y = y * weights.flatten()[order, None].to(y.dtype)
-    # Back to (token, k) order and summed over k, rather than atomically added: the same step
-    # gives the same bits every time (a CUDA graph's replay and the eager pass agree).
+    y = w2.forward_experts(kernels.silu_mul(w13.forward_experts(hidden[order // k], ids)), ids)
+    # back to (token, k) order and summed over k in k order, rather than atomically added: the
+    # same step gives the same bits every time (a CUDA graph's replay and the eager pass agree)
     unsorted = torch.empty_like(y).index_copy_(0, order, y)
-    return unsorted.view(-1, k, y.shape[-1]).sum(1, dtype=torch.float32).to(hidden.dtype)
+    return kernels.moe_sum(unsorted.view(t, k, -1), weights)

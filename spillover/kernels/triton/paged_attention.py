@@ -105,6 +105,38 @@ def _paged_decode_merge_kernel(
 MAX_SPLITS = 64
 
 
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt,
+                     stride_vh, stride_kcs, stride_kch, stride_vcs, stride_vch,
+                     D: tl.constexpr, D_P: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    d = tl.arange(0, D_P)
+    ok = d < D
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=ok)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=ok)
+    tl.store(kc_ptr + slot * stride_kcs + h * stride_kch + d, k.to(kc_ptr.dtype.element_ty),
+             mask=ok)
+    tl.store(vc_ptr + slot * stride_vcs + h * stride_vch + d, v.to(vc_ptr.dtype.element_ty),
+             mask=ok)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """K and V rows [T, Hkv, D] (strided views allowed) into their paged slots, one launch
+    (`ref.write_kv`)."""
+    t, hkv, d = k.shape
+    assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1
+    kc = k_cache.view(-1, hkv, d)
+    vc = v_cache.view(-1, hkv, d)
+    if t:
+        _write_kv_kernel[(t, hkv)](k, v, kc, vc, slot_mapping, k.stride(0), k.stride(1),
+                                   v.stride(0), v.stride(1), kc.stride(0), kc.stride(1),
+                                   vc.stride(0), vc.stride(1), D=d,
+                                   D_P=triton.next_power_of_2(d), num_warps=1)
+
+
 def default_splits(n: int, hkv: int, device: torch.device) -> int:
     """Parts per (sequence, KV head) so that the programs cover the SMs about twice: one part
     when the batch alone does, at most MAX_SPLITS."""
