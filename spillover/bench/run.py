@@ -72,16 +72,11 @@ def run_bench(
     def prompt(n: int) -> list[int]:
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
-    # Warm-up: one chunk-sized prefill and a few decode steps, so that first-call costs (kernel
-    # selection and compilation, allocator growth) stay out of the first measurement.
+    # Warm-up: a prefill of each length and a few decode steps, so that first-call costs (kernel
+    # selection and compilation for each shape, allocator growth) stay out of the measurements.
     chunk = engine.config.max_num_batched_tokens
-    _prefill(
-        engine,
-        prompt(min(max(prompt_lens), chunk, engine.max_model_len - 8)),
-        "warmup",
-        cuda,
-        max_tokens=4,
-    )
+    for i, n in enumerate(sorted({min(n, chunk, engine.max_model_len - 8) for n in prompt_lens})):
+        _prefill(engine, prompt(n), f"warmup-{i}", cuda, max_tokens=4)
     before = tier_snapshot(model)
     result: dict[str, Any] = {"prefill": [], "decode": []}
     for n in prompt_lens:

@@ -77,9 +77,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                         "static (never change; best with --expert-stats)")
     b.add_argument("--expert-stats", default=None, metavar="FILE",
                    help="routing statistics from `spillover profile`: hottest experts placed first")
-    b.add_argument("--expert-misses", default="auto", choices=["auto", "copy", "cpu"],
-                   help="a decode miss: copied into a slot, computed by the CPU, or as the policy "
-                        "advises (auto)")
+    b.add_argument("--expert-misses", default="auto", choices=["auto", "copy", "cpu", "mapped"],
+                   help="a decode miss: copied into a slot, computed by the CPU, read from RAM "
+                        "across the link by the GPU's kernels (mapped: no host decision, the whole "
+                        "step in one CUDA graph), or as the policy advises (auto)")
 
 
 def budget_kwargs(args: argparse.Namespace) -> dict[str, Any]:

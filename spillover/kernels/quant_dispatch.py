@@ -199,9 +199,10 @@ def choose_kernel(fmt: GroupedIntWeight, device: torch.device, rows: int,
     return "ref", f"> {CPU_WOQ_MAX_ROWS} rows on {device.type}: dequantize + float matmul"
 
 
-def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor,
-                 expert_ids: torch.Tensor | None) -> torch.Tensor:
-    """y [T, N] = x [T, K] @ W[expert_ids[t]].T (W = the only weight when expert_ids is None)."""
+def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor, expert_ids: torch.Tensor | None,
+                 sparse: bool = False) -> torch.Tensor:
+    """y [T, N] = x [T, K] @ W[expert_ids[t]].T (W = the only weight when expert_ids is None).
+    sparse: rows whose expert id is -1 come out zero (a GEMV reads no weight for them)."""
     x = x.to(fmt.act_dtype) if x.dtype != fmt.act_dtype else x
     if expert_ids is not None and expert_ids.numel() and not fmt.stacked:
         expert_ids = None
@@ -224,14 +225,19 @@ def quant_matmul(fmt: GroupedIntWeight, x: torch.Tensor,
         if kernel == "triton_int4_mma_gemv":
             from spillover.kernels.triton.int4_mma_gemv import int4_mma_gemv
 
-            return int4_mma_gemv(*args, bits=fmt.bits, group_size=fmt.group_size, tiled=tiled)
+            return int4_mma_gemv(*args, bits=fmt.bits, group_size=fmt.group_size, tiled=tiled,
+                                 sparse=sparse)
         if kernel == "triton_gemv":
             from spillover.kernels.triton.quant_gemv import quant_gemv
 
-            return quant_gemv(*args, bits=fmt.bits, group_size=fmt.group_size)
+            return quant_gemv(*args, bits=fmt.bits, group_size=fmt.group_size, sparse=sparse)
+        if sparse and expert_ids is not None:
+            return zero_dead_rows(expert_ids, lambda ids: quant_matmul(fmt, x, ids))
         from spillover.kernels.triton.quant_gemm import quant_gemm
 
         return quant_gemm(*args, bits=fmt.bits, group_size=fmt.group_size, tiled=tiled)
+    if sparse and expert_ids is not None:
+        return zero_dead_rows(expert_ids, lambda ids: quant_matmul(fmt, x, ids))
     if kernel.startswith("cpu_"):
         op = cpu_kernels.int4_cpu_matmul if fmt.bits == 4 else cpu_kernels.int8_cpu_matmul
         if expert_ids is None:
@@ -294,6 +300,14 @@ def fp8_matmul(fmt: Fp8BlockWeight, x: torch.Tensor,
         return torch.nn.functional.linear(x, fmt.dequantize().to(x.dtype))
     return per_expert(x, expert_ids, weight.shape[1],
                       lambda xs, e: torch.nn.functional.linear(xs, fmt.dequantize(e).to(x.dtype)))
+
+
+def zero_dead_rows(expert_ids: torch.Tensor,
+                   run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A sparse call on a path that reads every row's expert: rows of expert -1 run as expert 0
+    and are zeroed after."""
+    y = run(expert_ids.clamp(min=0))
+    return y * (expert_ids >= 0).unsqueeze(1).to(y.dtype)
 
 
 def per_expert(x: torch.Tensor, expert_ids: torch.Tensor, n_out: int,

@@ -20,7 +20,8 @@ from spillover import kernels
 class StackedExperts(Protocol):
     """A stacked weight format as the expert math sees it (`spillover.quant.WeightFormat`)."""
 
-    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor: ...
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                        sparse: bool = False) -> torch.Tensor: ...
 
 
 def grouped_experts(
@@ -29,20 +30,27 @@ def grouped_experts(
     weights: torch.Tensor,
     w13: StackedExperts,
     w2: StackedExperts,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """sum_k weights[t, k] * SwiGLU_{expert_ids[t, k]}(hidden[t]) -> [T, H] in hidden's dtype.
 
     `expert_ids` index the stacks `w13` [E, 2I, H] (gate rows, then up rows) and `w2` [E, H, I]:
     a bank that holds a subset of the experts (GPU slots, a staging buffer) passes its own indices.
     A row whose weight is 0 contributes nothing, which lets a bank mask rows without a sync.
+    sparse: expert id -1 marks a row this bank does not hold; it contributes nothing, and a
+    decode step's GEMVs read no weight for it (a bank whose stack sits across a link).
     """
     t, k = expert_ids.shape
     flat = expert_ids.flatten()
     if not kernels.expert_rows_sorted(hidden.device, flat.numel()):
         # rows in (token, k) order: a view of the hidden states when T is 1, no sort, no unsort
         x = hidden.unsqueeze(1).expand(t, k, hidden.shape[-1]).reshape(t * k, -1)
-        y = w2.forward_experts(kernels.silu_mul(w13.forward_experts(x, flat)), flat)
+        gate_up = w13.forward_experts(x, flat, sparse=sparse)
+        y = w2.forward_experts(kernels.silu_mul(gate_up), flat, sparse=sparse)
         return kernels.moe_sum(y.view(t, k, -1), weights)
+    if sparse:
+        weights = weights * (expert_ids >= 0).to(weights.dtype)
+        flat = flat.clamp(min=0)
     order = torch.argsort(flat, stable=True)
     ids = flat[order]
     y = w2.forward_experts(kernels.silu_mul(w13.forward_experts(hidden[order // k], ids)), ids)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MODES = ("auto", "copy", "cpu", "mapped")
+
 
 @dataclass
 class MissRouter:
@@ -17,6 +19,8 @@ class MissRouter:
     measured so far (seconds per byte of expert weights, CPU compute against copies into slots,
     averaged over steps) say copying is faster, and then it is admitted too. "copy" and "cpu"
     force one path (tests, A/B runs).
+    - "mapped": a decode step's misses run on the device from RAM, read across the link by the
+      same kernels as the hits (`spillover.offload.mapped`): no host decision, no copy.
     """
 
     mode: str = "auto"
@@ -26,8 +30,8 @@ class MissRouter:
     smoothing: float = 0.2  # weight of the newest observation in the running averages
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "copy", "cpu"):
-            raise ValueError(f"miss mode {self.mode!r}: expected auto, copy or cpu")
+        if self.mode not in MODES:
+            raise ValueError(f"miss mode {self.mode!r}: expected {', '.join(MODES)}")
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new

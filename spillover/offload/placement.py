@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from spillover.offload.bank import ResidentExpertBank
+from spillover.offload.mapped import mappable
 from spillover.offload.misses import MissRouter
 from spillover.offload.residency import ExpertStats, PlanLike, ResidencyMap
 from spillover.offload.tiered import TieredExpertBank
@@ -185,7 +186,8 @@ def place_experts(
         # Host rows: the experts outside the slots first (a prefill streams that prefix in one
         # copy), then RAM copies of slot experts, coldest first.
         host_experts = sorted(res.host)
-        if placement.slot_copies and res.policy.dynamic:
+        mapped = router.mode == "mapped"
+        if placement.slot_copies and res.policy.dynamic and not mapped:
             copies = in_slots[::-1][: placement.slot_copies]
             res.host = res.host | frozenset(copies)
             host_experts += copies
@@ -195,8 +197,9 @@ def place_experts(
             dev_pair = (w13.take_experts(in_slots).to(device), w2.take_experts(in_slots).to(device))
         host_pair = None
         if host_experts:
-            host_pair = (_pinned(w13.take_experts(host_experts)),
-                         _pinned(w2.take_experts(host_experts)))
+            keep = (lambda f: mappable(f, device)) if mapped else _pinned
+            host_pair = (keep(w13.take_experts(host_experts)),
+                         keep(w2.take_experts(host_experts)))
         # Slot experts go to disk too when the policy may evict them: a later miss reads them back.
         to_disk = rest if res.policy.dynamic else [e for e in rest if e not in in_slots]
         if to_disk:
@@ -207,7 +210,7 @@ def place_experts(
             spill.write(i, to_disk, w13.take_experts(to_disk), w2.take_experts(to_disk))
         tiered = TieredExpertBank(i, res, dev_pair, host_pair, host_experts, spill, device, router,
                                   staging, stream_prefix=len(host_experts) - placement.slot_copies
-                                  if res.policy.dynamic else len(host_experts))
+                                  if res.policy.dynamic else len(host_experts), mapped=mapped)
         if placed:
             placed[-1].link_next(tiered)
         placed.append(tiered)

@@ -8,7 +8,8 @@
 - Disk: the rest, read from the store when routed (`ExpertSource`).
 
 The bank asks the host once per layer which experts were routed (the one sync of a tiered
-layer; a layer whose experts all sit in slots never needs it: see `all_resident`). Which miss
+layer; a layer whose experts all sit in slots never needs it: see `all_resident`, nor one
+whose misses are mapped: `spillover.offload.mapped`). Which miss
 goes where is `MissRouter`'s decision; which expert keeps a slot is the residency policy's.
 The function computed equals the resident bank's: tests hold the two equal, tier by tier.
 """
@@ -24,25 +25,12 @@ import torch
 from torch import nn
 
 from spillover.offload.experts import grouped_experts
+from spillover.offload.mapped import MAPPED_MAX_ROWS, MappedMisses
 from spillover.offload.misses import MissRouter
 from spillover.offload.residency import LayerResidency, NoSlotError, Tier
 from spillover.offload.transfer import Staging, TierStats
 
 log = logging.getLogger("spillover.offload")
-
-
-class TierFormat(Protocol):
-    """What the tiers need of a stacked format (`spillover.quant.WeightFormat`)."""
-
-    num_experts: int
-
-    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor: ...
-
-    def to(self, device: torch.device | str) -> Any: ...
-
-    def take_experts(self, experts: Sequence[int]) -> Any: ...
-
-    def put_experts_(self, slots: Sequence[int], src: Any) -> None: ...
 
 
 class ExpertSource(Protocol):
@@ -64,6 +52,7 @@ class TieredExpertBank(nn.Module):
         router: MissRouter | None = None,
         staging: Staging | None = None,
         stream_prefix: int | None = None,
+        mapped: bool = False,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -93,10 +82,15 @@ class TieredExpertBank(nn.Module):
         table = torch.tensor(residency.slot_table(), dtype=torch.int64)
         self.slot_map: torch.Tensor
         self.register_buffer("slot_map", table.to(device), persistent=False)
+        # RAM experts read across the link by the decode kernels (`host` in their layout, pinned)
+        self.mapped = MappedMisses(residency, host_experts, device) if mapped else None
 
     def settle(self, wait: bool = False) -> None:
         """Fold finished timed copies into tier_stats (copy_s is GPU time, copy_bytes their bytes);
-        wait=True first waits for all of them (benchmarks, before reading the stats)."""
+        wait=True first waits for all of them (benchmarks, before reading the stats), and folds
+        the mapped passes' routing counts into the residency counters."""
+        if wait and self.mapped is not None:
+            self.mapped.settle()
         keep = []
         for start, end, nbytes in self._timed:
             if wait:
@@ -128,7 +122,8 @@ class TieredExpertBank(nn.Module):
         """Every expert has a slot: the layer needs no host decision (a CUDA graph keeps it)."""
         return self.residency.num_slots == self.num_experts
 
-    host_decides = property(lambda self: not self.all_resident)  # the ExpertBank protocol's
+    # the ExpertBank protocol's: whether a step must read the routing on the host
+    host_decides = property(lambda self: not self.all_resident and self.mapped is None)
 
     # ---- the ExpertBank protocol --------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -136,10 +131,14 @@ class TieredExpertBank(nn.Module):
         if self.all_resident:
             assert self.slots is not None
             return grouped_experts(hidden, self.slot_map[topk_ids], topk_weights, *self.slots)
+        if self.mapped is not None and topk_ids.numel() <= MAPPED_MAX_ROWS:
+            assert self.host is not None
+            return self.mapped.forward(hidden, topk_ids, topk_weights, self.slot_map, self.slots,
+                                       self.host)
         self.tier_stats.steps += 1
         if self._timed:
             self.settle()
-        streaming = topk_ids.numel() > self.router.stream_rows
+        streaming = topk_ids.numel() > self.router.stream_rows or self.mapped is not None
         if streaming and self._next:
             self._next[0].prefetch()  # its copy overlaps this layer's compute
         ids_host = topk_ids.to("cpu")  # the tiered layer's one sync: misses are the host's call

@@ -45,8 +45,10 @@ class WeightFormat(Protocol):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...  # dense: x [..., K] -> [..., N]
 
-    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Stacked: x [T, K], expert_ids [T] -> [T, N], row t through expert expert_ids[t]."""
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                        sparse: bool = False) -> torch.Tensor:
+        """Stacked: x [T, K], expert_ids [T] -> [T, N], row t through expert expert_ids[t];
+        sparse: rows of expert -1 come out zero (a kernel reads no weight for them)."""
         ...
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor: ...  # [N, K] or [E, N, K]

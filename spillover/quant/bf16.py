@@ -53,7 +53,12 @@ class Bf16Weight(WeightShape):
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         return self.weight[expert] if expert is not None else self.weight
 
-    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                        sparse: bool = False) -> torch.Tensor:
+        if sparse:
+            from spillover.kernels.quant_dispatch import zero_dead_rows
+
+            return zero_dead_rows(expert_ids, lambda ids: self.forward_experts(x, ids))
         if x.is_cuda and x.shape[0] <= GATHER_MAX_ROWS:
             # Decode-sized: each row reads its expert's matrix; listing the experts would sync.
             w = self.weight[expert_ids]  # [T, N, K]

@@ -97,9 +97,12 @@ class Fp8BlockWeight(WeightShape):
         y = fp8_matmul(self, x.reshape(-1, x.shape[-1]), None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        from spillover.kernels.quant_dispatch import fp8_matmul
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                        sparse: bool = False) -> torch.Tensor:
+        from spillover.kernels.quant_dispatch import fp8_matmul, zero_dead_rows
 
+        if sparse:
+            return zero_dead_rows(expert_ids, lambda ids: fp8_matmul(self, x, ids))
         return fp8_matmul(self, x, expert_ids)
 
     def expert_forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:

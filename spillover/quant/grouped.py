@@ -93,14 +93,15 @@ class GroupedIntWeight:
         return w.to(self.act_dtype)
 
     # ---- stacked experts ------------------------------------------------------------------------
-    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def forward_experts(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                        sparse: bool = False) -> torch.Tensor:
         """Grouped form: x [T, K], expert_ids [T] -> y [T, N] with y[t] = x[t] @ W[expert_ids[t]].T.
 
         The MoE bank flattens (token, slot) pairs into rows; one call covers every routed expert.
         """
         from spillover.kernels.quant_dispatch import quant_matmul
 
-        return quant_matmul(self, x, expert_ids)
+        return quant_matmul(self, x, expert_ids, sparse)
 
     def expert_forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """x [T, K] routed to one expert -> [T, N]."""
@@ -237,6 +238,16 @@ class GroupedIntWeight:
         return type(self)(qweight, scales, mins, group_size=self.group_size,
                           stacked=self.stacked if stacked is None else stacked,
                           act_dtype=self.act_dtype, layout=layout)
+
+    def mapped_to(self, device: torch.device) -> Self:
+        """This stack (in RAM) in the layout the GPU kernels read on `device`, page-locked: a
+        stack a CUDA device reads across the host link (`spillover.offload.mapped`)."""
+        from spillover.kernels.quant_dispatch import gpu_layout
+
+        laid = self.to_layout(gpu_layout(self, device) if self.kn_ok else "nk")
+        mins = laid.mins.pin_memory() if laid.mins is not None else None
+        return laid._relaid(laid.qweight.pin_memory(), laid.scales.pin_memory(), mins,
+                            laid.layout)
 
     @property
     def nbytes(self) -> int:

@@ -83,6 +83,20 @@ def test_emulated_graph_pieces_around_a_tiered_bank(host_embeddings: bool,
     assert graphs.steps > 0
 
 
+def test_mapped_misses_keep_a_step_in_one_graph(tiny_folder: Callable[[str], Path]) -> None:
+    folder = str(tiny_folder("qwen3_next"))
+    resident = LLM(folder, device="cpu", dtype="float32")
+    mapped = LLM(folder, device="cpu", dtype="float32",
+                 experts=ExpertPlacement(slots=3, host=5, miss_mode="mapped"))
+    prompts = random_prompts(6, [6, 17, 2], resident.config.vocab_size)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = run_all(resident.make_engine(EngineConfig()), prompts, params)
+    graphs, engine = _graphs(mapped)
+    assert run_all(engine, prompts, params) == want
+    assert [p.graph for p in graphs.pieces] == [True]
+    assert graphs.steps > 0
+
+
 def test_padding_rows_leave_every_sequence_cache_alone(tiny_llm: Callable[[str], LLM]) -> None:
     llm = tiny_llm("qwen3_next")
     graphs, engine = _graphs(llm, max_num_seqs=4)

@@ -55,6 +55,9 @@ PLACEMENTS = {
     "host-embeddings": ExpertPlacement(slots=4, host=4, host_embeddings=True),
     "stream-copies": ExpertPlacement(slots=3, host=3, policy="lru", stream_rows=4, slot_copies=2),
     "slot-copies": ExpertPlacement(slots=3, host=3, policy="lru", miss_mode="copy", slot_copies=3),
+    # misses read from RAM by the device's kernels (no host decision): every expert in a tier
+    "mapped": ExpertPlacement(slots=3, host=5, miss_mode="mapped"),
+    "mapped-no-slots": ExpertPlacement(slots=0, host=8, miss_mode="mapped"),
 }
 
 
@@ -92,9 +95,21 @@ def test_tiered_equals_resident(name: str, placement: str, folders: dict[str, Pa
         assert all(len(b.host_row) == 6 for b in banks)
     if placement == "static":
         assert sum(s.copied_experts for s in stats) == 0  # a static placement never moves
+    if placement.startswith("mapped"):
+        assert not any(b.host_decides for b in banks)  # one CUDA graph for a whole decode step
+        assert sum(s.steps + s.copied_experts + s.cpu_experts for s in stats) == 0
+        for b in banks:
+            b.settle(wait=True)  # the routing counted on the device, into the counters
+        assert sum(b.residency.counters.misses for b in banks) > 0
     hits = sum(b.residency.counters.hits for b in banks)
     misses = sum(b.residency.counters.misses for b in banks)
     assert hits + misses == sum(b.residency.counters.lookups for b in banks) > 0
+
+
+def test_mapped_misses_refuse_experts_on_disk(folders: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="mapped misses need every expert outside the GPU slots"):
+        LLM(str(folders["qwen3_next"]), device="cpu", dtype="float32",
+            experts=ExpertPlacement(slots=3, host=3, miss_mode="mapped"))
 
 
 def test_budget_too_small_for_the_dense_part_fails_at_start(folders: dict[str, Path]) -> None:

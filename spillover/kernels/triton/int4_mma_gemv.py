@@ -126,6 +126,7 @@ def _int4_mma_gemv_kernel(
     N, stride_xt, stride_we, stride_wk, stride_se, stride_sg, stride_yt,
     GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
     NW: tl.constexpr, RW: tl.constexpr, PDL: tl.constexpr, X_L1: tl.constexpr, TILED: tl.constexpr,
+    SPARSE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
@@ -137,6 +138,9 @@ def _int4_mma_gemv_kernel(
     ti = r % 4 + zero
     n = pid_n * 16 + ((r % 32) // 4) * 2 + vi + zero
     mask_n = n < N
+    if SPARSE:  # a row of expert -1 reads no weight (every load is masked) and writes zeros
+        mask_n = mask_n & (e >= 0)
+        e = tl.maximum(e, 0)
     S: tl.constexpr = RW // 4  # steps, all loaded up front
     tl.static_assert(RW == 32, "one word row per lane: x by shuffles and the group sums")
     SPG: tl.constexpr = GROUP // 32  # steps per group
@@ -149,7 +153,10 @@ def _int4_mma_gemv_kernel(
         # 256 contiguous bytes, the next step 64 words on; N % 16 == 0, so no mask
         w_tile = w_ptr + e * stride_we + pid_n * (16 * NW * RW) + wi * (RW * 16) + (r % 32) * 2 + vi
         for step in tl.static_range(S):
-            ws = ws + (tl.load(w_tile + step * 64),)
+            if SPARSE:
+                ws = ws + (tl.load(w_tile + step * 64, mask=mask_n, other=0),)
+            else:
+                ws = ws + (tl.load(w_tile + step * 64),)
     else:
         w_tile = w_ptr + e * stride_we + (wi * RW + ti).to(tl.int64) * stride_wk + n
         for step in tl.static_range(S):
@@ -251,10 +258,12 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
                   mins: torch.Tensor | None,
                   expert_ids: torch.Tensor | None, *, bits: int, group_size: int,
                   tiled: bool = False,
-                  config: MmaConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
+                  config: MmaConfig | None = None, pdl: bool | None = None,
+                  sparse: bool = False) -> torch.Tensor:
     """Same signature and result as `quant_matmul_kn_ref` (within bf16 rounding) for the cases
     `unsupported` accepts; tiled: words in the tiled layout (`ref_quant.tile_words`, N % 16 == 0).
-    config: None = `default_mma_config`; pdl: None = where the GPU has it."""
+    config: None = `default_mma_config`; pdl: None = where the GPU has it; sparse: rows whose
+    expert id is -1 read no weight and come out zero."""
     t, k = x.shape
     e, kw, n = words.shape
     why = unsupported(bits, group_size, k, x.dtype)
@@ -282,5 +291,5 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
         y.stride(0),
         GROUP=group_size, OFFSET=code_offset(4, mins is not None), HAS_MINS=mins is not None,
         HAS_EIDS=expert_ids is not None, NW=nw, RW=rw, PDL=pdl, X_L1=cfg.x_l1, TILED=tiled,
-        num_warps=nw, **launch)
+        SPARSE=sparse and expert_ids is not None, num_warps=nw, **launch)
     return y

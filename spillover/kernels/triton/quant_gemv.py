@@ -119,7 +119,7 @@ def _gemv_kn_kernel(
     HAS_MINS: tl.constexpr, HAS_EIDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NSTEPS: tl.constexpr,
     BIASED: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
-    RUNS: tl.constexpr,
+    RUNS: tl.constexpr, SPARSE: tl.constexpr,
 ):
     """int4/int8 on the transposed layout: words [E, K/VALS, N], scales/mins [E, K/G, N].
 
@@ -144,6 +144,9 @@ def _gemv_kn_kernel(
     kw_begin = pid_k * (NSTEPS * BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if SPARSE:  # a row of expert -1 reads no weight (every load is masked) and writes zeros
+        mask_n = mask_n & (e >= 0)
+        e = tl.maximum(e, 0)
     r = tl.arange(0, BLOCK_W)
     ROW_STEP: tl.constexpr = 1 if RUNS else BLOCK_W  # word rows between a thread row's steps
     r0 = r * NSTEPS if RUNS else r  # the thread row's first word row
@@ -369,10 +372,12 @@ def quant_gemv(
     bits: int,
     group_size: int,
     config: GemvConfig | None = None,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """int4/int8 GEMV on the kn layout: words [E, K/VALS, N] int32, scales/mins [E, K/G, N].
 
-    Same signature and result as `spillover.kernels.ref_quant.quant_matmul_kn_ref`.
+    Same signature and result as `spillover.kernels.ref_quant.quant_matmul_kn_ref`; sparse: rows
+    whose expert id is -1 read no weight and come out zero.
     """
     t, k = x.shape
     e, kw, n = words.shape
@@ -418,6 +423,7 @@ def quant_gemv(
         HAS_MINS=mins is not None, HAS_EIDS=expert_ids is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NSTEPS=steps,
         BIASED=biased, X_BF16=x_bf16, USE_ASM=not triton_interpreted(),
-        PDL=pdl, RUNS=runs, num_warps=cfg.num_warps, **launch,
+        PDL=pdl, RUNS=runs, SPARSE=sparse and expert_ids is not None, num_warps=cfg.num_warps,
+        **launch,
     )
     return y
