@@ -150,6 +150,7 @@ class LLM:
         self.residency: ResidencyMap | None = None
         self.placement_plan: MemoryPlan | None = None
         if not tiered:
+            self.model.fuse_shared_experts()
             return self.model
         if experts is None:
             self.placement_plan, experts = plan_experts(

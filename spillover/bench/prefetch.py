@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from spillover.layers.moe import SparseMoE, route
+from spillover.layers.moe import SparseMoE
 from spillover.offload.profile import pre_hooks
 
 
@@ -41,10 +41,10 @@ def measure_prefetch(model: nn.Module) -> Iterator[PrefetchAccuracy]:
     def hook(i: int):  # type: ignore[no-untyped-def]
         def pre(module: SparseMoE, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
-            _, actual = route(module.gate(x), module.top_k, module.renormalize, x.dtype)
+            k = module.top_k  # the routed columns (a shared expert in the bank adds one)
+            actual = module.route(x)[1][:, :k]
             if i > 0 and i - 1 in inputs and inputs[i - 1].shape == x.shape:
-                _, guess = route(module.gate(inputs[i - 1]), module.top_k, module.renormalize,
-                                 x.dtype)
+                guess = module.route(inputs[i - 1])[1][:, :k]
                 found = (actual.unsqueeze(-1) == guess.unsqueeze(-2)).any(-1)
                 acc.hits[i - 1] += int(found.sum())
                 acc.total[i - 1] += actual.numel()

@@ -96,14 +96,15 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     return ref.gated_rms_norm(x, z, weight, eps)
 
 
-def route_topk(logits: torch.Tensor, k: int, renormalize: bool,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoE router: logits [T, E] -> (weights [T, k] in dtype, expert ids [T, k] int64)."""
+def route_topk(logits: torch.Tensor, k: int, renormalize: bool, dtype: torch.dtype,
+               shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE router: logits [T, E] -> (weights [T, k] in dtype, expert ids [T, k] int64); shared:
+    the last column is a shared expert's gate logit (`ref.route_topk`)."""
     if _fused("route_topk", logits) == "triton":
         from spillover.kernels.triton import routing
 
-        return routing.route_topk(logits, k, renormalize, dtype)
-    return ref.route_topk(logits, k, renormalize, dtype)
+        return routing.route_topk(logits, k, renormalize, dtype, shared)
+    return ref.route_topk(logits, k, renormalize, dtype, shared)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,17 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     return (y * F.silu(z.float())).to(dtype)
 
 
-def route_topk(logits: torch.Tensor, k: int, renormalize: bool,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def route_topk(logits: torch.Tensor, k: int, renormalize: bool, dtype: torch.dtype,
+               shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE router: logits [T, E] -> (weights [T, k] in dtype, expert ids [T, k] int64), best
-    first; softmax in fp32 over all experts, then top-k, then optionally weights summing to 1."""
+    first; softmax in fp32 over all experts, then top-k, then optionally weights summing to 1.
+    shared: the last column is a shared expert's gate logit, not an expert's: it is left out of
+    the softmax and comes back as a (k+1)-th column, id E-1 with weight sigmoid(logit)."""
+    if shared:
+        w, ids = route_topk(logits[:, :-1], k, renormalize, dtype)
+        gate = torch.sigmoid(logits[:, -1:].float()).to(dtype)
+        return (torch.cat([w, gate], dim=1),
+                torch.cat([ids, torch.full_like(ids[:, :1], logits.shape[1] - 1)], dim=1))
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, k, dim=-1)
     if renormalize:

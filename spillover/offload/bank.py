@@ -79,6 +79,21 @@ class ResidentExpertBank(nn.Module):
         w2 = self.w2_fmt if self.w2_fmt is not None else Bf16Weight(self.w2.data, stacked=True)
         return w13, w2
 
+    def append_expert(self, w13: WeightFormat, w2: WeightFormat) -> bool:
+        """Stack one more expert (w13 [2I, H], w2 [H, I]) after the routed ones, as expert
+        `num_experts`: a shared expert then runs in the routed experts' kernel launches. False
+        (nothing changed) where its formats do not join the stacks'."""
+        s13, s2 = self.stacked()
+        a13 = s13.append_experts(w13) if hasattr(s13, "append_experts") else None
+        a2 = s2.append_experts(w2) if hasattr(s2, "append_experts") else None
+        if a13 is None or a2 is None:
+            return False
+        for name, fmt in (("w13", a13), ("w2", a2)):
+            setattr(self, f"{name}_fmt", fmt)
+            where = getattr(self, name).device
+            setattr(self, name, nn.Parameter(torch.empty(0, device=where), requires_grad=False))
+        return True
+
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
         return grouped_experts(hidden, topk_ids, topk_weights, *self.stacked())

@@ -31,7 +31,8 @@ def record_routing(model: nn.Module, stats: ExpertStats,
 
     def hook(layer: int) -> Any:
         def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            ids = args[1].flatten().tolist()
+            # (a shared expert in the bank is routed as id num_experts: not an expert's)
+            ids = [e for e in args[1].flatten().tolist() if e < stats.num_experts]
             stats.record(layer, ids)
             if trace is not None:
                 if layer == 0:

@@ -83,6 +83,16 @@ class Bf16Weight(WeightShape):
                      act_dtype: torch.dtype = torch.bfloat16) -> Bf16Weight:
         return cls(parts["weight"], stacked=bool(meta.get("stacked", False)))
 
+    def append_experts(self, other: Any) -> Bf16Weight | None:
+        """This stack with `other`'s experts (a stack, or a dense weight of the same shape) after
+        its own; None where they do not join."""
+        if (not isinstance(other, Bf16Weight) or not self.stacked
+                or other.weight.dtype != self.weight.dtype
+                or other.weight.shape[-2:] != self.weight.shape[-2:]):
+            return None
+        extra = other.weight.to(self.weight.device).reshape(-1, *self.weight.shape[-2:])
+        return type(self)(torch.cat([self.weight, extra]), stacked=True)
+
     # ---- expert subsets (tiered banks: GPU slots, host rows, staging) ---------------------------
     def take_experts(self, experts: Sequence[int]) -> Bf16Weight:
         """The stacked weight of `experts` (in that order), same layout and device: a copy."""

@@ -239,6 +239,21 @@ class GroupedIntWeight:
                           stacked=self.stacked if stacked is None else stacked,
                           act_dtype=self.act_dtype, layout=layout)
 
+    def append_experts(self, other: Any) -> Self | None:
+        """This stack with `other`'s experts (a stack, or a dense weight of the same shape)
+        after its own, in this stack's layout and on its device; None where they do not join."""
+        if (type(other) is not type(self) or not self.stacked
+                or other._join_key() != self._join_key() or other.bits != self.bits
+                or (other.out_features, other.in_features)
+                != (self.out_features, self.in_features)):
+            return None
+        o = other.to(self.qweight.device).to_layout(self.layout)
+        mins = None
+        if self.mins is not None and o.mins is not None:
+            mins = torch.cat([self.mins, o.mins])
+        return self._relaid(torch.cat([self.qweight, o.qweight]),
+                            torch.cat([self.scales, o.scales]), mins, self.layout)
+
     def mapped_to(self, device: torch.device) -> Self:
         """This stack (in RAM) in the layout the GPU kernels read on `device`, page-locked: a
         stack a CUDA device reads across the host link (`spillover.offload.mapped`)."""

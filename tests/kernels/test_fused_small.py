@@ -140,7 +140,8 @@ def test_silu_mul_leading_dims_and_row_stride() -> None:
 
 
 FUSED_OPS = {"rms_norm", "add_rms_norm", "route_topk", "silu_mul", "moe_sum", "qk_norm_rope"}
-NEXT_OPS = {"gated_rms_norm", "gdn_split", "sigmoid_mul", "shared_combine"}  # Qwen3-Next only
+NEXT_OPS = {"gated_rms_norm", "gdn_split", "sigmoid_mul"}  # Qwen3-Next only (its shared
+# expert runs in the bank: shared_combine serves a shared expert of another width)
 
 
 @pytest.mark.parametrize("name", ["qwen3_next", "qwen3_moe-norm"])
@@ -176,3 +177,12 @@ def test_cpu_without_override_keeps_the_references(monkeypatch: pytest.MonkeyPat
     assert kernels._pick_fused(False, torch.float32) == ("torch", "torch ops (CPU tensors)")
     assert {impl for op, impl in kernels.chosen()} == {"torch"}
     kernels.reset()
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_topk_with_a_shared_expert_column(renormalize: bool) -> None:
+    logits = _randn(5, 33, seed=9, scale=2.0)  # 32 experts, then the shared expert's gate logit
+    got = routing.route_topk(logits, 4, renormalize, torch.bfloat16, shared=True)
+    want = ref.route_topk(logits, 4, renormalize, torch.bfloat16, shared=True)
+    assert torch.equal(got[1].cpu(), want[1].cpu()) and got[1][:, -1].eq(32).all()
+    _close(got[0], want[0])

@@ -24,6 +24,7 @@ def _route_topk_kernel(
     logits_ptr, w_ptr, ids_ptr,
     n_experts, stride_l, stride_w, stride_i,
     K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
+    SHARED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -47,24 +48,32 @@ def _route_topk_kernel(
     keep = slot < K
     tl.store(w_ptr + row * stride_w + slot, top_w.to(w_ptr.dtype.element_ty), mask=keep)
     tl.store(ids_ptr + row * stride_i + slot, top_i.to(tl.int64), mask=keep)
+    if SHARED:  # the shared expert's gate logit sits after the experts' (id n_experts)
+        g = tl.load(logits_ptr + row * stride_l + n_experts).to(tl.float32)
+        gate = 1.0 / (1.0 + tl.exp(-g))
+        tl.store(w_ptr + row * stride_w + K, gate.to(w_ptr.dtype.element_ty))
+        tl.store(ids_ptr + row * stride_i + K, n_experts.to(tl.int64))
 
 
-def route_topk(logits: torch.Tensor, k: int, renormalize: bool,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] in dtype, expert ids [T, k] int64), best first."""
+def route_topk(logits: torch.Tensor, k: int, renormalize: bool, dtype: torch.dtype,
+               shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k] in dtype, expert ids [T, k] int64), best first; shared:
+    the last column is a shared expert's gate, returned as a (k+1)-th column."""
     assert logits.dim() == 2, f"logits {tuple(logits.shape)}"
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     t, n_experts = logits.shape
+    n_experts -= shared
     assert 0 < k <= min(n_experts, MAX_TOP_K) and n_experts <= MAX_EXPERTS, (k, n_experts)
-    weights = torch.empty(t, k, dtype=dtype, device=logits.device)
-    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(t, k + shared, dtype=dtype, device=logits.device)
+    ids = torch.empty(t, k + shared, dtype=torch.int64, device=logits.device)
     if t:
         block_e = triton.next_power_of_2(n_experts)
         _route_topk_kernel[(t,)](
             logits, weights, ids,
             n_experts, logits.stride(0), weights.stride(0), ids.stride(0),
             K=k, K_P=max(2, triton.next_power_of_2(k)), BLOCK_E=block_e, RENORMALIZE=renormalize,
+            SHARED=shared,
             num_warps=min(8, max(1, block_e // 128)),
         )
     return weights, ids
