@@ -52,6 +52,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--prefill", action="store_true",
+                    help="profile the prefill of a second prompt of --prompt-len tokens (batch 1, "
+                         "one step per chunk) instead of decode steps")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -74,6 +77,12 @@ def main() -> int:
         engine.step()
     for _ in range(8):  # capture and warm-up outside the record
         engine.step()
+    if args.prefill:
+        for r in list(sched.running):
+            engine.abort(r.request_id)
+        engine.add_request("p", torch.randint(0, cfg.vocab_size, (args.prompt_len,),
+                                              generator=gen).tolist(), params)
+        args.steps = -(-args.prompt_len // 8192)  # the steps of its chunks
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
