@@ -65,6 +65,24 @@ def test_matches_reference(e: int, n: int, k: int, t: int, group: int, sym: bool
 
 
 @pytest.mark.skipif(not HAS_MMA, reason="inline PTX mma.sync: needs a CUDA GPU with sm_80+")
+@pytest.mark.parametrize("layout", ["kn", "tiled"])
+def test_sparse_rows_and_an_expanded_x(layout: str) -> None:
+    """One token's row expanded over its experts (row stride 0, read in place) and sparse rows:
+    expert -1 gives zeros, the others what the reference gives."""
+    fmt = _kn(6, 1024, 2048, 128, False, "cuda", layout)
+    x = torch.randn(1, 2048, device="cuda").to(torch.bfloat16).expand(5, 2048)
+    ids = torch.tensor([3, -1, 0, 5, -1], device="cuda", dtype=torch.int32)
+    args = (x, fmt.qweight, fmt.scales, fmt.mins)
+    out = int4_mma_gemv(*args, ids, bits=4, group_size=128, tiled=layout == "tiled", sparse=True)
+    live = ids >= 0
+    ref = quant_matmul_kn_ref(x.float(), *args[1:], ids.clamp(min=0), bits=4, group_size=128,
+                              tiled=layout == "tiled")
+    assert torch.equal(out[~live].float(), torch.zeros_like(ref[~live]))
+    torch.testing.assert_close(out[live].float(), ref[live], rtol=2 ** -7,
+                               atol=1e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif(not HAS_MMA, reason="inline PTX mma.sync: needs a CUDA GPU with sm_80+")
 def test_unaligned_x_view() -> None:
     """x as a view that starts 2 bytes in: copied to an aligned buffer, same result."""
     fmt = _kn(3, 64, 512, 128, False, "cuda")

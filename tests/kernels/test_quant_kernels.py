@@ -122,6 +122,22 @@ def test_gemv_configs_match_reference(bits: int, group: int, sym: bool, cfg: Gem
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize(("bits", "group", "sym"), CASES)
+@pytest.mark.parametrize("cfg", [GEMV_CONFIGS[0], GEMV_CONFIGS[2]], ids=str)
+def test_gemv_sparse_rows(bits: int, group: int, sym: bool, cfg: GemvConfig) -> None:
+    """Expert -1 (a row another tier serves) comes out zero; an expanded x (row stride 0) reads
+    one row for all."""
+    fmt = _fmt(bits, group, sym, 3, 40, 256).to_layout("kn")
+    x = torch.randn(1, 256, device=DEVICE).expand(4, 256)
+    ids = torch.tensor([2, -1, 0, -1], device=DEVICE)
+    args = (x, fmt.qweight, fmt.scales, fmt.mins)
+    out = quant_gemv(*args, ids, bits=bits, group_size=fmt.group_size, config=cfg, sparse=True)
+    ref = quant_matmul_kn_ref(*args, ids.clamp(min=0), bits=bits, group_size=fmt.group_size)
+    live = ids >= 0
+    assert torch.equal(out[~live], torch.zeros_like(out[~live]))
+    torch.testing.assert_close(out[live], ref[live], rtol=1e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("cfg", [None, GemvConfig(8, 64, 2, 4)], ids=str)
 def test_fp8_gemv_matches_reference(stacked: bool, cfg: GemvConfig | None) -> None:

@@ -139,7 +139,7 @@ def _int4_mma_gemv_kernel(
     n = pid_n * 16 + ((r % 32) // 4) * 2 + vi + zero
     mask_n = n < N
     if SPARSE:  # a row of expert -1 reads no weight (every load is masked) and writes zeros
-        mask_n = mask_n & (e >= 0)
+        mask_n = n < tl.where(e >= 0, N, 0)
         e = tl.maximum(e, 0)
     S: tl.constexpr = RW // 4  # steps, all loaded up front
     tl.static_assert(RW == 32, "one word row per lane: x by shuffles and the group sums")
@@ -275,7 +275,9 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
         assert mins.shape == scales.shape and mins.stride() == scales.stride()
     if tiled:
         assert n % 16 == 0 and words.is_contiguous(), "tiled words: whole 16-channel tiles"
-    if not x.is_contiguous() or x.data_ptr() % 16:  # x rows are read 16 bytes at a time
+    # x rows are read 16 bytes at a time; a row stride of 0 (one token's row expanded over its
+    # top-k experts) reads the same row for all
+    if x.stride(1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
         x = x.clone(memory_format=torch.contiguous_format)
     cfg = config or default_mma_config(mins is None, k, tiled)
     pdl, launch = pdl_launch(x.device, pdl)

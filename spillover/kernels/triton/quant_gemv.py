@@ -144,8 +144,8 @@ def _gemv_kn_kernel(
     kw_begin = pid_k * (NSTEPS * BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    if SPARSE:  # a row of expert -1 reads no weight (every load is masked) and writes zeros
-        mask_n = mask_n & (e >= 0)
+    if SPARSE:  # a row of expert -1 loads nothing (every load is masked) and writes zeros
+        mask_n = offs_n < tl.where(e >= 0, N, 0)
         e = tl.maximum(e, 0)
     r = tl.arange(0, BLOCK_W)
     ROW_STEP: tl.constexpr = 1 if RUNS else BLOCK_W  # word rows between a thread row's steps
@@ -239,7 +239,9 @@ def _gemv_kn_kernel(
     if SCALE_ONCE:
         s_vec = s_ptr + e * stride_se + (kw_begin // GROUP_W) * stride_sg + offs_n
         y_vec = y_vec * tl.load(s_vec, mask=mask_n, other=0).to(tl.float32)
-    _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, row, pid_n, pid_k, N, stride_yt, SPLIT_K)
+    # (stored under the shape's mask: a sparse row's zeros are written too)
+    _finish(y_vec, y_ptr, ws_ptr, cnt_ptr, offs_n, offs_n < N, row, pid_n, pid_k, N, stride_yt,
+            SPLIT_K)
 
 
 _WORKSPACE: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
