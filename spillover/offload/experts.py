@@ -48,13 +48,18 @@ def grouped_experts(
         gate_up = w13.forward_experts(x, flat, sparse=sparse)
         y = w2.forward_experts(kernels.silu_mul(gate_up), flat, sparse=sparse)
         return kernels.moe_sum(y.view(t, k, -1), weights)
+    rows = None
     if sparse:
-        weights = weights * (expert_ids >= 0).to(weights.dtype)
-        flat = flat.clamp(min=0)
+        # only this bank's rows are computed; counting them syncs, which only the long prefill
+        # chunks that sort ever do
+        rows = (flat >= 0).nonzero().squeeze(1)
+        flat = flat[rows]
     order = torch.argsort(flat, stable=True)
     ids = flat[order]
-    y = w2.forward_experts(kernels.silu_mul(w13.forward_experts(hidden[order // k], ids)), ids)
+    src = order if rows is None else rows[order]  # each sorted row's (token, k) position
+    y = w2.forward_experts(kernels.silu_mul(w13.forward_experts(hidden[src // k], ids)), ids)
     # back to (token, k) order and summed over k in k order, rather than atomically added: the
     # same step gives the same bits every time (a CUDA graph's replay and the eager pass agree)
-    unsorted = torch.empty_like(y).index_copy_(0, order, y)
+    out = y.new_empty if rows is None else y.new_zeros
+    unsorted = out((t * k, y.shape[-1])).index_copy_(0, src, y)
     return kernels.moe_sum(unsorted.view(t, k, -1), weights)

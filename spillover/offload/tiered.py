@@ -166,10 +166,9 @@ class TieredExpertBank(nn.Module):
     # ---- hits --------------------------------------------------------------------------------
     def _slot_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                    topk_weights: torch.Tensor) -> torch.Tensor:
-        assert self.slots is not None
-        slot = self.slot_map[topk_ids]
-        resident = slot >= 0
-        return grouped_experts(hidden, slot.clamp(min=0), topk_weights * resident, *self.slots)
+        assert self.slots is not None  # misses map to slot -1: rows no slot kernel reads
+        return grouped_experts(hidden, self.slot_map[topk_ids], topk_weights, *self.slots,
+                               sparse=True)
 
     # ---- misses ------------------------------------------------------------------------------
     def _admit(self, misses: list[int], protect: set[int]) -> list[int]:
@@ -378,8 +377,7 @@ class TieredExpertBank(nn.Module):
                     experts: list[int], w13: Any, w2: Any, rows: list[int]) -> torch.Tensor:
         """The rows routed to `experts`, which sit at `rows` of the device stacks (w13, w2)."""
         mapped = self._index(experts, rows).to(hidden.device, non_blocking=True)[topk_ids]
-        w = torch.where(mapped >= 0, topk_weights, torch.zeros_like(topk_weights))
-        return grouped_experts(hidden, mapped.clamp(min=0), w, w13, w2)
+        return grouped_experts(hidden, mapped, topk_weights, w13, w2, sparse=True)
 
     def tier_bytes(self) -> dict[str, int]:
         """Bytes of this layer's experts held per tier ("gpu" slots, "host" RAM), as allocated."""
