@@ -40,6 +40,7 @@ def test_both_row_orders_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     weights = torch.rand(7, 2, generator=g)
     got = {}
     for sorted_rows in (False, True):
-        monkeypatch.setattr(kernels, "expert_rows_sorted", lambda device, rows: sorted_rows)
+        monkeypatch.setattr(kernels, "expert_rows_sorted",
+                            lambda device, rows, answer=sorted_rows: answer)
         got[sorted_rows] = experts.grouped_experts(hidden, ids, weights, w13, w2)
     torch.testing.assert_close(got[True], got[False], rtol=1e-6, atol=1e-6)
