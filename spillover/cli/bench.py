@@ -61,6 +61,9 @@ def add_bench_parser(sub: Any) -> None:
     )
     r.add_argument("--batches", type=_ints, default=[1, 8], help="decode batch sizes (default 1,8)")
     r.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per batch")
+    r.add_argument("--decode-context", type=int, default=128, metavar="N",
+                   help="prompt tokens of each decode request, prefilled before the timed steps "
+                        "(default 128; 32768 measures decode after a 32K context)")
     r.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="the engine's prefill chunk"
     )
@@ -76,7 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     llm, info = _load(args)
     result = {
         **info,
-        **run_bench(llm, args.prompt_lens, args.batches, args.decode_tokens, seed=args.seed),
+        **run_bench(llm, args.prompt_lens, args.batches, args.decode_tokens, seed=args.seed,
+                    decode_prompt_len=args.decode_context),
     }
     print_report(
         result,
