@@ -159,7 +159,9 @@ class LLM:
             cap_allocator(self.device, self.placement_plan)
         stats = ExpertStats.load(stats_file) if stats_file else None
         self.residency = place_experts(self.model, experts, self.device, stats)
-        return move_model(self.model, self.device)
+        model = move_model(self.model, self.device)
+        model.fuse_shared_experts()  # into the slots, where misses are mapped
+        return model
 
     @classmethod
     def from_model(cls, model: CausalLM, config: ModelConfig, device: str | torch.device = "auto",

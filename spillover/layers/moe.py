@@ -52,15 +52,16 @@ class SparseMoE(nn.Module):
         """Move the shared expert into a resident bank as its last expert, and its gate into the
         router as its last row: the router's one matmul gives both, and the shared expert runs in
         the routed experts' launches (its sigmoid gate as its routing weight). The same function;
-        False (nothing changed) where the formats do not join or the bank is tiered."""
+        False (nothing changed) where the formats do not join, or the bank is tiered and decides
+        on the host."""
         shared, gate = self.shared_expert, self.shared_expert_gate
-        if (shared is None or gate is None or not isinstance(self.experts, ResidentExpertBank)
+        append = getattr(self.experts, "append_expert", None)  # resident or mapped-tiered banks
+        if (shared is None or gate is None or append is None
                 or self.gate.fmt is not None or gate.fmt is not None
                 or self.gate.bias is not None or gate.bias is not None
                 or gate.weight.dtype != self.gate.weight.dtype):
             return False
-        if not self.experts.append_expert(_as_format(shared.gate_up_proj),
-                                          _as_format(shared.down_proj)):
+        if not append(_as_format(shared.gate_up_proj), _as_format(shared.down_proj)):
             return False
         self.gate.weight = nn.Parameter(torch.cat([self.gate.weight, gate.weight]),
                                         requires_grad=False)

@@ -70,11 +70,29 @@ class MappedMisses:
                                         sparse=True)
         return out
 
+    def append(self, slots: tuple[Any, Any], slot_map: torch.Tensor, w13: Any,
+               w2: Any) -> tuple[tuple[Any, Any], torch.Tensor] | None:
+        """(slots, slot map) with one more expert (w13, w2) in a slot of its own, as the id past
+        the routed ones (a shared expert); None where its formats do not join the slots'."""
+        joined = [s.append_experts(w) if hasattr(s, "append_experts") else None
+                  for s, w in zip(slots, (w13, w2), strict=True)]
+        if joined[0] is None or joined[1] is None:
+            return None
+        self._add_slot_only_expert()
+        return ((joined[0], joined[1]),
+                torch.cat([slot_map, slot_map.new_tensor([slots[0].num_experts])]))
+
+    def _add_slot_only_expert(self) -> None:
+        """An expert id past the routed ones: no RAM row, and not counted as a routed expert."""
+        self.host_row = torch.cat([self.host_row, self.host_row.new_tensor([-1])])
+        self.routed = torch.cat([self.routed, self.routed.new_zeros(1)])
+        self._seen = torch.cat([self._seen, self._seen.new_zeros(1)])
+
     def settle(self) -> None:
         """Fold the routing counted on the device since the last call into the residency's
         counters (routed pairs: a hit is a pair a slot served). Reads the device: not per step."""
-        now = self.routed.to("cpu")
-        new, self._seen = now - self._seen, now
+        now = self.routed.to("cpu")[: self.residency.num_experts]
+        new, self._seen = now - self._seen[: len(now)], now
         c = self.residency.counters
         hits = int(new[self.in_slots].sum())
         total = int(new.sum())

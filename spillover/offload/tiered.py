@@ -28,6 +28,7 @@ from spillover.offload.experts import grouped_experts
 from spillover.offload.mapped import MAPPED_MAX_ROWS, MappedMisses
 from spillover.offload.misses import MissRouter
 from spillover.offload.residency import LayerResidency, NoSlotError, Tier
+from spillover.offload.streaming import LayerStreaming
 from spillover.offload.transfer import Staging, TierStats
 
 log = logging.getLogger("spillover.offload")
@@ -39,7 +40,7 @@ class ExpertSource(Protocol):
     def load(self, layer: int, experts: Sequence[int]) -> tuple[Any, Any]: ...
 
 
-class TieredExpertBank(nn.Module):
+class TieredExpertBank(LayerStreaming, nn.Module):
     def __init__(
         self,
         layer: int,
@@ -104,18 +105,26 @@ class TieredExpertBank(nn.Module):
                 keep.append((start, end, nbytes))
         self._timed = keep
 
-    def link_next(self, bank: TieredExpertBank) -> None:
-        self._next = [bank]
-
     def _index(self, experts: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
         """A CPU table expert -> row of a stack holding `experts` (rows 0.. unless given), -1 for
-        every other expert: how routed ids become indices into a subset's stack."""
-        table = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        every other expert and for the id past them: how routed ids become indices into a
+        subset's stack."""
+        table = torch.full((self.num_experts + 1,), -1, dtype=torch.int64)
         if experts:
             table[torch.tensor(list(experts), dtype=torch.int64)] = (
                 torch.arange(len(experts)) if rows is None
                 else torch.tensor(list(rows), dtype=torch.int64))
         return table
+
+    def append_expert(self, w13: Any, w2: Any) -> bool:
+        """One more expert after the routed ones (a shared expert: id num_experts), held in a slot
+        of its own; only for mapped misses, where no step looks an id up on the host."""
+        joined = (None if self.mapped is None or self.slots is None
+                  else self.mapped.append(self.slots, self.slot_map, w13, w2))
+        if joined is None:
+            return False
+        self.slots, self.slot_map = joined
+        return True
 
     @property
     def all_resident(self) -> bool:
@@ -142,7 +151,9 @@ class TieredExpertBank(nn.Module):
         if streaming and self._next:
             self._next[0].prefetch()  # its copy overlaps this layer's compute
         ids_host = topk_ids.to("cpu")  # the tiered layer's one sync: misses are the host's call
-        hits, misses = self.residency.lookup(ids_host.flatten().tolist())
+        # (an id past the experts is a shared expert held in a slot: never looked up)
+        hits, misses = self.residency.lookup(
+            [e for e in ids_host.flatten().tolist() if e < self.num_experts])
         on_cpu: list[int] = []
         staged: list[int] = []
         if misses and not streaming:
@@ -310,56 +321,6 @@ class TieredExpertBank(nn.Module):
         self.tier_stats.disk_s += time.perf_counter() - t0
         self.tier_stats.disk_experts += len(experts)
         return pair
-
-    # ---- layerwise streaming (prefill) ---------------------------------------------------------
-    def prefetch(self) -> None:
-        """Start copying this layer's host stack to the device on the copy stream (idempotent)."""
-        if self._staged is not None or self.host is None or not self.stream_prefix:
-            return
-        n = self.stream_prefix
-        h13, h2 = self.host[0].expert_range(0, n), self.host[1].expert_range(0, n)
-        stream = self.staging.stream
-        if stream is None:  # CPU "device": the host stack is where it runs
-            self._staged = (h13, h2, None)
-            return
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self.staging.reclaim()
-            start = torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            d13 = h13.to(self.device, non_blocking=True)
-            d2 = h2.to(self.device, non_blocking=True)
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(stream)
-        self._staged = (d13, d2, event)
-        self._timed.append((start, event, h13.nbytes + h2.nbytes))
-
-    def _stream_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
-        """Many rows (prefill): the layer's streamed host prefix is on the device (prefetched
-        while the previous layer computed, else copied now) and the misses there run on it; the
-        other misses (on disk, or RAM copies of evicted slot experts) are gathered and copied for
-        this step."""
-        out: torch.Tensor | None = None
-        prefix = self.stream_prefix
-        staged = [e for e in experts if self.host_row.get(e, prefix) < prefix]
-        others = [e for e in experts if e not in set(staged)]
-        self.tier_stats.streamed_experts += len(experts)
-        if staged:
-            self.prefetch()
-            assert self._staged is not None
-            d13, d2, event = self._staged
-            self._staged = None
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-            out = self._local_pass(hidden, topk_ids, topk_weights, staged, d13, d2,
-                                   [self.host_row[e] for e in staged])
-            self.staging.retire((d13, d2), self.device)
-        if others:
-            part = self._copy_pass(hidden, topk_ids, topk_weights, others)
-            out = part if out is None else out + part
-        assert out is not None
-        return out
 
     def _copy_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                    topk_weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
