@@ -208,6 +208,8 @@ def _decode(
         "seconds": secs,
         "tok_s": timed / secs,
         "ms_per_step": 1e3 * secs / tokens,
+        **({"mapped_gb_s": accrued["mapped_bytes"] / secs / 1e9}
+           if accrued.get("mapped_bytes") else {}),  # RAM read by the GPU's kernels, averaged
     }
 
 
@@ -299,6 +301,8 @@ def report_lines(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         )
     for d in result.get("decode", []):
         extra = f", slot hits {d['slot_hit_rate']:.1%}" if "slot_hit_rate" in d else ""
+        if "mapped_gb_s" in d:
+            extra += f", RAM read by the GPU {d['mapped_gb_s']:.1f} GB/s"
         rows.append(
             (
                 "decode",

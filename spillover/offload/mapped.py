@@ -88,9 +88,10 @@ class MappedMisses:
         self.routed = torch.cat([self.routed, self.routed.new_zeros(1)])
         self._seen = torch.cat([self._seen, self._seen.new_zeros(1)])
 
-    def settle(self) -> None:
+    def settle(self) -> int:
         """Fold the routing counted on the device since the last call into the residency's
-        counters (routed pairs: a hit is a pair a slot served). Reads the device: not per step."""
+        counters (routed pairs: a hit is a pair a slot served); returns the misses, each one
+        expert read across the link. Reads the device: not per step."""
         now = self.routed.to("cpu")[: self.residency.num_experts]
         new, self._seen = now - self._seen[: len(now)], now
         c = self.residency.counters
@@ -99,3 +100,4 @@ class MappedMisses:
         c.lookups += total
         c.hits += hits
         c.misses += total - hits
+        return total - hits

@@ -91,7 +91,7 @@ class TieredExpertBank(LayerStreaming, nn.Module):
         wait=True first waits for all of them (benchmarks, before reading the stats), and folds
         the mapped passes' routing counts into the residency counters."""
         if wait and self.mapped is not None:
-            self.mapped.settle()
+            self.tier_stats.mapped_bytes += self.mapped.settle() * self._expert_bytes
         keep = []
         for start, end, nbytes in self._timed:
             if wait:

@@ -24,6 +24,7 @@ class TierStats:
     disk_copy_s: float = 0.0  # gathered (disk, evicted copies) then sent to the device, pageable
     cpu_s: float = 0.0
     disk_s: float = 0.0
+    mapped_bytes: int = 0  # expert weights decode kernels read across the link (mapped misses)
     extra: dict[str, float] = field(default_factory=dict)
 
 
