@@ -187,7 +187,10 @@ def place_experts(
         # copy), then RAM copies of slot experts, coldest first.
         host_experts = sorted(res.host)
         mapped = router.mode == "mapped"
-        if placement.slot_copies and res.policy.dynamic and not mapped:
+        # slots move only under a dynamic policy, and never with mapped misses (the device reads
+        # its misses where they lie): only then do slot experts need a copy elsewhere
+        dynamic = res.policy.dynamic and not mapped
+        if placement.slot_copies and dynamic:
             copies = in_slots[::-1][: placement.slot_copies]
             res.host = res.host | frozenset(copies)
             host_experts += copies
@@ -201,7 +204,7 @@ def place_experts(
             host_pair = (keep(w13.take_experts(host_experts)),
                          keep(w2.take_experts(host_experts)))
         # Slot experts go to disk too when the policy may evict them: a later miss reads them back.
-        to_disk = rest if res.policy.dynamic else [e for e in rest if e not in in_slots]
+        to_disk = rest if dynamic else [e for e in rest if e not in in_slots]
         if to_disk:
             if spill is None:
                 folder = Path(spill_dir) if spill_dir else Path(tempfile.mkdtemp(prefix="spill-"))
@@ -210,7 +213,7 @@ def place_experts(
             spill.write(i, to_disk, w13.take_experts(to_disk), w2.take_experts(to_disk))
         tiered = TieredExpertBank(i, res, dev_pair, host_pair, host_experts, spill, device, router,
                                   staging, stream_prefix=len(host_experts) - placement.slot_copies
-                                  if res.policy.dynamic else len(host_experts), mapped=mapped)
+                                  if dynamic else len(host_experts), mapped=mapped)
         if placed:
             placed[-1].link_next(tiered)
         placed.append(tiered)

@@ -66,6 +66,9 @@ class TieredExpertBank(LayerStreaming, nn.Module):
         # Host rows 0..stream_prefix-1 (the experts outside the slots at placement) are what a
         # prefill stages in one copy; later rows hold RAM copies of slot experts.
         self.stream_prefix = len(host_experts) if stream_prefix is None else stream_prefix
+        if not 0 <= self.stream_prefix <= len(host_experts):
+            raise ValueError(f"stream prefix {self.stream_prefix} outside the {len(host_experts)} "
+                             "host rows")
         self.source = source
         self.device = device
         self.router = router or MissRouter()
@@ -140,7 +143,8 @@ class TieredExpertBank(LayerStreaming, nn.Module):
         if self.all_resident:
             assert self.slots is not None
             return grouped_experts(hidden, self.slot_map[topk_ids], topk_weights, *self.slots)
-        if self.mapped is not None and topk_ids.numel() <= MAPPED_MAX_ROWS:
+        if (self.mapped is not None
+                and topk_ids.numel() <= min(MAPPED_MAX_ROWS, self.router.stream_rows)):
             assert self.host is not None
             return self.mapped.forward(hidden, topk_ids, topk_weights, self.slot_map, self.slots,
                                        self.host)

@@ -59,6 +59,9 @@ PLACEMENTS = {
     # misses read from RAM by the device's kernels (no host decision): every expert in a tier
     "mapped": ExpertPlacement(slots=3, host=5, miss_mode="mapped"),
     "mapped-no-slots": ExpertPlacement(slots=0, host=8, miss_mode="mapped"),
+    # a prefill streams the RAM experts (slot copies asked for: mapped misses keep none)
+    "mapped-stream": ExpertPlacement(slots=3, host=5, miss_mode="mapped", stream_rows=4,
+                                     slot_copies=3),
 }
 
 
@@ -102,7 +105,12 @@ def test_tiered_equals_resident(name: str, placement: str, folders: dict[str, Pa
         # where there are slots
         moe = [m for m in tiered.model.modules() if isinstance(m, SparseMoE)]
         assert all(m.shared_in_bank == (name == "qwen3_next" and p.slots > 0) for m in moe)
-        assert sum(s.steps + s.copied_experts + s.cpu_experts for s in stats) == 0
+        assert sum(s.copied_experts + s.cpu_experts + s.staged_experts for s in stats) == 0
+        assert all(b.stream_prefix == len(b.host_row) == 8 - p.slots for b in banks)
+        if placement == "mapped-stream":
+            assert sum(s.streamed_experts for s in stats) > 0
+        else:
+            assert sum(s.steps for s in stats) == 0  # every step mapped
         for b in banks:
             b.settle(wait=True)  # the routing counted on the device, into the counters
         assert sum(b.residency.counters.misses for b in banks) > 0
