@@ -76,6 +76,14 @@ class LayerStreaming:
         assert out is not None
         return out
 
+    def release_staged(self) -> None:
+        """Hand back a prefetched stack that no miss of this step read: staged stacks would
+        otherwise outlive their step, one a layer."""
+        if self._staged is not None:
+            d13, d2, _ = self._staged
+            self._staged = None
+            self.staging.retire((d13, d2), self.device)
+
     def _copy_pass(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
                    topk_weights: torch.Tensor, experts: list[int]) -> torch.Tensor:
         raise NotImplementedError

@@ -170,6 +170,8 @@ class TieredExpertBank(LayerStreaming, nn.Module):
         if misses and streaming:
             part = self._stream_pass(hidden, topk_ids, topk_weights, misses)
             out = part if out is None else out + part
+        if streaming:
+            self.release_staged()
         if staged:
             part = self._copy_pass(hidden, topk_ids, topk_weights, staged)
             out = part if out is None else out + part

@@ -167,3 +167,14 @@ def test_auto_misses_follow_the_measured_speeds(copy_faster: bool, folders: dict
         assert cpu == 0 and copied > 0
     else:
         assert cpu > 0
+
+
+def test_streaming_leaves_no_staged_stack_behind(folders: dict[str, Path]) -> None:
+    """After each streamed step no layer keeps a prefetched stack (one a layer would add up)."""
+    tiered = LLM(str(folders["qwen3_next"]), device="cpu", dtype="float32",
+                 max_num_batched_tokens=8,
+                 experts=ExpertPlacement(slots=3, host=5, miss_mode="mapped", stream_rows=4))
+    tiered.forward_logits(PROMPTS[0])
+    banks = _banks(tiered)
+    assert sum(b.tier_stats.streamed_experts for b in banks) > 0
+    assert all(b._staged is None for b in banks)
