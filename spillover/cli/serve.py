@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from spillover.cli.args import add_model_args, llm_kwargs
@@ -120,7 +121,7 @@ def make_loader(args: argparse.Namespace) -> Any:
                               enforce_eager=args.enforce_eager)
         engine = llm.make_engine(config)
         engine.tokenizer  # noqa: B018 - load the tokenizer now, not on the first request
-        warm_up(engine)
+        print(f"spillover: warm-up {warm_up(engine):.1f} s", flush=True)
         return engine
 
     return load
@@ -138,17 +139,28 @@ def planned_max_num_seqs(llm: Any) -> tuple[int, str]:
                                 llm.engine_config.kv_cache_memory_bytes)
 
 
-def warm_up(engine: Any) -> None:
-    """One short greedy request through the engine before the ready line, so that the first
-    client does not pay for first-call costs (kernel choices, allocator growth, lazy imports)."""
+def warm_up(engine: Any) -> float:
+    """Greedy requests through the engine before the ready line, so that the first client does
+    not pay for first-call costs (kernel choices, allocator growth, lazy imports); on a GPU,
+    prompts long enough for the prefill kernels too (a GEMM above a few rows, chunked linear
+    attention; Triton compiles each once per machine, then reads its cache), at a length that
+    is a multiple of 16 and one that is not (Triton specialises on it). Returns its seconds."""
     from spillover.engine.params import SamplingParams
 
-    engine.add_request("spillover-warm-up", [0, 1], SamplingParams(max_tokens=2, temperature=0))
+    t0 = time.perf_counter()
+    lengths = [2]
+    if engine.device.type == "cuda":
+        cap = min(engine.config.max_num_batched_tokens, engine.max_model_len - 4)
+        lengths += sorted({n for n in (min(cap, 256), min(cap, 129)) if n > 2})
+    for i, n in enumerate(lengths):
+        engine.add_request(f"spillover-warm-up-{i}", [i % 7 + 1] * n,
+                           SamplingParams(max_tokens=2, temperature=0))
     while engine.has_unfinished():
         engine.step()
     graphs = engine.runner.graphs
     if graphs is not None:  # every batch size's CUDA graphs, so no client waits for a capture
         graphs.capture_all()
+    return time.perf_counter() - t0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -157,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from spillover.server.api import create_app
     from spillover.server.serving import ServerState
 
+    started = time.monotonic()
     name = served_name(args.model, args.served_model_name)
     aliases = {args.model} if args.model else set()
     state = ServerState(model_name=name, aliases=aliases, api_key=args.api_key,
@@ -167,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def on_ready() -> None:
         # after the engine's warm-up: the first request is served at full speed
         page = page_url(args.host, args.port)
-        print(f"spillover: ready: {name} at {page} (chat page; OpenAI API at {page}v1). "
+        print(f"spillover: ready in {time.monotonic() - started:.1f} s from start: {name} at "
+              f"{page} (chat page; OpenAI API at {page}v1). "
               f"Ctrl-C or SIGTERM stops it, letting running requests finish for up to "
               f"{args.shutdown_timeout:g} s", flush=True)
 
