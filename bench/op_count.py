@@ -20,6 +20,7 @@ from spillover import LLM, SamplingParams  # noqa: E402
 from spillover.bench.op_count import count_ops  # noqa: E402
 from spillover.bench.synthetic import build_synthetic, load_synthetic_config, with_layers  # noqa: E402
 from spillover.engine.engine import EngineConfig  # noqa: E402
+from spillover.offload.placement import ExpertPlacement  # noqa: E402
 
 
 def main() -> int:
@@ -29,6 +30,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--detail", action="store_true", help="ops of each layer by name")
+    ap.add_argument("--mapped", action="store_true",
+                    help="tiered experts, half in slots, misses mapped (offload/mapped.py)")
     args = ap.parse_args()
     full = with_layers(load_synthetic_config(args.model), args.layers)
     # the same layer pattern and head counts at a size the CPU builds in seconds
@@ -36,7 +39,9 @@ def main() -> int:
                   shared_expert_intermediate_size=128 if full.shared_expert_intermediate_size
                   else 0, vocab_size=512, intermediate_size=256)
     model = build_synthetic(cfg, "cpu", torch.bfloat16, args.quant, seed=0)
-    llm = LLM.from_model(model, cfg, torch.device("cpu"), torch.bfloat16)
+    experts = (ExpertPlacement(slots=cfg.num_experts // 2, host=cfg.num_experts,
+                               miss_mode="mapped") if args.mapped else None)
+    llm = LLM.from_model(model, cfg, torch.device("cpu"), torch.bfloat16, experts=experts)
     engine = llm.make_engine(EngineConfig(max_num_seqs=max(args.batch, 1), emulate_graphs=True,
                                           enable_prefix_caching=False))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

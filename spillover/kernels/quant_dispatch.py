@@ -124,7 +124,8 @@ def busiest_expert_rows(x: torch.Tensor, expert_ids: torch.Tensor | None) -> int
         return rows
     if x.device.type == "cuda" and rows <= SYNC_FREE_ROWS:
         return min(rows, GEMV_MAX_ROWS)
-    return int(torch.bincount(expert_ids).max().item())
+    # (a sparse call's rows of expert -1 count as expert 0's: still an upper bound)
+    return int(torch.bincount(expert_ids.clamp(min=0)).max().item())
 
 
 def expert_rows_sorted(device: torch.device, rows: int) -> bool:

@@ -178,3 +178,21 @@ def test_streaming_leaves_no_staged_stack_behind(folders: dict[str, Path]) -> No
     banks = _banks(tiered)
     assert sum(b.tier_stats.streamed_experts for b in banks) > 0
     assert all(b._staged is None for b in banks)
+
+
+@pytest.mark.parametrize("misses", ["copy", "cpu", "mapped"])
+def test_int4_experts_over_the_tiers(misses: str, folders: dict[str, Path]) -> None:
+    """int4 experts (the CPU's weight-only kernels, GEMV-sized and larger calls) through sparse
+    slot and RAM passes give the resident int4 model's logits. (Greedy tokens are not compared:
+    the CPU's int4 kernel rounds differently with the rows it gets, which a tiny random model
+    turns into argmax flips; the code before sparse passes flipped the same way.)"""
+    folder = str(folders["qwen3_next"])
+    ref = LLM(folder, device="cpu", dtype="float32", quant="int4", quant_group_size=32,
+              max_num_batched_tokens=8)
+    host = 5 if misses == "mapped" else 3
+    tiered = LLM(folder, device="cpu", dtype="float32", quant="int4", quant_group_size=32,
+                 max_num_batched_tokens=8,
+                 experts=ExpertPlacement(slots=3, host=host, policy="lru", miss_mode=misses))
+    for ids in PROMPTS:
+        torch.testing.assert_close(tiered.forward_logits(ids), ref.forward_logits(ids),
+                                   rtol=0, atol=1e-4)
