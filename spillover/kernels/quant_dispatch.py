@@ -50,7 +50,7 @@ INT4_MMA_GROUPS = (128,)
 INT4_MMA_K = (512, 2048)
 
 # Triton launch configs live beside their kernels (spillover/kernels/triton/), re-derived by:
-#   quant_gemv.py default_config, TARGET_PROGRAMS (int and FP8 GEMVs): python bench/quant_gemv.py
+#   gemv_config.py default_config, TARGET_PROGRAMS (int and FP8 GEMVs): python bench/quant_gemv.py
 #   quant_gemm.py default_gemm_config, TARGET_PROGRAMS: python bench/quant_gemm.py --sweep
 #   int4_mma_gemv.py default_mma_config: python bench/int4_mma_gemv.py
 #   dequant.py BLOCK_N, BLOCK_W, NUM_WARPS: python bench/quant_gemm.py (its deq+mm rows)
