@@ -52,7 +52,8 @@ FORCED = "forced by SPILLOVER_KERNELS=ref"
 
 
 def _pick_fused(cuda: bool, dtype: torch.dtype) -> tuple[str, str]:
-    """The small fused ops (norms, router, SwiGLU activation): Triton on CUDA, else torch."""
+    """The fused ops (norms, router, SwiGLU, the glue kernels, the Gated DeltaNet decode step):
+    Triton on CUDA, else torch."""
     if force_ref():
         return "torch", FORCED
     if cuda and has_triton() and dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -233,16 +234,6 @@ def gated_delta_rule(
     return ref.gated_delta_rule(q, k, v, g, beta, ssm_state, ctx)
 
 
-def _pick_gdn_decode(cuda: bool, dtype: torch.dtype) -> tuple[str, str]:
-    if force_ref():
-        return "torch-decode", FORCED
-    if cuda and has_triton() and dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return "triton", "pure decode on CUDA, triton importable: conv, gates, recurrence fused"
-    why = ("triton not importable" if cuda and not has_triton() else
-           f"{dtype} inputs" if cuda else "CPU tensors")
-    return "torch-decode", f"conv, gates and recurrence as separate batched ops ({why})"
-
-
 def gdn_decode(
     mixed: torch.Tensor,
     conv_weight: torch.Tensor,
@@ -257,11 +248,9 @@ def gdn_decode(
     """A pure-decode Gated DeltaNet step from its conv input to its output (`ref.gdn_decode`),
     with the step's state slots and fresh mask (capturable by a CUDA graph)."""
     assert ctx.is_pure_decode, "gdn_decode takes one token per sequence"
-    shape_class = f"{mixed.device.type} {str(mixed.dtype).removeprefix('torch.')}"
-    impl = resolve("gdn_decode", shape_class, lambda: _pick_gdn_decode(mixed.is_cuda, mixed.dtype))
     slots, fresh, _ = ctx.linear_meta(mixed.device)
-    fn = ref.gdn_decode
-    if impl == "triton":
+    fn = ref.gdn_decode  # the conv, gates and recurrence as separate batched torch ops
+    if _fused("gdn_decode", mixed) == "triton":
         from spillover.kernels.triton.gdn_decode import gdn_decode as fn
     return fn(mixed, conv_weight, conv_state, a, b, A_log, dt_bias, ssm_state, slots, fresh)
 

@@ -132,9 +132,9 @@ def expert_rows_sorted(device: torch.device, rows: int) -> bool:
     """Whether the grouped matmul that `rows` expert rows take wants them sorted by expert: the
     tiled GEMM does. A GEMV reads each row's expert itself, and the CPU and reference paths
     gather each expert's rows themselves, so those take rows in (token, k) order unsorted."""
-    if not (_triton_route(device, kernels_mode()) and has_triton()):
+    if rows <= (SYNC_FREE_ROWS if device.type == "cuda" else GEMV_MAX_ROWS):
         return False
-    return rows > (SYNC_FREE_ROWS if device.type == "cuda" else GEMV_MAX_ROWS)
+    return _triton_route(device, kernels_mode()) and has_triton()
 
 
 def _triton_route(device: torch.device, mode: str) -> bool:

@@ -126,9 +126,9 @@ def _dispatch(args: dict[str, torch.Tensor], ctx: ForwardContext) -> tuple[torch
 
 def test_dispatch_picks_triton_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "has_triton", lambda: True)
-    assert kernels._pick_gdn_decode(True, torch.bfloat16)[0] == "triton"
-    assert kernels._pick_gdn_decode(True, torch.float32)[0] == "triton"
-    assert kernels._pick_gdn_decode(False, torch.bfloat16)[0] == "torch-decode"
-    assert kernels._pick_gdn_decode(True, torch.float64)[0] == "torch-decode"
+    assert kernels._pick_fused(True, torch.bfloat16)[0] == "triton"
+    assert kernels._pick_fused(True, torch.float32)[0] == "triton"
+    assert kernels._pick_fused(False, torch.bfloat16)[0] == "torch"
+    assert kernels._pick_fused(True, torch.float64)[0] == "torch"
     monkeypatch.setenv("SPILLOVER_KERNELS", "ref")
-    assert kernels._pick_gdn_decode(True, torch.bfloat16) == ("torch-decode", kernels.FORCED)
+    assert kernels._pick_fused(True, torch.bfloat16) == ("torch", kernels.FORCED)
